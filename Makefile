@@ -1,0 +1,40 @@
+# shimd: the two commands a new user needs are `make run` and `make test`.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: run test deps deb-deps py-deps proto lint bench soak clean
+
+deps: deb-deps py-deps
+
+deb-deps:
+	@bash deploy/deps.sh
+
+py-deps: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+run: deps
+	@$(VENV)/bin/shimd serve $(SHIMD_ARGS)
+
+test: deps
+	@$(PY) -m ruff check shimd shims tests
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+proto: py-deps
+	@$(PY) shimd/api/generate.py
+
+lint: py-deps
+	@$(PY) -m ruff check shimd shims tests
+
+bench: deps
+	@$(PY) -m tests.bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) tests/.generated .pytest_cache .ruff_cache

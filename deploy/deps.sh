@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs the Debian packages shimd and its tests need, only when something is missing.
+# bookworm-backports (for runsc) is derived from the machine's own Debian sources entry, so no
+# archive host name lives in this repository.
+set -euo pipefail
+
+PKGS=(runc crun runsc containernetworking-plugins catatonit busybox-static docker-registry containerd
+      iproute2 iptables util-linux e2fsprogs protobuf-compiler)
+
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "deps: missing packages ${missing[*]}; run as root to install them" >&2
+    exit 1
+fi
+
+backports=/etc/apt/sources.list.d/shimd-backports.sources
+if [ ! -e "$backports" ]; then
+    codename=$(. /etc/os-release && echo "${VERSION_CODENAME}")
+    src=/etc/apt/sources.list.d/debian.sources
+    if [ -f "$src" ]; then
+        # Take the first deb822 stanza (the main archive) and point it at <codename>-backports.
+        awk -v cn="$codename" 'BEGIN{RS="";ORS="\n\n"} NR==1{gsub(/Suites:[^\n]*/,"Suites: " cn "-backports"); print}' \
+            "$src" > "$backports"
+    elif [ -f /etc/apt/sources.list ]; then
+        line=$(grep -E "^deb [^ ]+ +${codename} " /etc/apt/sources.list | head -n1)
+        echo "$line" | sed -E "s/ ${codename} / ${codename}-backports /" > /etc/apt/sources.list.d/shimd-backports.list
+        backports=/etc/apt/sources.list.d/shimd-backports.list
+    fi
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}"

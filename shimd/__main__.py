@@ -1,0 +1,5 @@
+import sys
+
+from shimd.cli import main
+
+sys.exit(main())

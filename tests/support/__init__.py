@@ -1,0 +1,1 @@
+"""Test helpers: an independent CRI client, daemon fixtures, image builders, registries."""

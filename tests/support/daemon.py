@@ -1,0 +1,78 @@
+"""Runs a real shimd process on private paths for a test session and stops it afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.support.cri_client import CriClient
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class ShimdProcess:
+    """One shimd instance. Paths live under `base` so parallel test runs never collide."""
+
+    def __init__(self, base: Path, extra_config: str = "") -> None:
+        self.base = base
+        self.socket = str(base / "run" / "shimd.sock")
+        self.root = base / "root"
+        self.state = base / "run"
+        self.config_path = base / "config.toml"
+        self.log_path = base / "shimd.log"
+        self.config_path.write_text(
+            "[daemon]\n"
+            f'socket = "{self.socket}"\nroot = "{self.root}"\nstate = "{self.state}"\nlog_level = "debug"\n'
+            f"{extra_config}"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.client: CriClient | None = None
+
+    def start(self, timeout: float = 20.0) -> CriClient:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shimd", "serve", "--config", str(self.config_path)],
+            stdout=log, stderr=log, cwd=REPO, start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"shimd exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"shimd did not create {self.socket}:\n{self.log_tail()}")
+            time.sleep(0.05)
+        self.client = CriClient(self.socket)
+        self.client.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+        return self.client
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: shims must survive this."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        if self.client:
+            self.client.close()
+            self.client = None
+
+    def stop(self) -> None:
+        if self.client:
+            self.client.close()
+            self.client = None
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
