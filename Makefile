@@ -20,7 +20,12 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 
+CNI_DIR ?= /etc/cni/net.d
+
 run: deps
+	@if [ -z "$$(ls -A $(CNI_DIR) 2>/dev/null)" ]; then \
+		mkdir -p $(CNI_DIR) && $(VENV)/bin/shimd config cni-default > $(CNI_DIR)/10-shimd.conflist && \
+		echo "installed shimd's default CNI network in $(CNI_DIR)/10-shimd.conflist"; fi
 	@$(VENV)/bin/shimd serve $(SHIMD_ARGS)
 
 test: deps

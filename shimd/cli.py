@@ -29,6 +29,13 @@ def _config_default(_: argparse.Namespace) -> int:
     return 0
 
 
+def _config_cni_default(_: argparse.Namespace) -> int:
+    from shimd.network import defaults
+
+    sys.stdout.write(defaults.render())
+    return 0
+
+
 def _config_check(args: argparse.Namespace) -> int:
     try:
         cfg = config.load(Path(args.path))
@@ -55,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="configuration helpers")
     csub = c.add_subparsers(dest="config_command", required=True)
     csub.add_parser("default", help="print every default as TOML").set_defaults(func=_config_default)
+    csub.add_parser("cni-default", help="print a ready bridge CNI conflist (for an empty CNI conf dir)").set_defaults(
+        func=_config_cni_default)
     chk = csub.add_parser("check", help="validate a config file")
     chk.add_argument("path")
     chk.set_defaults(func=_config_check)

@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import grpclib.server
 import uvloop
@@ -27,30 +28,99 @@ class Daemon:
         self._server: grpclib.server.Server | None = None
         self._guard = SocketGuard(cfg.daemon.socket)
         self._stopping = asyncio.Event()
+        # Components, made in start() (their constructors may touch the event loop).
+        self.images: Any = None
+        self.store: Any = None
+        self.network: Any = None
+        self.shims: Any = None
+        self.pods: Any = None
+        self.containers: Any = None
+        self.execs: Any = None
+        self.streaming: Any = None
 
-    async def handler_reports(self) -> list[tuple[str, bool, str, bool]]:
-        return [(name, True, "", False) for name in self.cfg.handlers]
+    def handler_reports(self) -> list[tuple[str, bool, str, bool]]:
+        if self.shims is None:
+            return [(name, False, "starting", False) for name in self.cfg.handlers]
+        return list(self.shims.reports())
 
     def network_status(self) -> tuple[bool, str, str]:
-        return True, "", ""
+        if self.network is None:
+            return False, "NetworkPluginNotReady", "networking is not initialised"
+        return tuple(self.network.status())  # type: ignore[return-value]
+
+    async def _build(self) -> None:
+        from shimd.images.manager import ImageManager
+        from shimd.store.store import Store
+
+        self.images = ImageManager(self.cfg, self.root / "images")
+        await self.images.start()
+        self.store = Store(self.root)
+        await self.store.load()
+        self.images.set_in_use_check(self.store.image_in_use)
+        try:
+            from shimd.containers.exec import Execs
+            from shimd.containers.service import ContainerService
+            from shimd.network.manager import NetworkManager
+            from shimd.pods.service import PodService
+            from shimd.shimmgr.manager import ShimManager
+        except ImportError as e:  # TEMPORARY while the parts land in parallel
+            self.log.warning("pod support not available yet", error=str(e))
+            return
+        # CNI records live with the IPAM store (which survives reboots), so they sit under root, not state.
+        self.network = NetworkManager(self.cfg.cni, self.root / "network")
+        self.shims = ShimManager(self.cfg, self.state, on_exit=self._on_exit, on_shim_dead=self._on_shim_dead)
+        self.pods = PodService(cgroup_driver=self.cfg.daemon.cgroup_driver, state_dir=self.state, store=self.store,
+                               shims=self.shims, network=self.network)
+        self.containers = ContainerService(cgroup_driver=self.cfg.daemon.cgroup_driver, root_dir=self.root,
+                                           state_dir=self.state, store=self.store, shims=self.shims,
+                                           images=self.images, pods=self.pods)
+        self.pods.containers = self.containers
+        self.execs = Execs(self.store, self.shims, self.state)
+        await self.pods.recover()
+        await self.containers.recover()
+
+    async def _on_exit(self, pod_id: str, task_id: str, info: Any) -> None:
+        await self.containers.on_exit(pod_id, task_id, info)
+
+    async def _on_shim_dead(self, pod_id: str) -> None:
+        await self.pods.shim_died(pod_id)
 
     async def start(self) -> None:
         for d in (self.root, self.state):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o711)
         self._guard.claim()
-        services = [dispatch.Wrapped(RuntimeService(self)), dispatch.Wrapped(ImageService(self))]
-        self._server = grpclib.server.Server(services)
-        await self._server.start(path=self.cfg.daemon.socket)
-        self._guard.secure()
-        self.log.info("serving", socket=self.cfg.daemon.socket, config=self.cfg.source)
+        try:
+            await self._build()
+            services = [dispatch.Wrapped(RuntimeService(self)), dispatch.Wrapped(ImageService(self))]
+            self._server = grpclib.server.Server(services)
+            await self._server.start(path=self.cfg.daemon.socket)
+            self._guard.secure()
+        except BaseException:
+            await self._close_components()
+            self._guard.release()
+            raise
+        self.log.info("serving", socket=self.cfg.daemon.socket, config=self.cfg.source,
+                      pods=len(self.store.pods), containers=len(self.store.containers))
+
+    async def _close_components(self) -> None:
+        # Shims are deliberately left running: they outlive the daemon.
+        if self.shims is not None:
+            await self.shims.close()
+        if self.store is not None and not any(p.namespaces for p in self.store.pods.values()):
+            # No pod pins a namespace: drop the shared bind mount of the pin directory too.
+            from shimd.network.namespaces import release_base_dir
+
+            await asyncio.to_thread(release_base_dir, self.state / "ns")
+        if self.images is not None:
+            await self.images.close()
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), timeout=5)
-        # Shims are deliberately left running: they outlive the daemon.
+        await self._close_components()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.cfg.daemon.socket)
         self._guard.release()

@@ -1,0 +1,107 @@
+"""cgroup paths for pods and containers under both cgroup drivers, and cleanup of what shimd made."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def container_path(driver: str, pod_parent: str, container_id: str) -> str:
+    """The OCI linux.cgroupsPath for a container (runc's slice:prefix:name form under systemd)."""
+    if driver == "systemd":
+        return f"{pod_parent or 'system.slice'}:shimd:{container_id}"
+    return f"{pod_parent.rstrip('/') or '/shimd'}/{container_id}"
+
+
+def default_pod_parent(driver: str, pod_id: str) -> str:
+    """Used when kubelet gives no cgroup_parent (crictl users): shimd then owns and removes it."""
+    if driver == "systemd":
+        return f"shimd-pod{pod_id[:16]}.slice"
+    return f"/shimd/pod{pod_id[:16]}"
+
+
+def hierarchy_roots() -> list[Path]:
+    """Mount points of every cgroup v1 hierarchy and of cgroup2 (hybrid hosts have both)."""
+    roots: list[Path] = []
+    try:
+        lines = MOUNTINFO.read_text().splitlines()
+    except OSError:
+        return roots
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fstype = right.split(" ", 1)[0]
+        if fstype in ("cgroup", "cgroup2"):
+            mount_point = left.split(" ")[4]
+            if fstype == "cgroup" and "name=" in right and "name=systemd" not in right:
+                continue
+            roots.append(Path(mount_point))
+    return roots
+
+
+def existing_dirs(rel: str) -> list[Path]:
+    rel = rel.strip("/")
+    return [root / rel for root in hierarchy_roots() if (root / rel).is_dir()]
+
+
+def _remove_sync(rel: str) -> list[str]:
+    """rmdir the cgroup (and empty children) in every hierarchy; returns what could not be removed."""
+    left: list[str] = []
+    for d in existing_dirs(rel):
+        for sub, _dirs, _files in sorted(os.walk(d), key=lambda t: -len(t[0])):
+            try:
+                os.rmdir(sub)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                left.append(sub)
+    return left
+
+
+async def remove(rel: str, attempts: int = 20) -> list[str]:
+    """Processes can take a moment to leave a cgroup after they die; retry briefly."""
+    left: list[str] = []
+    for _ in range(attempts):
+        left = await asyncio.to_thread(_remove_sync, rel)
+        if not left:
+            return []
+        await asyncio.sleep(0.05)
+    return left
+
+
+def systemd_slice_to_path(slice_name: str) -> str:
+    """kubepods-besteffort-pod1.slice -> /kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice"""
+    if not slice_name.endswith(".slice") or slice_name == "-.slice":
+        return "/"
+    stem = slice_name[: -len(".slice")]
+    parts = stem.split("-")
+    path = ""
+    for i in range(1, len(parts) + 1):
+        path += "/" + "-".join(parts[:i]) + ".slice"
+    return path
+
+
+def relative_path(driver: str, cgroups_path: str) -> str:
+    with contextlib.suppress(ValueError):
+        if driver == "systemd":
+            slice_name, _prefix, name = cgroups_path.split(":")
+            return f"{systemd_slice_to_path(slice_name)}/shimd-{name}.scope"
+    return cgroups_path
+
+
+def oom_killed(rel: str) -> bool:
+    """Whether the kernel OOM-killed a process in this cgroup (v1 memory.oom_control or v2 memory.events)."""
+    for root in hierarchy_roots():
+        for name, key in (("memory.oom_control", "oom_kill"), ("memory.events", "oom_kill")):
+            p = root / rel.strip("/") / name
+            try:
+                for line in p.read_text().splitlines():
+                    k, _, v = line.partition(" ")
+                    if k == key and v.strip().isdigit() and int(v) > 0:
+                        return True
+            except OSError:
+                continue
+    return False

@@ -1,0 +1,312 @@
+"""Container lifecycle: spec and writable layer at create, the shim task at start, exits, removal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shimd import cgroups, errors, fsutil, log, mounts
+from shimd.api.runtime import v1 as cri
+from shimd.oci import spec as ocispec
+from shimd.shimmgr.manager import ExitInfo, ts_ns
+from shimd.store.records import (
+    CONTAINER_CREATED,
+    CONTAINER_EXITED,
+    CONTAINER_RUNNING,
+    POD_READY,
+    ContainerRecord,
+    PodRecord,
+)
+
+if TYPE_CHECKING:
+    from shimd.images.manager import ImageManager
+    from shimd.pods.service import PodService
+    from shimd.shimmgr.manager import ShimManager
+    from shimd.store.store import Store
+
+# After SIGKILL a task normally exits within milliseconds; past this something is badly wrong.
+KILL_GRACE = 10.0
+
+
+def _signal_number(name: str) -> int:
+    name = name.upper()
+    if name.isdigit():
+        return int(name)
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    return int(getattr(signal, name, signal.SIGTERM))
+
+
+class ContainerService:
+    def __init__(self, *, cgroup_driver: str, root_dir: Path, state_dir: Path, store: Store, shims: ShimManager,
+                 images: ImageManager, pods: PodService) -> None:
+        self.cgroup_driver = cgroup_driver
+        self.rw_dir = root_dir / "rw"
+        self.bundle_dir = state_dir / "containers"
+        self.store = store
+        self.shims = shims
+        self.images = images
+        self.pods = pods
+        self._exited: dict[str, asyncio.Event] = {}
+        self.log = log.get("containers")
+
+    def _exit_event(self, cid: str) -> asyncio.Event:
+        return self._exited.setdefault(cid, asyncio.Event())
+
+    # --- create ------------------------------------------------------------------------------
+    async def create(self, pod_id: str, config: cri.ContainerConfig) -> str:
+        pod = self.store.pod(pod_id)
+        async with self.store.lock(pod.id):
+            if pod.state != POD_READY:
+                raise errors.FailedPrecondition(f"pod sandbox {pod.id} is not ready (state {pod.state})")
+            image = self.images.get(config.image.image)
+            if image is None:
+                raise errors.NotFound(f"image.image {config.image.image!r} not found: pull it first")
+            pod_cfg = cri.PodSandboxConfig().from_dict(pod.config)
+            log_path = _log_path(pod_cfg.log_directory, config.log_path)
+            cid = secrets.token_hex(32)
+            ctr = ContainerRecord(
+                id=cid, pod_id=pod.id, name=config.metadata.name, attempt=config.metadata.attempt,
+                created_at=time.time_ns(), config=config.to_dict(), image_ref=config.image.image,
+                image_id=image.id, log_path=log_path, bundle=str(self.bundle_dir / cid),
+                labels=dict(config.labels), annotations=dict(config.annotations), tty=config.tty,
+                stdin=config.stdin, fs_dir=str(self.rw_dir / cid),
+                mounts=[{"container_path": m.container_path, "host_path": m.host_path, "readonly": m.readonly,
+                         "selinux_relabel": m.selinux_relabel, "propagation": int(m.propagation)}
+                        for m in config.mounts],
+            )
+            self.store.reserve_name(ctr.name_key(pod), cid, "container")
+            try:
+                ctx = self.pods.pod_context(pod)
+                ctx.cgroups_path = cgroups.container_path(self.cgroup_driver, pod.cgroup_parent, cid)
+                img_ctx = ocispec.ImageContext(name=image.repo_tags[0] if image.repo_tags else image.id,
+                                               config=dict(image.config.get("config") or {}), layers=image.layers)
+                bundle = Path(ctr.bundle)
+                spec = ocispec.container_spec(cid, config, ctx, img_ctx, str(bundle / "rootfs"))
+                await asyncio.to_thread(self._prepare_dirs, ctr, config)
+                await fsutil.write_json(bundle / "config.json", spec)
+                await self.store.save_container(ctr)
+            except BaseException:
+                self.store.release_name(ctr.name_key(pod), cid)
+                await self._remove_files(ctr)
+                raise
+        self.log.info("container created", pod_id=pod.id, container_id=cid, name=ctr.name)
+        return cid
+
+    @staticmethod
+    def _prepare_dirs(ctr: ContainerRecord, config: cri.ContainerConfig) -> None:
+        fs = Path(ctr.fs_dir)
+        (fs / "upper").mkdir(parents=True, exist_ok=True)
+        (fs / "work").mkdir(parents=True, exist_ok=True)
+        (Path(ctr.bundle) / "rootfs").mkdir(parents=True, exist_ok=True)
+        if ctr.log_path:
+            Path(ctr.log_path).parent.mkdir(parents=True, exist_ok=True)
+        for m in config.mounts:
+            # As containerd does: a missing host path becomes a directory.
+            if m.host_path and not os.path.exists(m.host_path):
+                os.makedirs(m.host_path, exist_ok=True)
+
+    # --- start -------------------------------------------------------------------------------
+    async def start(self, cid: str) -> None:
+        ctr = self.store.container(cid)
+        pod = self.store.pod(ctr.pod_id)
+        async with self.store.lock(pod.id):
+            if ctr.state != CONTAINER_CREATED:
+                raise errors.FailedPrecondition(f"container {ctr.id} is {ctr.state}, not CREATED")
+            if pod.state != POD_READY:
+                raise errors.FailedPrecondition(f"pod sandbox {pod.id} is not ready")
+            image = self.images.get(ctr.image_id)
+            if image is None:
+                raise errors.FailedPrecondition(f"image {ctr.image_id} of container {ctr.id} was removed")
+            lg = self.log.bind(pod_id=pod.id, container_id=ctr.id, handler=pod.handler)
+            drv = self.shims.driver(pod.handler)
+            stdio = drv.log_stdio(ctr.log_path, "")
+            rootfs = [{
+                "type": "overlay", "source": "overlay",
+                "options": [f"lowerdir={':'.join(image.layers)}", f"upperdir={ctr.fs_dir}/upper",
+                            f"workdir={ctr.fs_dir}/work"],
+            }]
+            self._exited.pop(ctr.id, None)
+            try:
+                ctr.pid = await self.shims.create(pod.id, pod.handler, ctr.id, Path(ctr.bundle), rootfs, stdio,
+                                                  ctr.tty)
+                await self.shims.start(pod.id, ctr.id)
+            except errors.ShimdError as e:
+                ctr.state, ctr.reason, ctr.message = CONTAINER_EXITED, "StartError", str(e)
+                ctr.exit_code, ctr.finished_at = 128, time.time_ns()
+                await self.store.save_container(ctr)
+                with contextlib.suppress(errors.ShimdError, OSError, asyncio.TimeoutError):
+                    await self.shims.delete(pod.id, ctr.id)
+                lg.warning("container failed to start", error=str(e))
+                raise
+            ctr.state, ctr.started_at = CONTAINER_RUNNING, time.time_ns()
+            await self.store.save_container(ctr)
+            self.shims.watch(pod.id, ctr.id)
+            lg.info("container started", pid=ctr.pid)
+
+    # --- exits -------------------------------------------------------------------------------
+    async def on_exit(self, pod_id: str, task_id: str, info: ExitInfo) -> None:
+        """Called by the exit watcher; records the exit durably, then frees the task in the shim."""
+        ctr = self.store.containers.get(task_id)
+        if ctr is None:
+            return
+        lg = self.log.bind(pod_id=pod_id, container_id=task_id)
+        if ctr.state == CONTAINER_RUNNING:
+            oom = await asyncio.to_thread(cgroups.oom_killed, ctr_cgroup(self.cgroup_driver, self.store, ctr))
+            ctr.state = CONTAINER_EXITED
+            ctr.exit_code = info.exit_status
+            ctr.finished_at = info.exited_at_ns or time.time_ns()
+            ctr.reason = "OOMKilled" if oom else ("Completed" if info.exit_status == 0 else "Error")
+            await self.store.save_container(ctr)
+            lg.info("container exited", exit_code=info.exit_status, reason=ctr.reason)
+        try:
+            await self.shims.delete(pod_id, task_id)
+        except errors.NotFound:
+            pass
+        except (TimeoutError, errors.ShimdError, OSError) as e:
+            lg.warning("deleting the exited task failed", error=str(e))
+        self._exit_event(task_id).set()
+
+    async def mark_lost(self, ctr: ContainerRecord, reason: str, message: str) -> None:
+        if ctr.state != CONTAINER_RUNNING:
+            return
+        ctr.state, ctr.reason, ctr.message = CONTAINER_EXITED, reason, message
+        ctr.exit_code, ctr.finished_at = 255, time.time_ns()
+        await self.store.save_container(ctr)
+        self._exit_event(ctr.id).set()
+
+    async def _wait_exit(self, ctr: ContainerRecord, timeout: float) -> bool:
+        if ctr.state != CONTAINER_RUNNING:
+            return True
+        try:
+            await asyncio.wait_for(self._exit_event(ctr.id).wait(), timeout)
+            return True
+        except TimeoutError:
+            return ctr.state != CONTAINER_RUNNING
+
+    # --- stop / remove -----------------------------------------------------------------------
+    async def stop(self, cid: str, timeout: int) -> None:
+        ctr = self.store.container(cid)
+        await self._stop(ctr, timeout)
+
+    async def _stop(self, ctr: ContainerRecord, timeout: float) -> None:
+        if ctr.state != CONTAINER_RUNNING:
+            return
+        pod = self.store.pod(ctr.pod_id)
+        if pod.shim_dead:
+            await self.mark_lost(ctr, "ShimDied", f"the shim of pod sandbox {pod.id} exited")
+            return
+        self.shims.watch(pod.id, ctr.id)
+        lg = self.log.bind(pod_id=pod.id, container_id=ctr.id)
+        if timeout > 0:
+            config = cri.ContainerConfig().from_dict(ctr.config)
+            sig = self._stop_signal(ctr, config)
+            with contextlib.suppress(errors.NotFound, errors.FailedPrecondition):
+                await self.shims.kill(pod.id, ctr.id, sig)
+            if await self._wait_exit(ctr, timeout):
+                return
+            lg.info("stop timeout passed, killing", timeout=timeout)
+        with contextlib.suppress(errors.NotFound, errors.FailedPrecondition):
+            await self.shims.kill(pod.id, ctr.id, signal.SIGKILL, all_processes=True)
+        if not await self._wait_exit(ctr, KILL_GRACE):
+            raise errors.DeadlineExceeded(f"container {ctr.id} did not exit {KILL_GRACE}s after SIGKILL")
+
+    def _stop_signal(self, ctr: ContainerRecord, config: cri.ContainerConfig) -> int:
+        if config.stop_signal and config.stop_signal != cri.Signal.RUNTIME_DEFAULT:
+            return _signal_number(config.stop_signal.name)
+        image = self.images.get(ctr.image_id)
+        if image is not None:
+            name = (image.config.get("config") or {}).get("StopSignal")
+            if name:
+                return _signal_number(str(name))
+        return int(signal.SIGTERM)
+
+    async def remove(self, cid: str) -> None:
+        try:
+            ctr = self.store.container(cid)
+        except errors.NotFound:
+            return  # CRI: removing a removed container is fine
+        pod = self.store.pod(ctr.pod_id)
+        async with self.store.lock(pod.id):
+            await self._remove(ctr)
+
+    async def _remove(self, ctr: ContainerRecord) -> None:
+        await self._stop(ctr, 0)
+        await self._remove_files(ctr)
+        await self.store.delete_container(ctr)
+        self._exited.pop(ctr.id, None)
+        self.log.info("container removed", pod_id=ctr.pod_id, container_id=ctr.id)
+
+    async def _remove_files(self, ctr: ContainerRecord) -> None:
+        rootfs = Path(ctr.bundle) / "rootfs"
+        with contextlib.suppress(errors.ShimdError):
+            await mounts.unmount(rootfs)
+        await fsutil.remove_tree(Path(ctr.bundle))
+        await fsutil.remove_tree(Path(ctr.fs_dir))
+
+    async def stop_all(self, pod: PodRecord) -> None:
+        ctrs = [c for c in self.store.pod_containers(pod.id) if c.state == CONTAINER_RUNNING]
+        results = await asyncio.gather(*(self._stop(c, 0) for c in ctrs), return_exceptions=True)
+        for c, r in zip(ctrs, results, strict=True):
+            if isinstance(r, BaseException):
+                self.log.warning("stopping container failed", pod_id=pod.id, container_id=c.id, error=str(r))
+                await self.mark_lost(c, "Unknown", f"could not be stopped: {r}")
+
+    async def remove_all(self, pod: PodRecord) -> None:
+        for c in self.store.pod_containers(pod.id):
+            await self._remove(c)
+
+    async def reopen_log(self, cid: str) -> None:
+        ctr = self.store.container(cid)
+        if ctr.state != CONTAINER_RUNNING:
+            raise errors.FailedPrecondition(f"container {ctr.id} is not running")
+        await self.shims.reopen_log(ctr.pod_id, ctr.id)
+
+    # --- recovery ----------------------------------------------------------------------------
+    async def recover(self) -> None:
+        """Reattach to every running task; record exits that happened while shimd was down."""
+        for ctr in list(self.store.containers.values()):
+            if ctr.state != CONTAINER_RUNNING:
+                continue
+            pod = self.store.pods.get(ctr.pod_id)
+            if pod is None:
+                continue
+            if pod.shim_dead:
+                await self.mark_lost(ctr, "ShimDied", f"the shim of pod sandbox {pod.id} exited")
+                continue
+            try:
+                st = await self.shims.state(pod.id, ctr.id)
+            except errors.NotFound:
+                await self.mark_lost(ctr, "Unknown", "the task is gone from its shim")
+                continue
+            except (TimeoutError, errors.ShimdError, OSError) as e:
+                self.log.warning("cannot reach shim during recovery", pod_id=pod.id, error=str(e))
+                self.shims.watch(pod.id, ctr.id)
+                continue
+            # Status enum: 3 = STOPPED in containerd's task types.
+            if int(st.status) == 3:
+                await self.on_exit(pod.id, ctr.id, ExitInfo(int(st.exit_status), ts_ns(st.exited_at)))
+            else:
+                self.shims.watch(pod.id, ctr.id)
+
+
+def _log_path(log_directory: str, log_path: str) -> str:
+    """Pure string work (no filesystem access): the file must stay inside the pod's log directory."""
+    if not (log_directory and log_path):
+        return ""
+    full = os.path.normpath(os.path.join(log_directory, log_path))
+    if not full.startswith(os.path.normpath(log_directory) + "/"):
+        raise errors.InvalidArgument(f"log_path {log_path!r} escapes the pod's log_directory")
+    return full
+
+
+def ctr_cgroup(driver: str, store: Store, ctr: ContainerRecord) -> str:
+    pod = store.pods.get(ctr.pod_id)
+    parent = pod.cgroup_parent if pod else ""
+    return cgroups.relative_path(driver, cgroups.container_path(driver, parent, ctr.id))

@@ -1,0 +1,100 @@
+"""Store records -> CRI messages."""
+
+from __future__ import annotations
+
+import json
+
+import betterproto
+
+from shimd.api.runtime import v1 as cri
+from shimd.store.records import (
+    CONTAINER_CREATED,
+    CONTAINER_EXITED,
+    CONTAINER_RUNNING,
+    POD_READY,
+    ContainerRecord,
+    PodRecord,
+)
+
+_CSTATE = {
+    CONTAINER_CREATED: cri.ContainerState.CONTAINER_CREATED,
+    CONTAINER_RUNNING: cri.ContainerState.CONTAINER_RUNNING,
+    CONTAINER_EXITED: cri.ContainerState.CONTAINER_EXITED,
+}
+
+
+def pod_state(pod: PodRecord) -> cri.PodSandboxState:
+    return cri.PodSandboxState.SANDBOX_READY if pod.state == POD_READY else cri.PodSandboxState.SANDBOX_NOTREADY
+
+
+def container_state(ctr: ContainerRecord) -> cri.ContainerState:
+    return _CSTATE.get(ctr.state, cri.ContainerState.CONTAINER_UNKNOWN)
+
+
+def pod_metadata(pod: PodRecord) -> cri.PodSandboxMetadata:
+    return cri.PodSandboxMetadata(name=pod.name, uid=pod.uid, namespace=pod.namespace, attempt=pod.attempt)
+
+
+def pod_summary(pod: PodRecord) -> cri.PodSandbox:
+    return cri.PodSandbox(id=pod.id, metadata=pod_metadata(pod), state=pod_state(pod), created_at=pod.created_at,
+                          labels=dict(pod.labels), annotations=dict(pod.annotations), runtime_handler=pod.handler)
+
+
+def pod_status(pod: PodRecord) -> cri.PodSandboxStatus:
+    config = cri.PodSandboxConfig().from_dict(pod.config)
+    ns_opts = cri.NamespaceOption()
+    if betterproto.serialized_on_wire(config.linux) and betterproto.serialized_on_wire(
+            config.linux.security_context.namespace_options):
+        ns_opts = config.linux.security_context.namespace_options
+    network = cri.PodSandboxNetworkStatus(ip=pod.ip, additional_ips=[cri.PodIp(ip=ip) for ip in pod.additional_ips])
+    return cri.PodSandboxStatus(
+        id=pod.id, metadata=pod_metadata(pod), state=pod_state(pod), created_at=pod.created_at, network=network,
+        linux=cri.LinuxPodSandboxStatus(namespaces=cri.Namespace(options=ns_opts)), labels=dict(pod.labels),
+        annotations=dict(pod.annotations), runtime_handler=pod.handler,
+    )
+
+
+def pod_info(pod: PodRecord) -> dict[str, str]:
+    return {"info": json.dumps({
+        "pid": pod.sandbox_pid, "handler": pod.handler, "shimAddress": pod.shim_address, "shimDead": pod.shim_dead,
+        "namespaces": pod.namespaces, "cgroupParent": pod.cgroup_parent, "hostNetwork": pod.host_network,
+        "config": pod.config,
+    })}
+
+
+def _image_spec(ctr: ContainerRecord) -> cri.ImageSpec:
+    config = cri.ContainerConfig().from_dict(ctr.config)
+    return cri.ImageSpec(image=ctr.image_ref, annotations=dict(config.image.annotations),
+                         user_specified_image=config.image.user_specified_image or ctr.image_ref)
+
+
+def container_summary(ctr: ContainerRecord) -> cri.Container:
+    return cri.Container(
+        id=ctr.id, pod_sandbox_id=ctr.pod_id, metadata=cri.ContainerMetadata(name=ctr.name, attempt=ctr.attempt),
+        image=_image_spec(ctr), image_ref=ctr.image_id, state=container_state(ctr), created_at=ctr.created_at,
+        labels=dict(ctr.labels), annotations=dict(ctr.annotations), image_id=ctr.image_id,
+    )
+
+
+def container_status(ctr: ContainerRecord, image_ref: str) -> cri.ContainerStatus:
+    mounts = [cri.Mount(container_path=m["container_path"], host_path=m["host_path"], readonly=m["readonly"],
+                        selinux_relabel=m["selinux_relabel"], propagation=cri.MountPropagation(m["propagation"]))
+              for m in ctr.mounts]
+    return cri.ContainerStatus(
+        id=ctr.id, metadata=cri.ContainerMetadata(name=ctr.name, attempt=ctr.attempt), state=container_state(ctr),
+        created_at=ctr.created_at, started_at=ctr.started_at, finished_at=ctr.finished_at, exit_code=ctr.exit_code,
+        image=_image_spec(ctr), image_ref=image_ref or ctr.image_id, reason=ctr.reason, message=ctr.message,
+        labels=dict(ctr.labels), annotations=dict(ctr.annotations), mounts=mounts, log_path=ctr.log_path,
+        image_id=ctr.image_id,
+    )
+
+
+def container_info(ctr: ContainerRecord) -> dict[str, str]:
+    return {"info": json.dumps({
+        "sandboxID": ctr.pod_id, "pid": ctr.pid, "bundle": ctr.bundle, "writableLayer": ctr.fs_dir,
+        "config": ctr.config,
+    })}
+
+
+def labels_match(labels: dict[str, str], selector: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())

@@ -1,0 +1,71 @@
+"""Checks on CRI requests that need no state: missing or malformed fields fail INVALID_ARGUMENT here."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import betterproto
+
+from shimd.api.runtime import v1 as cri
+from shimd.errors import InvalidArgument
+
+_NAME = re.compile(r"^[^/\x00]{1,253}$")
+
+
+def _name(value: str, field: str) -> None:
+    if not value:
+        raise InvalidArgument(f"{field} must not be empty")
+    if not _NAME.match(value):
+        raise InvalidArgument(f"{field} {value!r} must be at most 253 characters without '/' or NUL")
+
+
+def pod_config(config: cri.PodSandboxConfig | None) -> cri.PodSandboxConfig:
+    if config is None or not betterproto.serialized_on_wire(config):
+        raise InvalidArgument("config must be set")
+    if not betterproto.serialized_on_wire(config.metadata):
+        raise InvalidArgument("config.metadata must be set")
+    md = config.metadata
+    _name(md.name, "config.metadata.name")
+    _name(md.namespace, "config.metadata.namespace")
+    _name(md.uid, "config.metadata.uid")
+    if config.log_directory and not os.path.isabs(config.log_directory):
+        raise InvalidArgument(f"config.log_directory {config.log_directory!r} must be an absolute path")
+    for i, p in enumerate(config.port_mappings):
+        if not 0 < p.container_port < 65536:
+            raise InvalidArgument(f"config.port_mappings[{i}].container_port {p.container_port} is out of range")
+        if not 0 <= p.host_port < 65536:
+            raise InvalidArgument(f"config.port_mappings[{i}].host_port {p.host_port} is out of range")
+    return config
+
+
+def container_config(config: cri.ContainerConfig | None) -> cri.ContainerConfig:
+    if config is None or not betterproto.serialized_on_wire(config):
+        raise InvalidArgument("config must be set")
+    if not betterproto.serialized_on_wire(config.metadata):
+        raise InvalidArgument("config.metadata must be set")
+    _name(config.metadata.name, "config.metadata.name")
+    if not config.image.image:
+        raise InvalidArgument("config.image.image must not be empty")
+    if config.log_path:
+        if os.path.isabs(config.log_path):
+            raise InvalidArgument(f"config.log_path {config.log_path!r} must be relative to the log directory")
+        norm = os.path.normpath(config.log_path)
+        if norm.startswith(".."):
+            raise InvalidArgument(f"config.log_path {config.log_path!r} escapes the pod's log directory")
+    for i, kv in enumerate(config.envs):
+        if not kv.key or "=" in kv.key:
+            raise InvalidArgument(f"config.envs[{i}].key {kv.key!r} must be non-empty without '='")
+    return config
+
+
+def required_id(value: str, field: str) -> str:
+    if not value:
+        raise InvalidArgument(f"{field} must not be empty")
+    return value
+
+
+def timeout(value: int, field: str) -> int:
+    if value < 0:
+        raise InvalidArgument(f"{field} must not be negative, got {value}")
+    return value

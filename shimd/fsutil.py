@@ -1,0 +1,55 @@
+"""Small filesystem helpers: atomic writes for state that must survive a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def write_atomic_sync(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write temp, fsync, rename, fsync the directory: readers see the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+async def write_json(path: Path, obj: Any) -> None:
+    data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    await asyncio.to_thread(write_atomic_sync, path, data)
+
+
+async def write_text(path: Path, text: str, mode: int = 0o644) -> None:
+    await asyncio.to_thread(write_atomic_sync, path, text.encode(), mode)
+
+
+def read_json_sync(path: Path) -> Any:
+    with open(path, "rb") as f:
+        return json.load(f)
+
+
+async def remove_tree(path: Path) -> None:
+    await asyncio.to_thread(shutil.rmtree, path, True)
+
+
+async def remove_file(path: Path) -> None:
+    def _rm() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    await asyncio.to_thread(_rm)

@@ -1,0 +1,221 @@
+"""Applies one layer tarball to a directory. Blocking: callers run it in a worker thread.
+
+Two forms:
+- overlay: the directory holds this layer alone, as an overlayfs lower dir. OCI whiteouts become
+  overlay's own: `.wh.NAME` -> 0/0 character device NAME, `.wh..wh..opq` -> trusted.overlay.opaque=y.
+- copy: the directory already holds the merged lower layers; whiteouts delete from it.
+
+Nothing is ever written outside `dest`: absolute names and `..` are refused, and no path component
+may be a symlink (a layer could otherwise plant `x -> /etc` and then write `x/passwd`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gzip
+import hashlib
+import os
+import shutil
+import stat
+import tarfile
+import zlib
+from pathlib import Path
+from typing import IO, Any
+
+import zstandard
+
+from shimd import errors
+from shimd.images.follow import FollowReader
+
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+CHUNK = 1 << 20
+
+
+class LayerError(errors.FailedPrecondition):
+    """The layer's content is unusable (corrupt archive or an unsafe entry)."""
+
+
+class _HashingReader:
+    """Hashes the uncompressed stream as tarfile reads it, so the diff id is checked in the same pass."""
+
+    def __init__(self, raw: IO[bytes] | Any) -> None:
+        self.raw = raw
+        self.hash = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.hash.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+def _decompressed(f: IO[bytes] | FollowReader, media_type: str) -> IO[bytes] | Any:
+    if media_type.endswith(("gzip", "+gzip")):
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    if media_type.endswith("+zstd") or media_type.endswith(".zstd"):
+        return zstandard.ZstdDecompressor().stream_reader(f, read_size=CHUNK, read_across_frames=True)
+    if media_type.endswith((".tar", "layer.v1.tar")):
+        return f
+    raise LayerError(f"unsupported layer media type {media_type!r}")
+
+
+def _components(name: str, what: str) -> list[str]:
+    if name.startswith("/"):
+        raise LayerError(f"{what} {name!r} is an absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise LayerError(f"{what} {name!r} escapes the layer root")
+    return parts
+
+
+class _Extractor:
+    def __init__(self, dest: Path, overlay: bool) -> None:
+        self.dest = str(dest)
+        self.overlay = overlay
+        self.seen: set[str] = set()          # paths written by this layer (copy mode opaque dirs keep them)
+        self.dir_times: list[tuple[str, float]] = []
+
+    def _dir(self, parts: list[str], create: bool) -> str:
+        """Walk to a directory inside dest, refusing symlinks and (optionally) creating what is missing."""
+        path = self.dest
+        for p in parts:
+            path = os.path.join(path, p)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                if not create:
+                    raise LayerError(f"link target {'/'.join(parts)!r} does not exist") from None
+                os.mkdir(path, 0o755)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                raise LayerError(f"entry path {'/'.join(parts)!r} goes through symlink {p!r}")
+            if not stat.S_ISDIR(st.st_mode):
+                raise LayerError(f"entry path {'/'.join(parts)!r}: {p!r} is not a directory")
+        return path
+
+    @staticmethod
+    def _remove(path: str) -> None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+
+    def run(self, tf: tarfile.TarFile) -> None:
+        for m in tf:
+            parts = _components(m.name, "entry")
+            if not parts:
+                continue  # the root itself
+            parent = self._dir(parts[:-1], create=True)
+            base = parts[-1]
+            if base == OPAQUE:
+                self._opaque(parent)
+            elif base.startswith(WHITEOUT):
+                if not base.startswith(WHITEOUT + WHITEOUT):   # other .wh..wh.* are aufs bookkeeping
+                    self._whiteout(parent, base[len(WHITEOUT):])
+            else:
+                self._entry(tf, m, os.path.join(parent, base))
+
+        for path, mtime in reversed(self.dir_times):
+            with contextlib.suppress(OSError):
+                os.utime(path, (mtime, mtime), follow_symlinks=False)
+
+    def _opaque(self, parent: str) -> None:
+        if self.overlay:
+            os.setxattr(parent, "trusted.overlay.opaque", b"y")
+            return
+        for child in os.listdir(parent):
+            path = os.path.join(parent, child)
+            if path not in self.seen:
+                self._remove(path)
+
+    def _whiteout(self, parent: str, name: str) -> None:
+        if not name or name in (".", "..") or "/" in name:
+            raise LayerError(f"bad whiteout name {name!r}")
+        path = os.path.join(parent, name)
+        self._remove(path)
+        if self.overlay:
+            os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+            self.seen.add(path)
+
+    def _entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo, path: str) -> None:
+        if m.isdir():
+            try:
+                st = os.lstat(path)
+                if not stat.S_ISDIR(st.st_mode):
+                    self._remove(path)
+                    os.mkdir(path, 0o755)
+            except FileNotFoundError:
+                os.mkdir(path, 0o755)
+        else:
+            self._remove(path)
+            if m.isreg():
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                with open(fd, "wb") as out:
+                    src = tf.extractfile(m)
+                    if src is not None:
+                        shutil.copyfileobj(src, out, CHUNK)
+            elif m.issym():
+                os.symlink(m.linkname, path)
+            elif m.islnk():
+                tparts = _components(m.linkname, "hard link target")
+                if not tparts:
+                    raise LayerError(f"hard link {m.name!r} to the layer root")
+                target = os.path.join(self._dir(tparts[:-1], create=False), tparts[-1])
+                os.link(target, path, follow_symlinks=False)
+                self.seen.add(path)
+                return  # shares the target's inode and metadata
+            elif m.ischr() or m.isblk():
+                kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+                os.mknod(path, kind | (m.mode & 0o7777), os.makedev(m.devmajor, m.devminor))
+            elif m.isfifo():
+                os.mkfifo(path, m.mode & 0o7777)
+            else:
+                raise LayerError(f"entry {m.name!r} has unsupported type {m.type!r}")
+        self.seen.add(path)
+        self._metadata(m, path)
+
+    def _metadata(self, m: tarfile.TarInfo, path: str) -> None:
+        os.lchown(path, m.uid, m.gid)
+        if not m.issym():
+            os.chmod(path, m.mode & 0o7777)
+        for key, value in m.pax_headers.items():
+            if not key.startswith("SCHILY.xattr."):
+                continue
+            attr = key[len("SCHILY.xattr."):]
+            if attr.startswith("trusted.overlay."):
+                continue  # only our own whiteout conversion may set overlay's attributes
+            try:
+                os.setxattr(path, attr, value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+        if m.isdir():
+            self.dir_times.append((path, m.mtime))
+        else:
+            with contextlib.suppress(OSError):
+                os.utime(path, (m.mtime, m.mtime), follow_symlinks=False)
+
+
+def apply_layer(blob: Path | FollowReader, media_type: str, dest: Path, overlay: bool, diff_id: str) -> None:
+    """Extract `blob` (a stored file, or one still downloading) into `dest`, checking the uncompressed
+    stream against `diff_id`."""
+    try:
+        with open(blob, "rb") if isinstance(blob, Path) else blob as f:
+            reader = _HashingReader(_decompressed(f, media_type))
+            with tarfile.open(fileobj=reader, mode="r|", bufsize=CHUNK) as tf:  # type: ignore[call-overload]
+                _Extractor(dest, overlay).run(tf)
+            reader.drain()
+    except (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile) as e:
+        raise LayerError(f"layer {diff_id}: corrupt archive: {e}") from e
+    got = "sha256:" + reader.hash.hexdigest()
+    if got != diff_id:
+        raise LayerError(f"layer {diff_id}: uncompressed content has digest {got} (corrupted)")

@@ -1,0 +1,41 @@
+"""Mount helpers (mount(8)/umount(8) run as asyncio subprocesses, never through a shell)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from shimd import errors
+
+
+async def run(*argv: str, timeout: float = 30.0) -> None:
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise errors.DeadlineExceeded(f"{argv[0]} timed out after {timeout}s") from None
+    if proc.returncode != 0:
+        raise errors.ShimdError(f"{' '.join(argv)} failed: {err.decode(errors='replace').strip()}")
+
+
+def is_mount_sync(path: Path) -> bool:
+    target = str(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return any(line.split(" ")[4] == target for line in f)
+    except OSError:
+        return False
+
+
+async def mount_tmpfs(path: Path, options: str) -> None:
+    await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
+    await run("mount", "-t", "tmpfs", "-o", options, "shm", str(path))
+
+
+async def unmount(path: Path) -> None:
+    """Lazy unmount of every mount stacked on path; a path that is no mount point is fine."""
+    while await asyncio.to_thread(is_mount_sync, path):
+        await run("umount", "-l", str(path))

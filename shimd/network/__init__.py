@@ -1,0 +1,1 @@
+"""Pod namespaces (pinned with bind mounts) and pod networking through CNI."""

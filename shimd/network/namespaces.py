@@ -1,0 +1,186 @@
+"""Pod namespaces without an infra process: network/ipc/uts namespaces pinned by bind mounts.
+
+Layout: <base_dir>/<pod_id>/<kind>, each an nsfs bind mount that keeps its namespace alive
+until remove_pod_namespaces() unmounts it. Containers join them by path (OCI namespace "path").
+
+base_dir is made a shared bind mount of itself once (as `ip netns` does for /run/netns): mount
+namespaces created later (container set-up, sandboxes, services) get *slave or peer* copies of the
+pins, so our unmount propagates to them and a namespace is never kept alive by a forgotten copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import os
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+from shimd import log
+from shimd.errors import InvalidArgument, ShimdError
+from shimd.network import proc
+
+# CRI/OCI kind name -> unshare(1) option / /proc/<pid>/ns entry.
+KINDS: dict[str, str] = {"network": "net", "ipc": "ipc", "uts": "uts"}
+CREATE_TIMEOUT = 15.0
+HOSTNAME_MAX = 64  # kernel __NEW_UTS_LEN
+
+_MS_BIND = 0x1000
+_MS_REC = 0x4000
+_MS_SHARED = 1 << 20
+_MNT_DETACH = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_prepared: set[str] = set()
+_prepare_lock = threading.Lock()  # runs in worker threads, so a thread lock, not an asyncio one
+_log = log.get("network.namespaces")
+
+
+def _mount(source: str, target: str, flags: int) -> None:
+    if _libc.mount(source.encode(), target.encode(), None, ctypes.c_ulong(flags), None) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mount {source} on {target}: {os.strerror(e)}")
+
+
+def _umount_all(target: str) -> None:
+    """Lazily unmount every mount stacked on target; quiet when nothing (or nothing any more) is there."""
+    for _ in range(16):
+        if _libc.umount2(target.encode(), _MNT_DETACH) != 0:
+            e = ctypes.get_errno()
+            if e in (errno.EINVAL, errno.ENOENT):
+                return
+            raise OSError(e, f"umount {target}: {os.strerror(e)}")
+
+
+def _mountpoints() -> set[str]:
+    points = set()
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            field = line.split(" ", 5)[4]
+            # mountinfo octal-escapes space, tab, newline and backslash.
+            points.add(field.encode("latin-1", "surrogateescape").decode("unicode_escape"))
+    return points
+
+
+def _prepare_base(base_dir: Path) -> Path:
+    """Create base_dir and make it a shared self bind mount, once per process and directory."""
+    base_dir.mkdir(parents=True, exist_ok=True)
+    real = os.path.realpath(base_dir)
+    with _prepare_lock:
+        if real in _prepared:
+            return Path(real)
+        os.chmod(real, 0o711)
+        if real not in _mountpoints():  # after a shimd restart the bind mount is already there
+            _mount(real, real, _MS_BIND | _MS_REC)
+        _mount("none", real, _MS_SHARED | _MS_REC)
+        _prepared.add(real)
+    return Path(real)
+
+
+def _check_pod_id(pod_id: str) -> None:
+    if not pod_id or "/" in pod_id or pod_id in (".", "..") or "\0" in pod_id:
+        raise InvalidArgument(f"pod id {pod_id!r} is not usable as a namespace directory name")
+
+
+def _check_hostname(hostname: str) -> None:
+    if len(hostname.encode()) > HOSTNAME_MAX or any(c in hostname for c in "\0\n"):
+        raise InvalidArgument(f"hostname {hostname!r} is longer than {HOSTNAME_MAX} bytes or has control characters")
+
+
+def _make_targets(pod_dir: Path, paths: Iterable[str]) -> None:
+    pod_dir.mkdir(mode=0o711, exist_ok=True)
+    for p in paths:
+        # O_EXCL: a pod id is used once; an existing pin means a caller bug, not something to reuse.
+        os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444))
+
+
+def _remove_dir(pod_dir: Path) -> None:
+    try:
+        entries = list(os.scandir(pod_dir))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        _umount_all(entry.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(pod_dir)
+
+
+async def create_pod_namespaces(pod_id: str, base_dir: Path, kinds: Iterable[str], hostname: str) -> dict[str, str]:
+    """Create and pin new namespaces of `kinds` for a pod; returns {kind: pinned path}.
+
+    In a new network namespace `lo` is brought up; in a new UTS namespace the hostname is set
+    (an empty hostname keeps the host's). On any failure or cancellation nothing is left behind.
+    """
+    wanted = sorted(set(kinds))
+    unknown = [k for k in wanted if k not in KINDS]
+    if unknown:
+        raise InvalidArgument(f"namespace kinds {unknown} are not supported (only {', '.join(KINDS)})")
+    _check_pod_id(pod_id)
+    _check_hostname(hostname)
+    if not wanted:
+        return {}
+    logger = _log.bind(pod_id=pod_id)
+    base = await asyncio.to_thread(_prepare_base, Path(base_dir))
+    pod_dir = base / pod_id
+    paths = {k: str(pod_dir / k) for k in wanted}
+    # Steps run inside the new namespaces; the hostname travels as $1, never through the shell parser.
+    steps = []
+    if "network" in paths:
+        steps.append(f"{proc.which('ip')} link set lo up")
+    if "uts" in paths and hostname:
+        steps.append('printf %s "$1" > /proc/sys/kernel/hostname')
+    argv = [proc.which("unshare"), *(f"--{KINDS[k]}={p}" for k, p in paths.items()), "--",
+            "/bin/sh", "-ec", " && ".join(steps) or "true", "sh", hostname]
+    try:
+        await asyncio.to_thread(_make_targets, pod_dir, paths.values())
+        done = await proc.run(argv, time_limit=CREATE_TIMEOUT)
+        if done.returncode != 0:
+            raise ShimdError(f"creating {', '.join(wanted)} namespaces for pod {pod_id} failed "
+                             f"(exit {done.returncode}): {done.stderr.decode(errors='replace').strip()}")
+        dead = [k for k, p in paths.items() if not namespace_alive(p)]
+        if dead:
+            raise ShimdError(f"namespaces {dead} of pod {pod_id} were not pinned under {pod_dir}")
+    except FileExistsError:
+        # Another sandbox owns these pins: leave them alone.
+        raise ShimdError(f"namespaces for pod {pod_id} already exist under {pod_dir}") from None
+    except BaseException:
+        # Includes cancellation: the pins must not outlive a failed create.
+        await asyncio.shield(asyncio.to_thread(_remove_dir, pod_dir))
+        raise
+    logger.debug("pod namespaces created", kinds=wanted, dir=str(pod_dir))
+    return paths
+
+
+async def remove_pod_namespaces(pod_id: str, base_dir: Path) -> None:
+    """Unmount and remove a pod's pinned namespaces; a no-op when they are already gone."""
+    _check_pod_id(pod_id)
+    await asyncio.to_thread(_remove_dir, Path(base_dir) / pod_id)
+
+
+def release_base_dir(base_dir: Path) -> None:
+    """Remove every pod's pins and the shared self bind mount of base_dir (tests, uninstall).
+
+    Synchronous on purpose: fixtures and shutdown hooks call it outside any event loop.
+    """
+    real = os.path.realpath(base_dir)
+    if os.path.isdir(real):
+        for entry in os.scandir(real):
+            if entry.is_dir(follow_symlinks=False):
+                _remove_dir(Path(entry.path))
+    with _prepare_lock:
+        if real in _mountpoints():
+            _umount_all(real)
+        _prepared.discard(real)
+
+
+def namespace_alive(path: str) -> bool:
+    """True when path is an nsfs file (a pinned or /proc namespace) that still exists."""
+    try:
+        return os.stat(path).st_dev == os.stat("/proc/self/ns/net").st_dev
+    except OSError:
+        return False

@@ -1,0 +1,425 @@
+"""Builds the OCI runtime spec (config.json) of a container from its CRI config and image config.
+
+Pure functions of their inputs: no I/O except reading the image's /etc/passwd and /etc/group and
+stat()ing device nodes, so the merge rules can be unit-tested.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import betterproto
+
+from shimd import errors
+from shimd.api.runtime import v1 as cri
+
+OCI_VERSION = "1.0.2"
+
+# containerd's default capability set for non-privileged containers.
+DEFAULT_CAPS = [
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
+    "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+]
+
+ALL_CAPS = [
+    "CAP_AUDIT_CONTROL", "CAP_AUDIT_READ", "CAP_AUDIT_WRITE", "CAP_BLOCK_SUSPEND", "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_KILL", "CAP_LEASE", "CAP_LINUX_IMMUTABLE", "CAP_MAC_ADMIN",
+    "CAP_MAC_OVERRIDE", "CAP_MKNOD", "CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_RAW",
+    "CAP_PERFMON", "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID", "CAP_SYS_ADMIN", "CAP_SYS_BOOT",
+    "CAP_SYS_CHROOT", "CAP_SYS_MODULE", "CAP_SYS_NICE", "CAP_SYS_PACCT", "CAP_SYS_PTRACE", "CAP_SYS_RAWIO",
+    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_SYSLOG", "CAP_WAKE_ALARM",
+]
+
+DEFAULT_MASKED = [
+    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+    "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+]
+DEFAULT_READONLY = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+
+_PROPAGATION = {
+    cri.MountPropagation.PROPAGATION_PRIVATE: "rprivate",
+    cri.MountPropagation.PROPAGATION_HOST_TO_CONTAINER: "rslave",
+    cri.MountPropagation.PROPAGATION_BIDIRECTIONAL: "rshared",
+}
+
+
+@dataclass
+class PodContext:
+    """What a container needs to know about its pod."""
+
+    pod_id: str
+    name: str
+    namespace: str
+    uid: str
+    hostname: str
+    namespaces: dict[str, str]  # kind -> pinned path; missing kind = host namespace
+    pid_ns_path: str = ""  # the pause task's PID namespace when the pod shares one
+    files: dict[str, str] = field(default_factory=dict)  # /etc/hosts etc. -> host file
+    shm_path: str = ""
+    sysctls: dict[str, str] = field(default_factory=dict)
+    cgroups_path: str = ""
+    privileged_pod: bool = False
+
+
+@dataclass
+class ImageContext:
+    name: str
+    config: dict[str, Any]  # the "config" object of the OCI image config
+    layers: list[str]  # snapshot dirs, top-most first (to look up /etc/passwd)
+
+
+def host_min_oom_score_adj() -> int:
+    """Without CAP_SYS_RESOURCE a process cannot go below its parent's value."""
+    try:
+        with open("/proc/self/oom_score_adj") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return -1000
+
+
+def _nofile_limit() -> int:
+    """Raising RLIMIT_NOFILE above our own hard limit needs CAP_SYS_RESOURCE, which hosts may drop."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return 1048576 if hard == resource.RLIM_INFINITY else min(1048576, hard)
+
+
+def _env_list(image_env: list[str], envs: list[cri.KeyValue]) -> list[str]:
+    merged: dict[str, str] = {}
+    for item in image_env:
+        k, _, v = item.partition("=")
+        merged[k] = v
+    for kv in envs:
+        merged[kv.key] = kv.value.decode("utf-8", "replace") if isinstance(kv.value, bytes) else str(kv.value)
+    return [f"{k}={v}" for k, v in merged.items()]
+
+
+def process_args(config: cri.ContainerConfig, image_cfg: dict[str, Any]) -> list[str]:
+    """kubelet's rule: command replaces the entrypoint (and drops the image Cmd); args replace Cmd."""
+    entrypoint = list(image_cfg.get("Entrypoint") or [])
+    cmd = list(image_cfg.get("Cmd") or [])
+    if config.command:
+        entrypoint, cmd = list(config.command), list(config.args)
+    elif config.args:
+        cmd = list(config.args)
+    args = entrypoint + cmd
+    if not args:
+        raise errors.InvalidArgument("config.command: no command specified and the image has no Entrypoint/Cmd")
+    return args
+
+
+def _find_in_layers(layers: list[str], rel: str) -> Path | None:
+    for layer in layers:
+        p = Path(layer) / rel
+        if p.is_file():
+            return p
+    return None
+
+
+def _read_db(layers: list[str], rel: str) -> list[list[str]]:
+    p = _find_in_layers(layers, rel)
+    if p is None:
+        return []
+    try:
+        return [line.split(":") for line in p.read_text(errors="replace").splitlines() if line and line[0] != "#"]
+    except OSError:
+        return []
+
+
+def resolve_user(sc: cri.LinuxContainerSecurityContext, image_user: str, layers: list[str]) -> dict[str, Any]:
+    """uid/gid/additional gids from the security context, else the image's User, with name lookups."""
+    passwd = _read_db(layers, "etc/passwd")
+    groups = _read_db(layers, "etc/group")
+    username = ""
+    uid: int | None = None
+    gid: int | None = None
+    if betterproto.serialized_on_wire(sc.run_as_user):
+        uid = sc.run_as_user.value
+    elif sc.run_as_username:
+        username = sc.run_as_username
+    elif image_user:
+        user_part, _, group_part = image_user.partition(":")
+        if user_part.isdigit():
+            uid = int(user_part)
+        else:
+            username = user_part
+        if group_part:
+            if group_part.isdigit():
+                gid = int(group_part)
+            else:
+                match = next((g for g in groups if g[0] == group_part and len(g) > 2), None)
+                if match is None:
+                    raise errors.InvalidArgument(f"image user group {group_part!r} not found in /etc/group")
+                gid = int(match[2])
+    if username:
+        entry = next((p for p in passwd if p[0] == username and len(p) > 3), None)
+        if entry is None:
+            raise errors.InvalidArgument(f"user {username!r} not found in the image's /etc/passwd")
+        uid = int(entry[2])
+        if gid is None:
+            gid = int(entry[3])
+    if uid is None:
+        uid = 0
+    if gid is None:
+        entry = next((p for p in passwd if len(p) > 3 and p[2] == str(uid)), None)
+        gid = int(entry[3]) if entry else 0
+        if not username and entry:
+            username = entry[0]
+    if betterproto.serialized_on_wire(sc.run_as_group):
+        gid = sc.run_as_group.value
+    extra: list[int] = []
+    if username:
+        extra = [int(g[2]) for g in groups if len(g) > 3 and username in g[3].split(",") and g[2].isdigit()]
+    extra += [int(g) for g in sc.supplemental_groups]
+    additional = sorted({g for g in extra if g != gid})
+    user: dict[str, Any] = {"uid": uid, "gid": gid}
+    if additional:
+        user["additionalGids"] = additional
+    return user
+
+
+def _capabilities(sc: cri.LinuxContainerSecurityContext) -> list[str]:
+    if sc.privileged:
+        return list(ALL_CAPS)
+    caps = list(DEFAULT_CAPS)
+
+    def norm(c: str) -> str:
+        c = c.upper()
+        return c if c.startswith("CAP_") else f"CAP_{c}"
+
+    add = [norm(c) for c in sc.capabilities.add_capabilities] if sc.capabilities else []
+    drop = [norm(c) for c in sc.capabilities.drop_capabilities] if sc.capabilities else []
+    for c in add + drop:
+        if c != "CAP_ALL" and c not in ALL_CAPS:
+            raise errors.InvalidArgument(f"linux.security_context.capabilities: unknown capability {c!r}")
+    if "CAP_ALL" in add:
+        caps = list(ALL_CAPS)
+    else:
+        caps += [c for c in add if c not in caps]
+    if "CAP_ALL" in drop:
+        caps = [c for c in add if c != "CAP_ALL"]
+    else:
+        caps = [c for c in caps if c not in drop]
+    return caps
+
+
+def _base_mounts(privileged: bool, readonly_rootfs: bool, pod: PodContext) -> list[dict[str, Any]]:
+    sys_opts = ["nosuid", "noexec", "nodev"] + ([] if privileged else ["ro"])
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": sys_opts},
+        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+         "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+    ]
+    if pod.shm_path:
+        mounts.append({"destination": "/dev/shm", "type": "bind", "source": pod.shm_path,
+                       "options": ["rbind", "nosuid", "nodev", "noexec"]})
+    else:
+        mounts.append({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                       "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]})
+    for dest, src in pod.files.items():
+        opts = ["rbind", "rprivate"] + (["ro"] if readonly_rootfs else [])
+        mounts.append({"destination": dest, "type": "bind", "source": src, "options": opts})
+    return mounts
+
+
+def _user_mounts(config: cri.ContainerConfig) -> list[dict[str, Any]]:
+    out = []
+    for i, m in enumerate(config.mounts):
+        if not m.container_path.startswith("/"):
+            raise errors.InvalidArgument(f"mounts[{i}].container_path must be absolute, got {m.container_path!r}")
+        if not m.host_path.startswith("/"):
+            raise errors.InvalidArgument(f"mounts[{i}].host_path must be absolute, got {m.host_path!r}")
+        opts = ["rbind", _PROPAGATION.get(m.propagation, "rprivate")]
+        opts.append("ro" if m.readonly else "rw")
+        out.append({"destination": m.container_path, "type": "bind", "source": m.host_path, "options": opts})
+    return out
+
+
+def _devices(config: cri.ContainerConfig, privileged: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    devices: list[dict[str, Any]] = []
+    rules: list[dict[str, Any]] = [{"allow": False, "access": "rwm"}]
+    if privileged:
+        rules = [{"allow": True, "access": "rwm"}]
+    for i, d in enumerate(config.devices):
+        try:
+            st = os.stat(d.host_path)
+        except OSError as e:
+            raise errors.InvalidArgument(f"devices[{i}].host_path {d.host_path!r}: {e.strerror}") from None
+        if stat.S_ISCHR(st.st_mode):
+            kind = "c"
+        elif stat.S_ISBLK(st.st_mode):
+            kind = "b"
+        else:
+            raise errors.InvalidArgument(f"devices[{i}].host_path {d.host_path!r} is not a device node")
+        perms = d.permissions or "rwm"
+        if set(perms) - set("rwm"):
+            raise errors.InvalidArgument(f"devices[{i}].permissions must use r, w, m; got {perms!r}")
+        major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        devices.append({"path": d.container_path or d.host_path, "type": kind, "major": major, "minor": minor,
+                        "fileMode": stat.S_IMODE(st.st_mode), "uid": 0, "gid": 0})
+        rules.append({"allow": True, "type": kind, "major": major, "minor": minor, "access": perms})
+    return devices, rules
+
+
+def resources(res: cri.LinuxContainerResources | None, min_oom: int) -> tuple[dict[str, Any], int | None]:
+    """OCI linux.resources and the clamped oom_score_adj."""
+    out: dict[str, Any] = {}
+    if res is None or not betterproto.serialized_on_wire(res):
+        return out, None
+    for name, value in (("cpu_period", res.cpu_period), ("cpu_quota", res.cpu_quota), ("cpu_shares", res.cpu_shares),
+                        ("memory_limit_in_bytes", res.memory_limit_in_bytes),
+                        ("memory_swap_limit_in_bytes", res.memory_swap_limit_in_bytes)):
+        if value < 0 and not (name == "cpu_quota" and value == -1):
+            raise errors.InvalidArgument(f"linux.resources.{name} must not be negative, got {value}")
+    cpu: dict[str, Any] = {}
+    if res.cpu_shares:
+        cpu["shares"] = res.cpu_shares
+    if res.cpu_quota:
+        cpu["quota"] = res.cpu_quota
+    if res.cpu_period:
+        cpu["period"] = res.cpu_period
+    if res.cpuset_cpus:
+        cpu["cpus"] = res.cpuset_cpus
+    if res.cpuset_mems:
+        cpu["mems"] = res.cpuset_mems
+    if cpu:
+        out["cpu"] = cpu
+    mem: dict[str, Any] = {}
+    if res.memory_limit_in_bytes:
+        mem["limit"] = res.memory_limit_in_bytes
+    if res.memory_swap_limit_in_bytes:
+        mem["swap"] = res.memory_swap_limit_in_bytes
+    if mem:
+        out["memory"] = mem
+    if res.hugepage_limits:
+        out["hugepageLimits"] = [{"pageSize": h.page_size, "limit": h.limit} for h in res.hugepage_limits]
+    if res.unified:
+        out["unified"] = dict(res.unified)
+    oom = res.oom_score_adj
+    if not -1000 <= oom <= 1000:
+        raise errors.InvalidArgument(f"linux.resources.oom_score_adj must be in [-1000, 1000], got {oom}")
+    return out, max(oom, min_oom)
+
+
+def _namespaces(sc: cri.LinuxContainerSecurityContext, pod: PodContext) -> list[dict[str, Any]]:
+    ns: list[dict[str, Any]] = [{"type": "mount"}]
+    for kind in ("network", "ipc", "uts"):
+        if kind in pod.namespaces:
+            ns.append({"type": kind, "path": pod.namespaces[kind]})
+    pid_mode = sc.namespace_options.pid if sc.namespace_options else cri.NamespaceMode.CONTAINER
+    if pid_mode == cri.NamespaceMode.POD and pod.pid_ns_path:
+        ns.append({"type": "pid", "path": pod.pid_ns_path})
+    elif pid_mode == cri.NamespaceMode.TARGET:
+        raise errors.InvalidArgument("linux.security_context.namespace_options.pid: TARGET is not supported")
+    elif pid_mode != cri.NamespaceMode.NODE:
+        ns.append({"type": "pid"})
+    return ns
+
+
+def container_spec(container_id: str, config: cri.ContainerConfig, pod: PodContext, image: ImageContext,
+                   rootfs: str, min_oom: int | None = None) -> dict[str, Any]:
+    linux_cfg = config.linux if betterproto.serialized_on_wire(config.linux) else cri.LinuxContainerConfig()
+    sc = linux_cfg.security_context or cri.LinuxContainerSecurityContext()
+    privileged = sc.privileged
+    if privileged and not pod.privileged_pod:
+        raise errors.InvalidArgument("linux.security_context.privileged: the pod sandbox is not privileged")
+    img = image.config
+    env = _env_list(list(img.get("Env") or []), config.envs)
+    if not any(e.startswith("PATH=") for e in env):
+        env.insert(0, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    if config.tty and not any(e.startswith("TERM=") for e in env):
+        env.append("TERM=xterm")
+    env.append(f"HOSTNAME={pod.hostname}")
+    caps = _capabilities(sc)
+    res, oom = resources(linux_cfg.resources, host_min_oom_score_adj() if min_oom is None else min_oom)
+    devices, dev_rules = _devices(config, privileged)
+    res["devices"] = dev_rules
+    process: dict[str, Any] = {
+        "terminal": config.tty,
+        "user": resolve_user(sc, str(img.get("User") or ""), image.layers),
+        "args": process_args(config, img),
+        "env": env,
+        "cwd": config.working_dir or img.get("WorkingDir") or "/",
+        "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+        "noNewPrivileges": sc.no_new_privs,
+        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": _nofile_limit(), "soft": _nofile_limit()}],
+    }
+    if oom is not None:
+        process["oomScoreAdj"] = oom
+    mounts = _base_mounts(privileged, sc.readonly_rootfs, pod)
+    user_mounts = _user_mounts(config)
+    user_dests = {m["destination"] for m in user_mounts}
+    mounts = [m for m in mounts if m["destination"] not in user_dests] + user_mounts
+    linux: dict[str, Any] = {
+        "namespaces": _namespaces(sc, pod),
+        "resources": res,
+        "cgroupsPath": pod.cgroups_path,
+        "devices": devices,
+    }
+    if pod.sysctls:
+        linux["sysctl"] = dict(pod.sysctls)
+    if not privileged:
+        linux["maskedPaths"] = list(sc.masked_paths) if sc.masked_paths else list(DEFAULT_MASKED)
+        linux["readonlyPaths"] = list(sc.readonly_paths) if sc.readonly_paths else list(DEFAULT_READONLY)
+    annotations = dict(config.annotations)
+    annotations.update({
+        "io.kubernetes.cri.container-type": "container",
+        "io.kubernetes.cri.container-name": config.metadata.name,
+        "io.kubernetes.cri.sandbox-id": pod.pod_id,
+        "io.kubernetes.cri.sandbox-name": pod.name,
+        "io.kubernetes.cri.sandbox-namespace": pod.namespace,
+        "io.kubernetes.cri.sandbox-uid": pod.uid,
+        "io.kubernetes.cri.image-name": image.name,
+    })
+    spec: dict[str, Any] = {
+        "ociVersion": OCI_VERSION,
+        "process": process,
+        "root": {"path": rootfs, "readonly": sc.readonly_rootfs},
+        "mounts": mounts,
+        "annotations": annotations,
+        "linux": linux,
+    }
+    if "uts" in pod.namespaces:
+        spec["hostname"] = pod.hostname
+    return spec
+
+
+def pause_spec(pod: PodContext, rootfs: str, args: list[str]) -> dict[str, Any]:
+    """The infra process that holds a shared PID namespace (catatonit)."""
+    ns: list[dict[str, Any]] = [{"type": "mount"}, {"type": "pid"}]
+    for kind in ("network", "ipc", "uts"):
+        if kind in pod.namespaces:
+            ns.append({"type": kind, "path": pod.namespaces[kind]})
+    return {
+        "ociVersion": OCI_VERSION,
+        "process": {
+            "terminal": False, "user": {"uid": 65535, "gid": 65535}, "args": args, "cwd": "/",
+            "env": ["PATH=/"], "noNewPrivileges": True,
+            "capabilities": {k: [] for k in ("bounding", "effective", "permitted")},
+        },
+        "root": {"path": rootfs, "readonly": True},
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+        ],
+        "annotations": {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": pod.pod_id,
+                        "io.kubernetes.cri.sandbox-name": pod.name,
+                        "io.kubernetes.cri.sandbox-namespace": pod.namespace,
+                        "io.kubernetes.cri.sandbox-uid": pod.uid},
+        "linux": {"namespaces": ns, "cgroupsPath": pod.cgroups_path, "resources": {"devices": [
+            {"allow": False, "access": "rwm"}]}, "maskedPaths": list(DEFAULT_MASKED),
+            "readonlyPaths": list(DEFAULT_READONLY)},
+        **({"hostname": pod.hostname} if "uts" in pod.namespaces else {}),
+    }

@@ -1,0 +1,291 @@
+"""Pod sandbox lifecycle: namespaces, network, pod files, the shim, and their orderly teardown.
+
+Every step of RunPodSandbox is recorded before the next one starts, so a crash at any point
+leaves a record that recovery can finish tearing down; a failed step undoes the earlier ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import betterproto
+
+from shimd import cgroups, errors, fsutil, log, mounts
+from shimd.api.runtime import v1 as cri
+from shimd.network import files as podfiles
+from shimd.network import namespaces
+from shimd.network.model import DnsSettings, PodNetworkRequest, PortMapping
+from shimd.oci import spec as ocispec
+from shimd.store.records import CONTAINER_RUNNING, POD_NOTREADY, POD_READY, PodRecord
+
+if TYPE_CHECKING:
+    from shimd.containers.service import ContainerService
+    from shimd.network.manager import NetworkManager
+    from shimd.shimmgr.manager import ShimManager
+    from shimd.store.store import Store
+
+PAUSE_BINARY = "/usr/bin/catatonit"
+SHM_SIZE = "size=65536k"
+_PROTOCOLS = {cri.Protocol.TCP: "tcp", cri.Protocol.UDP: "udp", cri.Protocol.SCTP: "sctp"}
+
+
+def pause_id(pod_id: str) -> str:
+    return pod_id
+
+
+class PodService:
+    def __init__(self, *, cgroup_driver: str, state_dir: Path, store: Store, shims: ShimManager,
+                 network: NetworkManager) -> None:
+        self.cgroup_driver = cgroup_driver
+        self.pods_dir = state_dir / "pods"
+        self.ns_dir = state_dir / "ns"
+        self.store = store
+        self.shims = shims
+        self.network = network
+        self.containers: ContainerService | None = None  # set by the daemon (they reference each other)
+        self.log = log.get("pods")
+
+    def pod_dir(self, pod_id: str) -> Path:
+        return self.pods_dir / pod_id
+
+    # --- run ---------------------------------------------------------------------------------
+    async def run(self, config: cri.PodSandboxConfig, handler: str) -> str:
+        md = config.metadata
+        linux = config.linux if betterproto.serialized_on_wire(config.linux) else cri.LinuxPodSandboxConfig()
+        sc = linux.security_context or cri.LinuxSandboxSecurityContext()
+        ns_opts = sc.namespace_options or cri.NamespaceOption()
+        host_network = ns_opts.network == cri.NamespaceMode.NODE
+        handler_name = handler or self.shims.cfg.daemon.default_handler
+        drv = self.shims.driver(handler_name)  # unknown/unusable handler fails before anything is made
+
+        pod_id = secrets.token_hex(32)
+        pod = PodRecord(
+            id=pod_id, name=md.name, namespace=md.namespace, uid=md.uid, attempt=md.attempt, handler=handler_name,
+            created_at=time.time_ns(), config=config.to_dict(), labels=dict(config.labels),
+            annotations=dict(config.annotations), state=POD_NOTREADY, host_network=host_network,
+        )
+        self.store.reserve_name(pod.name_key, pod_id, "pod sandbox")
+        lg = self.log.bind(pod_id=pod_id, handler=handler_name)
+        pod.initializing = True
+        try:
+            await self.store.save_pod(pod)
+            await self._setup(pod, config, sc, ns_opts, drv.needs_sandbox_task(ns_opts.pid == cri.NamespaceMode.POD))
+        except BaseException as e:
+            lg.warning("pod setup failed, undoing", error=repr(e))
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._teardown(pod, remove=True))
+            self.store.release_name(pod.name_key, pod_id)
+            raise
+        lg.info("pod ready", name=md.name, namespace=md.namespace, ip=pod.ip)
+        return pod_id
+
+    async def _setup(self, pod: PodRecord, config: cri.PodSandboxConfig, sc: cri.LinuxSandboxSecurityContext,
+                     ns_opts: cri.NamespaceOption, sandbox_task: bool) -> None:
+        pdir = self.pod_dir(pod.id)
+        await asyncio.to_thread(pdir.mkdir, parents=True, exist_ok=True)
+        hostname = config.hostname or (os.uname().nodename if pod.host_network else config.metadata.name)
+        podfiles.validate_hostname(hostname, "config.hostname")
+
+        kinds = [] if pod.host_network else ["network", "uts"]
+        if ns_opts.ipc != cri.NamespaceMode.NODE:
+            kinds.append("ipc")
+        if kinds:
+            pod.namespaces = await namespaces.create_pod_namespaces(pod.id, self.ns_dir, kinds, hostname)
+            await self.store.save_pod(pod)
+
+        if not pod.host_network:
+            result = await self.network.setup(PodNetworkRequest(
+                pod_id=pod.id, name=pod.name, namespace=pod.namespace, uid=pod.uid,
+                netns_path=pod.namespaces["network"],
+                port_mappings=[PortMapping(protocol=_PROTOCOLS.get(p.protocol, "tcp"),
+                                           container_port=p.container_port, host_port=p.host_port,
+                                           host_ip=p.host_ip) for p in config.port_mappings],
+                annotations=dict(config.annotations), cgroup_parent=pod.cgroup_parent,
+                dns=self._dns(config),
+            ))
+            pod.network_attached = True
+            pod.ip, pod.additional_ips = result.ip, list(result.additional_ips)
+            await self.store.save_pod(pod)
+
+        dns = self._dns(config)
+        await fsutil.write_text(pdir / "resolv.conf", podfiles.resolv_conf(dns, pod.host_network))
+        await fsutil.write_text(pdir / "hosts", podfiles.hosts_file(pod.ip or None, hostname, pod.host_network))
+        await fsutil.write_text(pdir / "hostname", podfiles.hostname_file(hostname))
+        if "ipc" in pod.namespaces:
+            await self._mount_shm(pdir / "shm")
+
+        if sc.privileged:
+            pod.annotations.setdefault("shimd.io/privileged", "true")
+        pod.cgroup_parent = config.linux.cgroup_parent if betterproto.serialized_on_wire(config.linux) else ""
+        if not pod.cgroup_parent:
+            pod.cgroup_parent = cgroups.default_pod_parent(self.cgroup_driver, pod.id)
+            pod.owns_cgroup_parent = True
+        await self.store.save_pod(pod)
+
+        pod.shim_address = await self.shims.launch(pod.id, pod.handler, pdir)
+        await self.store.save_pod(pod)
+
+        if sandbox_task:
+            await self._start_sandbox_task(pod, hostname)
+
+        pod.initializing = False
+        pod.state = POD_READY
+        await self.store.save_pod(pod)
+
+    @staticmethod
+    def _dns(config: cri.PodSandboxConfig) -> DnsSettings | None:
+        if not betterproto.serialized_on_wire(config.dns_config):
+            return None
+        d = config.dns_config
+        return DnsSettings(servers=list(d.servers), searches=list(d.searches), options=list(d.options))
+
+    async def _mount_shm(self, path: Path) -> None:
+        await mounts.mount_tmpfs(path, f"nosuid,nodev,noexec,mode=1777,{SHM_SIZE}")
+
+    async def _start_sandbox_task(self, pod: PodRecord, hostname: str) -> None:
+        """A pause process (catatonit) that owns the pod's shared PID namespace."""
+        bundle = self.pod_dir(pod.id) / "pause"
+        rootfs = bundle / "rootfs"
+
+        def prepare() -> None:
+            rootfs.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PAUSE_BINARY, rootfs / "pause")
+
+        await asyncio.to_thread(prepare)
+        ctx = self.pod_context(pod)
+        ctx.cgroups_path = cgroups.container_path(self.cgroup_driver, pod.cgroup_parent, pod.id)
+        spec = ocispec.pause_spec(ctx, str(rootfs), ["/pause", "-P"])
+        await fsutil.write_json(bundle / "config.json", spec)
+        pid = await self.shims.create(pod.id, pod.handler, pause_id(pod.id), bundle, [], ("", "", ""), False)
+        await self.shims.start(pod.id, pause_id(pod.id))
+        pod.sandbox_task, pod.sandbox_pid = True, pid
+        await self.store.save_pod(pod)
+
+    def pod_context(self, pod: PodRecord) -> ocispec.PodContext:
+        pdir = self.pod_dir(pod.id)
+        config = cri.PodSandboxConfig().from_dict(pod.config)
+        hostname = config.hostname or (os.uname().nodename if pod.host_network else pod.name)
+        files = {"/etc/hosts": str(pdir / "hosts"), "/etc/resolv.conf": str(pdir / "resolv.conf")}
+        if not pod.host_network:
+            files["/etc/hostname"] = str(pdir / "hostname")
+        return ocispec.PodContext(
+            pod_id=pod.id, name=pod.name, namespace=pod.namespace, uid=pod.uid, hostname=hostname,
+            namespaces=dict(pod.namespaces),
+            pid_ns_path=f"/proc/{pod.sandbox_pid}/ns/pid" if pod.sandbox_task and pod.sandbox_pid else "",
+            files=files, shm_path=str(pdir / "shm") if "ipc" in pod.namespaces else "",
+            sysctls=dict(config.linux.sysctls) if betterproto.serialized_on_wire(config.linux) else {},
+            privileged_pod=pod.annotations.get("shimd.io/privileged") == "true",
+        )
+
+    # --- stop / remove -----------------------------------------------------------------------
+    async def stop(self, pod_id: str) -> None:
+        try:
+            pod = self.store.pod(pod_id)
+        except errors.NotFound:
+            return  # CRI: stopping an unknown (already removed) pod is fine
+        async with self.store.lock(pod.id):
+            await self._teardown(pod, remove=False)
+
+    async def remove(self, pod_id: str) -> None:
+        try:
+            pod = self.store.pod(pod_id)
+        except errors.NotFound:
+            return
+        async with self.store.lock(pod.id):
+            await self._teardown(pod, remove=True)
+
+    async def _teardown(self, pod: PodRecord, remove: bool) -> None:
+        """Stop (and with remove, delete) everything the pod has; each step tolerates being done already."""
+        lg = self.log.bind(pod_id=pod.id, handler=pod.handler)
+        assert self.containers is not None
+        if pod.state == POD_READY or not pod.stopped:
+            pod.state = POD_NOTREADY
+            await self.store.save_pod(pod)
+            await self.containers.stop_all(pod)
+            if pod.sandbox_task:
+                await self._stop_sandbox_task(pod)
+            await self.shims.shutdown(pod.id)
+            if pod.shim_dead:
+                await self._cleanup_dead_shim(pod)
+            pod.shim_address = ""
+            if pod.network_attached:
+                await self.network.teardown(pod.id, pod.namespaces.get("network", ""))
+                pod.network_attached = False
+            shm = self.pod_dir(pod.id) / "shm"
+            await mounts.unmount(shm)
+            pod.stopped = True
+            await self.store.save_pod(pod)
+            lg.info("pod stopped")
+        if not remove:
+            return
+        await self.containers.remove_all(pod)
+        await namespaces.remove_pod_namespaces(pod.id, self.ns_dir)
+        if pod.owns_cgroup_parent:
+            left = await cgroups.remove(cgroups.relative_path(self.cgroup_driver, pod.cgroup_parent))
+            if left:
+                lg.warning("cgroups left behind", paths=left)
+        await mounts.unmount(self.pod_dir(pod.id) / "shm")
+        await fsutil.remove_tree(self.pod_dir(pod.id))
+        await self.store.delete_pod(pod)
+        lg.info("pod removed")
+
+    async def _stop_sandbox_task(self, pod: PodRecord) -> None:
+        if pod.shim_dead:
+            return
+        with contextlib.suppress(errors.ShimdError, OSError, asyncio.TimeoutError):
+            await self.shims.kill(pod.id, pause_id(pod.id), signal.SIGKILL, all_processes=True)
+        with contextlib.suppress(errors.ShimdError, OSError, asyncio.TimeoutError):
+            await self.shims.wait(pod.id, pause_id(pod.id), timeout=10.0)
+        with contextlib.suppress(errors.NotFound, errors.ShimdError, OSError, asyncio.TimeoutError):
+            await self.shims.delete(pod.id, pause_id(pod.id))
+        pod.sandbox_task, pod.sandbox_pid = False, 0
+
+    async def _cleanup_dead_shim(self, pod: PodRecord) -> None:
+        """runc state, mounts and cgroups that a dead shim could not clean up itself."""
+        assert self.containers is not None
+        ids = [c.id for c in self.store.pod_containers(pod.id)] + [pause_id(pod.id)]
+        bundles = [Path(c.bundle) for c in self.store.pod_containers(pod.id)] + [self.pod_dir(pod.id) / "pause"]
+        with contextlib.suppress(errors.ShimdError, AttributeError):
+            drv = self.shims.drivers[pod.handler]
+            await drv.cleanup_after_dead_shim(ids, bundles)
+
+    # --- shim death --------------------------------------------------------------------------
+    async def shim_died(self, pod_id: str) -> None:
+        pod = self.store.pods.get(pod_id)
+        if pod is None or pod.shim_dead:
+            return
+        assert self.containers is not None
+        pod.shim_dead = True
+        pod.state = POD_NOTREADY
+        await self.store.save_pod(pod)
+        for c in self.store.pod_containers(pod_id):
+            if c.state == CONTAINER_RUNNING:
+                await self.containers.mark_lost(c, "ShimDied", f"the shim of pod sandbox {pod_id} exited")
+        self.log.error("shim died", pod_id=pod_id)
+
+    # --- recovery ----------------------------------------------------------------------------
+    async def recover(self) -> None:
+        # CNI attachments recorded for pods shimd no longer knows (crash between ADD and the pod record).
+        for pod_id in self.network.recorded_pods():
+            if pod_id not in self.store.pods:
+                with contextlib.suppress(errors.ShimdError):
+                    await self.network.teardown(pod_id, "")
+        for pod in list(self.store.pods.values()):
+            if pod.initializing:
+                self.log.warning("finishing teardown of a pod interrupted during creation", pod_id=pod.id)
+                with contextlib.suppress(Exception):
+                    await self._teardown(pod, remove=True)
+                continue
+            if pod.shim_address:
+                self.shims.remember(pod.id, pod.shim_address)
+                if not pod.shim_dead and not await self.shims.shim_alive(pod.id):
+                    await self.shim_died(pod.id)
+

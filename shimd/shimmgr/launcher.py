@@ -1,0 +1,84 @@
+"""Starting (and cleaning up after) any containerd shim v2 binary, the way containerd does it.
+
+`<shim> -namespace NS -address ADDR -publish-binary BIN -id ID start` runs in the bundle directory;
+the shim daemonises and prints its ttrpc address. `... -bundle DIR delete` cleans up after a shim
+that died and prints a DeleteResponse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+from shimd import errors
+from shimd.api.containerd.task import v2 as task
+
+# Events go nowhere: shimd watches exits with Wait, so publishing is a no-op binary.
+PUBLISH_BINARY = shutil.which("true") or "/bin/true"
+
+
+def _argv(argv: list[str], namespace: str, task_id: str, shimd_address: str, extra: list[str]) -> list[str]:
+    return [*argv, "-namespace", namespace, "-address", shimd_address, "-publish-binary", PUBLISH_BINARY,
+            "-id", task_id, *extra]
+
+
+async def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float, what: str) -> bytes:
+    try:
+        proc = await asyncio.create_subprocess_exec(*cmd, cwd=str(cwd), env={**os.environ, **env},
+                                                    stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    except OSError as e:
+        raise errors.FailedPrecondition(f"{what}: cannot run shim {cmd[0]!r}: {e.strerror or e}") from None
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):
+                await proc.wait()
+        raise errors.DeadlineExceeded(f"{what}: shim {cmd[0]!r} did not finish within {timeout:g}s") from None
+    if proc.returncode != 0:
+        detail = err.decode(errors="replace").strip()[-2000:] or f"exit status {proc.returncode}"
+        raise errors.ShimdError(f"{what}: shim {cmd[0]!r} failed: {detail}")
+    return out
+
+
+async def _prepare_bundle(bundle: Path) -> None:
+    def prep() -> None:
+        # containerd's Go shims log to a "log" FIFO containerd creates in the bundle; without any
+        # reader a FIFO would block them, so a plain file takes its place.
+        log = bundle / "log"
+        if not log.exists():
+            log.touch(mode=0o600)
+
+    await asyncio.to_thread(prep)
+
+
+async def start_shim(argv: list[str], *, namespace: str, pod_id: str, shimd_address: str, bundle: Path,
+                     env: dict[str, str], timeout: float) -> str:
+    """Start (or find) the pod's shim; returns its ttrpc socket path."""
+    await _prepare_bundle(bundle)
+    out = await _run(_argv(argv, namespace, pod_id, shimd_address, ["start"]), bundle, env, timeout,
+                     f"starting the shim of pod {pod_id}")
+    lines = [ln.strip() for ln in out.decode(errors="replace").splitlines() if ln.strip()]
+    if not lines:
+        raise errors.ShimdError(f"starting the shim of pod {pod_id}: the shim printed no address")
+    address = lines[-1]
+    if address.startswith("unix://"):
+        address = address[len("unix://"):]
+    elif "://" in address:
+        raise errors.ShimdError(f"starting the shim of pod {pod_id}: unsupported shim address {address!r}")
+    return address
+
+
+async def delete_shim(argv: list[str], *, namespace: str, task_id: str, shimd_address: str, bundle: Path,
+                      env: dict[str, str], timeout: float) -> task.DeleteResponse:
+    """Run the shim binary's `delete` for one task whose shim is gone (containerd's cleanup path)."""
+    out = await _run(_argv(argv, namespace, task_id, shimd_address, ["-bundle", str(bundle), "delete"]), bundle,
+                     env, timeout, f"cleaning up task {task_id}")
+    return task.DeleteResponse().parse(out)

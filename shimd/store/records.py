@@ -1,0 +1,97 @@
+"""What shimd remembers about each pod sandbox and container."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+POD_READY = "READY"
+POD_NOTREADY = "NOTREADY"
+
+CONTAINER_CREATED = "CREATED"
+CONTAINER_RUNNING = "RUNNING"
+CONTAINER_EXITED = "EXITED"
+CONTAINER_UNKNOWN = "UNKNOWN"
+
+
+@dataclass
+class PodRecord:
+    id: str
+    name: str
+    namespace: str
+    uid: str
+    attempt: int
+    handler: str
+    created_at: int  # unix nanoseconds
+    config: dict[str, Any]  # the CRI PodSandboxConfig as given
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    state: str = POD_READY
+    host_network: bool = False
+    # kind -> pinned namespace path (network, ipc, uts); pid comes from the pause task when shared.
+    namespaces: dict[str, str] = field(default_factory=dict)
+    ip: str = ""
+    additional_ips: list[str] = field(default_factory=list)
+    network_attached: bool = False
+    shim_address: str = ""
+    shim_dead: bool = False
+    # A sandbox task exists in the shim (pause process for a shared PID namespace, or a shim v2 sandbox).
+    sandbox_task: bool = False
+    sandbox_pid: int = 0
+    cgroup_parent: str = ""
+    owns_cgroup_parent: bool = False
+    stopped: bool = False
+    # True until RunPodSandbox finished: recovery tears such a pod down instead of keeping it.
+    initializing: bool = False
+
+    @property
+    def name_key(self) -> str:
+        return f"{self.name}_{self.namespace}_{self.uid}_{self.attempt}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PodRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class ContainerRecord:
+    id: str
+    pod_id: str
+    name: str
+    attempt: int
+    created_at: int
+    config: dict[str, Any]  # the CRI ContainerConfig as given
+    image_ref: str  # what the user asked for
+    image_id: str
+    log_path: str
+    bundle: str
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    state: str = CONTAINER_CREATED
+    started_at: int = 0
+    finished_at: int = 0
+    exit_code: int = 0
+    reason: str = ""
+    message: str = ""
+    pid: int = 0
+    tty: bool = False
+    stdin: bool = False
+    # Where this container's writable layer lives (upper/work dirs), removed with it.
+    fs_dir: str = ""
+    mounts: list[dict[str, Any]] = field(default_factory=list)
+
+    def name_key(self, pod: PodRecord) -> str:
+        return f"{self.name}_{pod.name}_{pod.namespace}_{pod.uid}_{self.attempt}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ContainerRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

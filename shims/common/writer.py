@@ -1,0 +1,70 @@
+"""One background thread that does every file append of a shim (CRI logs, shim log).
+
+Why a single thread rather than aiofiles: aiofiles hands each write to a thread pool (several
+threads, each with its own stack and malloc arena, plus the pool machinery); one thread with a
+SimpleQueue is the smallest resident cost and still keeps blocking writes off the event loop.
+Files stay open between writes and are keyed by path, so `reopen` (after log rotation) simply
+closes the old descriptor; the next write creates the file again.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable
+
+_STOP = object()
+_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
+
+class FileWriter:
+    def __init__(self, on_error: Callable[[str, OSError], None] | None = None) -> None:
+        self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._fds: dict[str, int] = {}
+        self._on_error = on_error
+        self._thread = threading.Thread(target=self._run, name="file-writer", daemon=True)
+        self._thread.start()
+
+    def append(self, path: str, data: bytes) -> None:
+        self._q.put((path, data))
+
+    def reopen(self, path: str) -> None:
+        self._q.put((path, None))
+
+    def close(self, path: str) -> None:
+        self.reopen(path)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Flush what is queued and stop the thread (called from synchronous shutdown paths)."""
+        self._q.put(_STOP)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is _STOP:
+                break
+            path, data = item  # type: ignore[misc]
+            if data is None:
+                fd = self._fds.pop(path, None)
+                if fd is not None:
+                    os.close(fd)
+                continue
+            try:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, _FLAGS, 0o640)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            except OSError as e:
+                # A full disk or a vanished directory must not take the shim down; drop and report once per write.
+                bad = self._fds.pop(path, None)
+                if bad is not None:
+                    os.close(bad)
+                if self._on_error is not None and not path.endswith("shim.log"):
+                    self._on_error(path, e)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

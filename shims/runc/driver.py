@@ -1,0 +1,111 @@
+"""shimd's driver for the runc handler: how to launch the runc shim and what to tell it.
+
+Runs inside shimd (so it may use betterproto); the shim process itself never imports this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import betterproto.lib.google.protobuf as pb
+
+from shimd import log
+from shimd.api.containerd.runc import v1 as runc_options
+from shimd.config import HandlerConfig
+from shims.common.messages import RUNC_OPTIONS_TYPE_URL
+from shims.runc.mounts import is_mountpoint, unmount
+
+VERSION_TIMEOUT = 10.0
+
+
+class RuncDriver:
+    supports_user_namespaces = False
+
+    def __init__(self, handler: HandlerConfig, state_dir: Path, systemd_cgroup: bool = False) -> None:
+        self.handler = handler
+        self.state_dir = state_dir
+        self.systemd_cgroup = systemd_cgroup
+        self.root = handler.root or str(state_dir / handler.name)
+        self._available: tuple[bool, str] | None = None
+        self.log = log.get("runc_driver", handler=handler.name)
+
+    def available(self) -> tuple[bool, str]:
+        """Binary found and `runc --version` works; cached (called on every RuntimeStatus)."""
+        if self._available is None or not self._available[0]:
+            self._available = self._probe()
+        return self._available
+
+    def _probe(self) -> tuple[bool, str]:
+        binary = shutil.which(self.handler.binary)
+        if binary is None:
+            return False, f"runtime binary {self.handler.binary!r} not found"
+        try:
+            # Runs once per handler at start-up (then cached), from a synchronous interface.
+            out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=VERSION_TIMEOUT,
+                                 check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return False, f"{binary} --version failed: {e}"
+        if out.returncode != 0:
+            return False, f"{binary} --version exited {out.returncode}: {out.stderr.strip()[:200]}"
+        return True, out.stdout.splitlines()[0] if out.stdout else binary
+
+    def shim_argv(self) -> list[str]:
+        return [sys.executable, "-m", "shims.runc.shim"]
+
+    def shim_env(self) -> dict[str, str]:
+        return {}
+
+    def runtime_options(self) -> pb.Any:
+        opts = runc_options.Options(binary_name=self.handler.binary, root=self.root,
+                                    systemd_cgroup=self.systemd_cgroup)
+        return pb.Any(type_url=RUNC_OPTIONS_TYPE_URL, value=bytes(opts))
+
+    def log_stdio(self, log_path: str, stdin_path: str) -> tuple[str, str, str]:
+        """stdin, stdout, stderr URIs for a container logging to the CRI log file at log_path."""
+        uri = f"crilog://{log_path}" if log_path else ""
+        return stdin_path, uri, uri
+
+    def needs_sandbox_task(self, shared_pid: bool) -> bool:
+        # Namespaces are pinned by shimd itself; only a pod-wide PID namespace needs a process
+        # (the pause/init task) to hold it.
+        return shared_pid
+
+    async def cleanup_after_dead_shim(self, container_ids: list[str], bundles: list[Path]) -> None:
+        """Force-delete the runc containers of a dead shim and unmount their rootfs (no shell)."""
+        base = [self.handler.binary, "--root", self.root]
+        if self.systemd_cgroup:
+            base.append("--systemd-cgroup")
+        for cid in container_ids:
+            lg = self.log.bind(container_id=cid)
+            try:
+                proc = await asyncio.create_subprocess_exec(*base, "delete", "--force", cid,
+                                                            stdin=asyncio.subprocess.DEVNULL,
+                                                            stdout=asyncio.subprocess.DEVNULL,
+                                                            stderr=asyncio.subprocess.PIPE)
+            except OSError as e:
+                lg.warning("runc delete failed to start", error=str(e))
+                continue
+            try:
+                async with asyncio.timeout(60.0):
+                    _, err = await proc.communicate()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+                lg.warning("runc delete timed out")
+                continue
+            text = err.decode(errors="replace").strip()
+            if proc.returncode != 0 and "does not exist" not in text and "not exist" not in text:
+                lg.warning("runc delete failed", error=text[:500])
+        for bundle in bundles:
+            rootfs = str(bundle / "rootfs")
+            try:
+                if await asyncio.to_thread(is_mountpoint, rootfs):
+                    await asyncio.to_thread(unmount, rootfs)
+            except OSError as e:
+                self.log.warning("unmounting rootfs failed", path=rootfs, error=str(e))

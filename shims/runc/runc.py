@@ -1,0 +1,99 @@
+"""The runc command line, as the shim uses it: one function per subcommand, no shell, bounded time."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any
+
+from shims.common.procs import CommandError, Reaper, run
+
+
+class RuncError(Exception):
+    pass
+
+
+class RuncOptions:
+    # A plain class: importing dataclasses would cost the shim resident memory.
+    def __init__(self, binary: str = "runc", root: str = "/run/containerd/runc/k8s.io") -> None:
+        self.binary, self.root = binary, root
+        self.systemd_cgroup = False
+        self.no_pivot_root = False
+        self.no_new_keyring = False
+
+
+class Runc:
+    def __init__(self, reaper: Reaper, opts: RuncOptions, log_path: str, timeout: float) -> None:
+        self.reaper, self.opts, self.log_path, self.timeout = reaper, opts, log_path, timeout
+
+    def _argv(self, *args: str) -> list[str]:
+        argv = [self.opts.binary, "--root", self.opts.root, "--log", self.log_path, "--log-format", "json"]
+        if self.opts.systemd_cgroup:
+            argv.append("--systemd-cgroup")
+        return argv + list(args)
+
+    def _last_error(self) -> str:
+        """runc writes its errors to --log as JSON lines; the last error is the useful one."""
+        with contextlib.suppress(OSError):
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 8192))
+                for line in reversed(f.read().splitlines()):
+                    with contextlib.suppress(ValueError):
+                        rec = json.loads(line)
+                        if rec.get("level") in ("error", "fatal"):
+                            return str(rec.get("msg", ""))
+        return ""
+
+    async def _run(self, *args: str, stdin_data: bytes | None = None, stdio: tuple[int, int, int] | None = None,
+                   ) -> bytes:
+        try:
+            _, out, _ = await run(self.reaper, self._argv(*args), self.timeout, stdin_data=stdin_data, stdio=stdio)
+        except CommandError as e:
+            detail = self._last_error() or e.stderr.strip() or f"exit status {e.status}"
+            raise RuncError(f"runc {args[0]} failed: {detail}") from None
+        return out
+
+    async def create(self, cid: str, bundle: str, pid_file: str, stdio: tuple[int, int, int],
+                     console_socket: str = "") -> None:
+        args = ["create", "--bundle", bundle, "--pid-file", pid_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        if self.opts.no_pivot_root:
+            args.append("--no-pivot")
+        if self.opts.no_new_keyring:
+            args.append("--no-new-keyring")
+        await self._run(*args, cid, stdio=stdio)
+
+    async def start(self, cid: str) -> None:
+        await self._run("start", cid)
+
+    async def exec(self, cid: str, process_file: str, pid_file: str, stdio: tuple[int, int, int],
+                   console_socket: str = "") -> None:
+        args = ["exec", "--detach", "--process", process_file, "--pid-file", pid_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        await self._run(*args, cid, stdio=stdio)
+
+    async def state(self, cid: str) -> dict[str, Any]:
+        return json.loads(await self._run("state", cid))  # type: ignore[no-any-return]
+
+    async def kill(self, cid: str, signal: int, all_processes: bool = False) -> None:
+        await self._run("kill", *(["--all"] if all_processes else []), cid, str(signal))
+
+    async def delete(self, cid: str, force: bool = False) -> None:
+        await self._run("delete", *(["--force"] if force else []), cid)
+
+    async def pause(self, cid: str) -> None:
+        await self._run("pause", cid)
+
+    async def resume(self, cid: str) -> None:
+        await self._run("resume", cid)
+
+    async def update(self, cid: str, resources_json: bytes) -> None:
+        await self._run("update", "--resources", "-", cid, stdin_data=resources_json)
+
+    async def ps(self, cid: str) -> list[int]:
+        out = await self._run("ps", "--format", "json", cid)
+        return [int(p) for p in (json.loads(out) or [])]

@@ -1,0 +1,53 @@
+"""The long-lived runc shim: subreaper, ttrpc server, task service; runs until Shutdown."""
+
+from __future__ import annotations
+
+import sys
+
+sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]  # keep asyncio from loading OpenSSL
+
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+
+from shims.common.jsonlog import Logger  # noqa: E402
+from shims.common.procs import Reaper, set_subreaper  # noqa: E402
+from shims.common.ttrpc import Server  # noqa: E402
+from shims.common.writer import FileWriter  # noqa: E402
+from shims.runc.service import TaskService  # noqa: E402
+
+
+async def _main(flags: dict[str, str], path: str) -> int:
+    log_path = os.path.join(os.getcwd(), "shim.log")
+    writer = FileWriter()
+    log = Logger(writer, log_path, debug=flags.get("debug") == "true", pod_id=flags["id"],
+                 namespace=flags.get("namespace", ""))
+    set_subreaper()
+    reaper = Reaper()
+    reaper.install()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Terminal hang-ups and a dying parent must not end the shim; SIGTERM asks for an orderly exit.
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    service = TaskService(flags.get("namespace", ""), flags["id"], os.path.dirname(path), reaper, writer, log,
+                          stop.set)
+    server = Server(service.services(), lambda what, e: log.error(what, error=f"{type(e).__name__}: {e}"))
+    await server.listen(path)
+    log.info("shim listening", address=f"unix://{path}", pid=os.getpid())
+    try:
+        await stop.wait()
+    finally:
+        await server.close()
+        service.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        reaper.uninstall()
+        log.info("shim exiting")
+        writer.stop()
+    return 0
+
+
+def serve(flags: dict[str, str], path: str) -> int:
+    return asyncio.run(_main(flags, path))

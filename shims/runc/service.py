@@ -1,0 +1,475 @@
+"""The containerd.task.v2.Task service of the runc shim, plus shimd.shim.v1.Logs.
+
+Semantics follow containerd's runc shim: a task is a runc container (its init) plus exec
+processes; exit statuses stay in memory until Delete; unknown ids answer NOT_FOUND and calls in the
+wrong state FAILED_PRECONDITION.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+from typing import Any
+
+from shims.common import messages as m
+from shims.common import ttrpc
+from shims.common.jsonlog import Logger
+from shims.common.procs import CommandTimeout, Reaper, wait_fd
+from shims.common.proto import decode, encode
+from shims.common.stdio import ProcessIO
+from shims.common.ttrpc import TtrpcError
+from shims.common.writer import FileWriter
+from shims.runc import mounts
+from shims.runc.runc import Runc, RuncError, RuncOptions
+
+VERSION = "shimd-runc-shim/1"
+RUNC_TIMEOUT = float(os.environ.get("SHIMD_RUNTIME_TIMEOUT", "60"))
+IO_DRAIN_TIMEOUT = 2.0
+CONSOLE_TIMEOUT = 10.0
+
+
+def _not_found(what: str) -> TtrpcError:
+    return TtrpcError(ttrpc.NOT_FOUND, what)
+
+
+def _precondition(what: str) -> TtrpcError:
+    return TtrpcError(ttrpc.FAILED_PRECONDITION, what)
+
+
+def _timestamp(ns: int) -> dict[str, int] | None:
+    return {"seconds": ns // 1_000_000_000, "nanos": ns % 1_000_000_000} if ns else None
+
+
+class Proc:
+    """A container's init (exec_id "") or one exec process."""
+
+    def __init__(self, cid: str, exec_id: str, io: ProcessIO, terminal: bool) -> None:
+        self.cid, self.exec_id, self.io, self.terminal = cid, exec_id, io, terminal
+        self.pid = 0
+        self.status = m.STATUS_CREATED
+        self.exit_status = 0
+        self.exited_at = 0
+        self.exited = asyncio.Event()
+        self.spec = b""  # exec only: the OCI process JSON
+        self.watcher: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"exec {self.exec_id!r} of container {self.cid!r}" if self.exec_id else f"container {self.cid!r}"
+
+
+class Container:
+    def __init__(self, cid: str, bundle: str, runc: Runc, init: Proc, rootfs_mounted: bool) -> None:
+        self.id, self.bundle, self.runc, self.init = cid, bundle, runc, init
+        self.rootfs_mounted = rootfs_mounted
+        self.execs: dict[str, Proc] = {}
+        self.paused = False
+        self.lock = asyncio.Lock()
+
+
+def _runc_options(any_msg: dict[str, Any] | None, namespace: str) -> RuncOptions:
+    opts = RuncOptions(root=f"/run/containerd/runc/{namespace}")
+    if not any_msg or not any_msg["type_url"]:
+        return opts
+    if not any_msg["type_url"].endswith(m.RUNC_OPTIONS_TYPE_URL):
+        raise TtrpcError(ttrpc.INVALID_ARGUMENT, f"options: unsupported type {any_msg['type_url']!r}")
+    o = decode(m.RUNC_OPTIONS, any_msg["value"])
+    opts.binary = o["binary_name"] or opts.binary
+    opts.root = o["root"] or opts.root
+    opts.systemd_cgroup = o["systemd_cgroup"]
+    opts.no_pivot_root, opts.no_new_keyring = o["no_pivot_root"], o["no_new_keyring"]
+    return opts
+
+
+async def _receive_console(sock: socket.socket) -> int:
+    """Accept runc's connection on the console socket and take the pty master it sends."""
+    loop = asyncio.get_running_loop()
+    conn, _ = await loop.sock_accept(sock)
+    with conn:
+        conn.setblocking(False)
+        while True:
+            try:
+                _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+                break
+            except BlockingIOError:
+                await wait_fd(conn.fileno())
+    if not fds:
+        raise OSError("runc sent no terminal on the console socket")
+    os.set_inheritable(fds[0], False)
+    return fds[0]
+
+
+class TaskService:
+    def __init__(self, namespace: str, pod_id: str, socket_dir: str, reaper: Reaper, writer: FileWriter,
+                 log: Logger, on_shutdown: Any) -> None:
+        self.namespace, self.pod_id, self.socket_dir = namespace, pod_id, socket_dir
+        self.reaper, self.writer, self.log = reaper, writer, log
+        self.on_shutdown = on_shutdown
+        self.containers: dict[str, Container] = {}
+        self._creating: set[str] = set()
+        self._console_seq = 0
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def services(self) -> list[ttrpc.Service]:
+        task = ttrpc.Service(m.TASK_SERVICE)
+        for method, (req, resp) in m.TASK_METHODS.items():
+            task.register(method, req, resp, self._guard(getattr(self, method.lower())))
+        logs = ttrpc.Service(m.LOGS_SERVICE)
+        logs.register("Reopen", *m.LOGS_METHODS["Reopen"], self._guard(self.reopen))
+        return [task, logs]
+
+    def _guard(self, fn: Any) -> Any:
+        async def call(req: dict[str, Any]) -> dict[str, Any]:
+            try:
+                return await fn(req)  # type: ignore[no-any-return]
+            except (RuncError, CommandTimeout, OSError, ValueError) as e:
+                self.log.error("call failed", method=fn.__name__, id=req.get("id", ""), error=str(e))
+                code = ttrpc.DEADLINE_EXCEEDED if isinstance(e, CommandTimeout) else ttrpc.UNKNOWN
+                raise TtrpcError(code, str(e)) from None
+
+        call.__name__ = fn.__name__
+        return call
+
+    def _container(self, cid: str) -> Container:
+        c = self.containers.get(cid)
+        if c is None:
+            raise _not_found(f"container {cid!r} not found in shim of pod {self.pod_id!r}")
+        return c
+
+    def _proc(self, cid: str, exec_id: str) -> Proc:
+        c = self._container(cid)
+        if not exec_id:
+            return c.init
+        p = c.execs.get(exec_id)
+        if p is None:
+            raise _not_found(f"exec {exec_id!r} not found in container {cid!r}")
+        return p
+
+    def _watch(self, proc: Proc, exit_fut: asyncio.Future[tuple[int, int]]) -> None:
+        proc.watcher = asyncio.ensure_future(self._on_exit(proc, exit_fut))
+
+    async def _on_exit(self, proc: Proc, exit_fut: asyncio.Future[tuple[int, int]]) -> None:
+        status, when = await exit_fut
+        # Output written just before the exit must reach the log before anyone learns of the exit.
+        await proc.io.drain(IO_DRAIN_TIMEOUT)
+        proc.status, proc.exit_status, proc.exited_at = m.STATUS_STOPPED, status, when
+        proc.exited.set()
+        self.log.info("process exited", container_id=proc.cid, exec_id=proc.exec_id, pid=proc.pid,
+                      exit_status=status)
+
+    async def _read_pid(self, path: str) -> int:
+        def read() -> int:
+            with open(path) as f:
+                return int(f.read().strip())
+
+        return await asyncio.to_thread(read)
+
+    def _console_socket(self) -> tuple[socket.socket, str]:
+        self._console_seq += 1
+        path = os.path.join(self.socket_dir, f"c-{os.getpid()}-{self._console_seq}.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.bind(path)
+        sock.listen(1)
+        sock.setblocking(False)
+        return sock, path
+
+    async def _spawn_with_io(self, proc: Proc, runc_call: Any) -> int:
+        """Runs runc create/exec with the process's stdio (and console socket); returns the new pid."""
+        console_task: asyncio.Task[int] | None = None
+        sock = None
+        path = ""
+        try:
+            proc.io.prepare()
+            if proc.terminal:
+                sock, path = self._console_socket()
+                console_task = asyncio.ensure_future(_receive_console(sock))
+            pid_file = await runc_call(proc.io.stdio, path)
+            console = -1
+            if console_task is not None:
+                async with asyncio.timeout(CONSOLE_TIMEOUT):
+                    console = await console_task
+            pid = await self._read_pid(pid_file)
+        except BaseException:
+            if console_task is not None:
+                console_task.cancel()
+                with contextlib.suppress(BaseException):
+                    fd = await console_task
+                    os.close(fd)
+            proc.io.close()
+            raise
+        finally:
+            if sock is not None:
+                sock.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        proc.pid = pid
+        exit_fut = self.reaper.watch(pid)
+        proc.io.start_copies(console)
+        self._watch(proc, exit_fut)
+        return pid
+
+    # -- Task service ----------------------------------------------------------------------------
+    async def create(self, req: dict[str, Any]) -> dict[str, Any]:
+        cid, bundle = req["id"], req["bundle"]
+        if not cid:
+            raise TtrpcError(ttrpc.INVALID_ARGUMENT, "id must not be empty")
+        if cid in self.containers or cid in self._creating:
+            raise TtrpcError(ttrpc.ALREADY_EXISTS, f"container {cid!r} already exists")
+        if not bundle or not os.path.isabs(bundle) or not await asyncio.to_thread(
+                os.path.exists, os.path.join(bundle, "config.json")):
+            raise TtrpcError(ttrpc.INVALID_ARGUMENT, f"bundle {bundle!r} has no config.json")
+        if req["checkpoint"]:
+            raise TtrpcError(ttrpc.UNIMPLEMENTED, "restoring from a checkpoint is not supported")
+        opts = _runc_options(req["options"], self.namespace)
+        log = self.log.bind(container_id=cid)
+        runc = Runc(self.reaper, opts, os.path.join(bundle, "log.json"), RUNC_TIMEOUT)
+        rootfs = os.path.join(bundle, "rootfs")
+        self._creating.add(cid)
+        mounted = False
+        try:
+            # containerd's runc shim keeps its options here too; `shim delete` reads them after a crash.
+            await asyncio.to_thread(_write_json, os.path.join(bundle, "options.json"), {
+                "binary_name": opts.binary, "root": opts.root, "systemd_cgroup": opts.systemd_cgroup})
+            if req["rootfs"]:
+                await mounts.mount_all(self.reaper, req["rootfs"], rootfs, RUNC_TIMEOUT)
+                mounted = True
+            io = ProcessIO(self.writer, req["stdin"], req["stdout"], req["stderr"], req["terminal"])
+            init = Proc(cid, "", io, req["terminal"])
+            pid_file = os.path.join(bundle, "init.pid")
+
+            async def call(stdio: tuple[int, int, int], console: str) -> str:
+                await runc.create(cid, bundle, pid_file, stdio, console)
+                return pid_file
+
+            try:
+                pid = await self._spawn_with_io(init, call)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await runc.delete(cid, force=True)
+                raise
+            self.containers[cid] = Container(cid, bundle, runc, init, mounted)
+            mounted = False
+        finally:
+            self._creating.discard(cid)
+            if mounted:
+                mounts.unmount(rootfs)
+        log.info("created", pid=pid, bundle=bundle, runtime=opts.binary)
+        return {"pid": pid}
+
+    async def start(self, req: dict[str, Any]) -> dict[str, Any]:
+        c = self._container(req["id"])
+        proc = self._proc(req["id"], req["exec_id"])
+        async with c.lock:
+            if proc.status != m.STATUS_CREATED or (proc.exec_id and proc.pid):
+                raise _precondition(f"{proc.name} cannot be started: it is not in the created state")
+            if not proc.exec_id:
+                await c.runc.start(c.id)
+                if not proc.exited.is_set():
+                    proc.status = m.STATUS_RUNNING
+                return {"pid": proc.pid}
+            if c.init.status != m.STATUS_RUNNING:
+                raise _precondition(f"container {c.id!r} is not running, cannot start exec {proc.exec_id!r}")
+            spec_file = os.path.join(c.bundle, f"exec-{proc.exec_id}.json")
+            pid_file = os.path.join(c.bundle, f"exec-{proc.exec_id}.pid")
+            await asyncio.to_thread(_write_bytes, spec_file, proc.spec)
+
+            async def call(stdio: tuple[int, int, int], console: str) -> str:
+                await c.runc.exec(c.id, spec_file, pid_file, stdio, console)
+                return pid_file
+
+            try:
+                pid = await self._spawn_with_io(proc, call)
+            finally:
+                await asyncio.to_thread(_remove, spec_file, pid_file)
+            if not proc.exited.is_set():
+                proc.status = m.STATUS_RUNNING
+            self.log.info("exec started", container_id=c.id, exec_id=proc.exec_id, pid=pid)
+            return {"pid": pid}
+
+    async def state(self, req: dict[str, Any]) -> dict[str, Any]:
+        c = self._container(req["id"])
+        p = self._proc(req["id"], req["exec_id"])
+        status = m.STATUS_PAUSED if (not p.exec_id and c.paused and p.status == m.STATUS_RUNNING) else p.status
+        stdin, stdout, stderr = p.io.uris
+        return {"id": c.id, "bundle": c.bundle, "pid": p.pid, "status": status, "stdin": stdin, "stdout": stdout,
+                "stderr": stderr, "terminal": p.terminal, "exit_status": p.exit_status,
+                "exited_at": _timestamp(p.exited_at), "exec_id": p.exec_id}
+
+    async def kill(self, req: dict[str, Any]) -> dict[str, Any]:
+        c = self._container(req["id"])
+        p = self._proc(req["id"], req["exec_id"])
+        if p.exited.is_set():
+            raise _not_found(f"{p.name}: process already finished")
+        if not p.exec_id:
+            await c.runc.kill(c.id, req["signal"], req["all"])
+        elif not p.pid:
+            raise _precondition(f"{p.name} has not been started")
+        else:
+            try:
+                os.kill(p.pid, req["signal"])
+            except ProcessLookupError:
+                raise _not_found(f"{p.name}: process already finished") from None
+        return {}
+
+    async def delete(self, req: dict[str, Any]) -> dict[str, Any]:
+        c = self._container(req["id"])
+        p = self._proc(req["id"], req["exec_id"])
+        async with c.lock:
+            if p.exec_id:
+                if p.pid and not p.exited.is_set():
+                    raise _precondition(f"{p.name} is still running; kill it and wait before deleting")
+                c.execs.pop(p.exec_id, None)
+                p.io.close()
+                return {"pid": p.pid, "exit_status": p.exit_status, "exited_at": _timestamp(p.exited_at)}
+            if p.status == m.STATUS_RUNNING and not p.exited.is_set():
+                raise _precondition(f"{p.name} is running; it must be stopped before it is deleted")
+            await c.runc.delete(c.id, force=True)
+            if p.pid and not p.exited.is_set():
+                # A created (never started) init is killed by runc delete; collect its status.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5.0):
+                        await p.exited.wait()
+            for e in c.execs.values():
+                e.io.close()
+            p.io.close()
+            if c.rootfs_mounted:
+                await asyncio.to_thread(mounts.unmount, os.path.join(c.bundle, "rootfs"))
+            self.containers.pop(c.id, None)
+            self.log.info("deleted", container_id=c.id, exit_status=p.exit_status)
+            return {"pid": p.pid, "exit_status": p.exit_status, "exited_at": _timestamp(p.exited_at)}
+
+    async def exec(self, req: dict[str, Any]) -> dict[str, Any]:
+        c = self._container(req["id"])
+        exec_id = req["exec_id"]
+        if not exec_id:
+            raise TtrpcError(ttrpc.INVALID_ARGUMENT, "exec_id must not be empty")
+        if exec_id in c.execs:
+            raise TtrpcError(ttrpc.ALREADY_EXISTS, f"exec {exec_id!r} already exists in container {c.id!r}")
+        if c.init.exited.is_set():
+            raise _precondition(f"container {c.id!r} has exited; cannot exec in it")
+        spec = req["spec"]
+        if not spec or not spec["value"]:
+            raise TtrpcError(ttrpc.INVALID_ARGUMENT, "spec: an OCI process is required")
+        try:
+            json.loads(spec["value"])
+        except ValueError as e:
+            raise TtrpcError(ttrpc.INVALID_ARGUMENT, f"spec: not a JSON OCI process: {e}") from None
+        proc = Proc(c.id, exec_id, ProcessIO(self.writer, req["stdin"], req["stdout"], req["stderr"],
+                                             req["terminal"]), req["terminal"])
+        proc.spec = spec["value"]
+        c.execs[exec_id] = proc
+        return {}
+
+    async def resizepty(self, req: dict[str, Any]) -> dict[str, Any]:
+        p = self._proc(req["id"], req["exec_id"])
+        if p.io.console < 0:
+            raise _precondition(f"{p.name} has no terminal")
+        import fcntl
+        import struct
+        import termios
+
+        fcntl.ioctl(p.io.console, termios.TIOCSWINSZ, struct.pack("HHHH", req["height"], req["width"], 0, 0))
+        return {}
+
+    async def closeio(self, req: dict[str, Any]) -> dict[str, Any]:
+        p = self._proc(req["id"], req["exec_id"])
+        if req["stdin"]:
+            p.io.close_stdin()
+        return {}
+
+    async def update(self, req: dict[str, Any]) -> dict[str, Any]:
+        c = self._container(req["id"])
+        res = req["resources"]
+        if not res or not res["value"]:
+            raise TtrpcError(ttrpc.INVALID_ARGUMENT, "resources: OCI LinuxResources JSON is required")
+        if c.init.exited.is_set():
+            raise _precondition(f"container {c.id!r} has exited; cannot update it")
+        await c.runc.update(c.id, res["value"])
+        return {}
+
+    async def pids(self, req: dict[str, Any]) -> dict[str, Any]:
+        c = self._container(req["id"])
+        pids = await c.runc.ps(c.id)
+        by_pid = {e.pid: e.exec_id for e in c.execs.values() if e.pid}
+        out = []
+        for pid in pids:
+            info = None
+            if pid in by_pid:
+                info = {"type_url": "containerd.runc.v1.ProcessDetails",
+                        "value": encode(m.RUNC_PROCESS_DETAILS, {"exec_id": by_pid[pid]})}
+            out.append({"pid": pid, "info": info})
+        return {"processes": out}
+
+    async def pause(self, req: dict[str, Any]) -> dict[str, Any]:
+        c = self._container(req["id"])
+        await c.runc.pause(c.id)
+        c.paused = True
+        return {}
+
+    async def resume(self, req: dict[str, Any]) -> dict[str, Any]:
+        c = self._container(req["id"])
+        await c.runc.resume(c.id)
+        c.paused = False
+        return {}
+
+    async def checkpoint(self, req: dict[str, Any]) -> dict[str, Any]:
+        raise TtrpcError(ttrpc.UNIMPLEMENTED, "checkpoint is not supported by this shim")
+
+    async def wait(self, req: dict[str, Any]) -> dict[str, Any]:
+        p = self._proc(req["id"], req["exec_id"])
+        if p.exec_id and not p.pid:
+            raise _precondition(f"{p.name} has not been started")
+        await p.exited.wait()
+        return {"exit_status": p.exit_status, "exited_at": _timestamp(p.exited_at)}
+
+    async def stats(self, req: dict[str, Any]) -> dict[str, Any]:
+        raise TtrpcError(ttrpc.UNIMPLEMENTED, "stats are not implemented by this shim yet")
+
+    async def connect(self, req: dict[str, Any]) -> dict[str, Any]:
+        c = self.containers.get(req["id"])
+        return {"shim_pid": os.getpid(), "task_pid": c.init.pid if c else 0, "version": VERSION}
+
+    async def shutdown(self, req: dict[str, Any]) -> dict[str, Any]:
+        if self.containers and not req["now"]:
+            return {}
+        self.log.info("shutting down", containers=len(self.containers), now=req["now"])
+        # Answer first: the exit happens once the response is on its way.
+        asyncio.get_running_loop().call_later(0.05, self.on_shutdown)
+        return {}
+
+    # -- shimd.shim.v1.Logs -----------------------------------------------------------------------
+    async def reopen(self, req: dict[str, Any]) -> dict[str, Any]:
+        c = self._container(req["id"])
+        if c.init.io.cri is None:
+            raise _precondition(f"container {c.id!r} does not log to a CRI log file")
+        c.init.io.reopen_log()
+        return {}
+
+    def close(self) -> None:
+        for c in self.containers.values():
+            for p in [c.init, *c.execs.values()]:
+                if p.watcher is not None:
+                    p.watcher.cancel()
+                p.io.close()
+
+
+def _write_json(path: str, data: Any) -> None:
+    _write_bytes(path, json.dumps(data).encode())
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _remove(*paths: str) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)

@@ -1,0 +1,331 @@
+"""The runc shim end to end: launched like a shim v2 binary, driven over ttrpc by TaskClient,
+running real runc containers on an overlay of a busybox tree."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import betterproto.lib.google.protobuf as pb
+import pytest
+import pytest_asyncio
+
+from shimd import errors
+from shimd.api.containerd import types as ctypes
+from shimd.api.containerd.runc import v1 as runc_v1
+from shimd.api.containerd.task import v2 as task
+from shimd.api.containerd.v1.types import Status
+from shimd.shimmgr.launcher import start_shim
+from shimd.shimmgr.task_client import TaskClient
+from shims.runc.mounts import is_mountpoint
+from tests.support.shim_env import ShimEnv, process_spec
+
+SHIM = [sys.executable, "-m", "shims.runc.shim"]
+CRI_LINE = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z (stdout|stderr) (F|P) (.*)$")
+T = 30.0
+REPO = Path(__file__).resolve().parents[2]
+
+
+def options(env: ShimEnv) -> pb.Any:
+    return pb.Any(type_url="containerd.runc.v1.Options", value=bytes(runc_v1.Options(root=str(env.runc_root))))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+class Shim:
+    def __init__(self, env: ShimEnv, address: str, client: TaskClient, pid: int) -> None:
+        self.env, self.address, self.c, self.pid = env, address, client, pid
+
+    async def create(self, name: str, args: list[str], stdout: str = "", stderr: str = "", stdin: str = "",
+                     terminal: bool = False) -> tuple[Path, int]:
+        b = self.env.bundle(name, args, terminal=terminal)
+        mounts = [ctypes.Mount(**m) for m in self.env.overlay(name)]
+        resp = await self.c.create(task.CreateTaskRequest(id=name, bundle=str(b), rootfs=mounts, terminal=terminal,
+                                                          stdin=stdin, stdout=stdout, stderr=stderr,
+                                                          options=options(self.env)), timeout=T)
+        return b, resp.pid
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def shim(shim_env: ShimEnv) -> AsyncIterator[Shim]:
+    pod = shim_env.pod_bundle()
+    address = await start_shim(SHIM, namespace="shimdtest", pod_id="pod1", shimd_address=shim_env.shimd_address,
+                               bundle=pod, env=shim_env.env, timeout=T)
+    client = await TaskClient.connect(address, timeout=10)
+    pid = (await client.connect(task.ConnectRequest(id="pod1"), timeout=5)).shim_pid
+    s = Shim(shim_env, address, client, pid)
+    try:
+        yield s
+    finally:
+        if not s.c.closed:
+            with contextlib.suppress(errors.ShimdError):
+                await s.c.shutdown(task.ShutdownRequest(id="pod1", now=True), timeout=5)
+        await s.c.close()
+        if not await wait_gone(pid, 5):
+            os.kill(pid, signal.SIGKILL)
+
+
+def path_exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def read_lines(path: Path) -> list[str]:
+    with open(path) as f:
+        return f.read().splitlines()
+
+
+def file_size(path: Path) -> int:
+    return os.stat(path).st_size
+
+
+def read_cri(path: Path) -> list[tuple[bytes, bytes, bytes]]:
+    out = []
+    for line in path.read_bytes().splitlines():
+        mt = CRI_LINE.match(line)
+        assert mt, f"not a CRI log line: {line!r}"
+        out.append((mt.group(1), mt.group(2), mt.group(3)))
+    return out
+
+
+async def test_create_start_logs_exit_code_and_delete(shim: Shim) -> None:
+    log = shim.env.base / "c1.log"
+    long = "x" * 20000
+    script = f"echo out1; echo err1 >&2; echo {long}; printf tail; exit 3"
+    bundle, pid = await shim.create("c1", ["sh", "-c", script], f"crilog://{log}", f"crilog://{log}")
+    assert pid > 0 and is_mountpoint(str(bundle / "rootfs"))
+    st = await shim.c.state(task.StateRequest(id="c1"), timeout=T)
+    assert st.status == Status.CREATED and st.pid == pid
+    assert (await shim.c.start(task.StartRequest(id="c1"), timeout=T)).pid == pid
+    # several concurrent waiters all see the exit
+    waits = await asyncio.gather(*(shim.c.wait(task.WaitRequest(id="c1"), timeout=T) for _ in range(3)))
+    assert {w.exit_status for w in waits} == {3}
+    st = await shim.c.state(task.StateRequest(id="c1"), timeout=T)
+    assert st.status == Status.STOPPED and st.exit_status == 3 and st.exited_at.year >= 2024
+    lines = read_cri(log)
+    assert (b"stdout", b"F", b"out1") in lines and (b"stderr", b"F", b"err1") in lines
+    parts = [ln for ln in lines if ln[0] == b"stdout" and ln[2].startswith(b"xxx")]
+    assert [p[1] for p in parts] == [b"P", b"F"] and b"".join(p[2] for p in parts) == long.encode()
+    assert len(parts[0][2]) == 16384
+    assert lines[-1] == (b"stdout", b"F", b"tail")
+    assert shim.env.cgroup_exists("c1")
+    resp = await shim.c.delete(task.DeleteRequest(id="c1"), timeout=T)
+    assert resp.exit_status == 3 and resp.pid == pid
+    assert not is_mountpoint(str(bundle / "rootfs"))
+    assert not shim.env.cgroup_exists("c1")
+    assert "c1" not in shim.env.runc_containers()
+    with pytest.raises(errors.NotFound):
+        await shim.c.state(task.StateRequest(id="c1"), timeout=T)
+
+
+async def test_kill_sleep_and_state_errors(shim: Shim) -> None:
+    bundle, _ = await shim.create("k1", ["sleep", "1000"])
+    with pytest.raises(errors.AlreadyExists):
+        await shim.c.create(task.CreateTaskRequest(id="k1", bundle=str(bundle), options=options(shim.env)), timeout=T)
+    await shim.c.start(task.StartRequest(id="k1"), timeout=T)
+    with pytest.raises(errors.FailedPrecondition):
+        await shim.c.start(task.StartRequest(id="k1"), timeout=T)
+    with pytest.raises(errors.FailedPrecondition):
+        await shim.c.delete(task.DeleteRequest(id="k1"), timeout=T)
+    assert (await shim.c.state(task.StateRequest(id="k1"), timeout=T)).status == Status.RUNNING
+    pids = await shim.c.pids(task.PidsRequest(id="k1"), timeout=T)
+    assert len(pids.processes) == 1
+    await shim.c.update(task.UpdateTaskRequest(id="k1", resources=pb.Any(
+        type_url="types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
+        value=json.dumps({"pids": {"limit": 50}}).encode())), timeout=T)
+    await shim.c.kill(task.KillRequest(id="k1", signal=signal.SIGKILL), timeout=T)
+    w = await shim.c.wait(task.WaitRequest(id="k1"), timeout=T)
+    assert w.exit_status == 128 + signal.SIGKILL
+    with pytest.raises(errors.NotFound):
+        await shim.c.kill(task.KillRequest(id="k1", signal=signal.SIGTERM), timeout=T)
+    for call in (shim.c.state(task.StateRequest(id="nope"), timeout=T),
+                 shim.c.kill(task.KillRequest(id="nope", signal=9), timeout=T),
+                 shim.c.wait(task.WaitRequest(id="k1", exec_id="nope"), timeout=T)):
+        with pytest.raises(errors.NotFound):
+            await call
+    assert (await shim.c.delete(task.DeleteRequest(id="k1"), timeout=T)).exit_status == 137
+    assert not shim.env.cgroup_exists("k1")
+
+
+async def test_exec_with_fifos(shim: Shim) -> None:
+    base = shim.env.base
+    await shim.create("e1", ["sleep", "1000"])
+    await shim.c.start(task.StartRequest(id="e1"), timeout=T)
+    fifos = [base / f"exec.{n}" for n in ("in", "out", "err")]
+    for f in fifos:
+        os.mkfifo(f)
+    # shimd's side of the FIFOs: readers for output, a writer for input
+    out_fd = os.open(fifos[1], os.O_RDONLY | os.O_NONBLOCK)
+    err_fd = os.open(fifos[2], os.O_RDONLY | os.O_NONBLOCK)
+    spec = process_spec(["sh", "-c", "read x; echo got $x; echo oops >&2; exit 5"])
+    await shim.c.exec(task.ExecProcessRequest(
+        id="e1", exec_id="x1", stdin=str(fifos[0]), stdout=str(fifos[1]), stderr=str(fifos[2]),
+        spec=pb.Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/Process",
+                    value=json.dumps(spec).encode())), timeout=T)
+    with pytest.raises(errors.AlreadyExists):
+        await shim.c.exec(task.ExecProcessRequest(id="e1", exec_id="x1", spec=pb.Any(type_url="t", value=b"{}")),
+                          timeout=T)
+    xpid = (await shim.c.start(task.StartRequest(id="e1", exec_id="x1"), timeout=T)).pid
+    assert xpid > 0
+    pids = await shim.c.pids(task.PidsRequest(id="e1"), timeout=T)
+    assert xpid in [p.pid for p in pids.processes]
+    in_fd = os.open(fifos[0], os.O_WRONLY)
+    os.write(in_fd, b"hello\n")
+    os.close(in_fd)
+    w = await shim.c.wait(task.WaitRequest(id="e1", exec_id="x1"), timeout=T)
+    assert w.exit_status == 5
+    st = await shim.c.state(task.StateRequest(id="e1", exec_id="x1"), timeout=T)
+    assert st.status == Status.STOPPED and st.exec_id == "x1"
+
+    def drain(fd: int) -> bytes:
+        data = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(fd, 4096):
+                data += chunk
+        os.close(fd)
+        return data
+
+    assert drain(out_fd) == b"got hello\n"
+    assert drain(err_fd) == b"oops\n"
+    assert (await shim.c.delete(task.DeleteRequest(id="e1", exec_id="x1"), timeout=T)).exit_status == 5
+    with pytest.raises(errors.NotFound):
+        await shim.c.state(task.StateRequest(id="e1", exec_id="x1"), timeout=T)
+    await shim.c.kill(task.KillRequest(id="e1", signal=9, all=True), timeout=T)
+    await shim.c.wait(task.WaitRequest(id="e1"), timeout=T)
+    await shim.c.delete(task.DeleteRequest(id="e1"), timeout=T)
+
+
+async def test_terminal_and_resize(shim: Shim) -> None:
+    log = shim.env.base / "t1.log"
+    await shim.create("t1", ["sh", "-c", "sleep 0.3; [ -t 1 ] && echo is-a-tty; stty size; exit 0"],
+                      f"crilog://{log}", f"crilog://{log}", terminal=True)
+    await shim.c.resize_pty(task.ResizePtyRequest(id="t1", width=100, height=40), timeout=T)
+    await shim.c.start(task.StartRequest(id="t1"), timeout=T)
+    assert (await shim.c.wait(task.WaitRequest(id="t1"), timeout=T)).exit_status == 0
+    lines = read_cri(log)
+    assert all(s == b"stdout" for s, _, _ in lines)
+    text = [c.rstrip(b"\r") for _, _, c in lines]
+    assert b"is-a-tty" in text and b"40 100" in text
+    await shim.c.delete(task.DeleteRequest(id="t1"), timeout=T)
+
+
+LAUNCHER = """
+import asyncio, sys, json
+import betterproto.lib.google.protobuf as pb
+from shimd.api.containerd import types as ctypes
+from shimd.api.containerd.runc import v1 as runc_v1
+from shimd.api.containerd.task import v2 as task
+from shimd.shimmgr.launcher import start_shim
+from shimd.shimmgr.task_client import TaskClient
+
+async def main(a):
+    addr = await start_shim(a["shim"], namespace="shimdtest", pod_id="pod2", shimd_address=a["shimd"],
+                            bundle=__import__("pathlib").Path(a["pod"]), env=a["env"], timeout=30)
+    c = await TaskClient.connect(addr, timeout=10)
+    opts = pb.Any(type_url="containerd.runc.v1.Options", value=bytes(runc_v1.Options(root=a["root"])))
+    await c.create(task.CreateTaskRequest(id="l1", bundle=a["bundle"], rootfs=[ctypes.Mount(**m) for m in a["mounts"]],
+                   stdout="crilog://" + a["log"], stderr="crilog://" + a["log"], options=opts), timeout=30)
+    await c.start(task.StartRequest(id="l1"), timeout=30)
+    print(addr, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main(json.loads(sys.argv[1])))
+"""
+
+
+async def test_shim_outlives_its_launcher_reconnect_reopen_and_shutdown(shim_env: ShimEnv) -> None:
+    env = shim_env
+    pod = env.pod_bundle("pod2")
+    log = env.base / "l1.log"
+    bundle = env.bundle("l1", ["sh", "-c", "i=0; while true; do echo line$i; i=$((i+1)); sleep 0.05; done"])
+    args = {"shim": SHIM, "shimd": env.shimd_address, "pod": str(pod), "env": env.env, "root": str(env.runc_root),
+            "bundle": str(bundle), "mounts": env.overlay("l1"), "log": str(log)}
+    launcher = await asyncio.create_subprocess_exec(sys.executable, "-c", LAUNCHER, json.dumps(args), cwd=REPO,
+                                                    stdout=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(T):
+            address = (await launcher.stdout.readline()).decode().strip()  # type: ignore[union-attr]
+    finally:
+        # the process that launched the shim and created the container dies abruptly
+        launcher.kill()
+        await launcher.wait()
+    assert address
+    size1 = file_size(log)
+    await asyncio.sleep(0.5)
+    assert file_size(log) > size1, "the shim keeps writing logs with its launcher gone"
+
+    c = await TaskClient.connect(address, timeout=10)
+    try:
+        info = await c.connect(task.ConnectRequest(id="l1"), timeout=5)
+        assert pid_alive(info.shim_pid) and info.task_pid > 0
+        st = await c.state(task.StateRequest(id="l1"), timeout=T)
+        assert st.status == Status.RUNNING
+        # kubelet-style rotation: rename, then ask the shim to reopen
+        rotated = env.base / "l1.log.1"
+        os.rename(log, rotated)
+        await c.reopen_log("l1", timeout=T)
+        await asyncio.sleep(0.4)
+        assert read_cri(log), "new log file written after Reopen"
+        assert read_cri(rotated)
+        with pytest.raises(errors.NotFound):
+            await c.reopen_log("missing", timeout=T)
+        # a second `start` finds the running shim instead of starting another
+        again = await start_shim(SHIM, namespace="shimdtest", pod_id="pod2", shimd_address=env.shimd_address,
+                                 bundle=pod, env=env.env, timeout=T)
+        assert again == address
+        # Shutdown without now keeps a shim that still has containers
+        await c.shutdown(task.ShutdownRequest(id="pod2"), timeout=5)
+        assert pid_alive(info.shim_pid)
+        # (sh as pid 1 of its namespace ignores SIGTERM)
+        await c.kill(task.KillRequest(id="l1", signal=signal.SIGKILL), timeout=T)
+        assert (await c.wait(task.WaitRequest(id="l1"), timeout=T)).exit_status == 128 + signal.SIGKILL
+        await c.delete(task.DeleteRequest(id="l1"), timeout=T)
+        await c.shutdown(task.ShutdownRequest(id="pod2"), timeout=5)
+        assert await wait_gone(info.shim_pid), "Shutdown ends the shim"
+    finally:
+        await c.close()
+    assert not path_exists(address)
+    assert not env.cgroup_exists("l1") and not env.runc_containers()
+    assert not is_mountpoint(str(bundle / "rootfs"))
+    records = [json.loads(line) for line in read_lines(pod / "shim.log")]
+    assert any(r["event"] == "created" and r.get("container_id") == "l1" and r["pod_id"] == "pod2" for r in records)
+
+
+async def test_driver_cleanup_after_dead_shim(shim: Shim) -> None:
+    from shimd.config import HandlerConfig
+    from shims.runc.driver import RuncDriver
+
+    bundle, _ = await shim.create("d1", ["sleep", "1000"])
+    await shim.c.start(task.StartRequest(id="d1"), timeout=T)
+    os.kill(shim.pid, signal.SIGKILL)
+    assert await wait_gone(shim.pid)
+    with pytest.raises(errors.Unavailable):
+        await shim.c.state(task.StateRequest(id="d1"), timeout=5)
+    drv = RuncDriver(HandlerConfig(name="runc", binary="runc", root=str(shim.env.runc_root)), shim.env.base)
+    assert drv.available()[0]
+    await drv.cleanup_after_dead_shim(["d1"], [bundle])
+    assert "d1" not in shim.env.runc_containers()
+    assert not is_mountpoint(str(bundle / "rootfs"))
+    assert not shim.env.cgroup_exists("d1")

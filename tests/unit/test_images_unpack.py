@@ -1,0 +1,130 @@
+"""Layer unpacking: whiteouts in both snapshot forms, metadata, and refusal of unsafe entries."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from shimd.images.unpack import LayerError, apply_layer
+from tests.support import images as img
+from tests.support.images import Entry
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mknod, trusted xattrs)")
+
+
+def write_layer(tmp: Path, entries: list[Entry], how: str = "gzip") -> tuple[Path, str, str]:
+    layer = img.make_layer(entries, how)
+    blob = tmp / f"blob-{layer.digest[7:19]}"
+    blob.write_bytes(layer.blob)
+    return blob, layer.media_type, layer.diff_id
+
+
+LOWER = [Entry("dir", "d", mode=0o755), Entry("file", "d/keep", b"k"), Entry("file", "d/gone", b"g"),
+         Entry("dir", "o", mode=0o755), Entry("file", "o/old", b"o")]
+UPPER = [Entry("dir", "d", mode=0o755), Entry("file", "d/.wh.gone"), Entry("dir", "o", mode=0o755),
+         Entry("file", "o/new", b"n"), Entry("file", "o/.wh..wh..opq")]
+
+
+@pytest.mark.parametrize("how", ["gzip", "zstd", "none"])
+def test_overlay_form(tmp_path: Path, how: str) -> None:
+    blob, mt, diff = write_layer(tmp_path, UPPER, how)
+    dest = tmp_path / "snap"
+    dest.mkdir()
+    apply_layer(blob, mt, dest, overlay=True, diff_id=diff)
+    st = os.lstat(dest / "d/gone")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 0)
+    assert os.getxattr(dest / "o", "trusted.overlay.opaque") == b"y"
+    assert (dest / "o/new").read_bytes() == b"n"   # same-layer entries survive the opaque marker
+    assert not list(dest.rglob(".wh.*"))
+
+
+def test_copy_form(tmp_path: Path) -> None:
+    dest = tmp_path / "snap"
+    dest.mkdir()
+    for entries in (LOWER, UPPER):
+        blob, mt, diff = write_layer(tmp_path, entries)
+        apply_layer(blob, mt, dest, overlay=False, diff_id=diff)
+    assert (dest / "d/keep").exists() and not (dest / "d/gone").exists()
+    assert sorted(p.name for p in (dest / "o").iterdir()) == ["new"]
+    assert not list(dest.rglob(".wh.*"))
+
+
+def test_metadata_and_links(tmp_path: Path) -> None:
+    entries = [
+        Entry("dir", "bin", mode=0o755),
+        Entry("file", "bin/tool", b"x" * 10, mode=0o4755),
+        Entry("hardlink", "bin/alias", target="bin/tool"),
+        Entry("symlink", "bin/abs", target="/bin/tool"),
+        Entry("file", "owned", b"o", mode=0o640, uid=1000, gid=1001, xattrs={"user.note": "hi"}),
+        Entry("dir", "tmp", mode=0o1777),
+        Entry("chardev", "null", mode=0o666),
+    ]
+    blob, mt, diff = write_layer(tmp_path, entries)
+    dest = tmp_path / "snap"
+    dest.mkdir()
+    apply_layer(blob, mt, dest, overlay=True, diff_id=diff)
+    assert os.stat(dest / "bin/tool").st_mode & 0o7777 == 0o4755
+    assert os.stat(dest / "bin/alias").st_ino == os.stat(dest / "bin/tool").st_ino
+    assert os.readlink(dest / "bin/abs") == "/bin/tool"
+    st = os.stat(dest / "owned")
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (1000, 1001, 0o640)
+    assert os.getxattr(dest / "owned", "user.note") == b"hi"
+    assert os.stat(dest / "tmp").st_mode & 0o7777 == 0o1777
+    assert stat.S_ISCHR(os.lstat(dest / "null").st_mode)
+
+
+@pytest.mark.parametrize("entries", [
+    [Entry("file", "../evil", b"x")],
+    [Entry("file", "a/../../evil", b"x")],
+    [Entry("file", "/abs-evil", b"x")],
+    [Entry("hardlink", "h", target="../outside/target")],
+], ids=["dotdot", "nested-dotdot", "absolute", "hardlink-escape"])
+def test_escaping_paths_refused(tmp_path: Path, entries: list[Entry]) -> None:
+    blob, mt, diff = write_layer(tmp_path, entries)
+    dest = tmp_path / "a" / "snap"
+    dest.mkdir(parents=True)
+    with pytest.raises(LayerError):
+        apply_layer(blob, mt, dest, overlay=True, diff_id=diff)
+    assert not (tmp_path / "a" / "evil").exists() and not (tmp_path / "evil").exists()
+
+
+def test_write_through_symlink_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    blob, mt, diff = write_layer(tmp_path, [Entry("symlink", "esc", target=str(outside)),
+                                            Entry("file", "esc/pwned", b"x")])
+    dest = tmp_path / "snap"
+    dest.mkdir()
+    with pytest.raises(LayerError, match="symlink"):
+        apply_layer(blob, mt, dest, overlay=False, diff_id=diff)
+    assert list(outside.iterdir()) == []
+
+
+def test_overlay_xattrs_from_layer_ignored(tmp_path: Path) -> None:
+    blob, mt, diff = write_layer(tmp_path, [Entry("dir", "d", mode=0o755,
+                                                  xattrs={"trusted.overlay.opaque": "y"})])
+    dest = tmp_path / "snap"
+    dest.mkdir()
+    apply_layer(blob, mt, dest, overlay=True, diff_id=diff)
+    with pytest.raises(OSError):
+        os.getxattr(dest / "d", "trusted.overlay.opaque")
+
+
+def test_diff_id_mismatch(tmp_path: Path) -> None:
+    blob, mt, _ = write_layer(tmp_path, [Entry("file", "f", b"x")])
+    dest = tmp_path / "snap"
+    dest.mkdir()
+    with pytest.raises(LayerError, match="corrupted"):
+        apply_layer(blob, mt, dest, overlay=True, diff_id="sha256:" + "0" * 64)
+
+
+def test_truncated_archive(tmp_path: Path) -> None:
+    blob, mt, diff = write_layer(tmp_path, [Entry("file", "f", os.urandom(100_000))])
+    blob.write_bytes(blob.read_bytes()[:5000])
+    dest = tmp_path / "snap"
+    dest.mkdir()
+    with pytest.raises(LayerError, match="corrupt"):
+        apply_layer(blob, mt, dest, overlay=True, diff_id=diff)
