@@ -49,7 +49,7 @@ class HandlerConfig:
     root: str = ""
     extra_args: list[str] = field(default_factory=list)
     # runsc only.
-    platform: str = "systrap"
+    platform: str = "ptrace"  # every runsc has it; systrap needs gVisor >= 2023
     network: str = "host"
     overlay: bool = True
     debug_log_dir: str = ""
@@ -134,7 +134,7 @@ extra_args = []
 driver = "runsc"
 binary = "runsc"
 root = "/run/shimd/runsc"
-platform = "systrap"                   # systrap | ptrace | kvm
+platform = "ptrace"                    # ptrace | systrap (gVisor >= 2023) | kvm
 network = "host"                       # host (inside the pod netns) | none | sandbox
 overlay = true
 debug_log_dir = ""

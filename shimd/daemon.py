@@ -16,6 +16,7 @@ from shimd import config, errors, log
 from shimd.cri import dispatch
 from shimd.cri.image_service import ImageService
 from shimd.cri.runtime_service import RuntimeService
+from shimd.events import EventBus
 from shimd.socket_guard import SocketGuard
 
 
@@ -36,6 +37,7 @@ class Daemon:
         self.pods: Any = None
         self.containers: Any = None
         self.execs: Any = None
+        self.events = EventBus()
         self.streaming: Any = None
 
     def handler_reports(self) -> list[tuple[str, bool, str, bool]]:
@@ -59,6 +61,8 @@ class Daemon:
         self.images.set_in_use_check(self.store.image_in_use)
         try:
             from shimd.containers.exec import Execs
+            from shimd.containers.streams import ContainerStreams
+            from shimd.streaming.server import StreamingServer
             from shimd.containers.service import ContainerService
             from shimd.network.manager import NetworkManager
             from shimd.pods.service import PodService
@@ -70,12 +74,14 @@ class Daemon:
         self.network = NetworkManager(self.cfg.cni, self.root / "network")
         self.shims = ShimManager(self.cfg, self.state, on_exit=self._on_exit, on_shim_dead=self._on_shim_dead)
         self.pods = PodService(cgroup_driver=self.cfg.daemon.cgroup_driver, state_dir=self.state, store=self.store,
-                               shims=self.shims, network=self.network)
+                               shims=self.shims, network=self.network, bus=self.events)
         self.containers = ContainerService(cgroup_driver=self.cfg.daemon.cgroup_driver, root_dir=self.root,
                                            state_dir=self.state, store=self.store, shims=self.shims,
-                                           images=self.images, pods=self.pods)
+                                           images=self.images, pods=self.pods, bus=self.events)
         self.pods.containers = self.containers
         self.execs = Execs(self.store, self.shims, self.state)
+        self.streaming = StreamingServer(self.cfg.streaming, ContainerStreams(self.store, self.execs))
+        await self.streaming.start()
         await self.pods.recover()
         await self.containers.recover()
 
@@ -104,6 +110,8 @@ class Daemon:
                       pods=len(self.store.pods), containers=len(self.store.containers))
 
     async def _close_components(self) -> None:
+        if self.streaming is not None:
+            await self.streaming.close()
         # Shims are deliberately left running: they outlive the daemon.
         if self.shims is not None:
             await self.shims.close()

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import secrets
 import shutil
 import signal
+import termios
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 # The CRI caps ExecSync output at 16 MiB per stream.
 EXEC_SYNC_LIMIT = 16 * 1024 * 1024
 READ_CHUNK = 64 * 1024
+STDIN_DRAIN_TIMEOUT = 10.0
 
 Sink = Callable[[bytes], Awaitable[None]]
 
@@ -74,9 +77,10 @@ class Execs:
         spec = await asyncio.to_thread(self._process_spec, ctr.bundle, cmd, tty)
         paths = {name: fifo_dir / name for name in ("stdin", "stdout", "stderr")}
         fds: dict[str, int] = {}
-        # Our own write ends of the output FIFOs: until the process is done they keep the readers from
-        # seeing EOF before the shim has opened its end (shims open FIFOs at different moments).
+        # Our own spare ends of the FIFOs: until the process is done they keep our readers from seeing
+        # EOF, and our stdin writer from EPIPE, before the shim opens its end (shims differ in when).
         keepers: list[int] = []
+        spare: list[int] = []  # the stdin FIFO's spare read end, closed only once its pump is gone
         started = False
         pumps: list[asyncio.Task[None]] = []
         out_pumps: list[asyncio.Task[None]] = []
@@ -89,9 +93,13 @@ class Execs:
                 if name == "stdout" and stdout is None:
                     continue
                 os.mkfifo(path, 0o600)
-                flags = os.O_RDWR if name == "stdin" else os.O_RDONLY | os.O_NONBLOCK
-                fds[name] = os.open(path, flags | os.O_CLOEXEC)
-                if name != "stdin":
+                if name == "stdin":
+                    # A read end we never read from lets the write end open now and never see EPIPE
+                    # before the shim opens its own; O_RDWR would look "readable" to the pipe transport.
+                    spare.append(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+                    fds[name] = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                else:
+                    fds[name] = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
                     keepers.append(os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
 
         try:
@@ -112,7 +120,8 @@ class Execs:
             await self.shims.start(ctr.pod_id, ctr.id, exec_id)
             started = True
             if "stdin" in fds and stdin is not None:
-                pumps.append(asyncio.create_task(self._pump_in(fds.pop("stdin"), stdin, ctr.pod_id, ctr.id, exec_id)))
+                pumps.append(asyncio.create_task(self._pump_in(fds.pop("stdin"), spare[0], stdin, ctr.pod_id,
+                                                               ctr.id, exec_id)))
             if resize is not None and tty:
                 pumps.append(asyncio.create_task(self._pump_resize(resize, ctr.pod_id, ctr.id, exec_id)))
             try:
@@ -139,6 +148,7 @@ class Execs:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await p
             _close_all(keepers)
+            _close_all(spare)
             _close_all(list(fds.values()))
             await asyncio.to_thread(shutil.rmtree, fifo_dir, True)
 
@@ -148,7 +158,8 @@ class Execs:
                               resize=None, timeout=timeout)
         return ExecResult(code, bytes(out.buf), bytes(err.buf), out.truncated or err.truncated)
 
-    async def _pump_in(self, fd: int, reader: asyncio.StreamReader, pod_id: str, cid: str, exec_id: str) -> None:
+    async def _pump_in(self, fd: int, spare_reader: int, reader: asyncio.StreamReader, pod_id: str, cid: str,
+                       exec_id: str) -> None:
         loop = asyncio.get_running_loop()
         transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
                                                             os.fdopen(fd, "wb", buffering=0))
@@ -159,11 +170,13 @@ class Execs:
                 await writer.drain()
         finally:
             writer.close()
-            # stdin EOF reaches the process only once the shim closes its copy as well.
-            with contextlib.suppress(errors.ShimdError, OSError, asyncio.TimeoutError):
-                client = await self.shims.client(pod_id)
-                await client.close_io(task.CloseIoRequest(id=cid, exec_id=exec_id, stdin=True),
-                                      timeout=self.shims.timeout)
+        # Shims that hold their own writer on the FIFO need CloseIO to pass EOF on; it must come only once
+        # the shim has read everything still queued in the FIFO, or that tail is lost.
+        await _fifo_drained(spare_reader, STDIN_DRAIN_TIMEOUT)
+        with contextlib.suppress(errors.ShimdError, OSError, TimeoutError):
+            client = await self.shims.client(pod_id)
+            await client.close_io(task.CloseIoRequest(id=cid, exec_id=exec_id, stdin=True),
+                                  timeout=self.shims.timeout)
 
     async def _pump_resize(self, q: asyncio.Queue[tuple[int, int]], pod_id: str, cid: str, exec_id: str) -> None:
         while True:
@@ -172,6 +185,19 @@ class Execs:
                 client = await self.shims.client(pod_id)
                 await client.resize_pty(task.ResizePtyRequest(id=cid, exec_id=exec_id, width=width, height=height),
                                         timeout=self.shims.timeout)
+
+
+async def _fifo_drained(fd: int, timeout: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    buf = bytearray(4)
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            fcntl.ioctl(fd, termios.FIONREAD, buf)
+        except OSError:
+            return
+        if int.from_bytes(buf, "little") == 0:
+            return
+        await asyncio.sleep(0.01)
 
 
 def _close_all(fds: list[int]) -> None:

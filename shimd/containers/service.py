@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shimd import cgroups, errors, fsutil, log, mounts
+from shimd import cgroups, errors, events, fsutil, log, mounts
 from shimd.api.runtime import v1 as cri
 from shimd.oci import spec as ocispec
 from shimd.shimmgr.manager import ExitInfo, ts_ns
@@ -45,7 +45,7 @@ def _signal_number(name: str) -> int:
 
 class ContainerService:
     def __init__(self, *, cgroup_driver: str, root_dir: Path, state_dir: Path, store: Store, shims: ShimManager,
-                 images: ImageManager, pods: PodService) -> None:
+                 images: ImageManager, pods: PodService, bus: events.EventBus) -> None:
         self.cgroup_driver = cgroup_driver
         self.rw_dir = root_dir / "rw"
         self.bundle_dir = state_dir / "containers"
@@ -53,6 +53,7 @@ class ContainerService:
         self.shims = shims
         self.images = images
         self.pods = pods
+        self.bus = bus
         self._exited: dict[str, asyncio.Event] = {}
         self.log = log.get("containers")
 
@@ -96,6 +97,7 @@ class ContainerService:
                 self.store.release_name(ctr.name_key(pod), cid)
                 await self._remove_files(ctr)
                 raise
+        self.bus.publish(events.CREATED, cid, pod.id)
         self.log.info("container created", pod_id=pod.id, container_id=cid, name=ctr.name)
         return cid
 
@@ -136,6 +138,8 @@ class ContainerService:
             try:
                 ctr.pid = await self.shims.create(pod.id, pod.handler, ctr.id, Path(ctr.bundle), rootfs, stdio,
                                                   ctr.tty)
+                # Taken before Start: a fast process can exit before Start even returns.
+                started_at = time.time_ns()
                 await self.shims.start(pod.id, ctr.id)
             except errors.ShimdError as e:
                 ctr.state, ctr.reason, ctr.message = CONTAINER_EXITED, "StartError", str(e)
@@ -145,9 +149,10 @@ class ContainerService:
                     await self.shims.delete(pod.id, ctr.id)
                 lg.warning("container failed to start", error=str(e))
                 raise
-            ctr.state, ctr.started_at = CONTAINER_RUNNING, time.time_ns()
+            ctr.state, ctr.started_at = CONTAINER_RUNNING, started_at
             await self.store.save_container(ctr)
             self.shims.watch(pod.id, ctr.id)
+            self.bus.publish(events.STARTED, ctr.id, pod.id)
             lg.info("container started", pid=ctr.pid)
 
     # --- exits -------------------------------------------------------------------------------
@@ -161,9 +166,10 @@ class ContainerService:
             oom = await asyncio.to_thread(cgroups.oom_killed, ctr_cgroup(self.cgroup_driver, self.store, ctr))
             ctr.state = CONTAINER_EXITED
             ctr.exit_code = info.exit_status
-            ctr.finished_at = info.exited_at_ns or time.time_ns()
+            ctr.finished_at = max(info.exited_at_ns or time.time_ns(), ctr.started_at)
             ctr.reason = "OOMKilled" if oom else ("Completed" if info.exit_status == 0 else "Error")
             await self.store.save_container(ctr)
+            self.bus.publish(events.STOPPED, ctr.id, pod_id)
             lg.info("container exited", exit_code=info.exit_status, reason=ctr.reason)
         try:
             await self.shims.delete(pod_id, task_id)
@@ -179,6 +185,7 @@ class ContainerService:
         ctr.state, ctr.reason, ctr.message = CONTAINER_EXITED, reason, message
         ctr.exit_code, ctr.finished_at = 255, time.time_ns()
         await self.store.save_container(ctr)
+        self.bus.publish(events.STOPPED, ctr.id, ctr.pod_id)
         self._exit_event(ctr.id).set()
 
     async def _wait_exit(self, ctr: ContainerRecord, timeout: float) -> bool:
@@ -241,6 +248,7 @@ class ContainerService:
         await self._remove_files(ctr)
         await self.store.delete_container(ctr)
         self._exited.pop(ctr.id, None)
+        self.bus.publish(events.DELETED, ctr.id, ctr.pod_id)
         self.log.info("container removed", pod_id=ctr.pod_id, container_id=ctr.id)
 
     async def _remove_files(self, ctr: ContainerRecord) -> None:

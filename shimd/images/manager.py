@@ -36,7 +36,7 @@ __all__ = ["Auth", "FsUsage", "Image", "ImageManager"]
 
 INDEX_VERSION = 1
 UNPACK_TIMEOUT = 1800.0
-UNPACK_THREADS = 2
+UNPACK_THREADS = 4
 
 
 @dataclass
@@ -100,15 +100,14 @@ class ImageManager:
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        import sys; sys.setswitchinterval(0.0005)  # EXPERIMENT
-        self.root.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
         if self._mode is None:
             self._mode = "overlay" if await self._overlay_works() else "copy"
         self.layout = Layout(self.root, self._mode)
         await asyncio.to_thread(self.layout.prepare)
         await self._load()
         timeout = aiohttp.ClientTimeout(total=None, connect=30, sock_connect=30, sock_read=120)
-        self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False, read_bufsize=1 << 20,
+        self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False, read_bufsize=1 << 18,
                                               connector=aiohttp.TCPConnector(limit=64))
         self._remote = Remote(self.cfg.registries, self._session, timeout)
         self.log.info("image store ready", root=str(self.root), snapshotter=self._mode, images=len(self._records))

@@ -216,14 +216,18 @@ class Remote:
         f = await asyncio.to_thread(open, dest, "wb")
         size = 0
         try:
-            pending = bytearray()
+            pending: list[bytes] = []
+            pending_len = 0
 
-            def flush(buf: bytes) -> None:
-                hasher.update(buf)
-                f.write(buf)
+            def flush(bufs: list[bytes]) -> None:
+                n = 0
+                for b in bufs:
+                    hasher.update(b)
+                    f.write(b)
+                    n += len(b)
                 if progress is not None:
                     f.flush()
-                    progress.advance(len(buf))
+                    progress.advance(n)
 
             while True:
                 chunk = await resp.content.readany()
@@ -233,12 +237,14 @@ class Remote:
                 if size > desc.size:
                     raise CorruptBlob(f"{FIELD}: blob {desc.digest} from {ep.base} is larger than {desc.size} "
                                       "bytes: corrupted")
-                pending += chunk
-                if len(pending) >= WRITE_CHUNK:
-                    data, pending = bytes(pending), bytearray()
-                    await asyncio.to_thread(flush, data)
+                pending.append(chunk)
+                pending_len += len(chunk)
+                if pending_len >= WRITE_CHUNK:
+                    # Batched so a thread hop carries ~1 MB, not one socket read.
+                    await asyncio.to_thread(flush, pending)
+                    pending, pending_len = [], 0
             if pending:
-                await asyncio.to_thread(flush, bytes(pending))
+                await asyncio.to_thread(flush, pending)
         finally:
             await asyncio.to_thread(f.close)
         if size != desc.size:

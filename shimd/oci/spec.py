@@ -7,6 +7,7 @@ stat()ing device nodes, so the merge rules can be unit-tested.
 from __future__ import annotations
 
 import os
+import re
 import resource
 import stat
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import betterproto
 
 from shimd import errors
 from shimd.api.runtime import v1 as cri
+from shimd.oci import seccomp
 
 OCI_VERSION = "1.0.2"
 
@@ -141,6 +143,8 @@ def resolve_user(sc: cri.LinuxContainerSecurityContext, image_user: str, layers:
     gid: int | None = None
     if betterproto.serialized_on_wire(sc.run_as_user):
         uid = sc.run_as_user.value
+        if not 0 <= uid < 2**32 - 1:
+            raise errors.InvalidArgument(f"linux.security_context.run_as_user {uid} is out of range")
     elif sc.run_as_username:
         username = sc.run_as_username
     elif image_user:
@@ -173,9 +177,15 @@ def resolve_user(sc: cri.LinuxContainerSecurityContext, image_user: str, layers:
             username = entry[0]
     if betterproto.serialized_on_wire(sc.run_as_group):
         gid = sc.run_as_group.value
+        if not 0 <= gid < 2**32 - 1:
+            raise errors.InvalidArgument(f"linux.security_context.run_as_group {gid} is out of range")
     extra: list[int] = []
-    if username:
+    # Strict: only the groups kubelet names; Merge (default): also the image's /etc/group memberships.
+    if username and sc.supplemental_groups_policy != cri.SupplementalGroupsPolicy.Strict:
         extra = [int(g[2]) for g in groups if len(g) > 3 and username in g[3].split(",") and g[2].isdigit()]
+    for i, g in enumerate(sc.supplemental_groups):
+        if not 0 <= g < 2**32 - 1:
+            raise errors.InvalidArgument(f"linux.security_context.supplemental_groups[{i}] {g} is out of range")
     extra += [int(g) for g in sc.supplemental_groups]
     additional = sorted({g for g in extra if g != gid})
     user: dict[str, Any] = {"uid": uid, "gid": gid}
@@ -273,16 +283,75 @@ def _devices(config: cri.ContainerConfig, privileged: bool) -> tuple[list[dict[s
     return devices, rules
 
 
+_CPUSET = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+_PAGE_SIZE = re.compile(r"^\d+(KB|MB|GB|TB)$")
+_UNIFIED_KEY = re.compile(r"^[a-z][a-z0-9_]*\.[a-z0-9_.]+$")
+# Beyond these a value is a typo or an overflow, not a limit anyone means.
+MAX_MEMORY = 1 << 60
+MAX_QUOTA = 1 << 44
+
+
+def validate_resources(res: cri.LinuxContainerResources, field: str = "linux.resources") -> None:
+    """Kernel and runc ranges, so a bad value fails the RPC instead of the container start or update."""
+    def bad(name: str, why: str) -> errors.InvalidArgument:
+        return errors.InvalidArgument(f"{field}.{name} {why}")
+
+    if res.cpu_period and not 1000 <= res.cpu_period <= 1_000_000:
+        raise bad("cpu_period", f"must be 0 or within [1000, 1000000] microseconds, got {res.cpu_period}")
+    if res.cpu_quota not in (0, -1) and not 1000 <= res.cpu_quota <= MAX_QUOTA:
+        raise bad("cpu_quota", f"must be -1, 0 or within [1000, {MAX_QUOTA}] microseconds, got {res.cpu_quota}")
+    if res.cpu_shares and not 2 <= res.cpu_shares <= 262144:
+        raise bad("cpu_shares", f"must be 0 or within [2, 262144], got {res.cpu_shares}")
+    if res.memory_limit_in_bytes and not 4096 <= res.memory_limit_in_bytes <= MAX_MEMORY:
+        raise bad("memory_limit_in_bytes", f"must be 0 or within [4096, {MAX_MEMORY}], got {res.memory_limit_in_bytes}")
+    swap = res.memory_swap_limit_in_bytes
+    if swap not in (0, -1):
+        if not 4096 <= swap <= MAX_MEMORY:
+            raise bad("memory_swap_limit_in_bytes", f"must be -1, 0 or within [4096, {MAX_MEMORY}], got {swap}")
+        if res.memory_limit_in_bytes and swap < res.memory_limit_in_bytes:
+            raise bad("memory_swap_limit_in_bytes", f"({swap}) must not be below memory_limit_in_bytes "
+                      f"({res.memory_limit_in_bytes}): it is the memory+swap limit")
+    if not -1000 <= res.oom_score_adj <= 1000:
+        raise bad("oom_score_adj", f"must be in [-1000, 1000], got {res.oom_score_adj}")
+    for name, value in (("cpuset_cpus", res.cpuset_cpus), ("cpuset_mems", res.cpuset_mems)):
+        if value and not _CPUSET.match(value.replace(" ", "")):
+            raise bad(name, f"{value!r} is not a list of numbers and ranges like 0-3,5")
+        for part in value.split(","):
+            lo, _, hi = part.partition("-")
+            if hi and lo.strip().isdigit() and hi.strip().isdigit() and int(hi) < int(lo):
+                raise bad(name, f"{value!r} has a descending range {part!r}")
+    for i, h in enumerate(res.hugepage_limits):
+        if not _PAGE_SIZE.match(h.page_size):
+            raise bad(f"hugepage_limits[{i}].page_size", f"{h.page_size!r} must look like 2MB or 1GB")
+    for k, v in res.unified.items():
+        if not _UNIFIED_KEY.match(k) or ".." in k:
+            raise bad("unified", f"key {k!r} is not a cgroup interface file name")
+        if "\n" in v:
+            raise bad("unified", f"value of {k!r} must be a single line")
+
+
+def merge_resources(old: cri.LinuxContainerResources | None,
+                    new: cri.LinuxContainerResources) -> cri.LinuxContainerResources:
+    """An update replaces what it sets; fields it leaves unset keep their current values (as containerd)."""
+    out = cri.LinuxContainerResources().from_dict(old.to_dict()) if old is not None else cri.LinuxContainerResources()
+    for name in ("cpu_period", "cpu_quota", "cpu_shares", "memory_limit_in_bytes", "memory_swap_limit_in_bytes",
+                 "oom_score_adj", "cpuset_cpus", "cpuset_mems"):
+        value = getattr(new, name)
+        if value:
+            setattr(out, name, value)
+    if new.hugepage_limits:
+        out.hugepage_limits = list(new.hugepage_limits)
+    if new.unified:
+        out.unified = {**out.unified, **new.unified}
+    return out
+
+
 def resources(res: cri.LinuxContainerResources | None, min_oom: int) -> tuple[dict[str, Any], int | None]:
     """OCI linux.resources and the clamped oom_score_adj."""
     out: dict[str, Any] = {}
     if res is None or not betterproto.serialized_on_wire(res):
         return out, None
-    for name, value in (("cpu_period", res.cpu_period), ("cpu_quota", res.cpu_quota), ("cpu_shares", res.cpu_shares),
-                        ("memory_limit_in_bytes", res.memory_limit_in_bytes),
-                        ("memory_swap_limit_in_bytes", res.memory_swap_limit_in_bytes)):
-        if value < 0 and not (name == "cpu_quota" and value == -1):
-            raise errors.InvalidArgument(f"linux.resources.{name} must not be negative, got {value}")
+    validate_resources(res)
     cpu: dict[str, Any] = {}
     if res.cpu_shares:
         cpu["shares"] = res.cpu_shares
@@ -307,10 +376,7 @@ def resources(res: cri.LinuxContainerResources | None, min_oom: int) -> tuple[di
         out["hugepageLimits"] = [{"pageSize": h.page_size, "limit": h.limit} for h in res.hugepage_limits]
     if res.unified:
         out["unified"] = dict(res.unified)
-    oom = res.oom_score_adj
-    if not -1000 <= oom <= 1000:
-        raise errors.InvalidArgument(f"linux.resources.oom_score_adj must be in [-1000, 1000], got {oom}")
-    return out, max(oom, min_oom)
+    return out, max(res.oom_score_adj, min_oom)
 
 
 def _namespaces(sc: cri.LinuxContainerSecurityContext, pod: PodContext) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import betterproto
 
-from shimd import cgroups, errors, fsutil, log, mounts
+from shimd import cgroups, errors, events, fsutil, log, mounts
 from shimd.api.runtime import v1 as cri
 from shimd.network import files as podfiles
 from shimd.network import namespaces
@@ -43,13 +43,14 @@ def pause_id(pod_id: str) -> str:
 
 class PodService:
     def __init__(self, *, cgroup_driver: str, state_dir: Path, store: Store, shims: ShimManager,
-                 network: NetworkManager) -> None:
+                 network: NetworkManager, bus: events.EventBus) -> None:
         self.cgroup_driver = cgroup_driver
         self.pods_dir = state_dir / "pods"
         self.ns_dir = state_dir / "ns"
         self.store = store
         self.shims = shims
         self.network = network
+        self.bus = bus
         self.containers: ContainerService | None = None  # set by the daemon (they reference each other)
         self.log = log.get("pods")
 
@@ -84,6 +85,8 @@ class PodService:
                 await asyncio.shield(self._teardown(pod, remove=True))
             self.store.release_name(pod.name_key, pod_id)
             raise
+        self.bus.publish(events.CREATED, pod_id, pod_id)
+        self.bus.publish(events.STARTED, pod_id, pod_id)
         lg.info("pod ready", name=md.name, namespace=md.namespace, ip=pod.ip)
         return pod_id
 
@@ -93,6 +96,13 @@ class PodService:
         await asyncio.to_thread(pdir.mkdir, parents=True, exist_ok=True)
         hostname = config.hostname or (os.uname().nodename if pod.host_network else config.metadata.name)
         podfiles.validate_hostname(hostname, "config.hostname")
+
+        # Known before CNI ADD: the bandwidth and other plugins receive it as the cgroupPath capability.
+        pod.cgroup_parent = config.linux.cgroup_parent if betterproto.serialized_on_wire(config.linux) else ""
+        if not pod.cgroup_parent:
+            pod.cgroup_parent = cgroups.default_pod_parent(self.cgroup_driver, pod.id)
+            pod.owns_cgroup_parent = True
+        await self.store.save_pod(pod)
 
         kinds = [] if pod.host_network else ["network", "uts"]
         if ns_opts.ipc != cri.NamespaceMode.NODE:
@@ -124,11 +134,6 @@ class PodService:
 
         if sc.privileged:
             pod.annotations.setdefault("shimd.io/privileged", "true")
-        pod.cgroup_parent = config.linux.cgroup_parent if betterproto.serialized_on_wire(config.linux) else ""
-        if not pod.cgroup_parent:
-            pod.cgroup_parent = cgroups.default_pod_parent(self.cgroup_driver, pod.id)
-            pod.owns_cgroup_parent = True
-        await self.store.save_pod(pod)
 
         pod.shim_address = await self.shims.launch(pod.id, pod.handler, pdir)
         await self.store.save_pod(pod)
@@ -216,13 +221,16 @@ class PodService:
             if pod.shim_dead:
                 await self._cleanup_dead_shim(pod)
             pod.shim_address = ""
-            if pod.network_attached:
+            # Not only when network_attached: a crash between CNI ADD and saving that flag leaves a
+            # network record (and an IP) that only this DEL frees; without a record it is a no-op.
+            if pod.network_attached or not pod.host_network:
                 await self.network.teardown(pod.id, pod.namespaces.get("network", ""))
                 pod.network_attached = False
             shm = self.pod_dir(pod.id) / "shm"
             await mounts.unmount(shm)
             pod.stopped = True
             await self.store.save_pod(pod)
+            self.bus.publish(events.STOPPED, pod.id, pod.id)
             lg.info("pod stopped")
         if not remove:
             return
@@ -235,6 +243,7 @@ class PodService:
         await mounts.unmount(self.pod_dir(pod.id) / "shm")
         await fsutil.remove_tree(self.pod_dir(pod.id))
         await self.store.delete_pod(pod)
+        self.bus.publish(events.DELETED, pod.id, pod.id)
         lg.info("pod removed")
 
     async def _stop_sandbox_task(self, pod: PodRecord) -> None:

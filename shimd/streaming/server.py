@@ -140,6 +140,8 @@ class StreamingServer:
     async def _serve_spdy(self, head: RequestHead, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await self._spdy_session(head, reader, writer)
+        except Exception:  # nobody awaits this task: report here rather than at garbage collection
+            self._log.exception("spdy session failed")
         finally:
             writer.close()
 

@@ -2,10 +2,11 @@
 
 Flow control follows SPDY/3.1: both the stream and the session window start at 64 KiB; we send
 WINDOW_UPDATE as the consumer reads (not as bytes arrive), and we never send beyond the peer's
-windows. moby/spdystream (kubectl, crictl, kubelet) neither sends WINDOW_UPDATE nor honours it, so a
-peer that has never sent a WINDOW_UPDATE or SETTINGS frame and leaves us blocked on an exhausted
-window for FLOW_PROBE_SECONDS is treated as not doing flow control for the rest of the session;
-TCP backpressure (we await drain) still bounds what we buffer.
+windows. moby/spdystream (kubectl, crictl, kubelet) neither sends WINDOW_UPDATE nor honours it
+(checked with kubectl 1.32), so a peer that has never sent a WINDOW_UPDATE or SETTINGS frame and
+leaves us blocked on an exhausted window for FLOW_PROBE_SECONDS is treated as not doing flow
+control for the rest of the session; TCP backpressure (we await drain) still bounds what we buffer.
+A peer that has shown flow control once is held to its windows for good.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 
 from shimd.streaming import spdy_frames as sf
 
-FLOW_PROBE_SECONDS = 1.0
+# Short, because every real client is spdystream and pays this once per session past 64 KiB.
+FLOW_PROBE_SECONDS = 0.25
 # A peer without flow control can outrun a slow consumer; past this we stop reading the socket.
 INBOUND_HIGH_WATER = 1 << 20
 MAX_DATA_CHUNK = 32 * 1024

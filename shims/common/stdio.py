@@ -35,7 +35,8 @@ class CriLogSink:
         self.writer, self.path = writer, path
         self._partial: dict[bytes, bytearray] = {b"stdout": bytearray(), b"stderr": bytearray()}
 
-    def feed(self, stream: bytes, data: bytes) -> None:
+    def feed(self, stream: bytes, data: bytes) -> bool:
+        """Returns False when the writer is backed up (the caller pauses its source)."""
         buf = self._partial[stream]
         buf += data
         out: list[bytes] = []
@@ -52,7 +53,8 @@ class CriLogSink:
             out.append(b"%s %s P %s\n" % (ts, stream, bytes(buf[:CRI_LINE_MAX])))
             del buf[:CRI_LINE_MAX]
         if out:
-            self.writer.append(self.path, b"".join(out))
+            return self.writer.append(self.path, b"".join(out))
+        return True
 
     def _emit(self, out: list[bytes], ts: bytes, stream: bytes, line: bytes) -> None:
         while len(line) > CRI_LINE_MAX:
@@ -297,16 +299,30 @@ class ProcessIO:
             if self.cri is None:
                 self.cri = CriLogSink(self.writer, path)
             cri = self.cri
+            writer = self.writer
+            ref: list[Pump] = []
 
             def to_cri(data: bytes) -> bool:
-                cri.feed(stream, data)
-                return True
+                if cri.feed(stream, data):
+                    return True
+                writer.when_drained(ref[0].resume)
+                return False
 
-            self.pumps.append(Pump(fd, to_cri, lambda: cri.flush(stream), owns_fd))
+            ref.append(Pump(fd, to_cri, lambda: cri.flush(stream), owns_fd))
+            self.pumps.append(ref[0])
             return
         if kind == "file":
             # A terminal's output with a file:// destination: the writer thread appends it.
-            self.pumps.append(Pump(fd, lambda d: self.writer.append(path, d) or True, lambda: None, owns_fd))
+            writer, fref = self.writer, []
+
+            def to_file(data: bytes) -> bool:
+                if writer.append(path, data):
+                    return True
+                writer.when_drained(fref[0].resume)
+                return False
+
+            fref.append(Pump(fd, to_file, lambda: None, owns_fd))
+            self.pumps.append(fref[0])
             return
         # A FIFO: opened read-write so the open never blocks and a missing reader never raises EPIPE.
         out_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)

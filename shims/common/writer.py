@@ -9,6 +9,7 @@ closes the old descriptor; the next write creates the file again.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import threading
@@ -16,6 +17,10 @@ from collections.abc import Callable
 
 _STOP = object()
 _FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+# Queued bytes above which producers are asked to pause (a slow disk must not grow the shim's memory),
+# and below which they are resumed.
+HIGH_WATER = 1 << 20
+LOW_WATER = 256 << 10
 
 
 class FileWriter:
@@ -23,11 +28,30 @@ class FileWriter:
         self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._fds: dict[str, int] = {}
         self._on_error = on_error
+        self._lock = threading.Lock()
+        self._queued = 0
+        self._paused: list[Callable[[], None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="file-writer", daemon=True)
         self._thread.start()
 
-    def append(self, path: str, data: bytes) -> None:
+    def append(self, path: str, data: bytes) -> bool:
+        """Queue data; False means the queue is over HIGH_WATER and the producer should pause."""
+        with self._lock:
+            self._queued += len(data)
+            over = self._queued > HIGH_WATER
         self._q.put((path, data))
+        return not over
+
+    def when_drained(self, resume: Callable[[], None]) -> None:
+        """Call resume (on the event loop) once the queue is back under LOW_WATER."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._queued > LOW_WATER:
+                self._paused.append(resume)
+                return
+        self._loop.call_soon(resume)  # never synchronously: the producer has not paused yet
 
     def reopen(self, path: str) -> None:
         self._q.put((path, None))
@@ -40,7 +64,11 @@ class FileWriter:
         self._q.put(_STOP)
         self._thread.join(timeout)
 
+    def set_error_handler(self, on_error: Callable[[str, OSError], None]) -> None:
+        self._on_error = on_error
+
     def _run(self) -> None:
+        failed: set[str] = set()
         while True:
             item = self._q.get()
             if item is _STOP:
@@ -58,13 +86,24 @@ class FileWriter:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
+                failed.discard(path)
             except OSError as e:
-                # A full disk or a vanished directory must not take the shim down; drop and report once per write.
+                # A full disk or a vanished directory must not take the shim down: drop the data, and
+                # report the first failure of a run (the report itself goes to shim.log, so not for that).
                 bad = self._fds.pop(path, None)
                 if bad is not None:
                     os.close(bad)
-                if self._on_error is not None and not path.endswith("shim.log"):
+                if self._on_error is not None and path not in failed and not path.endswith("shim.log"):
                     self._on_error(path, e)
+                failed.add(path)
+            with self._lock:
+                self._queued -= len(data)
+                wake = self._paused if self._queued <= LOW_WATER and self._paused else None
+                if wake:
+                    self._paused = []
+            if wake and self._loop is not None:
+                for resume in wake:
+                    self._loop.call_soon_threadsafe(resume)
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

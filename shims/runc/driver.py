@@ -26,10 +26,12 @@ VERSION_TIMEOUT = 10.0
 class RuncDriver:
     supports_user_namespaces = False
 
-    def __init__(self, handler: HandlerConfig, state_dir: Path, systemd_cgroup: bool = False) -> None:
+    def __init__(self, handler: HandlerConfig, state_dir: Path, systemd_cgroup: bool = False,
+                 runtime_timeout: float = 60.0) -> None:
         self.handler = handler
         self.state_dir = state_dir
         self.systemd_cgroup = systemd_cgroup
+        self.runtime_timeout = runtime_timeout
         self.root = handler.root or str(state_dir / handler.name)
         self._available: tuple[bool, str] | None = None
         self.log = log.get("runc_driver", handler=handler.name)
@@ -58,7 +60,8 @@ class RuncDriver:
         return [sys.executable, "-m", "shims.runc.shim"]
 
     def shim_env(self) -> dict[str, str]:
-        return {}
+        # The shim bounds each runc command by this (daemon.runtime_timeout_seconds).
+        return {"SHIMD_RUNTIME_TIMEOUT": f"{self.runtime_timeout:g}"}
 
     def runtime_options(self) -> pb.Any:
         opts = runc_options.Options(binary_name=self.handler.binary, root=self.root,

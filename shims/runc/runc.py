@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 from typing import Any
 
-from shims.common.procs import CommandError, Reaper, run
+from shims.common.procs import CommandError, ExitInfo, Reaper, run
 
 
 class RuncError(Exception):
@@ -26,6 +27,13 @@ class RuncOptions:
 class Runc:
     def __init__(self, reaper: Reaper, opts: RuncOptions, log_path: str, timeout: float) -> None:
         self.reaper, self.opts, self.log_path, self.timeout = reaper, opts, log_path, timeout
+
+    def watch_exit(self, cid: str, exec_id: str, pid: int) -> asyncio.Future[ExitInfo]:
+        """How the process's exit is learnt (runsc overrides this: its pids are the sandbox's)."""
+        return self.reaper.watch(pid)
+
+    def close(self) -> None:
+        """Stops any background work of this runtime (runsc's waiters)."""
 
     def _argv(self, *args: str) -> list[str]:
         argv = [self.opts.binary, "--root", self.opts.root, "--log", self.log_path, "--log-format", "json"]

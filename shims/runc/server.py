@@ -12,7 +12,7 @@ import os  # noqa: E402
 import signal  # noqa: E402
 
 from shims.common.jsonlog import Logger  # noqa: E402
-from shims.common.procs import Reaper, set_subreaper  # noqa: E402
+from shims.common.procs import Reaper, set_subreaper, trim_memory  # noqa: E402
 from shims.common.ttrpc import Server  # noqa: E402
 from shims.common.writer import FileWriter  # noqa: E402
 from shims.runc.service import TaskService  # noqa: E402
@@ -23,6 +23,7 @@ async def _main(flags: dict[str, str], path: str) -> int:
     writer = FileWriter()
     log = Logger(writer, log_path, debug=flags.get("debug") == "true", pod_id=flags["id"],
                  namespace=flags.get("namespace", ""))
+    writer.set_error_handler(lambda path, e: log.error("log write failed", path=path, error=str(e)))
     set_subreaper()
     reaper = Reaper()
     reaper.install()
@@ -36,6 +37,7 @@ async def _main(flags: dict[str, str], path: str) -> int:
     server = Server(service.services(), lambda what, e: log.error(what, error=f"{type(e).__name__}: {e}"))
     await server.listen(path)
     log.info("shim listening", address=f"unix://{path}", pid=os.getpid())
+    trim_memory()
     try:
         await stop.wait()
     finally:

@@ -17,7 +17,7 @@ from typing import Any
 from shims.common import messages as m
 from shims.common import ttrpc
 from shims.common.jsonlog import Logger
-from shims.common.procs import CommandTimeout, Reaper, wait_fd
+from shims.common.procs import CommandTimeout, Reaper, trim_memory, wait_fd
 from shims.common.proto import decode, encode
 from shims.common.stdio import ProcessIO
 from shims.common.ttrpc import TtrpcError
@@ -68,6 +68,15 @@ class Container:
         self.execs: dict[str, Proc] = {}
         self.paused = False
         self.lock = asyncio.Lock()
+
+
+def _new_runtime(reaper: Reaper, opts: RuncOptions, log_path: str) -> Runc:
+    """runc, or runsc when shimd launched this shim for a gVisor handler."""
+    if os.environ.get("SHIMD_RUNTIME_FLAVOR") == "runsc":
+        from shims.runsc.runtime import Runsc
+
+        return Runsc(reaper, opts, log_path, RUNC_TIMEOUT)
+    return Runc(reaper, opts, log_path, RUNC_TIMEOUT)
 
 
 def _runc_options(any_msg: dict[str, Any] | None, namespace: str) -> RuncOptions:
@@ -178,7 +187,7 @@ class TaskService:
         sock.setblocking(False)
         return sock, path
 
-    async def _spawn_with_io(self, proc: Proc, runc_call: Any) -> int:
+    async def _spawn_with_io(self, proc: Proc, runc_call: Any, runtime: Runc) -> int:
         """Runs runc create/exec with the process's stdio (and console socket); returns the new pid."""
         console_task: asyncio.Task[int] | None = None
         sock = None
@@ -208,7 +217,7 @@ class TaskService:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
         proc.pid = pid
-        exit_fut = self.reaper.watch(pid)
+        exit_fut = runtime.watch_exit(proc.cid, proc.exec_id, pid)
         proc.io.start_copies(console)
         self._watch(proc, exit_fut)
         return pid
@@ -227,7 +236,7 @@ class TaskService:
             raise TtrpcError(ttrpc.UNIMPLEMENTED, "restoring from a checkpoint is not supported")
         opts = _runc_options(req["options"], self.namespace)
         log = self.log.bind(container_id=cid)
-        runc = Runc(self.reaper, opts, os.path.join(bundle, "log.json"), RUNC_TIMEOUT)
+        runc = _new_runtime(self.reaper, opts, os.path.join(bundle, "log.json"))
         rootfs = os.path.join(bundle, "rootfs")
         self._creating.add(cid)
         mounted = False
@@ -247,10 +256,12 @@ class TaskService:
                 return pid_file
 
             try:
-                pid = await self._spawn_with_io(init, call)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await runc.delete(cid, force=True)
+                pid = await self._spawn_with_io(init, call, runc)
+            except BaseException as e:
+                # Undo a half-made container, but never one that already existed under this id.
+                if "exists" not in str(e):
+                    with contextlib.suppress(Exception):
+                        await runc.delete(cid, force=True)
                 raise
             self.containers[cid] = Container(cid, bundle, runc, init, mounted)
             mounted = False
@@ -283,7 +294,7 @@ class TaskService:
                 return pid_file
 
             try:
-                pid = await self._spawn_with_io(proc, call)
+                pid = await self._spawn_with_io(proc, call, c.runc)
             finally:
                 await asyncio.to_thread(_remove, spec_file, pid_file)
             if not proc.exited.is_set():
@@ -341,13 +352,15 @@ class TaskService:
                 await asyncio.to_thread(mounts.unmount, os.path.join(c.bundle, "rootfs"))
             self.containers.pop(c.id, None)
             self.log.info("deleted", container_id=c.id, exit_status=p.exit_status)
+            asyncio.get_running_loop().call_soon(trim_memory)
             return {"pid": p.pid, "exit_status": p.exit_status, "exited_at": _timestamp(p.exited_at)}
 
     async def exec(self, req: dict[str, Any]) -> dict[str, Any]:
         c = self._container(req["id"])
         exec_id = req["exec_id"]
-        if not exec_id:
-            raise TtrpcError(ttrpc.INVALID_ARGUMENT, "exec_id must not be empty")
+        if not exec_id or "/" in exec_id or exec_id.startswith(".") or len(exec_id) > 128:
+            raise TtrpcError(ttrpc.INVALID_ARGUMENT, f"exec_id {exec_id!r} must be 1-128 characters, without '/' "
+                             "or a leading '.'")
         if exec_id in c.execs:
             raise TtrpcError(ttrpc.ALREADY_EXISTS, f"exec {exec_id!r} already exists in container {c.id!r}")
         if c.init.exited.is_set():
@@ -369,6 +382,7 @@ class TaskService:
         p = self._proc(req["id"], req["exec_id"])
         if p.io.console < 0:
             raise _precondition(f"{p.name} has no terminal")
+        # Imported on first use: most shims never see a terminal.
         import fcntl
         import struct
         import termios
@@ -452,6 +466,7 @@ class TaskService:
 
     def close(self) -> None:
         for c in self.containers.values():
+            c.runc.close()
             for p in [c.init, *c.execs.values()]:
                 if p.watcher is not None:
                     p.watcher.cancel()

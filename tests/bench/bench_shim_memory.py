@@ -77,14 +77,18 @@ async def measure(env: ShimEnv, name: str, argv: list[str], settle: float) -> di
                 os.kill(shim_pid, signal.SIGKILL)
 
 
+def make_env() -> ShimEnv:
+    base = Path(f"/tmp/sb-{uuid.uuid4().hex[:8]}")
+    base.mkdir()
+    return ShimEnv(base=base, rootfs=busybox_rootfs(base / "bb"), runc_root=base / "runc", shim_dir=base / "s",
+                   cgroup_parent=f"/shimdbench-{base.name}", shimd_address=str(base / "shimd.sock"))
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--settle", type=float, default=2.0, help="seconds to let each shim settle before measuring")
     args = ap.parse_args()
-    base = Path(f"/tmp/sb-{uuid.uuid4().hex[:8]}")
-    base.mkdir()
-    env = ShimEnv(base=base, rootfs=busybox_rootfs(base / "bb"), runc_root=base / "runc", shim_dir=base / "s",
-                  cgroup_parent=f"/shimdbench-{base.name}", shimd_address=str(base / "shimd.sock"))
+    env = make_env()
     try:
         ours = await measure(env, "ours", [sys.executable, "-m", "shims.runc.shim"], args.settle)
         real_bin = shutil.which("containerd-shim-runc-v2")

@@ -57,6 +57,10 @@ def test_sigkill_mid_pull_then_restart(tmp_path: Path, registry: Registry,
         assert images == [] or [i.id for i in images] == [man.config_digest]   # absent or whole, never half
         assert_store_consistent(proc)
         assert pull(proc, ref) == man.config_digest
+        assert proc.proc is not None
+        with open(f"/proc/{proc.proc.pid}/status") as f:
+            peak_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        assert peak_kb < 150 * 1024, f"shimd peak RSS {peak_kb} kB during a 60 MB pull"   # blobs are streamed
         layers = snapshots(proc, ref)
         assert len(layers) == len(man.layers)
         for i, layer in enumerate(reversed(layers[:-1])):

@@ -188,3 +188,20 @@ def test_metadata_survives_restart(tmp_path: Path, registry: Registry, test_imag
         assert all(p.is_dir() for p in snapshots(proc, image_id))
     finally:
         proc.stop()
+
+
+def test_user_uid_and_stream_images(shimd: ShimdProcess, registry: Registry) -> None:
+    c = registry.client()
+    by_uid = img.make_image([img.busybox_layer()], extra_config={"User": "1000:1000"})
+    by_name = img.make_image([img.busybox_layer()], extra_config={"User": "app"})
+    ref_uid, ref_name = c.push_image("users", "uid", by_uid), c.push_image("users", "name", by_name)
+    pull(shimd, ref_uid)
+    pull(shimd, ref_name)
+    st = status(shimd, ref_uid).image
+    assert st.HasField("uid") and st.uid.value == 1000 and st.username == ""
+    st = status(shimd, ref_name).image
+    assert not st.HasField("uid") and st.username == "app"
+    cl = shimd.client
+    assert cl is not None
+    streamed = [i.id for resp in cl.images.StreamImages(cl.pb.StreamImagesRequest(), timeout=10) for i in resp.images]
+    assert sorted(streamed) == sorted(i.id for i in listed(shimd))

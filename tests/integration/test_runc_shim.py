@@ -97,6 +97,16 @@ def read_lines(path: Path) -> list[str]:
         return f.read().splitlines()
 
 
+async def wait_for_lines(path: Path, n: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            if len(read_cri(path)) >= n:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{path} did not get {n} log lines within {timeout}s")
+
+
 def file_size(path: Path) -> int:
     return os.stat(path).st_size
 
@@ -113,7 +123,8 @@ def read_cri(path: Path) -> list[tuple[bytes, bytes, bytes]]:
 async def test_create_start_logs_exit_code_and_delete(shim: Shim) -> None:
     log = shim.env.base / "c1.log"
     long = "x" * 20000
-    script = f"echo out1; echo err1 >&2; echo {long}; printf tail; exit 3"
+    # SigIgn: the container must not inherit the shim's ignored SIGPIPE
+    script = f"echo out1; echo err1 >&2; grep SigIgn /proc/self/status; echo {long}; printf tail; exit 3"
     bundle, pid = await shim.create("c1", ["sh", "-c", script], f"crilog://{log}", f"crilog://{log}")
     assert pid > 0 and is_mountpoint(str(bundle / "rootfs"))
     st = await shim.c.state(task.StateRequest(id="c1"), timeout=T)
@@ -126,6 +137,8 @@ async def test_create_start_logs_exit_code_and_delete(shim: Shim) -> None:
     assert st.status == Status.STOPPED and st.exit_status == 3 and st.exited_at.year >= 2024
     lines = read_cri(log)
     assert (b"stdout", b"F", b"out1") in lines and (b"stderr", b"F", b"err1") in lines
+    sig_ign = int(next(c for _, _, c in lines if c.startswith(b"SigIgn:")).split()[1], 16)
+    assert not sig_ign & (1 << (signal.SIGPIPE - 1))
     parts = [ln for ln in lines if ln[0] == b"stdout" and ln[2].startswith(b"xxx")]
     assert [p[1] for p in parts] == [b"P", b"F"] and b"".join(p[2] for p in parts) == long.encode()
     assert len(parts[0][2]) == 16384
@@ -272,6 +285,7 @@ async def test_shim_outlives_its_launcher_reconnect_reopen_and_shutdown(shim_env
         launcher.kill()
         await launcher.wait()
     assert address
+    await wait_for_lines(log, 1)
     size1 = file_size(log)
     await asyncio.sleep(0.5)
     assert file_size(log) > size1, "the shim keeps writing logs with its launcher gone"
@@ -286,8 +300,7 @@ async def test_shim_outlives_its_launcher_reconnect_reopen_and_shutdown(shim_env
         rotated = env.base / "l1.log.1"
         os.rename(log, rotated)
         await c.reopen_log("l1", timeout=T)
-        await asyncio.sleep(0.4)
-        assert read_cri(log), "new log file written after Reopen"
+        await wait_for_lines(log, 2)  # a new file is written after Reopen
         assert read_cri(rotated)
         with pytest.raises(errors.NotFound):
             await c.reopen_log("missing", timeout=T)
@@ -329,3 +342,75 @@ async def test_driver_cleanup_after_dead_shim(shim: Shim) -> None:
     assert "d1" not in shim.env.runc_containers()
     assert not is_mountpoint(str(bundle / "rootfs"))
     assert not shim.env.cgroup_exists("d1")
+
+
+async def test_closeio_ends_stdin_and_created_task_can_be_deleted(shim: Shim) -> None:
+    base = shim.env.base
+    fin, fout = base / "cat.in", base / "cat.out"
+    os.mkfifo(fin)
+    keep_writer = os.open(fin, os.O_RDWR)  # shimd's side stays open: only CloseIO can end stdin
+    try:
+        await shim.create("io1", ["sh", "-c", "cat; echo eof-seen"], stdin=str(fin), stdout=f"file://{fout}")
+        await shim.c.start(task.StartRequest(id="io1"), timeout=T)
+        os.write(keep_writer, b"abc\n")
+        await asyncio.sleep(0.3)
+        assert (await shim.c.state(task.StateRequest(id="io1"), timeout=T)).status == Status.RUNNING
+        await shim.c.close_io(task.CloseIoRequest(id="io1", stdin=True), timeout=T)
+        assert (await shim.c.wait(task.WaitRequest(id="io1"), timeout=T)).exit_status == 0
+        assert read_lines(fout) == ["abc", "eof-seen"]
+    finally:
+        os.close(keep_writer)
+    await shim.c.delete(task.DeleteRequest(id="io1"), timeout=T)
+    # a task that was created but never started is deleted (runc kills its init)
+    bundle, pid = await shim.create("cr1", ["sleep", "1000"])
+    resp = await shim.c.delete(task.DeleteRequest(id="cr1"), timeout=T)
+    assert resp.pid == pid and not pid_alive(pid)
+    assert not is_mountpoint(str(bundle / "rootfs")) and not shim.env.cgroup_exists("cr1")
+
+
+async def test_shim_delete_command_cleans_up_after_a_dead_shim(shim: Shim) -> None:
+    from shimd.shimmgr.launcher import delete_shim
+
+    bundle, _ = await shim.create("dd1", ["sleep", "1000"])
+    await shim.c.start(task.StartRequest(id="dd1"), timeout=T)
+    os.kill(shim.pid, signal.SIGKILL)
+    assert await wait_gone(shim.pid)
+    resp = await delete_shim(SHIM, namespace="shimdtest", task_id="dd1", shimd_address=shim.env.shimd_address,
+                             bundle=bundle, env=shim.env.env, timeout=T)
+    assert resp.exit_status == 137
+    assert "dd1" not in shim.env.runc_containers()
+    assert not is_mountpoint(str(bundle / "rootfs")) and not shim.env.cgroup_exists("dd1")
+
+
+async def test_exec_with_terminal(shim: Shim) -> None:
+    base = shim.env.base
+    await shim.create("tt1", ["sleep", "1000"])
+    await shim.c.start(task.StartRequest(id="tt1"), timeout=T)
+    fin, fout = base / "tty.in", base / "tty.out"
+    os.mkfifo(fin)
+    os.mkfifo(fout)
+    out_fd = os.open(fout, os.O_RDONLY | os.O_NONBLOCK)
+    spec = process_spec(["sh"], terminal=True)
+    with pytest.raises(errors.InvalidArgument):
+        await shim.c.exec(task.ExecProcessRequest(id="tt1", exec_id="../x", spec=pb.Any(type_url="t", value=b"{}")),
+                          timeout=T)
+    await shim.c.exec(task.ExecProcessRequest(
+        id="tt1", exec_id="tty", terminal=True, stdin=str(fin), stdout=str(fout),
+        spec=pb.Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/Process",
+                    value=json.dumps(spec).encode())), timeout=T)
+    await shim.c.start(task.StartRequest(id="tt1", exec_id="tty"), timeout=T)
+    await shim.c.resize_pty(task.ResizePtyRequest(id="tt1", exec_id="tty", width=123, height=45), timeout=T)
+    in_fd = os.open(fin, os.O_WRONLY)
+    os.write(in_fd, b"stty size; exit 4\n")
+    assert (await shim.c.wait(task.WaitRequest(id="tt1", exec_id="tty"), timeout=T)).exit_status == 4
+    os.close(in_fd)
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(out_fd, 4096):
+            data += chunk
+    os.close(out_fd)
+    assert b"45 123" in data
+    await shim.c.delete(task.DeleteRequest(id="tt1", exec_id="tty"), timeout=T)
+    await shim.c.kill(task.KillRequest(id="tt1", signal=9), timeout=T)
+    await shim.c.wait(task.WaitRequest(id="tt1"), timeout=T)
+    await shim.c.delete(task.DeleteRequest(id="tt1"), timeout=T)

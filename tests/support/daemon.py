@@ -28,6 +28,8 @@ class ShimdProcess:
             "[daemon]\n"
             f'socket = "{self.socket}"\nroot = "{self.root}"\nstate = "{self.state}"\nlog_level = "debug"\n'
             f"{extra_config}"
+            # Parallel test daemons must not fight over the streaming port.
+            + ("" if "[streaming]" in extra_config else '[streaming]\naddress = "127.0.0.1:0"\n')
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.client: CriClient | None = None

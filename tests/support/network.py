@@ -140,3 +140,43 @@ def cni_network() -> Iterator[CniNetwork]:
         yield net
     finally:
         net.cleanup()
+
+
+# --- pods on a private CNI network through a real shimd (tests/integration/test_pod_network.py) ---------
+
+
+def shimd_network_toml(registry_host: str, conf_dir: Path) -> str:
+    """shimd config for pod-network tests: plain-HTTP registry, private CNI conf dir, and an
+    ephemeral streaming port (the default 10010 collides with other shimd instances on the host)."""
+    return (f'[registries.hosts."{registry_host}"]\ninsecure = true\n'
+            f'[cni]\nconf_dir = "{conf_dir}"\nbin_dirs = {json.dumps(CNI_BIN_DIRS)}\n'
+            '[streaming]\naddress = "127.0.0.1:0"\n')
+
+
+@dataclass
+class NetRuntime:
+    """A started shimd (tests.support.runtime.Runtime) whose CNI conf dir is `net`'s."""
+
+    rt: Any  # tests.support.runtime.Runtime
+    net: CniNetwork
+
+
+@pytest.fixture
+def net_rt(shimd_factory: Any, busybox_registry: tuple[str, str], cni_network: CniNetwork) -> Iterator[NetRuntime]:
+    """shimd with the bridge conflist of a private network (unique bridge, subnet, IPAM dir)."""
+    from tests.support.runtime import Runtime, kill_strays
+
+    host, ref = busybox_registry
+    cni_network.write()
+    proc = shimd_factory(shimd_network_toml(host, cni_network.conf_dir))
+    runtime = Runtime(proc, ref)
+    try:
+        proc.start()
+        runtime.client.images.PullImage(runtime.pb.PullImageRequest(image=runtime.pb.ImageSpec(image=ref)))
+        yield NetRuntime(runtime, cni_network)
+    finally:
+        try:
+            runtime.cleanup()
+        finally:
+            kill_strays(proc.base)
+            namespaces.release_base_dir(proc.state / "ns")

@@ -128,3 +128,16 @@ def test_truncated_archive(tmp_path: Path) -> None:
     dest.mkdir()
     with pytest.raises(LayerError, match="corrupt"):
         apply_layer(blob, mt, dest, overlay=True, diff_id=diff)
+
+
+def test_multi_member_gzip_and_big_sparse_file(tmp_path: Path) -> None:
+    import gzip
+
+    raw = img.tar_bytes([Entry("file", "zeros", b"\0" * (8 << 20)), Entry("file", "tail", b"t")])
+    half = len(raw) // 2
+    blob = tmp_path / "blob"
+    blob.write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:]))   # two members, as pigz may write
+    dest = tmp_path / "snap"
+    dest.mkdir()
+    apply_layer(blob, img.LAYER_TYPES[("oci", "gzip")], dest, overlay=True, diff_id=img.sha256(raw))
+    assert (dest / "zeros").stat().st_size == 8 << 20 and (dest / "tail").read_bytes() == b"t"

@@ -141,3 +141,20 @@ def test_state_response_round_trips(id: str, exec_id: str, pid: int, status: int
     # betterproto treats the epoch as "unset" and leaves the field out
     expected = d if (seconds, nanos) != (0, 0) else {**d, "exited_at": None}
     assert decode(m.STATE_RESPONSE, bytes(bp)) == expected
+
+
+def test_shim_process_imports_stay_light() -> None:
+    """The codec exists so the shim never loads betterproto; nor may it load shimd, structlog, grpclib or ssl."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; sys.modules['ssl'] = None\n"
+            "import shims.runc.shim, shims.runc.server, shims.runc.service\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('betterproto', 'shimd', 'structlog', 'grpclib', 'grpc', 'google', 'hashlib', 'dataclasses'))\n"
+            "print(','.join(bad))")
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=repo, capture_output=True, text=True, timeout=60,
+                         env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"}, check=True)
+    assert out.stdout.strip() == ""

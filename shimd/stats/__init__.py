@@ -1,0 +1,1 @@
+"""Resource usage of containers and pods: cgroup counters, writable layers, pod network."""

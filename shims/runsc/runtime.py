@@ -1,0 +1,112 @@
+"""runsc (gVisor) as the shim's OCI runtime: the runc command line plus what gVisor does differently.
+
+runsc speaks runc's CLI, with three differences the shim must account for:
+- extra global flags (platform, network, overlay, debug log) come from the handler's config, passed
+  to the shim by shimd in SHIMD_RUNTIME_ARGS (a JSON list);
+- every container of a pod runs in one sandbox, so the pid runsc reports for a container is the
+  sandbox's, which outlives the container: exits are learnt from `runsc wait <id>` instead;
+- there is no `update`, and `ps --format json` prints process objects, not pids.
+
+Imported by the runc shim only when SHIMD_RUNTIME_FLAVOR=runsc, so plain runc shims never load it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+from shims.common.procs import CommandError, ExitInfo, Reaper, run
+from shims.runc.runc import Runc, RuncError, RuncOptions
+
+# Statuses reported when runsc cannot say: a container deleted before it ever ran was killed.
+NEVER_STARTED_STATUS = 128 + 9
+UNKNOWN_STATUS = 255
+WAIT_OUTPUT_LIMIT = 64 * 1024
+# `runsc wait` lasts as long as the container; a bound is still required by run(), so a year.
+WAIT_FOREVER = 365 * 86400.0
+
+
+def global_args() -> list[str]:
+    raw = os.environ.get("SHIMD_RUNTIME_ARGS", "")
+    if not raw:
+        return []
+    args = json.loads(raw)
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise ValueError("SHIMD_RUNTIME_ARGS must be a JSON list of strings")
+    return args
+
+
+class Runsc(Runc):
+    def __init__(self, reaper: Reaper, opts: RuncOptions, log_path: str, timeout: float) -> None:
+        super().__init__(reaper, opts, log_path, timeout)
+        self.extra = global_args()
+        self._exits: dict[str, asyncio.Future[ExitInfo]] = {}
+        self._waiters: dict[str, asyncio.Task[None]] = {}
+
+    def _argv(self, *args: str) -> list[str]:
+        argv = super()._argv()
+        return argv + self.extra + list(args)
+
+    # --- exits -----------------------------------------------------------------------------------
+    def watch_exit(self, cid: str, exec_id: str, pid: int) -> asyncio.Future[ExitInfo]:
+        if exec_id:
+            # A detached `runsc exec` leaves a host process that forwards signals to the sandboxed
+            # one and exits with its status: reaping it is enough.
+            return self.reaper.watch(pid)
+        fut = self._exits.get(cid)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._exits[cid] = fut
+        return fut
+
+    def _settle(self, cid: str, status: int) -> None:
+        fut = self._exits.get(cid)
+        if fut is not None and not fut.done():
+            fut.set_result((status, time.time_ns()))
+
+    async def _wait(self, cid: str) -> None:
+        """Runs `runsc wait` for the container's whole life (it has no timeout by design)."""
+        status = UNKNOWN_STATUS
+        try:
+            _, out, _ = await run(self.reaper, self._argv("wait", cid), WAIT_FOREVER, limit=WAIT_OUTPUT_LIMIT)
+            status = int(json.loads(out)["exitStatus"])
+        except (CommandError, ValueError, KeyError, TypeError, OSError):
+            pass  # the container vanished under us (force-deleted): how it ended is unknown
+        finally:
+            self._waiters.pop(cid, None)
+        self._settle(cid, status)
+
+    async def start(self, cid: str) -> None:
+        await super().start(cid)
+        if cid not in self._waiters:
+            self._waiters[cid] = asyncio.ensure_future(self._wait(cid))
+
+    async def delete(self, cid: str, force: bool = False) -> None:
+        try:
+            await super().delete(cid, force)
+        finally:
+            if cid not in self._waiters:
+                self._settle(cid, NEVER_STARTED_STATUS)
+            self._exits.pop(cid, None)
+
+    # --- what runsc does not do like runc ------------------------------------------------------
+    async def update(self, cid: str, resources_json: bytes) -> None:
+        raise RuncError("runsc cannot update the resources of a running container")
+
+    async def ps(self, cid: str) -> list[int]:
+        out = await self._run("ps", "--format", "json", cid)
+        procs = json.loads(out) or []
+        # Sandbox-internal pids: they mean nothing on the host, but they are what the sandbox has.
+        return [int(p["PID"] if isinstance(p, dict) else p) for p in procs]
+
+    async def stats(self, cid: str) -> dict[str, object]:
+        """One `runsc events --stats` sample: cpu, memory and pids as the sandbox accounts them."""
+        out = await self._run("events", "--stats", cid)
+        data = json.loads(out.splitlines()[0] if out else b"{}")
+        return dict(data.get("data") or {})
+
+    def close(self) -> None:
+        for t in self._waiters.values():
+            t.cancel()
