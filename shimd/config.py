@@ -91,12 +91,18 @@ class StreamingConfig:
 
 
 @dataclass
+class MetricsConfig:
+    address: str = ""  # "" = no Prometheus endpoint; else host:port
+
+
+@dataclass
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     handlers: dict[str, HandlerConfig] = field(default_factory=dict)
     registries: RegistriesConfig = field(default_factory=RegistriesConfig)
     cni: CniConfig = field(default_factory=CniConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<defaults>"
 
     def handler(self, name: str) -> HandlerConfig | None:
@@ -163,6 +169,9 @@ address = "127.0.0.1:10010"            # exec/attach/port-forward server
 tls_cert = ""
 tls_key = ""
 token_ttl_seconds = 60.0
+
+[metrics]
+address = ""                           # Prometheus /metrics, e.g. "127.0.0.1:10257"; "" = off
 """
 
 
@@ -294,6 +303,17 @@ def _streaming(source: str, raw: Any) -> StreamingConfig:
     return cfg
 
 
+def _metrics(source: str, raw: Any) -> MetricsConfig:
+    r = _Reader(source, "metrics", raw)
+    cfg = MetricsConfig(address=r.take("address", str, ""))
+    r.done()
+    if cfg.address:
+        host, sep, port = cfg.address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(source, "metrics.address", f"must be empty or host:port, got {cfg.address!r}")
+    return cfg
+
+
 def parse(data: dict[str, Any], source: str = "<config>") -> Config:
     top = _Reader(source, "", data)
     daemon = _daemon(source, top.take("daemon", dict, {}))
@@ -308,6 +328,7 @@ def parse(data: dict[str, Any], source: str = "<config>") -> Config:
         registries=_registries(source, top.take("registries", dict, {})),
         cni=_cni(source, top.take("cni", dict, {})),
         streaming=_streaming(source, top.take("streaming", dict, {})),
+        metrics=_metrics(source, top.take("metrics", dict, {})),
         source=source,
     )
     top.done()

@@ -13,11 +13,20 @@ import grpclib.server
 import uvloop
 
 from shimd import config, errors, log
+from shimd.containers.exec import Execs
+from shimd.containers.service import ContainerService
+from shimd.containers.streams import ContainerStreams
 from shimd.cri import dispatch
 from shimd.cri.image_service import ImageService
 from shimd.cri.runtime_service import RuntimeService
 from shimd.events import EventBus
+from shimd.images.manager import ImageManager
+from shimd.network.manager import NetworkManager
+from shimd.pods.service import PodService
+from shimd.shimmgr.manager import ShimManager
 from shimd.socket_guard import SocketGuard
+from shimd.store.store import Store
+from shimd.streaming.server import StreamingServer
 
 
 class Daemon:
@@ -51,25 +60,11 @@ class Daemon:
         return tuple(self.network.status())  # type: ignore[return-value]
 
     async def _build(self) -> None:
-        from shimd.images.manager import ImageManager
-        from shimd.store.store import Store
-
         self.images = ImageManager(self.cfg, self.root / "images")
         await self.images.start()
         self.store = Store(self.root)
         await self.store.load()
         self.images.set_in_use_check(self.store.image_in_use)
-        try:
-            from shimd.containers.exec import Execs
-            from shimd.containers.streams import ContainerStreams
-            from shimd.streaming.server import StreamingServer
-            from shimd.containers.service import ContainerService
-            from shimd.network.manager import NetworkManager
-            from shimd.pods.service import PodService
-            from shimd.shimmgr.manager import ShimManager
-        except ImportError as e:  # TEMPORARY while the parts land in parallel
-            self.log.warning("pod support not available yet", error=str(e))
-            return
         # CNI records live with the IPAM store (which survives reboots), so they sit under root, not state.
         self.network = NetworkManager(self.cfg.cni, self.root / "network")
         self.shims = ShimManager(self.cfg, self.state, on_exit=self._on_exit, on_shim_dead=self._on_shim_dead)

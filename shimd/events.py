@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 CREATED = "CREATED"
@@ -58,9 +59,16 @@ class Subscription:
 class EventBus:
     def __init__(self) -> None:
         self._subs: set[Subscription] = set()
+        self._listeners: list[Callable[[LifecycleEvent], None]] = []
+
+    def add_listener(self, fn: Callable[[LifecycleEvent], None]) -> None:
+        """Called synchronously at publish time (while the records the event is about still exist)."""
+        self._listeners.append(fn)
 
     def publish(self, kind: str, container_id: str, pod_id: str) -> None:
         ev = LifecycleEvent(kind, container_id, pod_id)
+        for fn in self._listeners:
+            fn(ev)
         for sub in list(self._subs):
             sub._offer(ev)
 

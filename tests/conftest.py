@@ -15,6 +15,7 @@ pytest_plugins: list[str] = [
     "tests.support.network",
     "tests.support.registry",
     "tests.support.runtime",
+    "tests.support.sandboxed",
     "tests.support.shim_env",
     "tests.support.streaming_fixtures",
 ]

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import betterproto
+import betterproto.lib.google.protobuf as pbany
 
 from shimd import cgroups, errors, events, fsutil, log, mounts
 from shimd.api.runtime import v1 as cri
@@ -29,6 +33,9 @@ if TYPE_CHECKING:
     from shimd.pods.service import PodService
     from shimd.shimmgr.manager import ShimManager
     from shimd.store.store import Store
+
+# How the runc shim (and containerd's) recognise an Update payload: OCI LinuxResources as JSON.
+OCI_RESOURCES_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 
 # After SIGKILL a task normally exits within milliseconds; past this something is badly wrong.
 KILL_GRACE = 10.0
@@ -269,6 +276,38 @@ class ContainerService:
     async def remove_all(self, pod: PodRecord) -> None:
         for c in self.store.pod_containers(pod.id):
             await self._remove(c)
+
+    # --- resources ---------------------------------------------------------------------------
+    async def update_resources(self, cid: str, new: cri.LinuxContainerResources) -> None:
+        """Apply live (runc update through the shim) and persist, so status and restarts see them."""
+        ctr = self.store.container(cid)
+        pod = self.store.pod(ctr.pod_id)
+        async with self.store.lock(pod.id):
+            config = cri.ContainerConfig().from_dict(ctr.config)
+            old = config.linux.resources if betterproto.serialized_on_wire(config.linux) else None
+            merged = ocispec.merge_resources(old, new)
+            oci, _ = ocispec.resources(merged, ocispec.host_min_oom_score_adj())
+            if ctr.state == CONTAINER_RUNNING:
+                value = json.dumps(oci).encode()
+                await self.shims.update(pod.id, ctr.id, pbany.Any(type_url=OCI_RESOURCES_TYPE, value=value))
+            elif ctr.state == CONTAINER_CREATED:
+                await self._patch_spec_resources(ctr, oci)
+            else:
+                raise errors.FailedPrecondition(f"container {ctr.id} is {ctr.state}; only created or running "
+                                                "containers can be updated")
+            config.linux.resources = merged
+            ctr.config = config.to_dict()
+            await self.store.save_container(ctr)
+        self.log.info("container resources updated", pod_id=pod.id, container_id=ctr.id, resources=oci)
+
+    @staticmethod
+    async def _patch_spec_resources(ctr: ContainerRecord, oci: dict[str, Any]) -> None:
+        path = Path(ctr.bundle) / "config.json"
+        spec = json.loads(await asyncio.to_thread(path.read_bytes))
+        res = spec.setdefault("linux", {}).setdefault("resources", {})
+        for key, value in oci.items():
+            res[key] = {**res.get(key, {}), **value} if isinstance(value, dict) else value
+        await fsutil.write_json(path, spec)
 
     async def reopen_log(self, cid: str) -> None:
         ctr = self.store.container(cid)

@@ -3,22 +3,52 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import betterproto
 
-from shimd import errors
+from shimd import errors, events
 from shimd.api.runtime import v1 as cri
 from shimd.cri import convert, runtime_info, validate
-from shimd.store.records import CONTAINER_RUNNING, POD_READY, ContainerRecord
+from shimd.events import LifecycleEvent, SubscriberOverflow
+from shimd.oci import spec as ocispec
+from shimd.stats import cadvisor
+from shimd.stats.collector import StatsCollector, container_cgroup
+from shimd.store.records import CONTAINER_RUNNING, POD_READY, ContainerRecord, PodRecord
 
 if TYPE_CHECKING:
     from shimd.daemon import Daemon
 
 
+# Items per message of the Stream* RPCs.
+STREAM_PAGE = 100
+# Events a GetContainerEvents subscriber may lag behind before it is cut off (and reconnects).
+EVENT_BUFFER = 1024
+EVENT_IDLE = 30.0
+POD_STATUS_MEMORY = 1024
+
+_EVENT_TYPES = {
+    events.CREATED: cri.ContainerEventType.CONTAINER_CREATED_EVENT,
+    events.STARTED: cri.ContainerEventType.CONTAINER_STARTED_EVENT,
+    events.STOPPED: cri.ContainerEventType.CONTAINER_STOPPED_EVENT,
+    events.DELETED: cri.ContainerEventType.CONTAINER_DELETED_EVENT,
+}
+
+T = TypeVar("T")
+
+
+def _pages(items: Sequence[T]) -> list[list[T]]:
+    return [list(items[i:i + STREAM_PAGE]) for i in range(0, len(items), STREAM_PAGE)]
+
+
 class RuntimeService(cri.RuntimeServiceBase):
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
+        # Last pod status seen per pod, so events about a removed pod still carry its metadata.
+        self._last_pod_status: OrderedDict[str, cri.PodSandboxStatus] = OrderedDict()
+        daemon.events.add_listener(self._remember_pod)
 
     # --- runtime ---------------------------------------------------------------------------
     async def version(self, version_request: cri.VersionRequest) -> cri.VersionResponse:
@@ -53,8 +83,7 @@ class RuntimeService(cri.RuntimeServiceBase):
 
     async def pod_sandbox_status(self, request: cri.PodSandboxStatusRequest) -> cri.PodSandboxStatusResponse:
         pod = self.d.store.pod(validate.required_id(request.pod_sandbox_id, "pod_sandbox_id"))
-        statuses = [convert.container_status(c, self._image_ref(c.image_id))
-                    for c in self.d.store.pod_containers(pod.id)]
+        statuses = [self._container_status(c) for c in self.d.store.pod_containers(pod.id)]
         return cri.PodSandboxStatusResponse(status=convert.pod_status(pod),
                                             info=convert.pod_info(pod) if request.verbose else {},
                                             containers_statuses=statuses, timestamp=time.time_ns())
@@ -97,7 +126,7 @@ class RuntimeService(cri.RuntimeServiceBase):
 
     async def container_status(self, request: cri.ContainerStatusRequest) -> cri.ContainerStatusResponse:
         ctr = self.d.store.container(validate.required_id(request.container_id, "container_id"))
-        return cri.ContainerStatusResponse(status=convert.container_status(ctr, self._image_ref(ctr.image_id)),
+        return cri.ContainerStatusResponse(status=self._container_status(ctr),
                                            info=convert.container_info(ctr) if request.verbose else {})
 
     async def list_containers(self, request: cri.ListContainersRequest) -> cri.ListContainersResponse:
@@ -163,10 +192,191 @@ class RuntimeService(cri.RuntimeServiceBase):
                 raise errors.InvalidArgument(f"port[{i}] {port} is out of range")
         return cri.PortForwardResponse(url=self.d.streaming.portforward_url(pod.id, list(request.port)))
 
+    # --- stats and metrics (issue 7) ---------------------------------------------------------
+    def _stats(self) -> StatsCollector:
+        # One collector for the daemon (it keeps the previous CPU sample of each container).
+        collector = getattr(self.d, "stats", None)
+        if collector is None:
+            collector = StatsCollector(self.d.store, self.d.cfg.daemon.cgroup_driver)
+            self.d.stats = collector
+        return collector  # type: ignore[no-any-return]
+
+    def _stats_containers(self, f: cri.ContainerStatsFilter | None) -> list[ContainerRecord]:
+        out = []
+        for ctr in self.d.store.containers.values():
+            if f is not None:
+                if f.id and ctr.id != f.id:
+                    continue
+                if f.pod_sandbox_id and ctr.pod_id != f.pod_sandbox_id:
+                    continue
+                if not convert.labels_match(ctr.labels, f.label_selector):
+                    continue
+            out.append(ctr)
+        return out
+
+    def _stats_pods(self, f: cri.PodSandboxStatsFilter | None) -> list[PodRecord]:
+        out = []
+        for pod in self.d.store.pods.values():
+            if pod.initializing:
+                continue
+            if f is not None:
+                if f.id and pod.id != f.id:
+                    continue
+                if not convert.labels_match(pod.labels, f.label_selector):
+                    continue
+            out.append(pod)
+        return out
+
+    async def container_stats(self, request: cri.ContainerStatsRequest) -> cri.ContainerStatsResponse:
+        ctr = self.d.store.container(validate.required_id(request.container_id, "container_id"))
+        return cri.ContainerStatsResponse(stats=await self._stats().container(ctr))
+
+    async def list_container_stats(self, request: cri.ListContainerStatsRequest) -> cri.ListContainerStatsResponse:
+        f = request.filter if betterproto.serialized_on_wire(request.filter) else None
+        return cri.ListContainerStatsResponse(stats=await self._stats().many_containers(self._stats_containers(f)))
+
+    async def pod_sandbox_stats(self, request: cri.PodSandboxStatsRequest) -> cri.PodSandboxStatsResponse:
+        pod = self.d.store.pod(validate.required_id(request.pod_sandbox_id, "pod_sandbox_id"))
+        return cri.PodSandboxStatsResponse(stats=await self._stats().pod(pod))
+
+    async def list_pod_sandbox_stats(self, request: cri.ListPodSandboxStatsRequest) -> cri.ListPodSandboxStatsResponse:
+        f = request.filter if betterproto.serialized_on_wire(request.filter) else None
+        return cri.ListPodSandboxStatsResponse(stats=await self._stats().many_pods(self._stats_pods(f)))
+
+    async def list_metric_descriptors(self, request: cri.ListMetricDescriptorsRequest
+                                      ) -> cri.ListMetricDescriptorsResponse:
+        return cri.ListMetricDescriptorsResponse(descriptors=cadvisor.descriptors())
+
+    async def _pod_metrics(self) -> list[cri.PodSandboxMetrics]:
+        collector = self._stats()
+        out = []
+        for st in await collector.many_pods(self._stats_pods(None)):
+            now = time.time_ns()
+            cms = []
+            for cst in st.linux.containers:
+                ctr = self.d.store.containers.get(cst.attributes.id)
+                if ctr is None:
+                    continue
+                snap = await collector.snapshot(f"m/{ctr.id}", container_cgroup(
+                    collector.driver, self.d.store.pods.get(ctr.pod_id), ctr))
+                sample = snap.sample
+                cms.append(cadvisor.container_metrics(cst, ctr.started_at, now, sample.pids if sample else None,
+                                                      sample.oom_events if sample else None))
+            out.append(cri.PodSandboxMetrics(pod_sandbox_id=st.attributes.id, metrics=cadvisor.pod_metrics(st),
+                                             container_metrics=cms))
+        return out
+
+    async def list_pod_sandbox_metrics(self, request: cri.ListPodSandboxMetricsRequest
+                                       ) -> cri.ListPodSandboxMetricsResponse:
+        return cri.ListPodSandboxMetricsResponse(pod_metrics=await self._pod_metrics())
+
+    async def stream_pod_sandbox_metrics(self, request: cri.StreamPodSandboxMetricsRequest
+                                         ) -> AsyncIterator[cri.StreamPodSandboxMetricsResponse]:
+        for page in _pages(await self._pod_metrics()):
+            yield cri.StreamPodSandboxMetricsResponse(pod_sandbox_metrics=page)
+
+    # --- paged Stream* variants of the List RPCs ----------------------------------------------
+    async def stream_pod_sandboxes(self, request: cri.StreamPodSandboxesRequest
+                                   ) -> AsyncIterator[cri.StreamPodSandboxesResponse]:
+        items = (await self.list_pod_sandbox(cri.ListPodSandboxRequest(filter=request.filter))).items
+        for page in _pages(items):
+            yield cri.StreamPodSandboxesResponse(pod_sandboxes=page)
+
+    async def stream_containers(self, request: cri.StreamContainersRequest
+                                ) -> AsyncIterator[cri.StreamContainersResponse]:
+        items = (await self.list_containers(cri.ListContainersRequest(filter=request.filter))).containers
+        for page in _pages(items):
+            yield cri.StreamContainersResponse(containers=page)
+
+    async def stream_container_stats(self, request: cri.StreamContainerStatsRequest
+                                     ) -> AsyncIterator[cri.StreamContainerStatsResponse]:
+        f = request.filter if betterproto.serialized_on_wire(request.filter) else None
+        ctrs = self._stats_containers(f)
+        for i in range(0, len(ctrs), STREAM_PAGE):
+            stats = await self._stats().many_containers(ctrs[i:i + STREAM_PAGE])
+            yield cri.StreamContainerStatsResponse(container_stats=stats)
+
+    async def stream_pod_sandbox_stats(self, request: cri.StreamPodSandboxStatsRequest
+                                       ) -> AsyncIterator[cri.StreamPodSandboxStatsResponse]:
+        f = request.filter if betterproto.serialized_on_wire(request.filter) else None
+        pods = self._stats_pods(f)
+        for i in range(0, len(pods), STREAM_PAGE):
+            stats = await self._stats().many_pods(pods[i:i + STREAM_PAGE])
+            yield cri.StreamPodSandboxStatsResponse(pod_sandbox_stats=stats)
+
+    # --- lifecycle events (Evented PLEG) ------------------------------------------------------
+    async def get_container_events(self, request: cri.GetEventsRequest) -> AsyncIterator[cri.ContainerEventResponse]:
+        sub = self.d.events.subscribe(EVENT_BUFFER)
+        try:
+            while True:
+                try:
+                    ev = await sub.get(timeout=EVENT_IDLE)
+                except TimeoutError:
+                    continue  # idle; the wait is bounded so cancellation and shutdown are never stuck
+                except SubscriberOverflow as e:
+                    raise errors.ResourceExhausted(f"GetContainerEvents: {e}") from None
+                yield self._event_response(ev)
+        finally:
+            sub.close()
+
+    def _remember_pod(self, ev: LifecycleEvent) -> None:
+        """Runs at publish time, before a removal makes the pod's record disappear."""
+        pod = self.d.store.pods.get(ev.pod_id) if self.d.store is not None else None
+        if pod is None:
+            return
+        self._last_pod_status[pod.id] = convert.pod_status(pod)
+        self._last_pod_status.move_to_end(pod.id)
+        while len(self._last_pod_status) > POD_STATUS_MEMORY:
+            self._last_pod_status.popitem(last=False)
+
+    def _event_response(self, ev: LifecycleEvent) -> cri.ContainerEventResponse:
+        pod = self.d.store.pods.get(ev.pod_id)
+        if pod is not None:
+            status = convert.pod_status(pod)
+            ctrs = [self._container_status(c) for c in self.d.store.pod_containers(pod.id)]
+        else:
+            # A removed pod: the status last seen, marked not ready (kubelet needs its metadata).
+            last = self._last_pod_status.get(ev.pod_id)
+            status = cri.PodSandboxStatus(id=ev.pod_id) if last is None else cri.PodSandboxStatus().parse(bytes(last))
+            status.state = cri.PodSandboxState.SANDBOX_NOTREADY
+            ctrs = []
+        return cri.ContainerEventResponse(container_id=ev.container_id, container_event_type=_EVENT_TYPES[ev.kind],
+                                          created_at=ev.at_ns, pod_sandbox_status=status,
+                                          containers_statuses=ctrs)
+
+    # --- resources ------------------------------------------------------------------------------
+    async def update_container_resources(self, request: cri.UpdateContainerResourcesRequest
+                                         ) -> cri.UpdateContainerResourcesResponse:
+        cid = validate.required_id(request.container_id, "container_id")
+        if not betterproto.serialized_on_wire(request.linux):
+            raise errors.InvalidArgument("linux must be set (only Linux resources are supported)")
+        ocispec.validate_resources(request.linux, "linux")
+        await self.d.containers.update_resources(cid, request.linux)
+        return cri.UpdateContainerResourcesResponse()
+
+    async def update_pod_sandbox_resources(self, request: cri.UpdatePodSandboxResourcesRequest
+                                           ) -> cri.UpdatePodSandboxResourcesResponse:
+        # kubelet owns pod-level cgroups and sizes them itself; the runtime only checks and acknowledges
+        # (runtimes that run pods in VMs would resize the VM here).
+        self.d.store.pod(validate.required_id(request.pod_sandbox_id, "pod_sandbox_id"))
+        for name in ("overhead", "resources"):
+            res = getattr(request, name)
+            if betterproto.serialized_on_wire(res):
+                ocispec.validate_resources(res, name)
+        return cri.UpdatePodSandboxResourcesResponse()
+
     @staticmethod
     def _require_running(ctr: ContainerRecord) -> None:
         if ctr.state != CONTAINER_RUNNING:
             raise errors.FailedPrecondition(f"container {ctr.id} is not running (state {ctr.state})")
+
+    def _container_status(self, ctr: ContainerRecord) -> cri.ContainerStatus:
+        status = convert.container_status(ctr, self._image_ref(ctr.image_id))
+        # The current resources (as created, then as updated): kubelet compares them for in-place resize.
+        res = (ctr.config.get("linux") or {}).get("resources")
+        if res:
+            status.resources = cri.ContainerResources(linux=cri.LinuxContainerResources().from_dict(res))
+        return status
 
     def _image_ref(self, image_id: str) -> str:
         image = self.d.images.get(image_id)

@@ -160,14 +160,14 @@ class ImageManager:
                 return {}, {}
             records, configs = {}, {}
             for item in raw.get("images", []):
-                rec = _Record(**item)
                 try:
+                    rec = _Record(**item)
                     configs[rec.id] = json.loads(store.read_verified(self.layout.blob(rec.id), rec.id))
                     missing = [c for c in rec.chain_ids if not self.layout.snapshot(c).is_dir()]
                     if missing:
                         raise errors.FailedPrecondition(f"snapshots missing: {missing}")
-                except (OSError, ValueError, errors.ShimdError) as e:
-                    self.log.error("dropping broken image", image=rec.id, error=str(e))
+                except (OSError, ValueError, TypeError, errors.ShimdError) as e:
+                    self.log.error("dropping broken image", image=str(item.get("id")), error=str(e))
                     continue
                 records[rec.id] = rec
             return records, configs

@@ -66,6 +66,8 @@ class Layout:
         for p in self.blobs.iterdir():
             if p.name.startswith("."):
                 _rm(p)
+        for p in self.root.glob(".probe-*"):   # an overlay probe cut short
+            _rm(p)
 
     def gc(self, live_blobs: set[str], live_chains: set[str]) -> tuple[int, int]:
         """Remove blobs and snapshots nothing references; returns how many of each went."""

@@ -230,10 +230,14 @@ def _base_mounts(privileged: bool, readonly_rootfs: bool, pod: PodContext) -> li
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": sys_opts},
         {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-         "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+         "options": ["nosuid", "noexec", "nodev", "relatime"] + ([] if privileged else ["ro"])},
     ]
     if pod.shm_path:
         mounts.append({"destination": "/dev/shm", "type": "bind", "source": pod.shm_path,
+                       "options": ["rbind", "nosuid", "nodev", "noexec"]})
+    elif "ipc" not in pod.namespaces and "network" in pod.namespaces:
+        # Host IPC namespace: POSIX shared memory lives in the host's /dev/shm.
+        mounts.append({"destination": "/dev/shm", "type": "bind", "source": "/dev/shm",
                        "options": ["rbind", "nosuid", "nodev", "noexec"]})
     else:
         mounts.append({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
@@ -379,12 +383,157 @@ def resources(res: cri.LinuxContainerResources | None, min_oom: int) -> tuple[di
     return out, max(res.oom_score_adj, min_oom)
 
 
+# Sysctls isolated by a namespace, and which namespace (kubelet's list of namespaced sysctls).
+_IPC_SYSCTLS = ("kernel.shmall", "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced", "kernel.msgmax",
+                "kernel.msgmnb", "kernel.msgmni", "kernel.sem")
+_SYSCTL_NAME = re.compile(r"^[a-z0-9_]+([./][a-z0-9_\-]+)+$")
+
+
+def sysctl_namespace(name: str) -> str | None:
+    """'ipc', 'network', 'uts' or None when the sysctl is host-wide."""
+    name = name.replace("/", ".")
+    if name in _IPC_SYSCTLS or name.startswith("fs.mqueue."):
+        return "ipc"
+    if name.startswith("net."):
+        return "network"
+    if name in ("kernel.hostname", "kernel.domainname"):
+        return "uts"
+    return None
+
+
+def validate_sysctls(sysctls: dict[str, str], private: set[str], field: str = "linux.sysctls") -> None:
+    """Only namespaced sysctls, and only when the pod has its own namespace of that kind."""
+    for name, value in sysctls.items():
+        if not _SYSCTL_NAME.match(name):
+            raise errors.InvalidArgument(f"{field}: {name!r} is not a sysctl name")
+        if "\n" in value or "\x00" in value:
+            raise errors.InvalidArgument(f"{field}[{name!r}]: value must be a single line")
+        kind = sysctl_namespace(name)
+        if kind is None:
+            raise errors.InvalidArgument(f"{field}: {name!r} is not namespaced; it would change the host")
+        if kind not in private:
+            raise errors.InvalidArgument(f"{field}: {name!r} needs the pod's own {kind} namespace, "
+                                         "but the pod uses the host's")
+
+
+def apparmor_supported() -> bool:
+    try:
+        with open("/sys/module/apparmor/parameters/enabled") as f:
+            return f.read().strip() == "Y"
+    except OSError:
+        return False
+
+
+def _seccomp(sc: cri.LinuxContainerSecurityContext, caps: list[str], privileged: bool) -> dict[str, Any] | None:
+    field = "linux.security_context.seccomp"
+    if betterproto.serialized_on_wire(sc.seccomp):
+        kind, ref = sc.seccomp.profile_type, sc.seccomp.localhost_ref
+    elif sc.seccomp_profile_path:  # the deprecated string form
+        field = "linux.security_context.seccomp_profile_path"
+        p = sc.seccomp_profile_path
+        if p in ("runtime/default", "docker/default"):
+            kind, ref = cri.SecurityProfileProfileType.RuntimeDefault, ""
+        elif p == "unconfined":
+            kind, ref = cri.SecurityProfileProfileType.Unconfined, ""
+        elif p.startswith("localhost/"):
+            kind, ref = cri.SecurityProfileProfileType.Localhost, p[len("localhost/"):]
+        else:
+            raise errors.InvalidArgument(f"{field}: unknown profile {p!r}")
+    else:
+        return None  # kubelet sends nothing for Unconfined
+    if kind == cri.SecurityProfileProfileType.Localhost:
+        if not ref:
+            raise errors.InvalidArgument(f"{field}.localhost_ref must name a profile file")
+        profile = seccomp.load_localhost(ref, field, caps)  # validated even for privileged containers
+        return None if privileged else profile
+    if privileged or kind == cri.SecurityProfileProfileType.Unconfined:
+        return None
+    return seccomp.default_profile(caps)
+
+
+def _apparmor(sc: cri.LinuxContainerSecurityContext, privileged: bool) -> str | None:
+    field = "linux.security_context.apparmor"
+    if betterproto.serialized_on_wire(sc.apparmor):
+        kind, ref = sc.apparmor.profile_type, sc.apparmor.localhost_ref
+    elif sc.apparmor_profile:
+        field = "linux.security_context.apparmor_profile"
+        p = sc.apparmor_profile
+        if p == "runtime/default":
+            kind, ref = cri.SecurityProfileProfileType.RuntimeDefault, ""
+        elif p == "unconfined":
+            kind, ref = cri.SecurityProfileProfileType.Unconfined, ""
+        elif p.startswith("localhost/"):
+            kind, ref = cri.SecurityProfileProfileType.Localhost, p[len("localhost/"):]
+        else:
+            raise errors.InvalidArgument(f"{field}: unknown profile {p!r}")
+    else:
+        return None
+    if kind != cri.SecurityProfileProfileType.Localhost:
+        # shimd ships no AppArmor profile of its own; without AppArmor on the host there is nothing to apply.
+        return None
+    if not ref:
+        raise errors.InvalidArgument(f"{field}.localhost_ref must name a loaded profile")
+    if not apparmor_supported():
+        raise errors.InvalidArgument(f"{field}: profile {ref!r} requested but AppArmor is not enabled on this host")
+    return None if privileged else ref
+
+
+def _userns(sc: cri.LinuxContainerSecurityContext) -> tuple[list[dict[str, int]], list[dict[str, int]]] | None:
+    """uid/gid mappings when kubelet asks for a user namespace (hostUsers: false)."""
+    ns = sc.namespace_options
+    if not betterproto.serialized_on_wire(ns) or not betterproto.serialized_on_wire(ns.userns_options):
+        return None
+    u = ns.userns_options
+    field = "linux.security_context.namespace_options.userns_options"
+    if u.mode == cri.NamespaceMode.NODE:
+        return None
+    if u.mode != cri.NamespaceMode.POD:
+        raise errors.InvalidArgument(f"{field}.mode must be NODE or POD, got {u.mode.name}")
+    out = []
+    for kind, maps in (("uids", u.uids), ("gids", u.gids)):
+        if not maps:
+            raise errors.InvalidArgument(f"{field}.{kind} must not be empty in POD mode")
+        conv = []
+        for i, m in enumerate(maps):
+            if m.length == 0 or m.host_id + m.length > 2**32 or m.container_id + m.length > 2**32:
+                raise errors.InvalidArgument(f"{field}.{kind}[{i}] has an empty or overflowing range")
+            conv.append({"containerID": m.container_id, "hostID": m.host_id, "size": m.length})
+        out.append(conv)
+    return out[0], out[1]
+
+
+def _host_devices() -> list[dict[str, Any]]:
+    """Every device node of the host, for privileged containers (as containerd and Docker do)."""
+    found: list[dict[str, Any]] = []
+    for dirpath, dirnames, filenames in os.walk("/dev"):
+        # pts and shm are mounted separately; mqueue holds no devices.
+        dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in ("/dev/pts", "/dev/shm", "/dev/mqueue")]
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISCHR(st.st_mode):
+                kind = "c"
+            elif stat.S_ISBLK(st.st_mode):
+                kind = "b"
+            else:
+                continue
+            if path == "/dev/console":
+                continue  # runc sets up its own console
+            found.append({"path": path, "type": kind, "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev),
+                          "fileMode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid})
+    return found
+
+
 def _namespaces(sc: cri.LinuxContainerSecurityContext, pod: PodContext) -> list[dict[str, Any]]:
     ns: list[dict[str, Any]] = [{"type": "mount"}]
     for kind in ("network", "ipc", "uts"):
         if kind in pod.namespaces:
             ns.append({"type": kind, "path": pod.namespaces[kind]})
-    pid_mode = sc.namespace_options.pid if sc.namespace_options else cri.NamespaceMode.CONTAINER
+    # CRI's zero value is POD: a client that says nothing shares the pod's PID namespace (as containerd does).
+    pid_mode = sc.namespace_options.pid
     if pid_mode == cri.NamespaceMode.POD and pod.pid_ns_path:
         ns.append({"type": "pid", "path": pod.pid_ns_path})
     elif pid_mode == cri.NamespaceMode.TARGET:
@@ -397,7 +546,8 @@ def _namespaces(sc: cri.LinuxContainerSecurityContext, pod: PodContext) -> list[
 def container_spec(container_id: str, config: cri.ContainerConfig, pod: PodContext, image: ImageContext,
                    rootfs: str, min_oom: int | None = None) -> dict[str, Any]:
     linux_cfg = config.linux if betterproto.serialized_on_wire(config.linux) else cri.LinuxContainerConfig()
-    sc = linux_cfg.security_context or cri.LinuxContainerSecurityContext()
+    # Not `or`: a message whose fields are all defaults is falsy, yet its presence matters (seccomp RuntimeDefault).
+    sc = linux_cfg.security_context
     privileged = sc.privileged
     if privileged and not pod.privileged_pod:
         raise errors.InvalidArgument("linux.security_context.privileged: the pod sandbox is not privileged")
@@ -411,7 +561,14 @@ def container_spec(container_id: str, config: cri.ContainerConfig, pod: PodConte
     caps = _capabilities(sc)
     res, oom = resources(linux_cfg.resources, host_min_oom_score_adj() if min_oom is None else min_oom)
     devices, dev_rules = _devices(config, privileged)
+    if privileged:
+        user_paths = {d["path"] for d in devices}
+        devices = [d for d in _host_devices() if d["path"] not in user_paths] + devices
     res["devices"] = dev_rules
+    validate_sysctls(pod.sysctls, set(pod.namespaces))
+    seccomp_profile = _seccomp(sc, caps, privileged)
+    apparmor_profile = _apparmor(sc, privileged)
+    userns = _userns(sc)
     process: dict[str, Any] = {
         "terminal": config.tty,
         "user": resolve_user(sc, str(img.get("User") or ""), image.layers),
@@ -424,6 +581,8 @@ def container_spec(container_id: str, config: cri.ContainerConfig, pod: PodConte
     }
     if oom is not None:
         process["oomScoreAdj"] = oom
+    if apparmor_profile:
+        process["apparmorProfile"] = apparmor_profile
     mounts = _base_mounts(privileged, sc.readonly_rootfs, pod)
     user_mounts = _user_mounts(config)
     user_dests = {m["destination"] for m in user_mounts}
@@ -436,6 +595,11 @@ def container_spec(container_id: str, config: cri.ContainerConfig, pod: PodConte
     }
     if pod.sysctls:
         linux["sysctl"] = dict(pod.sysctls)
+    if seccomp_profile is not None:
+        linux["seccomp"] = seccomp_profile
+    if userns is not None:
+        linux["namespaces"].append({"type": "user"})
+        linux["uidMappings"], linux["gidMappings"] = userns
     if not privileged:
         linux["maskedPaths"] = list(sc.masked_paths) if sc.masked_paths else list(DEFAULT_MASKED)
         linux["readonlyPaths"] = list(sc.readonly_paths) if sc.readonly_paths else list(DEFAULT_READONLY)

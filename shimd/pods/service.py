@@ -135,11 +135,14 @@ class PodService:
         if sc.privileged:
             pod.annotations.setdefault("shimd.io/privileged", "true")
 
-        pod.shim_address = await self.shims.launch(pod.id, pod.handler, pdir)
+        # As containerd does, a pod with a sandbox task starts its shim in that task's bundle: shim v2
+        # binaries read config.json there (sandbox id grouping; Kata's sandbox-or-container choice).
+        shim_dir = await self._prepare_sandbox_bundle(pod) if sandbox_task else pdir
+        pod.shim_address = await self.shims.launch(pod.id, pod.handler, shim_dir)
         await self.store.save_pod(pod)
 
         if sandbox_task:
-            await self._start_sandbox_task(pod, hostname)
+            await self._start_sandbox_task(pod)
 
         pod.initializing = False
         pod.state = POD_READY
@@ -155,8 +158,8 @@ class PodService:
     async def _mount_shm(self, path: Path) -> None:
         await mounts.mount_tmpfs(path, f"nosuid,nodev,noexec,mode=1777,{SHM_SIZE}")
 
-    async def _start_sandbox_task(self, pod: PodRecord, hostname: str) -> None:
-        """A pause process (catatonit) that owns the pod's shared PID namespace."""
+    async def _prepare_sandbox_bundle(self, pod: PodRecord) -> Path:
+        """The pause task's bundle (rootfs with catatonit, config.json); returns its directory."""
         bundle = self.pod_dir(pod.id) / "pause"
         rootfs = bundle / "rootfs"
 
@@ -169,6 +172,11 @@ class PodService:
         ctx.cgroups_path = cgroups.container_path(self.cgroup_driver, pod.cgroup_parent, pod.id)
         spec = ocispec.pause_spec(ctx, str(rootfs), ["/pause", "-P"])
         await fsutil.write_json(bundle / "config.json", spec)
+        return bundle
+
+    async def _start_sandbox_task(self, pod: PodRecord) -> None:
+        """A pause process (catatonit): owns a shared PID namespace, and is the sandbox for runsc and Kata."""
+        bundle = self.pod_dir(pod.id) / "pause"
         pid = await self.shims.create(pod.id, pod.handler, pause_id(pod.id), bundle, [], ("", "", ""), False)
         await self.shims.start(pod.id, pause_id(pod.id))
         pod.sandbox_task, pod.sandbox_pid = True, pid

@@ -54,8 +54,8 @@ _DRIVER_CLASSES = {
 def make_driver(handler: HandlerConfig, cfg: Config, state_dir: Path) -> Driver:
     module_name, class_name = _DRIVER_CLASSES[handler.driver]
     try:
-        module = importlib.import_module(module_name)
-        cls = getattr(module, class_name)
-    except (ImportError, AttributeError) as e:
-        return UnavailableDriver(handler, f"driver {handler.driver!r} is not built into this shimd ({e})")
-    return cls(handler, state_dir, systemd_cgroup=cfg.daemon.cgroup_driver == "systemd")  # type: ignore[no-any-return]
+        cls = getattr(importlib.import_module(module_name), class_name)
+        return cls(handler, state_dir, systemd_cgroup=cfg.daemon.cgroup_driver == "systemd",  # type: ignore[no-any-return]
+                   runtime_timeout=cfg.daemon.runtime_timeout_seconds)
+    except Exception as e:  # one broken driver must not take the daemon or the other handlers down
+        return UnavailableDriver(handler, f"driver {handler.driver!r} cannot be loaded: {e}")

@@ -22,8 +22,6 @@ from shimd.config import HandlerConfig
 from shims.runc.driver import VERSION_TIMEOUT, RuncDriver
 from shims.runc.mounts import is_mountpoint, unmount
 
-DELETE_TIMEOUT = 60.0
-
 
 def global_flags(handler: HandlerConfig) -> list[str]:
     """runsc's global flags for this handler (before the subcommand, on every runsc call)."""
@@ -38,8 +36,9 @@ def global_flags(handler: HandlerConfig) -> list[str]:
 class RunscDriver(RuncDriver):
     supports_user_namespaces = False
 
-    def __init__(self, handler: HandlerConfig, state_dir: Path, systemd_cgroup: bool = False) -> None:
-        super().__init__(handler, state_dir, systemd_cgroup)
+    def __init__(self, handler: HandlerConfig, state_dir: Path, systemd_cgroup: bool = False,
+                 runtime_timeout: float = 60.0) -> None:
+        super().__init__(handler, state_dir, systemd_cgroup, runtime_timeout)
         self.flags = global_flags(handler)
         self.log = log.get("runsc_driver", handler=handler.name)
 
@@ -96,7 +95,7 @@ class RunscDriver(RuncDriver):
             lg.warning("runsc delete failed to start", error=str(e))
             return
         try:
-            async with asyncio.timeout(DELETE_TIMEOUT):
+            async with asyncio.timeout(self.runtime_timeout):
                 _, err = await proc.communicate()
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):

@@ -13,6 +13,7 @@ Imported by the runc shim only when SHIMD_RUNTIME_FLAVOR=runsc, so plain runc sh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -44,6 +45,7 @@ class Runsc(Runc):
         self.extra = global_args()
         self._exits: dict[str, asyncio.Future[ExitInfo]] = {}
         self._waiters: dict[str, asyncio.Task[None]] = {}
+        self._stdio: dict[str, tuple[int, int, int]] = {}
 
     def _argv(self, *args: str) -> list[str]:
         argv = super()._argv()
@@ -78,8 +80,30 @@ class Runsc(Runc):
             self._waiters.pop(cid, None)
         self._settle(cid, status)
 
+    # --- stdio -----------------------------------------------------------------------------------
+    async def create(self, cid: str, bundle: str, pid_file: str, stdio: tuple[int, int, int],
+                     console_socket: str = "") -> None:
+        await super().create(cid, bundle, pid_file, stdio, console_socket)
+        # A container joining a sandbox gets its stdio from `runsc start`, not `runsc create`: keep
+        # copies until then (the shim closes its child ends right after create).
+        self._close_stdio(cid)
+        self._stdio[cid] = tuple(os.dup(fd) if fd >= 0 else -1 for fd in stdio)  # type: ignore[assignment]
+
+    def _close_stdio(self, cid: str) -> None:
+        for fd in self._stdio.pop(cid, ()):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
     async def start(self, cid: str) -> None:
-        await super().start(cid)
+        stdio = self._stdio.get(cid)
+        try:
+            if stdio is not None and min(stdio) >= 0:
+                await self._run("start", cid, stdio=stdio)
+            else:
+                await super().start(cid)
+        finally:
+            self._close_stdio(cid)
         if cid not in self._waiters:
             self._waiters[cid] = asyncio.ensure_future(self._wait(cid))
 
@@ -87,6 +111,7 @@ class Runsc(Runc):
         try:
             await super().delete(cid, force)
         finally:
+            self._close_stdio(cid)
             if cid not in self._waiters:
                 self._settle(cid, NEVER_STARTED_STATUS)
             self._exits.pop(cid, None)
@@ -110,3 +135,5 @@ class Runsc(Runc):
     def close(self) -> None:
         for t in self._waiters.values():
             t.cancel()
+        for cid in list(self._stdio):
+            self._close_stdio(cid)

@@ -51,8 +51,11 @@ def main() -> None:
         ref = reg.client().push_image("bench/big", "v1", man)
         print(f"image {ref}: {len(man.layers)} layers, {man.size / 1e6:.1f} MB compressed")
 
-        shimd_times, shimd_rss, ctd_times = [], [], []
-        for run in range(args.runs):
+        shimd_times: list[float] = []
+        shimd_rss: list[float] = []
+        ctd_times: list[float] = []
+
+        def run_shimd(run: int) -> None:
             base = work / f"shimd{run}"
             base.mkdir()
             proc = ShimdProcess(base, insecure_toml(reg))
@@ -68,6 +71,7 @@ def main() -> None:
             shimd_rss.append(rss)
             print(f"  shimd      run {run}: {t:.3f} s, peak RSS {rss:.1f} MB")
 
+        def run_containerd(run: int) -> None:
             peer = ContainerdPeer(work / f"ctd{run}", plain_http_registries=[reg.host])
             try:
                 client = peer.start()
@@ -76,6 +80,12 @@ def main() -> None:
                 peer.stop(wipe=True)
             ctd_times.append(t)
             print(f"  containerd run {run}: {t:.3f} s")
+
+        for run in range(args.runs):
+            # Alternate who goes first, so page-cache and writeback effects do not favour one side.
+            order = (run_shimd, run_containerd) if run % 2 == 0 else (run_containerd, run_shimd)
+            for fn in order:
+                fn(run)
 
         ms, mc = statistics.median(shimd_times), statistics.median(ctd_times)
         print(f"median pull+unpack: shimd {ms:.3f} s, containerd {mc:.3f} s, ratio shimd/containerd {ms / mc:.2f}x")

@@ -1,0 +1,1 @@
+"""shimd's own Prometheus metrics (RPCs, objects, pulls, shims), served over HTTP with aiohttp."""

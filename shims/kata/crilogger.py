@@ -1,0 +1,141 @@
+"""CRI log writer for containerd's `binary://` logging protocol (shim v2 binaries that know no crilog://).
+
+The shim starts this program with the container's stdout on fd 3, stderr on fd 4 and a readiness
+pipe on fd 5 (closed once we are ready), env CONTAINER_ID and CONTAINER_NAMESPACE. Arguments come
+from the URI's query: `binary:///path/to/shimd-crilogger?log=/var/log/pods/.../0.log` gives
+`log <path>`. Output is written in the CRI format until both streams reach EOF, independently of
+shimd (which may be down meanwhile).
+
+The log file is reopened on SIGHUP, and also when it was renamed or removed (checked at most once a
+second), so kubelet's rotation works without any call reaching this process.
+
+A plain selector loop: this process does one thing, and an event loop would only cost memory.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import sys
+import time
+
+from shims.common.stdio import CriLogSink
+
+STDOUT_FD, STDERR_FD, READY_FD = 3, 4, 5
+CHUNK = 32 * 1024
+STAT_INTERVAL = 1.0
+_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
+
+class LogFile:
+    """The writer CriLogSink expects (append/reopen), writing synchronously to one file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+        self.ino = (0, 0)
+        self.checked = 0.0
+        self.reopen_requested = False
+        self.failed = False
+
+    def _open(self) -> None:
+        self.fd = os.open(self.path, _FLAGS, 0o640)
+        st = os.fstat(self.fd)
+        self.ino = (st.st_dev, st.st_ino)
+        self.checked = time.monotonic()
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _rotated(self) -> bool:
+        now = time.monotonic()
+        if now - self.checked < STAT_INTERVAL:
+            return False
+        self.checked = now
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self.ino
+
+    def append(self, path: str, data: bytes) -> bool:
+        try:
+            if self.reopen_requested or (self.fd >= 0 and self._rotated()):
+                self.reopen_requested = False
+                self._close()
+            if self.fd < 0:
+                self._open()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            self.failed = False
+        except OSError as e:
+            # A full disk or a removed log directory must not stop the container: drop, report once.
+            self._close()
+            if not self.failed:
+                sys.stderr.write(f"shimd-crilogger: writing {self.path}: {e}\n")
+            self.failed = True
+        return True
+
+    def reopen(self, path: str) -> None:
+        self.reopen_requested = True
+
+
+def _arg(argv: list[str], name: str) -> str:
+    for i in range(0, len(argv) - 1):
+        if argv[i] == name:
+            return argv[i + 1]
+    return ""
+
+
+def main(argv: list[str]) -> int:
+    path = _arg(argv, "log")
+    if not path or not os.path.isabs(path):
+        sys.stderr.write(f"usage: shimd-crilogger log /absolute/path (got {argv!r})\n")
+        return 2
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    out = LogFile(path)
+    sink = CriLogSink(out, path)  # type: ignore[arg-type]  # duck-typed writer
+    signal.signal(signal.SIGHUP, lambda *_: out.reopen(path))
+    # Terminating signals are ignored: the logger ends when the container's output ends, never earlier.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    streams = {STDOUT_FD: b"stdout", STDERR_FD: b"stderr"}
+    sel = selectors.DefaultSelector()
+    for fd in list(streams):
+        try:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ)
+        except (OSError, ValueError):
+            streams.pop(fd)
+    try:
+        os.close(READY_FD)
+    except OSError:
+        pass
+    while streams:
+        for key, _ in sel.select():
+            fd = int(key.fd)
+            try:
+                data = os.read(fd, CHUNK)
+            except BlockingIOError:
+                continue
+            except InterruptedError:
+                continue
+            except OSError:
+                data = b""
+            if data:
+                sink.feed(streams[fd], data)
+                continue
+            sink.flush(streams[fd])
+            sel.unregister(fd)
+            os.close(fd)
+            del streams[fd]
+    out._close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

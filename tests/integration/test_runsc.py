@@ -1,0 +1,116 @@
+"""Pods on gVisor (runsc) through the CRI: one sandbox per pod, logs, exec, stop, restart recovery."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.integration.test_pod_lifecycle import CRI_LINE, assert_no_leftovers
+from tests.support.runtime import Runtime
+
+pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc (gVisor) is not installed")
+
+
+def _sandboxes_of(pod_id: str) -> list[int]:
+    """Host processes of the pod's gVisor sandbox (runsc-sandbox), found by the pause bundle path."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if cmd.startswith(b"runsc-sandbox") and pod_id.encode() in cmd:
+            found.append(int(pid))
+    return found
+
+
+def _exec(rt: Runtime, cid: str, cmd: list[str], timeout: int = 20) -> tuple[int, str, str]:
+    r = rt.client.runtime.ExecSync(rt.pb.ExecSyncRequest(container_id=cid, cmd=cmd, timeout=timeout))
+    return r.exit_code, r.stdout.decode(), r.stderr.decode()
+
+
+def _wait_log(path: Path, text: str, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        content = path.read_text() if path.exists() else ""
+        if text in content or time.monotonic() > deadline:
+            return content
+        time.sleep(0.1)
+
+
+def test_runsc_pod_lifecycle(rt: Runtime) -> None:
+    pb = rt.pb
+    pod_id, pod_cfg = rt.run_pod("gv", handler="runsc")
+    st = rt.client.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id))
+    assert st.status.state == pb.SANDBOX_READY
+    assert st.status.runtime_handler == "runsc"
+    assert len(_sandboxes_of(pod_id)) == 1
+
+    cid = rt.create(pod_id, pod_cfg, "app", ["sh", "-c", "echo hello-out; echo hello-err >&2; exec sleep 1000"])
+    rt.start(cid)
+    rt.wait_state(cid, pb.CONTAINER_RUNNING)
+    log = _wait_log(rt.log_dir / "gv" / "app" / "0.log", "hello-err")
+    parsed = [CRI_LINE.match(line) for line in log.splitlines()]
+    assert all(parsed), log
+    assert {("stdout", "hello-out"), ("stderr", "hello-err")} <= {(m.group(3), m.group(5)) for m in parsed if m}
+
+    # Inside is gVisor's kernel, not the host's.
+    code, out, _ = _exec(rt, cid, ["dmesg"])
+    assert code == 0 and "gVisor" in out, out
+    code, out, err = _exec(rt, cid, ["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (code, out, err) == (3, "out\n", "err\n")
+
+    # A second container joins the same sandbox (no second runsc-sandbox process).
+    quitter = rt.create(pod_id, pod_cfg, "quitter", ["sh", "-c", "uname -r; exit 7"])
+    rt.start(quitter)
+    st2 = rt.wait_state(quitter, pb.CONTAINER_EXITED)
+    assert st2.exit_code == 7
+    assert _wait_log(rt.log_dir / "gv" / "quitter" / "0.log", "4.4.0").count("4.4.0") == 1
+    assert len(_sandboxes_of(pod_id)) == 1
+
+    with pytest.raises(grpc.RpcError) as e:
+        rt.client.runtime.UpdateContainerResources(pb.UpdateContainerResourcesRequest(
+            container_id=cid, linux=pb.LinuxContainerResources(cpu_shares=512)))
+    assert "runsc" in (e.value.details() or "")
+
+    t0 = time.monotonic()
+    rt.client.runtime.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=10))
+    assert rt.status(cid).state == pb.CONTAINER_EXITED
+    assert time.monotonic() - t0 < 10  # sleep dies of SIGTERM
+    rt.client.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=quitter))
+
+    rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    assert _sandboxes_of(pod_id) == []
+    rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert_no_leftovers(rt, pod_id)
+
+
+def test_runsc_restart_recovery(rt: Runtime) -> None:
+    pb = rt.pb
+    pod_id, pod_cfg = rt.run_pod("gvr", handler="runsc")
+    runner = rt.create(pod_id, pod_cfg, "runner", ["sleep", "1000"])
+    quitter = rt.create(pod_id, pod_cfg, "quitter", ["sh", "-c", "sleep 2; exit 5"])
+    rt.start(runner)
+    rt.start(quitter)
+    rt.wait_state(runner, pb.CONTAINER_RUNNING)
+
+    rt.proc.kill()
+    time.sleep(3.5)  # quitter exits while shimd is down
+    rt.proc.start()
+
+    assert rt.wait_state(quitter, pb.CONTAINER_EXITED, timeout=15).exit_code == 5
+    assert rt.status(runner).state == pb.CONTAINER_RUNNING
+    code, out, _ = _exec(rt, runner, ["dmesg"])
+    assert code == 0 and "gVisor" in out
+    rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    assert rt.status(runner).state == pb.CONTAINER_EXITED
+    rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert_no_leftovers(rt, pod_id)

@@ -1,0 +1,189 @@
+"""Seccomp profiles and the security parts of the OCI spec builder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shimd import errors
+from shimd.api.runtime import v1 as cri
+from shimd.oci import seccomp, spec
+
+RD = cri.SecurityProfileProfileType.RuntimeDefault
+UNCONFINED = cri.SecurityProfileProfileType.Unconfined
+LOCALHOST = cri.SecurityProfileProfileType.Localhost
+
+
+def _pod(**kw: Any) -> spec.PodContext:
+    base: dict[str, Any] = dict(pod_id="p" * 64, name="pod", namespace="ns", uid="u", hostname="pod",
+                                namespaces={"network": "/run/ns/net", "ipc": "/run/ns/ipc", "uts": "/run/ns/uts"},
+                                files={}, cgroups_path="/shimd/podx/c")
+    base.update(kw)
+    return spec.PodContext(**base)
+
+
+def _image(tmp_path: Path) -> spec.ImageContext:
+    etc = tmp_path / "layer" / "etc"
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n")
+    (etc / "group").write_text("root:x:0:\napp:x:1000:\nwheel:x:10:app\naudio:x:29:app\n")
+    return spec.ImageContext(name="img", config={"Cmd": ["sh"], "User": "app"}, layers=[str(tmp_path / "layer")])
+
+
+def _profile(kind: cri.SecurityProfileProfileType, ref: str = "") -> cri.SecurityProfile:
+    """As decoded from kubelet's request: present on the wire even when every field is the default."""
+    return cri.SecurityProfile().parse(bytes(cri.SecurityProfile(profile_type=kind, localhost_ref=ref)))
+
+
+def _build(tmp_path: Path, sc: cri.LinuxContainerSecurityContext, pod: spec.PodContext | None = None,
+           res: cri.LinuxContainerResources | None = None) -> dict[str, Any]:
+    linux = cri.LinuxContainerConfig(security_context=sc)
+    if res is not None:
+        linux.resources = res
+    cfg = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="c"), image=cri.ImageSpec(image="img"), linux=linux)
+    return spec.container_spec("c" * 64, cfg, pod or _pod(), _image(tmp_path), "/rootfs", min_oom=-1000)
+
+
+def _denied(profile: dict[str, Any]) -> set[str]:
+    return {n for s in profile["syscalls"] if "args" not in s for n in s["names"]}
+
+
+def test_default_profile_denies_by_capability() -> None:
+    p = seccomp.default_profile(spec.DEFAULT_CAPS, "x86_64")
+    assert p["defaultAction"] == "SCMP_ACT_ALLOW"
+    assert "SCMP_ACT_X86_64".replace("ACT", "ARCH") in p["architectures"]
+    d = _denied(p)
+    assert {"mount", "unshare", "setns", "kexec_load", "init_module", "bpf", "keyctl", "ptrace", "clone3",
+            "settimeofday", "reboot", "open_by_handle_at", "userfaultfd"} <= d
+    assert not {"read", "write", "clone", "execve", "chown", "kill", "setuid"} & d
+    # clone with a namespace flag is refused, plain clone (threads, fork) is not.
+    clone_rules = [s for s in p["syscalls"] if s["names"] == ["clone"]]
+    assert {r["args"][0]["value"] for r in clone_rules} >= {0x10000000, 0x20000000, 0x40000000, 0x00020000}
+
+    admin = _denied(seccomp.default_profile([*spec.DEFAULT_CAPS, "CAP_SYS_ADMIN", "CAP_SYS_TIME"], "x86_64"))
+    assert "mount" not in admin and "settimeofday" not in admin and "bpf" not in admin
+    assert "keyctl" in admin  # no capability makes keyrings safe
+
+
+def test_runtime_default_unconfined_and_privileged(tmp_path: Path) -> None:
+    s = _build(tmp_path, cri.LinuxContainerSecurityContext(seccomp=_profile(RD)))
+    assert s["linux"]["seccomp"]["defaultAction"] == "SCMP_ACT_ALLOW"
+    s = _build(tmp_path, cri.LinuxContainerSecurityContext(seccomp_profile_path="runtime/default"))
+    assert "seccomp" in s["linux"]
+    s = _build(tmp_path, cri.LinuxContainerSecurityContext(seccomp=_profile(UNCONFINED)))
+    assert "seccomp" not in s["linux"]
+    assert "seccomp" not in _build(tmp_path, cri.LinuxContainerSecurityContext())["linux"]
+    priv = _build(tmp_path, cri.LinuxContainerSecurityContext(privileged=True, seccomp=_profile(RD)),
+                  pod=_pod(privileged_pod=True))
+    assert "seccomp" not in priv["linux"]
+    assert "maskedPaths" not in priv["linux"] and "readonlyPaths" not in priv["linux"]
+    assert priv["process"]["capabilities"]["bounding"] == spec.ALL_CAPS
+    assert any(d["path"] == "/dev/null" for d in priv["linux"]["devices"])
+    assert priv["linux"]["resources"]["devices"] == [{"allow": True, "access": "rwm"}]
+    cg = next(m for m in priv["mounts"] if m["destination"] == "/sys/fs/cgroup")
+    assert "ro" not in cg["options"]
+
+
+def test_localhost_profile(tmp_path: Path) -> None:
+    prof = tmp_path / "p.json"
+    prof.write_text(json.dumps({"defaultAction": "SCMP_ACT_ERRNO", "architectures": ["SCMP_ARCH_X86_64"],
+                                "syscalls": [{"names": ["read", "write"], "action": "SCMP_ACT_ALLOW"},
+                                             {"names": ["mount"], "action": "SCMP_ACT_ALLOW",
+                                              "includes": {"caps": ["CAP_SYS_ADMIN"]}}]}))
+    s = _build(tmp_path, cri.LinuxContainerSecurityContext(seccomp=_profile(LOCALHOST, str(prof))))
+    assert s["linux"]["seccomp"]["defaultAction"] == "SCMP_ACT_ERRNO"
+    assert s["linux"]["seccomp"]["syscalls"] == [{"names": ["read", "write"], "action": "SCMP_ACT_ALLOW"}]
+    with pytest.raises(errors.InvalidArgument, match=r"seccomp.*does not exist"):
+        _build(tmp_path, cri.LinuxContainerSecurityContext(seccomp=_profile(
+            LOCALHOST, str(tmp_path / "missing.json"))))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(errors.InvalidArgument, match=r"defaultAction"):
+        _build(tmp_path, cri.LinuxContainerSecurityContext(seccomp_profile_path=f"localhost/{tmp_path}/bad.json"))
+
+
+def test_apparmor(tmp_path: Path) -> None:
+    # RuntimeDefault and Unconfined need nothing from a host without AppArmor.
+    s = _build(tmp_path, cri.LinuxContainerSecurityContext(apparmor=_profile(RD)))
+    assert "apparmorProfile" not in s["process"]
+    if not spec.apparmor_supported():
+        with pytest.raises(errors.InvalidArgument, match=r"apparmor.*AppArmor is not enabled"):
+            _build(tmp_path, cri.LinuxContainerSecurityContext(apparmor=_profile(
+                LOCALHOST, "my-profile")))
+
+
+def test_sysctls() -> None:
+    private = {"network", "ipc", "uts"}
+    spec.validate_sysctls({"net.ipv4.ip_forward": "1", "kernel.shm_rmid_forced": "1",
+                           "fs.mqueue.msg_max": "20", "net/ipv4/ping_group_range": "0 1"}, private)
+    with pytest.raises(errors.InvalidArgument, match=r"kernel.panic.*not namespaced"):
+        spec.validate_sysctls({"kernel.panic": "1"}, private)
+    with pytest.raises(errors.InvalidArgument, match=r"net.ipv4.ip_forward.*network namespace"):
+        spec.validate_sysctls({"net.ipv4.ip_forward": "1"}, {"ipc"})
+    with pytest.raises(errors.InvalidArgument, match=r"kernel.sem.*ipc"):
+        spec.validate_sysctls({"kernel.sem": "1 2 3 4"}, {"network"})
+    with pytest.raises(errors.InvalidArgument, match=r"not a sysctl name"):
+        spec.validate_sysctls({"../../x": "1"}, private)
+
+
+def test_capabilities_and_users(tmp_path: Path) -> None:
+    sc = cri.LinuxContainerSecurityContext(capabilities=cri.Capability(add_capabilities=["NET_ADMIN"],
+                                                                       drop_capabilities=["CHOWN"]))
+    caps = _build(tmp_path, sc)["process"]["capabilities"]["effective"]
+    assert "CAP_NET_ADMIN" in caps and "CAP_CHOWN" not in caps
+    with pytest.raises(errors.InvalidArgument, match=r"unknown capability 'CAP_FLY'"):
+        _build(tmp_path, cri.LinuxContainerSecurityContext(capabilities=cri.Capability(add_capabilities=["FLY"])))
+    # Image user "app": its /etc/group memberships merge with the supplemental groups...
+    user = _build(tmp_path, cri.LinuxContainerSecurityContext(supplemental_groups=[5000]))["process"]["user"]
+    assert user == {"uid": 1000, "gid": 1000, "additionalGids": [10, 29, 5000]}
+    # ...unless the policy is Strict.
+    user = _build(tmp_path, cri.LinuxContainerSecurityContext(
+        supplemental_groups=[5000], supplemental_groups_policy=cri.SupplementalGroupsPolicy.Strict))["process"]["user"]
+    assert user == {"uid": 1000, "gid": 1000, "additionalGids": [5000]}
+    user = _build(tmp_path, cri.LinuxContainerSecurityContext(run_as_user=cri.Int64Value(0),
+                                                              run_as_group=cri.Int64Value(7)))["process"]["user"]
+    assert user == {"uid": 0, "gid": 7}
+    with pytest.raises(errors.InvalidArgument, match=r"run_as_user"):
+        _build(tmp_path, cri.LinuxContainerSecurityContext(run_as_user=cri.Int64Value(-3)))
+
+
+def test_user_namespace(tmp_path: Path) -> None:
+    ns = cri.NamespaceOption(userns_options=cri.UserNamespace(
+        mode=cri.NamespaceMode.POD, uids=[cri.IdMapping(host_id=100000, container_id=0, length=65536)],
+        gids=[cri.IdMapping(host_id=100000, container_id=0, length=65536)]))
+    s = _build(tmp_path, cri.LinuxContainerSecurityContext(namespace_options=ns))
+    assert {"type": "user"} in s["linux"]["namespaces"]
+    assert s["linux"]["uidMappings"] == [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    ns.userns_options.gids = []
+    with pytest.raises(errors.InvalidArgument, match=r"userns_options.gids"):
+        _build(tmp_path, cri.LinuxContainerSecurityContext(namespace_options=ns))
+
+
+@pytest.mark.parametrize(("res", "field"), [
+    (cri.LinuxContainerResources(cpu_shares=1), "cpu_shares"),
+    (cri.LinuxContainerResources(cpu_quota=-2), "cpu_quota"),
+    (cri.LinuxContainerResources(cpu_period=999), "cpu_period"),
+    (cri.LinuxContainerResources(memory_limit_in_bytes=-1), "memory_limit_in_bytes"),
+    (cri.LinuxContainerResources(memory_limit_in_bytes=1 << 61), "memory_limit_in_bytes"),
+    (cri.LinuxContainerResources(memory_limit_in_bytes=1 << 30, memory_swap_limit_in_bytes=1 << 20),
+     "memory_swap_limit_in_bytes"),
+    (cri.LinuxContainerResources(oom_score_adj=2000), "oom_score_adj"),
+    (cri.LinuxContainerResources(cpuset_cpus="0-x"), "cpuset_cpus"),
+    (cri.LinuxContainerResources(cpuset_cpus="3-1"), "cpuset_cpus"),
+    (cri.LinuxContainerResources(hugepage_limits=[cri.HugepageLimit(page_size="2M", limit=1)]), "page_size"),
+    (cri.LinuxContainerResources(unified={"../memory.max": "1"}), "unified"),
+])
+def test_bad_resources(tmp_path: Path, res: cri.LinuxContainerResources, field: str) -> None:
+    with pytest.raises(errors.InvalidArgument, match=field):
+        _build(tmp_path, cri.LinuxContainerSecurityContext(), res=res)
+
+
+def test_merge_resources() -> None:
+    old = cri.LinuxContainerResources(cpu_shares=512, cpu_quota=50000, memory_limit_in_bytes=1 << 26,
+                                      unified={"memory.high": "100"})
+    new = cri.LinuxContainerResources(cpu_quota=150000, unified={"pids.max": "10"})
+    m = spec.merge_resources(old, new)
+    assert (m.cpu_shares, m.cpu_quota, m.memory_limit_in_bytes) == (512, 150000, 1 << 26)
+    assert m.unified == {"memory.high": "100", "pids.max": "10"}
