@@ -28,9 +28,9 @@ run: deps
 		echo "installed shimd's default CNI network in $(CNI_DIR)/10-shimd.conflist"; fi
 	@$(VENV)/bin/shimd serve $(SHIMD_ARGS)
 
+# Lint and tests both always run; either failing fails the target.
 test: deps
-	@$(PY) -m ruff check shimd shims tests
-	@$(PY) -m pytest $(PYTEST_ARGS)
+	@rc=0; $(PY) -m ruff check shimd shims tests || rc=1; $(PY) -m pytest $(PYTEST_ARGS) || rc=1; exit $$rc
 
 proto: py-deps
 	@$(PY) shimd/api/generate.py

@@ -1,4 +1,4 @@
-"""The `shimd` command: serve, config default, version."""
+"""The `shimd` command: serve, check, config default, version."""
 
 from __future__ import annotations
 
@@ -46,6 +46,22 @@ def _config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from shimd import check
+
+    try:
+        cfg = config.load(Path(args.config) if args.config else None)
+    except config.ConfigError as e:
+        print(f"FAIL  config           {e}", file=sys.stderr)
+        return 1
+    findings = asyncio.run(check.run_checks(cfg, kubelet_config=Path(args.kubelet_config),
+                                            probe_daemon=not args.no_daemon))
+    print(check.to_json(findings) if args.json else check.render(findings))
+    return check.exit_code(findings)
+
+
 def _version(_: argparse.Namespace) -> int:
     print(f"shimd {__version__} (CRI runtime API v1)")
     return 0
@@ -67,6 +83,13 @@ def parser() -> argparse.ArgumentParser:
     chk = csub.add_parser("check", help="validate a config file")
     chk.add_argument("path")
     chk.set_defaults(func=_config_check)
+    k = sub.add_parser("check", help="verify this node can run shimd; exit 1 when something is wrong")
+    k.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH} if it exists)")
+    k.add_argument("--kubelet-config", default="/var/lib/kubelet/config.yaml",
+                   help="KubeletConfiguration to compare cgroupDriver with (skipped when absent)")
+    k.add_argument("--no-daemon", action="store_true", help="do not call the running shimd")
+    k.add_argument("--json", action="store_true", help="machine-readable findings")
+    k.set_defaults(func=_check)
     sub.add_parser("version", help="print the version").set_defaults(func=_version)
     return p
 

@@ -7,12 +7,11 @@ import contextlib
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 import grpclib.server
 import uvloop
 
-from shimd import config, errors, log
+from shimd import config, errors, log, sdnotify
 from shimd.containers.exec import Execs
 from shimd.containers.service import ContainerService
 from shimd.containers.streams import ContainerStreams
@@ -23,7 +22,7 @@ from shimd.events import EventBus
 from shimd.images.manager import ImageManager
 from shimd.network.manager import NetworkManager
 from shimd.pods.service import PodService
-from shimd.shimmgr.manager import ShimManager
+from shimd.shimmgr.manager import ExitInfo, ShimManager
 from shimd.socket_guard import SocketGuard
 from shimd.store.store import Store
 from shimd.streaming.server import StreamingServer
@@ -38,16 +37,16 @@ class Daemon:
         self._server: grpclib.server.Server | None = None
         self._guard = SocketGuard(cfg.daemon.socket)
         self._stopping = asyncio.Event()
-        # Components, made in start() (their constructors may touch the event loop).
-        self.images: Any = None
-        self.store: Any = None
-        self.network: Any = None
-        self.shims: Any = None
-        self.pods: Any = None
-        self.containers: Any = None
-        self.execs: Any = None
         self.events = EventBus()
-        self.streaming: Any = None
+        # The components; start() makes them inside the running event loop.
+        self.images: ImageManager = None  # type: ignore[assignment]
+        self.store: Store = None  # type: ignore[assignment]
+        self.network: NetworkManager = None  # type: ignore[assignment]
+        self.shims: ShimManager = None  # type: ignore[assignment]
+        self.pods: PodService = None  # type: ignore[assignment]
+        self.containers: ContainerService = None  # type: ignore[assignment]
+        self.execs: Execs = None  # type: ignore[assignment]
+        self.streaming: StreamingServer | None = None
 
     def handler_reports(self) -> list[tuple[str, bool, str, bool]]:
         if self.shims is None:
@@ -57,7 +56,7 @@ class Daemon:
     def network_status(self) -> tuple[bool, str, str]:
         if self.network is None:
             return False, "NetworkPluginNotReady", "networking is not initialised"
-        return tuple(self.network.status())  # type: ignore[return-value]
+        return self.network.status()
 
     async def _build(self) -> None:
         self.images = ImageManager(self.cfg, self.root / "images")
@@ -80,7 +79,7 @@ class Daemon:
         await self.pods.recover()
         await self.containers.recover()
 
-    async def _on_exit(self, pod_id: str, task_id: str, info: Any) -> None:
+    async def _on_exit(self, pod_id: str, task_id: str, info: ExitInfo) -> None:
         await self.containers.on_exit(pod_id, task_id, info)
 
     async def _on_shim_dead(self, pod_id: str) -> None:
@@ -103,6 +102,8 @@ class Daemon:
             raise
         self.log.info("serving", socket=self.cfg.daemon.socket, config=self.cfg.source,
                       pods=len(self.store.pods), containers=len(self.store.containers))
+        # Only now is the socket accepting: kubelet ordered After=shimd.service may connect at once.
+        sdnotify.ready(f"serving {len(self.store.pods)} pods on {self.cfg.daemon.socket}")
 
     async def _close_components(self) -> None:
         if self.streaming is not None:
@@ -119,6 +120,7 @@ class Daemon:
             await self.images.close()
 
     async def stop(self) -> None:
+        sdnotify.stopping()
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(asyncio.TimeoutError):

@@ -25,7 +25,8 @@ LAYOUT = {
     "containerd/api/types/metrics.proto": "github.com/containerd/containerd/api/types/metrics.proto",
     "containerd/api/types/task/task.proto": "github.com/containerd/containerd/api/types/task/task.proto",
     "containerd/api/events/task.proto": "github.com/containerd/containerd/api/events/task.proto",
-    "containerd/runtime/v2/runc/options/oci.proto": "github.com/containerd/containerd/runtime/v2/runc/options/oci.proto",
+    "containerd/runtime/v2/runc/options/oci.proto":
+        "github.com/containerd/containerd/runtime/v2/runc/options/oci.proto",
 }
 
 HEADER = (

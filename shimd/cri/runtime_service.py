@@ -70,6 +70,7 @@ class RuntimeService(cri.RuntimeServiceBase):
     # --- pods ------------------------------------------------------------------------------
     async def run_pod_sandbox(self, request: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResponse:
         config = validate.pod_config(request.config)
+        self._check_pod_security(config)
         pod_id = await self.d.pods.run(config, request.runtime_handler)
         return cri.RunPodSandboxResponse(pod_sandbox_id=pod_id)
 
@@ -191,6 +192,20 @@ class RuntimeService(cri.RuntimeServiceBase):
             if not 0 < port < 65536:
                 raise errors.InvalidArgument(f"port[{i}] {port} is out of range")
         return cri.PortForwardResponse(url=self.d.streaming.portforward_url(pod.id, list(request.port)))
+
+    # --- security checks (issue 7) -----------------------------------------------------------
+    @staticmethod
+    def _check_pod_security(config: cri.PodSandboxConfig) -> None:
+        """Refuse host-wide sysctls, or ones for a namespace the pod shares with the host, before making anything."""
+        if not betterproto.serialized_on_wire(config.linux):
+            return
+        ns = config.linux.security_context.namespace_options
+        private = set()
+        if ns.network != cri.NamespaceMode.NODE:
+            private |= {"network", "uts"}
+        if ns.ipc != cri.NamespaceMode.NODE:
+            private.add("ipc")
+        ocispec.validate_sysctls(dict(config.linux.sysctls), private, "config.linux.sysctls")
 
     # --- stats and metrics (issue 7) ---------------------------------------------------------
     def _stats(self) -> StatsCollector:

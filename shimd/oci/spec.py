@@ -194,29 +194,59 @@ def resolve_user(sc: cri.LinuxContainerSecurityContext, image_user: str, layers:
     return user
 
 
-def _capabilities(sc: cri.LinuxContainerSecurityContext) -> list[str]:
+# Bit numbers from linux/capability.h, to compare with what this host lets shimd hold.
+CAP_NUMBERS = {
+    "CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_FOWNER": 3, "CAP_FSETID": 4,
+    "CAP_KILL": 5, "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_LINUX_IMMUTABLE": 9,
+    "CAP_NET_BIND_SERVICE": 10, "CAP_NET_BROADCAST": 11, "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13,
+    "CAP_IPC_LOCK": 14, "CAP_IPC_OWNER": 15, "CAP_SYS_MODULE": 16, "CAP_SYS_RAWIO": 17, "CAP_SYS_CHROOT": 18,
+    "CAP_SYS_PTRACE": 19, "CAP_SYS_PACCT": 20, "CAP_SYS_ADMIN": 21, "CAP_SYS_BOOT": 22, "CAP_SYS_NICE": 23,
+    "CAP_SYS_RESOURCE": 24, "CAP_SYS_TIME": 25, "CAP_SYS_TTY_CONFIG": 26, "CAP_MKNOD": 27, "CAP_LEASE": 28,
+    "CAP_AUDIT_WRITE": 29, "CAP_AUDIT_CONTROL": 30, "CAP_SETFCAP": 31, "CAP_MAC_OVERRIDE": 32,
+    "CAP_MAC_ADMIN": 33, "CAP_SYSLOG": 34, "CAP_WAKE_ALARM": 35, "CAP_BLOCK_SUSPEND": 36, "CAP_AUDIT_READ": 37,
+    "CAP_PERFMON": 38, "CAP_BPF": 39, "CAP_CHECKPOINT_RESTORE": 40,
+}
+
+
+def host_caps() -> set[str]:
+    """Capabilities in shimd's own bounding set: a container can get no others (hosts may drop some)."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("CapBnd:"))
+        mask = int(line.split()[1], 16)
+    except (OSError, StopIteration, ValueError):
+        return set(ALL_CAPS)
+    return {name for name, bit in CAP_NUMBERS.items() if mask >> bit & 1}
+
+
+def _capabilities(sc: cri.LinuxContainerSecurityContext, held: set[str] | None = None) -> list[str]:
+    held = host_caps() if held is None else held
     if sc.privileged:
-        return list(ALL_CAPS)
+        return [c for c in ALL_CAPS if c in held]
     caps = list(DEFAULT_CAPS)
 
     def norm(c: str) -> str:
         c = c.upper()
         return c if c.startswith("CAP_") else f"CAP_{c}"
 
-    add = [norm(c) for c in sc.capabilities.add_capabilities] if sc.capabilities else []
-    drop = [norm(c) for c in sc.capabilities.drop_capabilities] if sc.capabilities else []
+    add = [norm(c) for c in sc.capabilities.add_capabilities]
+    drop = [norm(c) for c in sc.capabilities.drop_capabilities]
     for c in add + drop:
         if c != "CAP_ALL" and c not in ALL_CAPS:
             raise errors.InvalidArgument(f"linux.security_context.capabilities: unknown capability {c!r}")
+    for c in add:
+        if c != "CAP_ALL" and c not in held:
+            raise errors.InvalidArgument(f"linux.security_context.capabilities.add_capabilities: {c} is not "
+                                         "available on this host (missing from shimd's bounding set)")
     if "CAP_ALL" in add:
-        caps = list(ALL_CAPS)
+        caps = [c for c in ALL_CAPS if c in held]
     else:
         caps += [c for c in add if c not in caps]
     if "CAP_ALL" in drop:
         caps = [c for c in add if c != "CAP_ALL"]
     else:
         caps = [c for c in caps if c not in drop]
-    return caps
+    return [c for c in caps if c in held]
 
 
 def _base_mounts(privileged: bool, readonly_rootfs: bool, pod: PodContext) -> list[dict[str, Any]]:

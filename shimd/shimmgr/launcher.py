@@ -11,13 +11,17 @@ import asyncio
 import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
+from typing import IO
 
 from shimd import errors
 from shimd.api.containerd.task import v2 as task
 
 # Events go nowhere: shimd watches exits with Wait, so publishing is a no-op binary.
 PUBLISH_BINARY = shutil.which("true") or "/bin/true"
+# An address or a DeleteResponse is a few hundred bytes; anything past this is noise.
+MAX_OUTPUT = 1 << 20
 
 
 def _argv(argv: list[str], namespace: str, task_id: str, shimd_address: str, extra: list[str]) -> list[str]:
@@ -26,26 +30,40 @@ def _argv(argv: list[str], namespace: str, task_id: str, shimd_address: str, ext
 
 
 async def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float, what: str) -> bytes:
+    # Output goes to temporary files, not pipes: a Go shim's daemonised child inherits whatever
+    # descriptors leaked into `start` (uvloop leaks its stdio socketpair ends), so a pipe might never
+    # reach EOF. The exit of the command is what ends the wait.
+    out_f, err_f = await asyncio.to_thread(lambda: (tempfile.TemporaryFile(), tempfile.TemporaryFile()))
     try:
-        proc = await asyncio.create_subprocess_exec(*cmd, cwd=str(cwd), env={**os.environ, **env},
-                                                    stdin=asyncio.subprocess.DEVNULL,
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    except OSError as e:
-        raise errors.FailedPrecondition(f"{what}: cannot run shim {cmd[0]!r}: {e.strerror or e}") from None
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate()
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5.0):
+        try:
+            proc = await asyncio.create_subprocess_exec(*cmd, cwd=str(cwd), env={**os.environ, **env},
+                                                        stdin=asyncio.subprocess.DEVNULL, stdout=out_f,
+                                                        stderr=err_f)
+        except OSError as e:
+            raise errors.FailedPrecondition(f"{what}: cannot run shim {cmd[0]!r}: {e.strerror or e}") from None
+        try:
+            async with asyncio.timeout(timeout):
                 await proc.wait()
-        raise errors.DeadlineExceeded(f"{what}: shim {cmd[0]!r} did not finish within {timeout:g}s") from None
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await proc.wait()
+            raise errors.DeadlineExceeded(f"{what}: shim {cmd[0]!r} did not finish within {timeout:g}s") from None
+        out, err = await asyncio.to_thread(lambda: (_read_back(out_f), _read_back(err_f)))
+    finally:
+        out_f.close()
+        err_f.close()
     if proc.returncode != 0:
         detail = err.decode(errors="replace").strip()[-2000:] or f"exit status {proc.returncode}"
         raise errors.ShimdError(f"{what}: shim {cmd[0]!r} failed: {detail}")
     return out
+
+
+def _read_back(f: IO[bytes]) -> bytes:
+    f.seek(0)
+    return f.read(MAX_OUTPUT)
 
 
 async def _prepare_bundle(bundle: Path) -> None:

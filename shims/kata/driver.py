@@ -64,6 +64,8 @@ def logger_script(python: str, repo: Path) -> str:
 
 class ShimV2Driver:
     supports_user_namespaces = False
+    # crilogger reopens a renamed log file by itself; these shims have no Reopen call.
+    follows_log_rotation = True
 
     def __init__(self, handler: HandlerConfig, state_dir: Path, systemd_cgroup: bool = False,
                  runtime_timeout: float = 60.0) -> None:

@@ -37,9 +37,13 @@ async def mount_all(reaper: Reaper, mounts: list[dict[str, Any]], rootfs: str, t
     try:
         for mnt in mounts:
             target = os.path.join(rootfs, mnt["target"].lstrip("/")) if mnt["target"] else rootfs
-            argv = ["mount", "-t", mnt["type"] or "none"]
-            if mnt["options"]:
-                argv += ["-o", ",".join(mnt["options"])]
+            options, cwd = _shorten_lowerdirs(list(mnt["options"])) if mnt["type"] == "overlay" else (
+                list(mnt["options"]), "")
+            # The kernel reads relative lowerdirs from the mounting process's cwd (env -C, no shell).
+            argv = ["env", "-C", cwd, "mount"] if cwd else ["mount"]
+            argv += ["-t", mnt["type"] or "none"]
+            if options:
+                argv += ["-o", ",".join(options)]
             argv += [mnt["source"] or "none", target]
             await run(reaper, argv, timeout)
             done.append(target)
@@ -47,6 +51,26 @@ async def mount_all(reaper: Reaper, mounts: list[dict[str, Any]], rootfs: str, t
         for target in reversed(done):
             unmount(target)
         raise OSError(f"mounting the rootfs at {rootfs} failed: {e.stderr.strip()}") from None
+
+
+# Mount options must fit one page; long absolute lowerdir lists (many layers) do not.
+OPTIONS_BUDGET = 3500
+
+
+def _shorten_lowerdirs(options: list[str]) -> tuple[list[str], str]:
+    """Relative lowerdirs under their common parent when the absolute list would not fit."""
+    if len(",".join(options)) <= OPTIONS_BUDGET:
+        return options, ""
+    idx = next((i for i, o in enumerate(options) if o.startswith("lowerdir=")), -1)
+    if idx < 0:
+        return options, ""
+    lowers = options[idx][len("lowerdir="):].split(":")
+    if len(lowers) < 2 or not all(os.path.isabs(p) for p in lowers):
+        return options, ""
+    common = os.path.commonpath(lowers)
+    out = list(options)
+    out[idx] = "lowerdir=" + ":".join(os.path.relpath(p, common) for p in lowers)
+    return out, common
 
 
 def unmount(target: str) -> None:

@@ -80,7 +80,7 @@ def test_runtime_default_unconfined_and_privileged(tmp_path: Path) -> None:
                   pod=_pod(privileged_pod=True))
     assert "seccomp" not in priv["linux"]
     assert "maskedPaths" not in priv["linux"] and "readonlyPaths" not in priv["linux"]
-    assert priv["process"]["capabilities"]["bounding"] == spec.ALL_CAPS
+    assert priv["process"]["capabilities"]["bounding"] == [c for c in spec.ALL_CAPS if c in spec.host_caps()]
     assert any(d["path"] == "/dev/null" for d in priv["linux"]["devices"])
     assert priv["linux"]["resources"]["devices"] == [{"allow": True, "access": "rwm"}]
     cg = next(m for m in priv["mounts"] if m["destination"] == "/sys/fs/cgroup")
@@ -187,3 +187,14 @@ def test_merge_resources() -> None:
     m = spec.merge_resources(old, new)
     assert (m.cpu_shares, m.cpu_quota, m.memory_limit_in_bytes) == (512, 150000, 1 << 26)
     assert m.unified == {"memory.high": "100", "pids.max": "10"}
+
+
+def test_caps_limited_to_what_the_host_holds() -> None:
+    held = set(spec.ALL_CAPS) - {"CAP_SYS_RESOURCE"}
+    sc = cri.LinuxContainerSecurityContext(privileged=True)
+    assert "CAP_SYS_RESOURCE" not in spec._capabilities(sc, held)
+    sc = cri.LinuxContainerSecurityContext(capabilities=cri.Capability(add_capabilities=["ALL"]))
+    assert "CAP_SYS_RESOURCE" not in spec._capabilities(sc, held)
+    sc = cri.LinuxContainerSecurityContext(capabilities=cri.Capability(add_capabilities=["SYS_RESOURCE"]))
+    with pytest.raises(errors.InvalidArgument, match="CAP_SYS_RESOURCE is not available"):
+        spec._capabilities(sc, held)
