@@ -322,6 +322,9 @@ class ContainerService:
     async def recover(self) -> None:
         """Reattach to every running task; record exits that happened while shimd was down."""
         for ctr in list(self.store.containers.values()):
+            if ctr.state == CONTAINER_CREATED:
+                await self._recover_created(ctr)
+                continue
             if ctr.state != CONTAINER_RUNNING:
                 continue
             pod = self.store.pods.get(ctr.pod_id)
@@ -344,6 +347,37 @@ class ContainerService:
                 await self.on_exit(pod.id, ctr.id, ExitInfo(int(st.exit_status), ts_ns(st.exited_at)))
             else:
                 self.shims.watch(pod.id, ctr.id)
+
+    async def _recover_created(self, ctr: ContainerRecord) -> None:
+        """A crash inside StartContainer leaves the record CREATED while the shim may hold a task.
+
+        The task is the truth: a running one is adopted, a stopped one's exit recorded; one that was
+        created but never started is deleted, so a retried StartContainer can create it afresh.
+        """
+        pod = self.store.pods.get(ctr.pod_id)
+        if pod is None or pod.shim_dead or not pod.shim_address:
+            return
+        lg = self.log.bind(pod_id=pod.id, container_id=ctr.id)
+        try:
+            st = await self.shims.state(pod.id, ctr.id)
+        except errors.NotFound:
+            return
+        except (TimeoutError, errors.ShimdError, OSError) as e:
+            lg.warning("cannot reach shim during recovery", error=str(e))
+            return
+        status = int(st.status)  # containerd task Status: 1 CREATED, 2 RUNNING, 3 STOPPED, 4 PAUSED
+        if status == 1:
+            lg.warning("deleting the task of an interrupted StartContainer")
+            with contextlib.suppress(errors.ShimdError, OSError, asyncio.TimeoutError):
+                await self.shims.delete(pod.id, ctr.id)
+            return
+        lg.warning("adopting the task of an interrupted StartContainer", status=status)
+        ctr.state, ctr.pid, ctr.started_at = CONTAINER_RUNNING, int(st.pid), time.time_ns()
+        await self.store.save_container(ctr)
+        if status == 3:
+            await self.on_exit(pod.id, ctr.id, ExitInfo(int(st.exit_status), ts_ns(st.exited_at)))
+        else:
+            self.shims.watch(pod.id, ctr.id)
 
 
 def _log_path(log_directory: str, log_path: str) -> str:

@@ -7,12 +7,14 @@ with its traceback and answered INTERNAL, so no request can take the daemon down
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpclib
 import grpclib.const
+import grpclib.exceptions
 import grpclib.server
 from grpclib.const import Status
 
@@ -27,6 +29,8 @@ _STATUS: dict[type[errors.ShimdError], Status] = {
     errors.ResourceExhausted: Status.RESOURCE_EXHAUSTED,
     errors.Unavailable: Status.UNAVAILABLE,
 }
+
+_EXHAUSTED_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE)
 
 Observer = Callable[[str, str, float], None]
 _observers: list[Observer] = []
@@ -50,6 +54,7 @@ def _wrap(method: str, func: Callable[[grpclib.server.Stream], Awaitable[None]])
     async def handler(stream: grpclib.server.Stream) -> None:
         start = time.monotonic()
         outcome = "OK"
+        _checked_decoding(stream, method)
         try:
             await func(stream)
         except grpclib.GRPCError as e:
@@ -65,7 +70,19 @@ def _wrap(method: str, func: Callable[[grpclib.server.Stream], Awaitable[None]])
             else:
                 logger.info("rpc refused", status=outcome, error=message)
             raise grpclib.GRPCError(status, message) from None
-        except (TimeoutError, ConnectionError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        except OSError as e:
+            if e.errno in _EXHAUSTED_ERRNOS:
+                # A full disk (or quota) is the node's condition, not a runtime bug: kubelet backs off on it.
+                outcome = Status.RESOURCE_EXHAUSTED.name
+                logger.warning("rpc refused", status=outcome, error=str(e))
+                raise grpclib.GRPCError(Status.RESOURCE_EXHAUSTED, f"{method}: {e}") from None
+            outcome = "INTERNAL"
+            logger.error("rpc crashed", error=repr(e), exc_info=True)
+            raise grpclib.GRPCError(Status.INTERNAL, f"{method}: internal error: {e}") from None
+        except (grpclib.exceptions.StreamTerminatedError, grpclib.exceptions.ProtocolError):
+            outcome = "CANCELLED"  # the client went away; nobody is left to answer
+            raise
+        except Exception as e:  # the promise above: nothing a request does takes shimd down
             outcome = "INTERNAL"
             logger.error("rpc crashed", error=repr(e), exc_info=True)
             raise grpclib.GRPCError(Status.INTERNAL, f"{method}: internal error: {e}") from None
@@ -76,6 +93,21 @@ def _wrap(method: str, func: Callable[[grpclib.server.Stream], Awaitable[None]])
                 obs(method, outcome, elapsed)
 
     return handler
+
+
+def _checked_decoding(stream: grpclib.server.Stream, method: str) -> None:
+    """A request body that is not a valid message is the caller's error (INVALID_ARGUMENT), not ours."""
+    recv = stream.recv_message
+
+    async def recv_message() -> Any:
+        try:
+            return await recv()
+        except (grpclib.GRPCError, grpclib.exceptions.StreamTerminatedError, grpclib.exceptions.ProtocolError):
+            raise
+        except Exception as e:  # betterproto raises EOFError, ValueError, IndexError...
+            raise errors.InvalidArgument(f"{method}: malformed request message: {e}") from None
+
+    stream.recv_message = recv_message  # type: ignore[method-assign]
 
 
 def mapping(service: Any) -> dict[str, grpclib.const.Handler]:

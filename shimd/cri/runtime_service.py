@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
@@ -39,6 +42,18 @@ _EVENT_TYPES = {
 T = TypeVar("T")
 
 
+def _spec_user(bundle: str) -> cri.ContainerUser | None:
+    """process.user of the container's OCI spec: what kubelet reports as the effective uid/gid/groups."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            user = json.load(f)["process"]["user"]
+        return cri.ContainerUser(linux=cri.LinuxContainerUser(
+            uid=int(user["uid"]), gid=int(user["gid"]),
+            supplemental_groups=[int(user["gid"]), *(int(g) for g in user.get("additionalGids") or [])]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _pages(items: Sequence[T]) -> list[list[T]]:
     return [list(items[i:i + STREAM_PAGE]) for i in range(0, len(items), STREAM_PAGE)]
 
@@ -48,6 +63,8 @@ class RuntimeService(cri.RuntimeServiceBase):
         self.d = daemon
         # Last pod status seen per pod, so events about a removed pod still carry its metadata.
         self._last_pod_status: OrderedDict[str, cri.PodSandboxStatus] = OrderedDict()
+        # The user each container's process runs as (from its OCI spec; fixed for the container's life).
+        self._users: dict[str, cri.ContainerUser] = {}
         daemon.events.add_listener(self._remember_pod)
 
     # --- runtime ---------------------------------------------------------------------------
@@ -84,6 +101,7 @@ class RuntimeService(cri.RuntimeServiceBase):
 
     async def pod_sandbox_status(self, request: cri.PodSandboxStatusRequest) -> cri.PodSandboxStatusResponse:
         pod = self.d.store.pod(validate.required_id(request.pod_sandbox_id, "pod_sandbox_id"))
+        await self._load_users(self.d.store.pod_containers(pod.id))
         statuses = [self._container_status(c) for c in self.d.store.pod_containers(pod.id)]
         return cri.PodSandboxStatusResponse(status=convert.pod_status(pod),
                                             info=convert.pod_info(pod) if request.verbose else {},
@@ -127,6 +145,7 @@ class RuntimeService(cri.RuntimeServiceBase):
 
     async def container_status(self, request: cri.ContainerStatusRequest) -> cri.ContainerStatusResponse:
         ctr = self.d.store.container(validate.required_id(request.container_id, "container_id"))
+        await self._load_users([ctr])
         return cri.ContainerStatusResponse(status=self._container_status(ctr),
                                            info=convert.container_info(ctr) if request.verbose else {})
 
@@ -330,12 +349,15 @@ class RuntimeService(cri.RuntimeServiceBase):
                     continue  # idle; the wait is bounded so cancellation and shutdown are never stuck
                 except SubscriberOverflow as e:
                     raise errors.ResourceExhausted(f"GetContainerEvents: {e}") from None
+                await self._load_users(self.d.store.pod_containers(ev.pod_id))
                 yield self._event_response(ev)
         finally:
             sub.close()
 
     def _remember_pod(self, ev: LifecycleEvent) -> None:
         """Runs at publish time, before a removal makes the pod's record disappear."""
+        if ev.kind == events.DELETED:
+            self._users.pop(ev.container_id, None)
         pod = self.d.store.pods.get(ev.pod_id) if self.d.store is not None else None
         if pod is None:
             return
@@ -385,8 +407,19 @@ class RuntimeService(cri.RuntimeServiceBase):
         if ctr.state != CONTAINER_RUNNING:
             raise errors.FailedPrecondition(f"container {ctr.id} is not running (state {ctr.state})")
 
+    async def _load_users(self, ctrs: list[ContainerRecord]) -> None:
+        missing = [c for c in ctrs if c.id not in self._users and c.bundle]
+        if missing:
+            for cid, user in zip([c.id for c in missing],
+                                 await asyncio.to_thread(lambda: [_spec_user(c.bundle) for c in missing]),
+                                 strict=True):
+                if user is not None:
+                    self._users[cid] = user
+
     def _container_status(self, ctr: ContainerRecord) -> cri.ContainerStatus:
         status = convert.container_status(ctr, self._image_ref(ctr.image_id))
+        if (user := self._users.get(ctr.id)) is not None:
+            status.user = user
         # The current resources (as created, then as updated): kubelet compares them for in-place resize.
         res = (ctr.config.get("linux") or {}).get("resources")
         if res:

@@ -87,8 +87,9 @@ class ConfigCache:
 
     def __init__(self, conf_dir: str) -> None:
         self.conf_dir = conf_dir
-        self._signature: tuple[Any, ...] | None = None
-        self._result: tuple[NetworkList | None, str] = (None, "")
+        # (signature, result) in one attribute: get() runs both on the event loop (Status) and in
+        # worker threads (setup), and a reader must never pair a new signature with an old result.
+        self._cached: tuple[tuple[Any, ...] | None, tuple[NetworkList | None, str]] = (None, (None, ""))
 
     def _scan(self) -> tuple[tuple[Any, ...], list[str]]:
         try:
@@ -110,8 +111,9 @@ class ConfigCache:
     def get(self) -> tuple[NetworkList | None, str]:
         """(network, "") or (None, why there is none)."""
         sig, paths = self._scan()
-        if sig == self._signature:
-            return self._result
+        cached_sig, cached = self._cached
+        if sig == cached_sig:
+            return cached
         rejected = []
         found: NetworkList | None = None
         for p in paths:
@@ -129,10 +131,10 @@ class ConfigCache:
             why = f"no valid network config in {self.conf_dir} ({'; '.join(rejected)})"
         else:
             why = f"no network config found in {self.conf_dir}"
-        if found is not None and found != self._result[0]:
+        if found is not None and found != cached[0]:
             _log.info("using CNI network", network=found.name, source=found.source, cni_version=found.cni_version)
-        self._signature, self._result = sig, (found, why)
-        return self._result
+        self._cached = (sig, (found, why))
+        return found, why
 
 
 def find_plugin(plugin_type: str, bin_dirs: list[str]) -> str | None:

@@ -82,6 +82,9 @@ def default_profile(caps: list[str], machine: str | None = None) -> dict[str, An
         denied.extend(names)
     syscalls: list[dict[str, Any]] = [
         {"names": sorted(set(denied)), "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM},
+        # io_uring bypasses seccomp for the operations it performs; ENOSYS makes programs fall back to epoll/read.
+        {"names": ["io_uring_setup", "io_uring_enter", "io_uring_register"], "action": "SCMP_ACT_ERRNO",
+         "errnoRet": ENOSYS},
     ]
     if "CAP_SYS_ADMIN" not in have:
         syscalls.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS})

@@ -599,6 +599,11 @@ def container_spec(container_id: str, config: cri.ContainerConfig, pod: PodConte
     seccomp_profile = _seccomp(sc, caps, privileged)
     apparmor_profile = _apparmor(sc, privileged)
     userns = _userns(sc)
+    if userns is not None and ({"ipc", "network"} & set(pod.namespaces) or pod.pid_ns_path):
+        # mqueue, sysfs and proc can only be mounted from a user namespace that owns the IPC, network and PID
+        # namespaces; shimd's runc pods pin theirs from the host's user namespace, so runc would fail later.
+        raise errors.InvalidArgument("linux.security_context.namespace_options.userns_options: user namespaces "
+                                     "are not supported for pods whose namespaces shimd creates on the host")
     process: dict[str, Any] = {
         "terminal": config.tty,
         "user": resolve_user(sc, str(img.get("User") or ""), image.layers),

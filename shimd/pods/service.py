@@ -223,6 +223,9 @@ class PodService:
             pod.state = POD_NOTREADY
             await self.store.save_pod(pod)
             await self.containers.stop_all(pod)
+            if not pod.shim_address:
+                # A crash inside launch: the shim may be up though its address was never recorded.
+                await self._adopt_unrecorded_shim(pod)
             if pod.sandbox_task:
                 await self._stop_sandbox_task(pod)
             await self.shims.shutdown(pod.id)
@@ -253,6 +256,18 @@ class PodService:
         await self.store.delete_pod(pod)
         self.bus.publish(events.DELETED, pod.id, pod.id)
         lg.info("pod removed")
+
+    async def _adopt_unrecorded_shim(self, pod: PodRecord) -> None:
+        """Shims write their address to ./address in the directory they were started in."""
+        for d in (self.pod_dir(pod.id), self.pod_dir(pod.id) / "pause"):
+            try:
+                text = await asyncio.to_thread((d / "address").read_text)
+            except OSError:
+                continue
+            address = text.strip().removeprefix("unix://")
+            if address:
+                self.shims.remember(pod.id, address)
+                return
 
     async def _stop_sandbox_task(self, pod: PodRecord) -> None:
         if pod.shim_dead:
@@ -287,6 +302,10 @@ class PodService:
             if c.state == CONTAINER_RUNNING:
                 await self.containers.mark_lost(c, "ShimDied", f"the shim of pod sandbox {pod_id} exited")
         self.log.error("shim died", pod_id=pod_id)
+        # As containerd does: with no shim to reap them, the tasks are force-deleted now, so nothing
+        # keeps running that is reported exited (teardown repeats this harmlessly).
+        with contextlib.suppress(Exception):
+            await self._cleanup_dead_shim(pod)
 
     # --- recovery ----------------------------------------------------------------------------
     async def recover(self) -> None:

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 # A rate over less than this is noise (two calls within the same scrape).
 MIN_INTERVAL_NS = 10_000_000
+# Walking a writable layer costs a stat per file; kubelet asks several times per housekeeping round.
+DISK_USAGE_TTL_NS = 5_000_000_000
 
 
 def _u64(v: int | None) -> cri.UInt64Value | None:
@@ -59,6 +61,7 @@ class StatsCollector:
         self.driver = cgroup_driver
         self.layout = layout or cgroupfs.Layout.detect()
         self._prev: dict[str, _Prev] = {}
+        self._du: dict[str, tuple[int, diskusage.Usage]] = {}
         self.log = log.get("stats")
 
     # --- raw samples -----------------------------------------------------------------------
@@ -80,6 +83,8 @@ class StatsCollector:
         live = set(self.store.containers) | set(self.store.pods)
         for k in [k for k in self._prev if k.split("/", 1)[-1] not in live]:
             del self._prev[k]
+        for k in [k for k in self._du if k not in live]:
+            del self._du[k]
 
     # --- CRI messages ----------------------------------------------------------------------
     @staticmethod
@@ -114,10 +119,17 @@ class StatsCollector:
         if not ctr.fs_dir:
             return None
         upper = f"{ctr.fs_dir}/upper"
-        u = await asyncio.to_thread(diskusage.usage, upper)
-        if u is None:
-            return None
-        return cri.FilesystemUsage(timestamp=time.time_ns(), fs_id=cri.FilesystemIdentifier(mountpoint=upper),
+        now = time.time_ns()
+        cached = self._du.get(ctr.id)
+        if cached is not None and now - cached[0] < DISK_USAGE_TTL_NS:
+            at, u = cached
+        else:
+            fresh = await asyncio.to_thread(diskusage.usage, upper)
+            if fresh is None:
+                return None
+            at, u = now, fresh
+            self._du[ctr.id] = (at, u)
+        return cri.FilesystemUsage(timestamp=at, fs_id=cri.FilesystemIdentifier(mountpoint=upper),
                                    used_bytes=_u64(u.bytes), inodes_used=_u64(u.inodes))
 
     async def container(self, ctr: ContainerRecord) -> cri.ContainerStats:

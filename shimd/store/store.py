@@ -89,13 +89,14 @@ class Store:
         return [c for c in self.containers.values() if c.pod_id == pod_id]
 
     # --- durable writes --------------------------------------------------------------------
+    # Listed only once durable: a failed first write (disk full) must not leave a listed ghost.
     async def save_pod(self, pod: PodRecord) -> None:
-        self.pods[pod.id] = pod
         await fsutil.write_json(self.pod_dir / f"{pod.id}.json", pod.to_dict())
+        self.pods[pod.id] = pod
 
     async def save_container(self, ctr: ContainerRecord) -> None:
-        self.containers[ctr.id] = ctr
         await fsutil.write_json(self.container_dir / f"{ctr.id}.json", ctr.to_dict())
+        self.containers[ctr.id] = ctr
 
     async def delete_pod(self, pod: PodRecord) -> None:
         await fsutil.remove_file(self.pod_dir / f"{pod.id}.json")

@@ -20,16 +20,63 @@ import signal
 import sys
 import time
 
-from shims.common.stdio import CriLogSink
-
 STDOUT_FD, STDERR_FD, READY_FD = 3, 4, 5
 CHUNK = 32 * 1024
+# Longer lines are split into partial (P) records, as containerd and the runc shim's writer do.
+CRI_LINE_MAX = 16 * 1024
 STAT_INTERVAL = 1.0
 _FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
 
+def _timestamp(ns: int) -> bytes:
+    return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 1_000_000_000))
+            + f".{ns % 1_000_000_000:09d}Z").encode()
+
+
+class CriLines:
+    """`<RFC3339Nano UTC> <stream> <F|P> <content>` records of one stream.
+
+    Deliberately not shims.common.stdio.CriLogSink: importing that module (and asyncio with it)
+    doubles this long-lived process's memory, and there is one per container.
+    """
+
+    def __init__(self, stream: bytes) -> None:
+        self.stream = stream
+        self.partial = bytearray()
+
+    def _emit(self, out: list[bytes], ts: bytes, line: bytes) -> None:
+        while len(line) > CRI_LINE_MAX:
+            out.append(b"%s %s P %s\n" % (ts, self.stream, line[:CRI_LINE_MAX]))
+            line = line[CRI_LINE_MAX:]
+        out.append(b"%s %s F %s\n" % (ts, self.stream, line))
+
+    def feed(self, data: bytes) -> bytes:
+        buf = self.partial
+        buf += data
+        out: list[bytes] = []
+        ts = _timestamp(time.time_ns())
+        start = 0
+        while (nl := buf.find(b"\n", start)) >= 0:
+            self._emit(out, ts, bytes(buf[start:nl]))
+            start = nl + 1
+        del buf[:start]
+        while len(buf) > CRI_LINE_MAX:
+            out.append(b"%s %s P %s\n" % (ts, self.stream, bytes(buf[:CRI_LINE_MAX])))
+            del buf[:CRI_LINE_MAX]
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        """At EOF an unterminated last line is complete."""
+        if not self.partial:
+            return b""
+        out: list[bytes] = []
+        self._emit(out, _timestamp(time.time_ns()), bytes(self.partial))
+        self.partial.clear()
+        return b"".join(out)
+
+
 class LogFile:
-    """The writer CriLogSink expects (append/reopen), writing synchronously to one file."""
+    """The log file, written synchronously; reopened after a rename (rotation) or on request."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -61,7 +108,9 @@ class LogFile:
             return True
         return (st.st_dev, st.st_ino) != self.ino
 
-    def append(self, path: str, data: bytes) -> bool:
+    def append(self, data: bytes) -> None:
+        if not data:
+            return
         try:
             if self.reopen_requested or (self.fd >= 0 and self._rotated()):
                 self.reopen_requested = False
@@ -78,9 +127,8 @@ class LogFile:
             if not self.failed:
                 sys.stderr.write(f"shimd-crilogger: writing {self.path}: {e}\n")
             self.failed = True
-        return True
 
-    def reopen(self, path: str) -> None:
+    def reopen(self) -> None:
         self.reopen_requested = True
 
 
@@ -98,12 +146,11 @@ def main(argv: list[str]) -> int:
         return 2
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     out = LogFile(path)
-    sink = CriLogSink(out, path)  # type: ignore[arg-type]  # duck-typed writer
-    signal.signal(signal.SIGHUP, lambda *_: out.reopen(path))
+    signal.signal(signal.SIGHUP, lambda *_: out.reopen())
     # Terminating signals are ignored: the logger ends when the container's output ends, never earlier.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    streams = {STDOUT_FD: b"stdout", STDERR_FD: b"stderr"}
+    streams = {STDOUT_FD: CriLines(b"stdout"), STDERR_FD: CriLines(b"stderr")}
     sel = selectors.DefaultSelector()
     for fd in list(streams):
         try:
@@ -127,9 +174,9 @@ def main(argv: list[str]) -> int:
             except OSError:
                 data = b""
             if data:
-                sink.feed(streams[fd], data)
+                out.append(streams[fd].feed(data))
                 continue
-            sink.flush(streams[fd])
+            out.append(streams[fd].flush())
             sel.unregister(fd)
             os.close(fd)
             del streams[fd]

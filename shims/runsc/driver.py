@@ -19,8 +19,10 @@ from pathlib import Path
 
 from shimd import log
 from shimd.config import HandlerConfig
+from shimd.stats.cgroupfs import Sample
 from shims.runc.driver import VERSION_TIMEOUT, RuncDriver
 from shims.runc.mounts import is_mountpoint, unmount
+from shims.runsc import stats
 
 
 def global_flags(handler: HandlerConfig) -> list[str]:
@@ -62,6 +64,15 @@ class RunscDriver(RuncDriver):
                 Path(self.handler.debug_log_dir).mkdir(parents=True, exist_ok=True)
         return True, f"{version} (platform {self.handler.platform}, network {self.handler.network})"
 
+    def runtime_argv(self) -> list[str]:
+        """runsc with this handler's root and global flags, as the shim runs it."""
+        argv = [self.handler.binary, "--root", self.root, *self.flags]
+        return [*argv, "--systemd-cgroup"] if self.systemd_cgroup else argv
+
+    async def container_sample(self, container_id: str) -> Sample | None:
+        """What the sandbox accounts to one container (its own cgroup is empty under gVisor)."""
+        return await stats.sample(self.runtime_argv(), container_id, min(self.runtime_timeout, 10.0))
+
     def shim_env(self) -> dict[str, str]:
         return {"SHIMD_RUNTIME_FLAVOR": "runsc", "SHIMD_RUNTIME_ARGS": json.dumps(self.flags)}
 
@@ -71,9 +82,7 @@ class RunscDriver(RuncDriver):
 
     async def cleanup_after_dead_shim(self, container_ids: list[str], bundles: list[Path]) -> None:
         """Force-delete the pod's runsc containers (the sandbox, named like the pod, last) and unmount rootfs."""
-        base = [self.handler.binary, "--root", self.root, *self.flags]
-        if self.systemd_cgroup:
-            base.append("--systemd-cgroup")
+        base = self.runtime_argv()
         for cid in container_ids:
             await self._delete(base, cid)
         for bundle in bundles:

@@ -113,3 +113,35 @@ def test_reopen_log_of_stopped_container_is_refused(rt: Runtime) -> None:
     with pytest.raises(grpc.RpcError) as e:
         rt.client.runtime.ReopenContainerLog(pb.ReopenContainerLogRequest(container_id=cid))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_devices_and_list_filters(rt: Runtime) -> None:
+    pb = rt.pb
+    pod_a, cfg_a = rt.run_pod("filt-a", labels={"team": "a"})
+    pod_b, cfg_b = rt.run_pod("filt-b", labels={"team": "b"})
+    cid = rt.create(pod_a, cfg_a, "dev", ["sleep", "1000"], labels={"role": "dev"},
+                    devices=[pb.Device(container_path="/dev/xnull", host_path="/dev/null", permissions="rw")])
+    other = rt.create(pod_b, cfg_b, "plain", ["true"])
+    rt.start(cid)
+    rt.wait_state(cid, pb.CONTAINER_RUNNING)
+    _exec(rt, cid, "sh", "-c", "test -c /dev/xnull && echo data > /dev/xnull")
+
+    r = rt.client.runtime
+    sel = r.ListPodSandbox(pb.ListPodSandboxRequest(filter=pb.PodSandboxFilter(label_selector={"team": "b"}))).items
+    assert [p.id for p in sel] == [pod_b]
+    ready = r.ListPodSandbox(pb.ListPodSandboxRequest(filter=pb.PodSandboxFilter(
+        state=pb.PodSandboxStateValue(state=pb.SANDBOX_READY)))).items
+    assert {p.id for p in ready} >= {pod_a, pod_b}
+    by_prefix = r.ListPodSandbox(pb.ListPodSandboxRequest(filter=pb.PodSandboxFilter(id=pod_a[:12]))).items
+    assert [p.id for p in by_prefix] == [pod_a]
+    running = r.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter(
+        state=pb.ContainerStateValue(state=pb.CONTAINER_RUNNING)))).containers
+    assert [c.id for c in running] == [cid]
+    created = r.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter(
+        state=pb.ContainerStateValue(state=pb.CONTAINER_CREATED)))).containers
+    assert [c.id for c in created] == [other]
+    labelled = r.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter(
+        label_selector={"role": "dev"}))).containers
+    assert [c.id for c in labelled] == [cid]
+    # A short id prefix works wherever an id is taken, as crictl users expect.
+    assert rt.status(cid[:12]).id == cid

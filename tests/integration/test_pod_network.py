@@ -101,6 +101,11 @@ def test_two_pods_talk_and_host_port(net_rt: NetRuntime) -> None:
     assert f"{b_ip}\tclient-b" in hosts.splitlines() and "127.0.0.1\tlocalhost" in hosts
     assert exec_sync(nr, cli, ["hostname"]).stdout == b"client-b\n"
     assert exec_sync(nr, cli, ["cat", "/etc/hostname"]).stdout == b"client-b\n"
+    # Every container of the pod shares them (and the pod's network namespace).
+    side = running(nr, b_id, b_cfg, "sidecar", ["sleep", "1000"])
+    for path in ("/etc/resolv.conf", "/etc/hosts", "/etc/hostname"):
+        assert exec_sync(nr, side, ["cat", path]).stdout == exec_sync(nr, cli, ["cat", path]).stdout, path
+    assert f"inet {b_ip}/" in exec_sync(nr, side, ["ip", "-o", "-4", "addr", "show", "eth0"]).stdout.decode()
     # A without DNSConfig has the host's resolv.conf, and its metadata name as hostname.
     with open("/etc/resolv.conf", "rb") as f:
         assert exec_sync(nr, web, ["cat", "/etc/resolv.conf"]).stdout == f.read()
@@ -144,6 +149,7 @@ class Snapshot:
     rules: list[str]
     links: set[str]
     pods: list[str]
+    state: list[str]
 
 
 def snapshot(nr: NetRuntime) -> Snapshot:
@@ -157,6 +163,8 @@ def snapshot(nr: NetRuntime) -> Snapshot:
         rules=sorted(our_rules(nr)[0]),
         links=bridge_ports(nr),
         pods=sorted(p.id for p in pods),
+        state=sorted(str(e) for d in (rt.proc.root / "pods", rt.proc.state / "pods") if d.is_dir()
+                     for e in d.iterdir()),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import time
@@ -10,6 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shimd.config import HandlerConfig
+from shims.runsc.driver import RunscDriver
 from tests.integration.test_pod_lifecycle import CRI_LINE, assert_no_leftovers
 from tests.support.runtime import Runtime
 
@@ -76,6 +79,13 @@ def test_runsc_pod_lifecycle(rt: Runtime) -> None:
     assert _wait_log(rt.log_dir / "gv" / "quitter" / "0.log", "4.4.0").count("4.4.0") == 1
     assert len(_sandboxes_of(pod_id)) == 1
 
+    # Stats come from the sandbox: the container's own cgroup is empty under gVisor.
+    drv = RunscDriver(HandlerConfig(name="runsc", driver="runsc", binary="runsc", root=str(rt.proc.state / "runsc")),
+                      rt.proc.state)
+    sample = asyncio.run(drv.container_sample(cid))
+    assert sample is not None and sample.cpu_usage_ns and sample.memory_usage and sample.pids
+    assert asyncio.run(drv.container_sample("no-such-container")) is None
+
     with pytest.raises(grpc.RpcError) as e:
         rt.client.runtime.UpdateContainerResources(pb.UpdateContainerResourcesRequest(
             container_id=cid, linux=pb.LinuxContainerResources(cpu_shares=512)))
@@ -112,5 +122,61 @@ def test_runsc_restart_recovery(rt: Runtime) -> None:
     assert code == 0 and "gVisor" in out
     rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
     assert rt.status(runner).state == pb.CONTAINER_EXITED
+    rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert_no_leftovers(rt, pod_id)
+
+
+def test_runsc_streaming_attach_port_forward_and_tty_exec(rt: Runtime) -> None:
+    import json
+
+    from tests.support.spdy_client import SpdyClient, open_remotecommand, run_remotecommand
+
+    pb, r = rt.pb, rt.client.runtime
+    pod_id, pod_cfg = rt.run_pod("gvs", handler="runsc")
+    web = rt.create(pod_id, pod_cfg, "web", ["sh", "-c", "mkdir -p /www && echo forwarded-ok > /www/f.txt && "
+                                                         "exec httpd -f -p 8080 -h /www"])
+    talker = rt.create(pod_id, pod_cfg, "talker", ["sh", "-c", "sleep 1; echo line1; echo errline >&2; sleep 1"])
+    rt.start(web)
+    rt.start(talker)
+    rt.wait_state(web, pb.CONTAINER_RUNNING)
+
+    url = r.Attach(pb.AttachRequest(container_id=talker, stdout=True, stderr=True)).url
+    res = asyncio.run(run_remotecommand(url, timeout=30))
+    assert (res.stdout, res.stderr) == (b"line1\n", b"errline\n")
+
+    async def forward() -> bytes:
+        client = await SpdyClient.connect(r.PortForward(pb.PortForwardRequest(pod_sandbox_id=pod_id,
+                                                                               port=[8080])).url,
+                                          ["portforward.k8s.io"])
+        try:
+            await client.open_stream({"streamType": "error", "port": "8080", "requestID": "0"})
+            data = await client.open_stream({"streamType": "data", "port": "8080", "requestID": "0"})
+            await data.write(b"GET /f.txt HTTP/1.0\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(30):
+                return await data.read_all(30)  # type: ignore[no-any-return]
+        finally:
+            await client.close()
+
+    deadline = time.monotonic() + 10
+    body = b""
+    while b"forwarded-ok" not in body and time.monotonic() < deadline:
+        body = asyncio.run(forward())
+    assert b"200 OK" in body and b"forwarded-ok" in body
+
+    async def tty() -> bytes:
+        url = r.Exec(pb.ExecRequest(container_id=web, cmd=["sh", "-c", "sleep 1; stty size"], tty=True,
+                                    stdout=True)).url
+        client = await SpdyClient.connect(url, ["v4.channel.k8s.io"])
+        try:
+            s = await open_remotecommand(client, stdin=False, stdout=True, stderr=False, tty=True)
+            await s["resize"].write(json.dumps({"Width": 91, "Height": 37}).encode())
+            async with asyncio.timeout(30):
+                out, _ = await asyncio.gather(s["stdout"].read_all(30), s["error"].read_all(30))
+            return out  # type: ignore[no-any-return]
+        finally:
+            await client.close()
+
+    assert b"37 91" in asyncio.run(tty())
+    rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
     rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
     assert_no_leftovers(rt, pod_id)

@@ -62,6 +62,9 @@ def test_users_caps_nnp_seccomp_readonly(rt: Runtime) -> None:
     user = _run(rt, pod_id, pod_cfg, "user", run_as_user=pb.Int64Value(value=1000),
                 run_as_group=pb.Int64Value(value=3000), supplemental_groups=[4000, 5000])
     assert _sh(rt, user, "id -u; id -g; id -G") == (0, "1000\n3000\n3000 4000 5000\n")
+    # ContainerStatus reports the effective identity (kubelet shows it for SupplementalGroupsPolicy).
+    ident = rt.status(user).user.linux
+    assert (ident.uid, ident.gid, list(ident.supplemental_groups)) == (1000, 3000, [3000, 4000, 5000])
     st = _status(rt, user)
     assert st["Uid"].split()[0] == "1000" and st["Gid"].split()[0] == "3000"
     # A non-root process has the bounding set but no effective capabilities.

@@ -6,6 +6,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -129,6 +130,13 @@ def test_update_resources_live_and_persisted(rt: Runtime) -> None:
     assert st.resources.linux.memory_limit_in_bytes == 96 * 2**20
     assert st.resources.linux.cpu_shares == 512
 
+    # A created (not yet started) container starts with the updated values.
+    later = rt.create(pod_id, pod_cfg, "later", ["sleep", "60"])
+    rt.client.runtime.UpdateContainerResources(pb.UpdateContainerResourcesRequest(
+        container_id=later, linux=pb.LinuxContainerResources(cpu_period=100000, cpu_quota=30000)))
+    rt.start(later)
+    assert _cgroup_file("cpu", pod_id, later, "cpu.cfs_quota_us") == "30000"
+
     # Survives a daemon restart.
     rt.proc.stop()
     rt.proc.start()
@@ -152,7 +160,7 @@ def test_update_resources_live_and_persisted(rt: Runtime) -> None:
             resources=pb.LinuxContainerResources(cpu_quota=-7)))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cpu_quota" in e.value.details()
     names = [c.metadata.name for c in rt.client.runtime.ListContainers(pb.ListContainersRequest()).containers]
-    assert names == ["c"]
+    assert sorted(names) == ["c", "later"]
 
 
 def test_memory_limit_oom_killed(rt: Runtime) -> None:
@@ -167,3 +175,26 @@ def test_memory_limit_oom_killed(rt: Runtime) -> None:
     st = rt.wait_state(cid, pb.CONTAINER_EXITED, timeout=30)
     assert st.reason == "OOMKilled"
     assert st.exit_code == 137
+
+
+def test_pod_network_stats(net_rt: Any) -> None:
+    rt = net_rt.rt
+    pb = rt.pb
+    pod_id, pod_cfg = rt.run_pod("netstats")
+    cid = rt.create(pod_id, pod_cfg, "c", ["sleep", "60"])
+    rt.start(cid)
+    before = rt.client.runtime.PodSandboxStats(pb.PodSandboxStatsRequest(pod_sandbox_id=pod_id)).stats.linux.network
+    assert before.default_interface.name == "eth0"
+    # Traffic out of the pod: ping the bridge (the gateway, .1) with 20 KB.
+    r = rt.client.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=[
+        "ping", "-c", "2", "-s", "10000", "-W", "2", net_rt.net.ip(1)], timeout=15))
+    assert r.exit_code == 0, r.stderr
+    after = rt.client.runtime.PodSandboxStats(pb.PodSandboxStatsRequest(pod_sandbox_id=pod_id)).stats.linux.network
+    assert after.default_interface.tx_bytes.value >= before.default_interface.tx_bytes.value + 20000
+    assert after.default_interface.rx_bytes.value >= before.default_interface.rx_bytes.value + 20000
+    assert after.default_interface.rx_errors.value == 0
+    # Same counters as the kernel's view from inside the pod.
+    dev = rt.client.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=["cat", "/proc/net/dev"],
+                                                        timeout=5)).stdout.decode()
+    eth0 = next(line for line in dev.splitlines() if line.strip().startswith("eth0:")).split(":")[1].split()
+    assert abs(int(eth0[0]) - after.default_interface.rx_bytes.value) < 2000

@@ -153,12 +153,15 @@ def test_user_namespace(tmp_path: Path) -> None:
     ns = cri.NamespaceOption(userns_options=cri.UserNamespace(
         mode=cri.NamespaceMode.POD, uids=[cri.IdMapping(host_id=100000, container_id=0, length=65536)],
         gids=[cri.IdMapping(host_id=100000, container_id=0, length=65536)]))
-    s = _build(tmp_path, cri.LinuxContainerSecurityContext(namespace_options=ns))
+    # Pod namespaces pinned in the host's user namespace cannot be used from the container's: refused up front.
+    with pytest.raises(errors.InvalidArgument, match="userns_options"):
+        _build(tmp_path, cri.LinuxContainerSecurityContext(namespace_options=ns))
+    s = _build(tmp_path, cri.LinuxContainerSecurityContext(namespace_options=ns), pod=_pod(namespaces={}))
     assert {"type": "user"} in s["linux"]["namespaces"]
     assert s["linux"]["uidMappings"] == [{"containerID": 0, "hostID": 100000, "size": 65536}]
     ns.userns_options.gids = []
     with pytest.raises(errors.InvalidArgument, match=r"userns_options.gids"):
-        _build(tmp_path, cri.LinuxContainerSecurityContext(namespace_options=ns))
+        _build(tmp_path, cri.LinuxContainerSecurityContext(namespace_options=ns), pod=_pod(namespaces={}))
 
 
 @pytest.mark.parametrize(("res", "field"), [

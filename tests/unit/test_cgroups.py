@@ -1,0 +1,24 @@
+from shimd import cgroups
+
+
+def test_cgroupfs_paths() -> None:
+    assert cgroups.container_path("cgroupfs", "/kubepods/besteffort/podabc", "c1") == "/kubepods/besteffort/podabc/c1"
+    assert cgroups.container_path("cgroupfs", "", "c1") == "/shimd/c1"
+    assert cgroups.default_pod_parent("cgroupfs", "f" * 64) == "/shimd/pod" + "f" * 16
+    assert cgroups.relative_path("cgroupfs", "/a/b") == "/a/b"
+
+
+def test_systemd_paths() -> None:
+    parent = "kubepods-besteffort-pod1234.slice"
+    assert cgroups.container_path("systemd", parent, "c1") == f"{parent}:shimd:c1"
+    assert cgroups.systemd_slice_to_path(parent) == (
+        "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1234.slice")
+    assert cgroups.relative_path("systemd", f"{parent}:shimd:c1") == (
+        "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1234.slice/shimd-c1.scope")
+    assert cgroups.systemd_slice_to_path("-.slice") == "/"
+
+
+def test_hierarchy_roots_on_this_host() -> None:
+    roots = cgroups.hierarchy_roots()
+    assert roots, "a cgroup hierarchy must be mounted"
+    assert all(r.is_dir() for r in roots)
