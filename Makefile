@@ -41,5 +41,13 @@ lint: py-deps
 bench: deps
 	@$(PY) -m tests.bench $(BENCH_ARGS)
 
+# The fault-tolerance tests at full size (200 random operations under SIGKILL, 100 parallel pods, a long
+# fuzz run), then a 10-minute create/exec/remove soak (SOAK_MINUTES to change it).
+SOAK_MINUTES ?= 10
+soak: deps
+	@SHIMD_CHAOS_OPS=200 SHIMD_PARALLEL_PODS=100 SHIMD_FUZZ_EXAMPLES=1000 \
+		$(PY) -m pytest tests/reliability -p no:cacheprovider $(PYTEST_ARGS)
+	@$(PY) -m tests.bench.bench_soak --minutes $(SOAK_MINUTES)
+
 clean:
 	rm -rf $(VENV) tests/.generated .pytest_cache .ruff_cache

@@ -49,6 +49,10 @@ def _config_check(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     import asyncio
 
+    from shimd import log
+
+    # Before importing the checks: their modules bind loggers at import. The findings are the output.
+    log.configure("error")
     from shimd import check
 
     try:

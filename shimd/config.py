@@ -117,58 +117,59 @@ def default_handlers(state: str) -> dict[str, HandlerConfig]:
 
 
 DEFAULT_TOML = """\
-# shimd configuration. Every key below is the embedded default; a file needs only what it changes.
+# shimd configuration (/etc/shimd/config.toml). Every key below is the embedded default, so a file
+# needs only what it changes; unknown keys and wrong types are errors. Check a file with
+# `shimd config check FILE`, and a whole node with `shimd check`.
 
 [daemon]
-socket = "/run/shimd/shimd.sock"       # CRI gRPC socket (mode 0660, directory 0700)
-root = "/var/lib/shimd"                # persistent data: images, snapshots, pod and container metadata
-state = "/run/shimd"                   # runtime state: shim sockets, namespace pins, bundles
-log_level = "info"                     # debug | info | warning | error
+socket = "/run/shimd/shimd.sock"       # CRI gRPC socket kubelet and crictl dial (mode 0660, directory 0700)
+root = "/var/lib/shimd"                # persistent data: images, writable layers, pod and container records
+state = "/run/shimd"                   # runtime state: shim sockets, namespace pins, bundles (lost on reboot)
+log_level = "info"                     # debug | info | warning | error (JSON lines on stderr)
 cgroup_driver = "cgroupfs"             # cgroupfs | systemd (must match kubelet's cgroupDriver)
-default_handler = "runc"               # handler for pods that name none
+default_handler = "runc"               # handler for pods whose RuntimeClass names none
 runtime_timeout_seconds = 60.0         # upper bound on one shim call or OCI runtime command
 
-# One table per runtime handler (the RuntimeClass handler name).
-# driver: runc (runc/crun CLI), runsc (gVisor), shimv2 (any containerd shim v2 binary, e.g. Kata).
+# One table per runtime handler; the table name is the RuntimeClass `handler`.
 [handlers.runc]
-driver = "runc"
-binary = "runc"
-root = "/run/shimd/runc"
-extra_args = []
+driver = "runc"                        # runc (runc/crun CLI) | runsc (gVisor) | shimv2 (any containerd shim v2)
+binary = "runc"                        # OCI runtime binary, looked up in PATH unless absolute
+root = "/run/shimd/runc"               # the runtime's --root (state of its containers); one per handler
+extra_args = []                        # extra global flags for every runtime command, e.g. ["--debug"]
 
 [handlers.runsc]
-driver = "runsc"
-binary = "runsc"
-root = "/run/shimd/runsc"
-platform = "ptrace"                    # ptrace | systrap (gVisor >= 2023) | kvm
-network = "host"                       # host (inside the pod netns) | none | sandbox
-overlay = true
-debug_log_dir = ""
-extra_args = []
+driver = "runsc"                       # gVisor: a user-space kernel per pod
+binary = "runsc"                       # runsc binary, looked up in PATH unless absolute
+root = "/run/shimd/runsc"              # runsc --root
+platform = "ptrace"                    # ptrace | systrap (gVisor >= 2023) | kvm (needs /dev/kvm)
+network = "host"                       # host (gVisor uses the pod netns) | none | sandbox (not with CNI)
+overlay = true                         # container rootfs writes stay in sandbox memory
+debug_log_dir = ""                     # "" = off; else a directory for runsc debug logs (large)
+extra_args = []                        # extra runsc global flags
 
-# [handlers.kata]
-# driver = "shimv2"
-# binary = "containerd-shim-kata-v2"
-# runtime_type = "io.containerd.kata.v2"
-# config_path = "/etc/kata-containers/configuration.toml"
+# [handlers.kata]                      # example: Kata Containers through its shim v2 binary
+# driver = "shimv2"                    # the shim binary is started the way containerd starts it
+# binary = "containerd-shim-kata-v2"   # shim v2 binary, looked up in PATH unless absolute
+# runtime_type = "io.containerd.kata.v2"  # containerd runtime type the shim expects
+# config_path = "/etc/kata-containers/configuration.toml"  # the runtime's own configuration file
 
 [registries]
-credentials_file = ""                  # docker config.json style {"auths": {...}}
-max_concurrent_downloads = 4
+credentials_file = ""                  # docker config.json style {"auths": {...}}; "" = anonymous pulls
+max_concurrent_downloads = 4           # layer downloads in flight across all pulls
 
-# [registries.hosts."docker.io"]
-# mirrors = ["https://mirror.example.internal"]
+# [registries.hosts."docker.io"]       # per-registry settings, keyed by host[:port]
+# mirrors = ["https://mirror.example.internal"]  # tried in order before the registry itself
 # insecure = false                     # allow plain HTTP / unverified TLS
 
 [cni]
-conf_dir = "/etc/cni/net.d"
-bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
+conf_dir = "/etc/cni/net.d"            # first valid *.conflist/*.conf/*.json (by name) is the pod network
+bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]  # where CNI plugin binaries are searched, in order
 
 [streaming]
-address = "127.0.0.1:10010"            # exec/attach/port-forward server
-tls_cert = ""
-tls_key = ""
-token_ttl_seconds = 60.0
+address = "127.0.0.1:10010"            # exec/attach/port-forward server kubelet redirects to (port 0 = any)
+tls_cert = ""                          # PEM certificate; set with tls_key to serve HTTPS
+tls_key = ""                           # PEM private key of tls_cert
+token_ttl_seconds = 60.0               # how long an exec/attach/port-forward URL stays valid
 
 [metrics]
 address = ""                           # Prometheus /metrics, e.g. "127.0.0.1:10257"; "" = off

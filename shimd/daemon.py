@@ -20,10 +20,13 @@ from shimd.cri.image_service import ImageService
 from shimd.cri.runtime_service import RuntimeService
 from shimd.events import EventBus
 from shimd.images.manager import ImageManager
+from shimd.metrics.server import MetricsServer
+from shimd.metrics.server import start_for_daemon as start_metrics
 from shimd.network.manager import NetworkManager
 from shimd.pods.service import PodService
 from shimd.shimmgr.manager import ExitInfo, ShimManager
 from shimd.socket_guard import SocketGuard
+from shimd.stats.collector import StatsCollector
 from shimd.store.store import Store
 from shimd.streaming.server import StreamingServer
 
@@ -47,6 +50,8 @@ class Daemon:
         self.containers: ContainerService = None  # type: ignore[assignment]
         self.execs: Execs = None  # type: ignore[assignment]
         self.streaming: StreamingServer | None = None
+        self.stats: StatsCollector = None  # type: ignore[assignment]
+        self.metrics: MetricsServer | None = None
 
     def handler_reports(self) -> list[tuple[str, bool, str, bool]]:
         if self.shims is None:
@@ -67,6 +72,8 @@ class Daemon:
         # CNI records live with the IPAM store (which survives reboots), so they sit under root, not state.
         self.network = NetworkManager(self.cfg.cni, self.root / "network")
         self.shims = ShimManager(self.cfg, self.state, on_exit=self._on_exit, on_shim_dead=self._on_shim_dead)
+        self.stats = StatsCollector(self.store, self.cfg.daemon.cgroup_driver, sampler_for=self.shims.sampler_for)
+        self.metrics = await start_metrics(self.cfg.metrics.address, lambda: self.store)
         self.pods = PodService(cgroup_driver=self.cfg.daemon.cgroup_driver, state_dir=self.state, store=self.store,
                                shims=self.shims, network=self.network, bus=self.events)
         self.containers = ContainerService(cgroup_driver=self.cfg.daemon.cgroup_driver, root_dir=self.root,
@@ -83,6 +90,9 @@ class Daemon:
         await self.containers.on_exit(pod_id, task_id, info)
 
     async def _on_shim_dead(self, pod_id: str) -> None:
+        pod = self.store.pods.get(pod_id)
+        if self.metrics is not None and pod is not None:
+            self.metrics.metrics.record_shim_death(pod.handler)
         await self.pods.shim_died(pod_id)
 
     async def start(self) -> None:
@@ -106,6 +116,8 @@ class Daemon:
         sdnotify.ready(f"serving {len(self.store.pods)} pods on {self.cfg.daemon.socket}")
 
     async def _close_components(self) -> None:
+        if self.metrics is not None:
+            await self.metrics.close()
         if self.streaming is not None:
             await self.streaming.close()
         # Shims are deliberately left running: they outlive the daemon.

@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import betterproto
 import grpclib
 import grpclib.const
 import grpclib.exceptions
@@ -101,13 +102,71 @@ def _checked_decoding(stream: grpclib.server.Stream, method: str) -> None:
 
     async def recv_message() -> Any:
         try:
-            return await recv()
+            message = await recv()
         except (grpclib.GRPCError, grpclib.exceptions.StreamTerminatedError, grpclib.exceptions.ProtocolError):
             raise
         except Exception as e:  # betterproto raises EOFError, ValueError, IndexError...
             raise errors.InvalidArgument(f"{method}: malformed request message: {e}") from None
+        if message is not None:
+            wrong = _wrong_type(message, "request")
+            if wrong:
+                raise errors.InvalidArgument(f"{method}: malformed request message: {wrong} has the wrong wire type")
+        return message
 
     stream.recv_message = recv_message  # type: ignore[method-assign]
+
+
+_SCALARS: dict[str, type | tuple[type, ...]] = {"string": str, "bytes": bytes, "bool": bool, "float": (float, int),
+                                                "double": (float, int)}
+
+
+def _wrong_type(msg: betterproto.Message, path: str) -> str:
+    """The first field whose decoded value has the wrong Python type, or "".
+
+    betterproto trusts the wire type it reads, so a varint sent where a message belongs decodes to
+    an int in a message field, and the handler would fail far from the cause.
+    """
+    meta = msg._betterproto
+    for name, fm in meta.meta_by_field_name.items():
+        value = getattr(msg, name)
+        where = f"{path}.{name}"
+        if value is None and (fm.optional or fm.wraps or fm.group):
+            continue
+        if fm.proto_type == "map":
+            if not isinstance(value, dict):
+                return where
+            kt, vt = fm.map_types or ("string", "string")
+            for k, v in value.items():
+                if not _scalar_ok(kt, k):
+                    return where
+                if vt == "message":
+                    if not isinstance(v, betterproto.Message):
+                        return where
+                    bad = _wrong_type(v, f"{where}[{k!r}]")
+                    if bad:
+                        return bad
+                elif not _scalar_ok(vt, v):
+                    return where
+            continue
+        items = value if meta.default_gen[name] is list else [value]
+        if meta.default_gen[name] is list and not isinstance(value, list):
+            return where
+        for item in items:
+            if fm.proto_type == "message":
+                if fm.wraps:
+                    continue
+                if not isinstance(item, betterproto.Message):
+                    return where
+                bad = _wrong_type(item, where)
+                if bad:
+                    return bad
+            elif not _scalar_ok(fm.proto_type, item):
+                return where
+    return ""
+
+
+def _scalar_ok(proto_type: str, value: Any) -> bool:
+    return isinstance(value, _SCALARS.get(proto_type, int))
 
 
 def mapping(service: Any) -> dict[str, grpclib.const.Handler]:

@@ -85,7 +85,10 @@ class ImageService(cri.ImageServiceBase):
         return resp
 
     async def pull_image(self, pull_image_request: cri.PullImageRequest) -> cri.PullImageResponse:
+        start = time.monotonic()
         img = await self.images.pull(_ref(pull_image_request.image), _auth(pull_image_request.auth))
+        if self.d.metrics is not None:
+            self.d.metrics.metrics.record_pull(img.size, time.monotonic() - start)
         return cri.PullImageResponse(image_ref=img.id)
 
     async def remove_image(self, remove_image_request: cri.RemoveImageRequest) -> cri.RemoveImageResponse:

@@ -43,7 +43,7 @@ def status(cfg: Config, handlers: list[HandlerReport], network: NetworkReport, v
     runtime_handlers += [cri.RuntimeHandler(name=name, features=f) for name, f in features.items()]
     return cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions), info=info,
                               runtime_handlers=runtime_handlers,
-                              features=cri.RuntimeFeatures(supplemental_groups_policy=False))
+                              features=cri.RuntimeFeatures(supplemental_groups_policy=True))
 
 
 def runtime_config(cfg: Config) -> cri.RuntimeConfigResponse:

@@ -18,7 +18,7 @@ from shimd.cri import convert, runtime_info, validate
 from shimd.events import LifecycleEvent, SubscriberOverflow
 from shimd.oci import spec as ocispec
 from shimd.stats import cadvisor
-from shimd.stats.collector import StatsCollector, container_cgroup
+from shimd.stats.collector import StatsCollector, container_cgroup, pod_cgroup
 from shimd.store.records import CONTAINER_RUNNING, POD_READY, ContainerRecord, PodRecord
 
 if TYPE_CHECKING:
@@ -228,12 +228,7 @@ class RuntimeService(cri.RuntimeServiceBase):
 
     # --- stats and metrics (issue 7) ---------------------------------------------------------
     def _stats(self) -> StatsCollector:
-        # One collector for the daemon (it keeps the previous CPU sample of each container).
-        collector = getattr(self.d, "stats", None)
-        if collector is None:
-            collector = StatsCollector(self.d.store, self.d.cfg.daemon.cgroup_driver)
-            self.d.stats = collector
-        return collector  # type: ignore[no-any-return]
+        return self.d.stats
 
     def _stats_containers(self, f: cri.ContainerStatsFilter | None) -> list[ContainerRecord]:
         out = []
@@ -285,18 +280,26 @@ class RuntimeService(cri.RuntimeServiceBase):
         collector = self._stats()
         out = []
         for st in await collector.many_pods(self._stats_pods(None)):
+            pod = self.d.store.pods.get(st.attributes.id)
+            if pod is None:
+                continue
             now = time.time_ns()
             cms = []
             for cst in st.linux.containers:
                 ctr = self.d.store.containers.get(cst.attributes.id)
                 if ctr is None:
                     continue
-                snap = await collector.snapshot(f"m/{ctr.id}", container_cgroup(
-                    collector.driver, self.d.store.pods.get(ctr.pod_id), ctr))
+                rel = container_cgroup(collector.driver, pod, ctr)
+                snap = await collector.snapshot(f"m/{ctr.id}", rel)
+                ident = cadvisor.Identity(container=ctr.name, cgroup="/" + rel.strip("/"), image=ctr.image_ref,
+                                          name=ctr.id, namespace=pod.namespace, pod=pod.name)
                 sample = snap.sample
-                cms.append(cadvisor.container_metrics(cst, ctr.started_at, now, sample.pids if sample else None,
+                cms.append(cadvisor.container_metrics(ident, cst, ctr.started_at, now,
+                                                      sample.pids if sample else None,
                                                       sample.oom_events if sample else None))
-            out.append(cri.PodSandboxMetrics(pod_sandbox_id=st.attributes.id, metrics=cadvisor.pod_metrics(st),
+            pod_ident = cadvisor.Identity(container="POD", cgroup="/" + pod_cgroup(collector.driver, pod).strip("/"),
+                                          image="", name=pod.id, namespace=pod.namespace, pod=pod.name)
+            out.append(cri.PodSandboxMetrics(pod_sandbox_id=pod.id, metrics=cadvisor.pod_metrics(pod_ident, st),
                                              container_metrics=cms))
         return out
 

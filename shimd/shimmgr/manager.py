@@ -82,6 +82,11 @@ class ShimManager:
             out.append((name, ok, why, drv.supports_user_namespaces))
         return out
 
+    def sampler_for(self, handler: str) -> Any:
+        """A driver's own per-container stats sampler (runsc), or None where cgroups tell the story."""
+        drv = self.drivers.get(handler or self.cfg.daemon.default_handler)
+        return getattr(drv, "container_sample", None)
+
     # --- shims -------------------------------------------------------------------------------
     async def launch(self, pod_id: str, handler: str, bundle: Path) -> str:
         drv = self.driver(handler)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -55,9 +56,17 @@ def pod_cgroup(driver: str, pod: PodRecord) -> str:
     return pod.cgroup_parent
 
 
+# For handlers whose containers' cgroups stay empty (gVisor accounts everything to its sandbox): the
+# handler's driver samples a container itself. Maps a handler name to its sampler, or None for cgroups.
+Sampler = Callable[[str], Awaitable[cgroupfs.Sample | None]]
+SamplerFor = Callable[[str], Sampler | None]
+
+
 class StatsCollector:
-    def __init__(self, store: Store, cgroup_driver: str, layout: cgroupfs.Layout | None = None) -> None:
+    def __init__(self, store: Store, cgroup_driver: str, layout: cgroupfs.Layout | None = None,
+                 sampler_for: SamplerFor | None = None) -> None:
         self.store = store
+        self.sampler_for = sampler_for
         self.driver = cgroup_driver
         self.layout = layout or cgroupfs.Layout.detect()
         self._prev: dict[str, _Prev] = {}
@@ -138,7 +147,12 @@ class StatsCollector:
                                         labels=dict(ctr.labels), annotations=dict(ctr.annotations))
         out = cri.ContainerStats(attributes=attrs)
         if ctr.state == CONTAINER_RUNNING:
-            snap = await self.snapshot(f"c/{ctr.id}", container_cgroup(self.driver, pod, ctr))
+            sampler = self.sampler_for(pod.handler) if (pod is not None and self.sampler_for) else None
+            if sampler is not None:
+                s = await sampler(ctr.id)
+                snap = Snapshot(s, self._rate(f"c/{ctr.id}", s))
+            else:
+                snap = await self.snapshot(f"c/{ctr.id}", container_cgroup(self.driver, pod, ctr))
             if (cpu := self._cpu(snap)) is not None:
                 out.cpu = cpu
             if (mem := self._memory(snap)) is not None:

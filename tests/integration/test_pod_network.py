@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.support.network import NetRuntime, nat_rules, rules_of
+from tests.support.network import CNI_BIN_DIRS, NetRuntime, nat_rules, rules_of
 from tests.support.registry import free_port
 
 HTTPD_PORT = 8080
@@ -91,6 +91,7 @@ def test_two_pods_talk_and_host_port(net_rt: NetRuntime) -> None:
     # A reaches B back (ICMP), then the host reaches A through the host port.
     assert exec_sync(nr, web, ["ping", "-c", "1", "-W", "2", b_ip]).exit_code == 0
     assert b"hello-from-a" in http_get(host_address(), hport, "/")
+    assert b"hello-from-a" in http_get("127.0.0.1", hport, "/")  # portmap's snat: localhost too
 
     # DNS, hosts and hostname inside B.
     r = exec_sync(nr, cli, ["cat", "/etc/resolv.conf"])
@@ -330,8 +331,10 @@ def test_pod_cidr_dual_stack(net_rt: NetRuntime) -> None:
     assert f"inet {ip}/" in addrs and f"inet6 {more[0]}/" in addrs
     hosts = exec_sync(nr, cid, ["cat", "/etc/hosts"]).stdout.decode()
     assert f"{ip}\tdual" in hosts.splitlines()
+    assert rules_of(nr.net.name, nat_rules("ip6tables-save"))[0], "no IPv6 masquerade rule: is ipMasq on?"
     stop_remove(nr, pod_id)
     assert nr.net.allocations() == []
+    assert our_rules(nr)[0] == [] and rules_of(nr.net.name, nat_rules("ip6tables-save"))[0] == []
 
 
 def test_capability_args_reach_the_plugins(net_rt: NetRuntime) -> None:
@@ -408,3 +411,52 @@ def test_del_after_restart_and_without_netns(net_rt: NetRuntime) -> None:
     for p in (kept, gone):
         rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=p))
     assert snapshot(nr) == before
+
+
+SLOW_PLUGIN = """#!/usr/bin/env python3
+# A chained CNI plugin that passes the previous result through, slowly on ADD (test helper).
+import json, os, sys, time
+conf = json.load(sys.stdin)
+if os.environ.get("CNI_COMMAND") == "ADD":
+    open(conf["marker"], "w").close()
+    time.sleep(conf["sleep"])
+    json.dump(conf.get("prevResult") or {"cniVersion": conf["cniVersion"]}, sys.stdout)
+elif os.environ.get("CNI_COMMAND") == "VERSION":
+    json.dump({"cniVersion": conf.get("cniVersion", "1.0.0"), "supportedVersions": ["0.4.0", "1.0.0"]}, sys.stdout)
+"""
+
+
+def test_crash_during_cni_add_is_undone_on_restart(net_rt: NetRuntime) -> None:
+    """shimd killed while a RunPodSandbox is half way through the CNI chain: the restart frees the IP."""
+    nr, rt = net_rt, net_rt.rt
+    before = snapshot(nr)
+    bin_dir = nr.net.root / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "shimd-test-slow").write_text(SLOW_PLUGIN)
+    (bin_dir / "shimd-test-slow").chmod(0o755)
+    marker = nr.net.root / "slow-started"
+    conf = nr.net.conflist()
+    conf["plugins"].insert(1, {"type": "shimd-test-slow", "marker": str(marker), "sleep": 30})
+    write_conf(nr, conf)
+    # The plugin's directory must be in shimd's bin_dirs: restart with it.
+    rt.proc.stop()
+    text = rt.proc.config_path.read_text().replace(json.dumps(CNI_BIN_DIRS), json.dumps([str(bin_dir), *CNI_BIN_DIRS]))
+    rt.proc.config_path.write_text(text)
+    rt.proc.start()
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(rt.run_pod, "interrupted")
+        deadline = time.monotonic() + 20
+        while not marker.exists():
+            assert time.monotonic() < deadline and not pending.done(), "the slow plugin never ran"
+            time.sleep(0.05)
+        assert len(nr.net.allocations()) == 1  # bridge's ADD has taken an address
+        rt.proc.kill()
+        with pytest.raises(grpc.RpcError):
+            pending.result(timeout=20)
+    write_conf(nr, nr.net.conflist())  # the slow plugin is not needed any more (DEL would be fast anyway)
+    rt.proc.start()
+    deadline = time.monotonic() + 15
+    while snapshot(nr) != before:
+        assert time.monotonic() < deadline, f"left after recovery: {snapshot(nr)} (before: {before})"
+        time.sleep(0.2)

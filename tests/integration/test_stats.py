@@ -103,6 +103,10 @@ def test_stats_move_and_match_runc(rt: Runtime) -> None:
     assert [m.pod_sandbox_id for m in metrics] == [pod_id]
     names = {m.name for cm in metrics[0].container_metrics for m in cm.metrics}
     assert {"container_cpu_usage_seconds_total", "container_memory_working_set_bytes"} <= names
+    keys = {d.name: len(d.label_keys) for d in descs}
+    for cm in metrics[0].container_metrics:
+        for m in cm.metrics:
+            assert len(m.label_values) == keys[m.name], m.name
 
     with pytest.raises(grpc.RpcError) as e:
         rt.client.runtime.ContainerStats(pb.ContainerStatsRequest(container_id="missing"))

@@ -201,6 +201,9 @@ def test_fuzz_grpc_requests(rt: Runtime, caller: Caller) -> None:
     for path, m in METHODS:
         caller.call(path, m, _seed(m))
     _alive(rt)
+    print("fuzz statuses:", caller.statuses)
+    crashed = [line for line in rt.proc.log_path.read_text(errors="replace").splitlines() if "rpc crashed" in line]
+    assert not crashed, "unexpected exceptions answered INTERNAL:\n" + "\n".join(crashed[:10])
 
 
 @SETTINGS

@@ -170,7 +170,9 @@ class Checker:
                 problems.append(f"cgroup {d} of removed pod {p} left" + (f" with pids {pids}" if pids else ""))
             left = procs_mentioning(p, texts)
             if left:
-                problems.append(f"processes of removed pod {p} left: {left}")
+                shown = [texts[pid].split(b"\0\0")[0].replace(b"\0", b" ")[:200].decode(errors="replace")
+                         for pid in left]
+                problems.append(f"processes of removed pod {p} left: {dict(zip(left, shown, strict=True))}")
         ns_dir = self.rt.proc.state / "ns"
         if ns_dir.exists():
             for pin in os.listdir(ns_dir):
