@@ -223,13 +223,15 @@ class PodService:
             pod.state = POD_NOTREADY
             await self.store.save_pod(pod)
             await self.containers.stop_all(pod)
-            if not pod.shim_address:
-                # A crash inside launch: the shim may be up though its address was never recorded.
-                await self._adopt_unrecorded_shim(pod)
-            if pod.sandbox_task:
+            # A crash inside launch: the shim may be up though its address was never recorded.
+            has_shim = bool(pod.shim_address) or await self._adopt_unrecorded_shim(pod)
+            # An interrupted RunPodSandbox may have made the sandbox task without recording it.
+            if pod.sandbox_task or (pod.initializing and has_shim):
                 await self._stop_sandbox_task(pod)
             await self.shims.shutdown(pod.id)
-            if pod.shim_dead:
+            # Also after an interrupted RunPodSandbox: a Create the shim was still running when shimd
+            # died can leave a task that no record names; force-deleting by id finds it.
+            if pod.shim_dead or pod.initializing:
                 await self._cleanup_dead_shim(pod)
             pod.shim_address = ""
             # Not only when network_attached: a crash between CNI ADD and saving that flag leaves a
@@ -257,7 +259,7 @@ class PodService:
         self.bus.publish(events.DELETED, pod.id, pod.id)
         lg.info("pod removed")
 
-    async def _adopt_unrecorded_shim(self, pod: PodRecord) -> None:
+    async def _adopt_unrecorded_shim(self, pod: PodRecord) -> bool:
         """Shims write their address to ./address in the directory they were started in."""
         for d in (self.pod_dir(pod.id), self.pod_dir(pod.id) / "pause"):
             try:
@@ -267,7 +269,8 @@ class PodService:
             address = text.strip().removeprefix("unix://")
             if address:
                 self.shims.remember(pod.id, address)
-                return
+                return True
+        return False
 
     async def _stop_sandbox_task(self, pod: PodRecord) -> None:
         if pod.shim_dead:

@@ -62,6 +62,12 @@ def logger_script(python: str, repo: Path) -> str:
             "sys.exit(main(sys.argv[1:]))\n")
 
 
+def _link(link: Path, target: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        link.unlink()
+    link.symlink_to(target)
+
+
 class ShimV2Driver:
     supports_user_namespaces = False
     # crilogger reopens a renamed log file by itself; these shims have no Reopen call.
@@ -161,12 +167,21 @@ class ShimV2Driver:
         for cid, bundle in zip(container_ids, bundles, strict=False):
             if binary is None or not await asyncio.to_thread(bundle.is_dir):
                 continue
+            # containerd names bundles after their task; the shim finds the bundle as <cwd>/../<id>, so a
+            # bundle named otherwise (the pod's "pause") is reached through a link for the time of the call.
+            link = bundle.parent / cid if bundle.name != cid else None
             try:
+                if link is not None:
+                    await asyncio.to_thread(_link, link, bundle.name)
                 await delete_shim([binary, *self.handler.extra_args], namespace=NAMESPACE, task_id=cid,
                                   shimd_address=str(self.state_dir / "shimd.sock"), bundle=bundle,
                                   env=self.shim_env(), timeout=self.runtime_timeout)
-            except errors.ShimdError as e:
+            except (errors.ShimdError, OSError) as e:
                 self.log.warning("shim delete failed", container_id=cid, error=str(e)[:500])
+            finally:
+                if link is not None:
+                    with contextlib.suppress(OSError):
+                        await asyncio.to_thread(link.unlink)
         for bundle in bundles:
             rootfs = str(bundle / "rootfs")
             try:

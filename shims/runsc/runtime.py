@@ -25,6 +25,7 @@ from shims.runc.runc import Runc, RuncError, RuncOptions
 NEVER_STARTED_STATUS = 128 + 9
 UNKNOWN_STATUS = 255
 WAIT_OUTPUT_LIMIT = 64 * 1024
+CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 # `runsc wait` lasts as long as the container; a bound is still required by run(), so a year.
 WAIT_FOREVER = 365 * 86400.0
 
@@ -39,6 +40,16 @@ def global_args() -> list[str]:
     return args
 
 
+def _is_root(bundle: str) -> bool:
+    """A container that creates its sandbox (the pod's pause, or a lone container) rather than joining one."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            annotations = json.load(f).get("annotations") or {}
+    except (OSError, ValueError):
+        return False
+    return annotations.get(CONTAINER_TYPE, "sandbox") == "sandbox"
+
+
 class Runsc(Runc):
     def __init__(self, reaper: Reaper, opts: RuncOptions, log_path: str, timeout: float) -> None:
         super().__init__(reaper, opts, log_path, timeout)
@@ -46,6 +57,7 @@ class Runsc(Runc):
         self._exits: dict[str, asyncio.Future[ExitInfo]] = {}
         self._waiters: dict[str, asyncio.Task[None]] = {}
         self._stdio: dict[str, tuple[int, int, int]] = {}
+        self._roots: set[str] = set()
 
     def _argv(self, *args: str) -> list[str]:
         argv = super()._argv()
@@ -53,9 +65,10 @@ class Runsc(Runc):
 
     # --- exits -----------------------------------------------------------------------------------
     def watch_exit(self, cid: str, exec_id: str, pid: int) -> asyncio.Future[ExitInfo]:
-        if exec_id:
+        if exec_id or cid in self._roots:
             # A detached `runsc exec` leaves a host process that forwards signals to the sandboxed
-            # one and exits with its status: reaping it is enough.
+            # one and exits with its status; the sandbox process ends with its root container. Reaping
+            # is enough for both (and saves a `runsc wait` process per pod).
             return self.reaper.watch(pid)
         fut = self._exits.get(cid)
         if fut is None:
@@ -83,6 +96,8 @@ class Runsc(Runc):
     # --- stdio -----------------------------------------------------------------------------------
     async def create(self, cid: str, bundle: str, pid_file: str, stdio: tuple[int, int, int],
                      console_socket: str = "") -> None:
+        if await asyncio.to_thread(_is_root, bundle):
+            self._roots.add(cid)
         await super().create(cid, bundle, pid_file, stdio, console_socket)
         # A container joining a sandbox gets its stdio from `runsc start`, not `runsc create`: keep
         # copies until then (the shim closes its child ends right after create).
@@ -104,7 +119,7 @@ class Runsc(Runc):
                 await super().start(cid)
         finally:
             self._close_stdio(cid)
-        if cid not in self._waiters:
+        if cid not in self._waiters and cid not in self._roots:
             self._waiters[cid] = asyncio.ensure_future(self._wait(cid))
 
     async def delete(self, cid: str, force: bool = False) -> None:
@@ -115,6 +130,7 @@ class Runsc(Runc):
             if cid not in self._waiters:
                 self._settle(cid, NEVER_STARTED_STATUS)
             self._exits.pop(cid, None)
+            self._roots.discard(cid)
 
     # --- what runsc does not do like runc ------------------------------------------------------
     async def update(self, cid: str, resources_json: bytes) -> None:

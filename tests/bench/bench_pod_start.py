@@ -23,6 +23,7 @@ host (host-network pods: no netns, no CNI on either side) is the network-free co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -275,8 +276,8 @@ def shim_pids(pod_id: str) -> list[int]:
 def measure(rt: Runtime, image: str, pause: str, args: argparse.Namespace, work: Path) -> Results:
     res = Results()
     client = rt.start()
+    b = Bench(client, image, work / f"logs-{rt.name}", args.network == "host")
     try:
-        b = Bench(client, image, work / f"logs-{rt.name}", args.network == "host")
         b.pull(image)
         if isinstance(rt, Containerd):
             b.pull(pause)
@@ -333,6 +334,11 @@ def measure(rt: Runtime, image: str, pause: str, args: argparse.Namespace, work:
                 times.append(time.perf_counter() - t0)
             res.list_p50_ms = statistics.median(times) * 1000
             b.remove_all()
+    except BaseException:
+        # Never leave pods (and their shims, netns, cgroups) behind a failed run.
+        with contextlib.suppress(Exception):
+            b.remove_all()
+        raise
     finally:
         rt.stop()
     return res

@@ -47,6 +47,8 @@ from tests.support.registry import Registry, start_registry
 from tests.support.runtime import kill_strays
 
 SETTLE = 2.0
+# containerd-shim-runc-v2's default runc root for the k8s.io namespace (the peer config sets none).
+CONTAINERD_RUNC_ROOT = "/run/containerd/runc/k8s.io"
 
 
 @dataclass
@@ -181,26 +183,53 @@ def _memory(b: HandlerBench, daemon_pid: int, args: argparse.Namespace, res: Res
 
 def measure(client: CriClient, daemon_pid: int, handler: str, image: str, pause: str, args: argparse.Namespace,
             log_dir: Path, modes: tuple[str, ...]) -> dict[str, Result]:
-    """modes: "full" (pod + one running container) and/or "sandbox" (RunPodSandbox alone)."""
+    """modes: "full" (pod + one running container), "sandbox" (RunPodSandbox alone), "sandbox-kept"
+    (RunPodSandbox alone, pods never stopped: for a runtime that cannot tear them down)."""
     b = HandlerBench(client, image, log_dir, handler)
     b.pull(image)
     if pause:
         b.pull(pause)
     out: dict[str, Result] = {}
     for mode in modes:
-        res = out[mode] = Result()
+        res = out[mode.removesuffix("-kept")] = Result()
         one = b.one_pod if mode == "full" else lambda name: _sandbox_only(b, name)
-        one("warmup")
-        b.remove_all()
-        time.sleep(1)
+        kept = mode.endswith("-kept")
+        if not kept:
+            one("warmup")
+            b.remove_all()
+            time.sleep(1)
+        else:
+            time.sleep(SETTLE)
+            idle = status_kb(daemon_pid)
         for i in range(args.pods):
             calls = one(f"seq-{i}")
             res.start_s.append(calls.get("end-to-end", calls["RunPodSandbox"]))
             for k, v in calls.items():
                 res.calls.setdefault(k, []).append(v)
+        if kept:
+            time.sleep(SETTLE)
+            pods = [p.id for p in client.runtime.ListPodSandbox(client.pb.ListPodSandboxRequest()).items]
+            res.daemon_delta_kb, res.pods_held = max(0, status_kb(daemon_pid) - idle), len(pods)
+            res.per_pod_tree_kb = [tree_pss_kb(shim) for shim in map(_shim_of, pods) if shim]
+            continue
         b.remove_all()
         _memory(b, daemon_pid, args, res, containers=mode == "full")
     return out
+
+
+def forget_runsc_state(root: str, base: Path) -> None:
+    """Delete runsc containers (state files, sandboxes) whose bundle lies under base."""
+    runsc = shutil.which("runsc") or "runsc"
+    out = subprocess.run([runsc, "--root", root, "list", "--format", "json"], capture_output=True, text=True,
+                         timeout=60, check=False).stdout
+    try:
+        listed = json.loads(out) or []
+    except ValueError:
+        return
+    for c in listed:
+        if str(c.get("bundle", "")).startswith(str(base)):
+            subprocess.run([runsc, "--root", root, "delete", "--force", c["id"]], capture_output=True, timeout=60,
+                           check=False)
 
 
 def run_shimd(work: Path, reg: Registry, conf_dir: Path, handler: str, image: str, args: argparse.Namespace,
@@ -227,6 +256,9 @@ def run_containerd(work: Path, reg: Registry, conf_dir: Path, runc_binary: str, 
     finally:
         peer.stop()
         kill_strays(peer.base)
+        if tag == "runsc":
+            forget_runsc_state(CONTAINERD_RUNC_ROOT, peer.base)
+            peer.unmount_all()
 
 
 # --- report ---------------------------------------------------------------------------------------------
@@ -243,16 +275,20 @@ def report(results: dict[str, Result]) -> None:
             print(f"{name:28} could not run: {r.error}")
             continue
         tree = statistics.mean(r.per_pod_tree_kb) / 1024 if r.per_pod_tree_kb else 0
-        print(f"{name:28} {pct(r.start_s, 50) * 1000:8.0f}ms {pct(r.start_s, 95) * 1000:8.0f}ms "
+        print(f"{name:28} {pct(r.start_s, 0.5) * 1000:8.0f}ms {pct(r.start_s, 0.95) * 1000:8.0f}ms "
               f"{r.per_pod_kb / 1024:12.1f} {tree:9.1f}+{r.daemon_delta_kb / 1024 / max(r.pods_held, 1):.1f}")
-        print(f"{'':28} p50 per call: " + ", ".join(f"{k} {pct(v, 50) * 1000:.0f}ms" for k, v in r.calls.items()
+        print(f"{'':28} p50 per call: " + ", ".join(f"{k} {pct(v, 0.5) * 1000:.0f}ms" for k, v in r.calls.items()
                                                      if k != "end-to-end"))
     for kind in ("runsc full", "runsc sandbox", "shimv2 full", "shimv2 sandbox"):
         a, b = results.get(f"shimd {kind}"), results.get(f"containerd {kind}")
         if a and b and not a.error and not b.error:
-            print(f"ratio shimd/containerd {kind:15}: start p50 {_ratio(pct(a.start_s, 50), pct(b.start_s, 50))}, "
-                  f"p95 {_ratio(pct(a.start_s, 95), pct(b.start_s, 95))}, "
+            print(f"ratio shimd/containerd {kind:15}: start p50 {_ratio(pct(a.start_s, 0.5), pct(b.start_s, 0.5))}, "
+                  f"p95 {_ratio(pct(a.start_s, 0.95), pct(b.start_s, 0.95))}, "
                   f"per-pod memory {_ratio(a.per_pod_kb, b.per_pod_kb)}")
+
+
+def load(path: str) -> dict[str, Result]:
+    return {k: Result(**v) for k, v in json.loads(Path(path).read_text()).items()}
 
 
 def main() -> None:
@@ -261,7 +297,11 @@ def main() -> None:
     ap.add_argument("--mem-pods", type=int, default=5, help="pods held at once for the memory figures")
     ap.add_argument("--only", choices=("runsc", "shimv2"), default="")
     ap.add_argument("--json", default="", help="also write raw results here")
+    ap.add_argument("--report", default="", help="only print the report of a --json file written earlier")
     args = ap.parse_args()
+    if args.report:
+        report(load(args.report))
+        return
 
     work = Path(tempfile.mkdtemp(prefix="bench-sbx-", dir="/tmp"))
     net = private_network(work / "cni")
@@ -276,11 +316,13 @@ def main() -> None:
         wrapper = runsc_wrapper(work / "runsc-host")
         # containerd cannot start a container in a runsc sandbox through containerd-shim-runc-v2 (StartContainer
         # hangs: `runsc start` hands the shim's output-capture pipe to the container, so the shim waits for
-        # an EOF that never comes), so runsc is compared on sandboxes alone as well.
+        # an EOF that never comes), nor stop a sandbox (the pid it watches is the gVisor sandbox's, which
+        # outlives the container): runsc is compared on sandbox creation alone, containerd's pods are
+        # left running until the end and then force-deleted.
         plan = [
             ("runsc", "shimd", lambda: run_shimd(work, reg, conf_dir, "runsc", image, args, ("full", "sandbox"))),
             ("runsc", "containerd", lambda: run_containerd(work, reg, conf_dir, str(wrapper), pause, image, args,
-                                                           "runsc", ("sandbox",))),
+                                                           "runsc", ("sandbox-kept",))),
             ("shimv2", "shimd", lambda: run_shimd(work, reg, conf_dir, "runcv2", image, args, ("full", "sandbox"))),
             ("shimv2", "containerd", lambda: run_containerd(work, reg, conf_dir, "runc", pause, image, args, "runc",
                                                             ("full", "sandbox"))),

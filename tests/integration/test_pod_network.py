@@ -367,7 +367,6 @@ def test_fifty_pods_leave_nothing_behind(net_rt: NetRuntime) -> None:
     rt.run_pod("warm-up")  # creates the bridge and the shared portmap chains once, outside the comparison
     stop_remove(nr, rt.client.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items[0].id)
     before = snapshot(nr)
-    chains_before = declared_chains()
 
     def make(i: int) -> str:
         return rt.run_pod(f"churn-{i}", port_mappings=[
@@ -385,7 +384,6 @@ def test_fifty_pods_leave_nothing_behind(net_rt: NetRuntime) -> None:
     assert len(pod_chains) >= CHURN_PODS  # one masquerade and one DNAT chain per pod
     assert snapshot(nr) == before
     assert not (pod_chains & declared_chains()), "per-pod CNI chains left in the nat table"
-    assert declared_chains() >= chains_before - pod_chains
 
 
 def test_del_after_restart_and_without_netns(net_rt: NetRuntime) -> None:

@@ -180,3 +180,43 @@ def test_runsc_streaming_attach_port_forward_and_tty_exec(rt: Runtime) -> None:
     rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
     rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
     assert_no_leftovers(rt, pod_id)
+
+
+def test_runsc_shared_pid_namespace(rt: Runtime) -> None:
+    pb = rt.pb
+    pod_id, pod_cfg = rt.run_pod("gvpid", handler="runsc", linux=pb.LinuxPodSandboxConfig(
+        security_context=pb.LinuxSandboxSecurityContext(namespace_options=pb.NamespaceOption(pid=pb.POD))))
+    shared = pb.LinuxContainerConfig(security_context=pb.LinuxContainerSecurityContext(
+        namespace_options=pb.NamespaceOption(pid=pb.POD)))
+    a = rt.create(pod_id, pod_cfg, "a", ["sleep", "1234"], linux=shared)
+    b = rt.create(pod_id, pod_cfg, "b", ["sleep", "1000"], linux=shared)
+    rt.start(a)
+    rt.start(b)
+    rt.wait_state(b, pb.CONTAINER_RUNNING)
+    code, out, _ = _exec(rt, b, ["ps"])
+    assert code == 0 and "sleep 1234" in out, out
+    rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert_no_leftovers(rt, pod_id)
+
+
+def test_runsc_dead_shim_is_detected_and_cleaned(rt: Runtime) -> None:
+    import signal
+
+    from tests.integration.test_pod_lifecycle import _procs_mentioning
+
+    pb = rt.pb
+    pod_id, pod_cfg = rt.run_pod("gvdead", handler="runsc")
+    cid = rt.create(pod_id, pod_cfg, "sleeper", ["sleep", "1000"])
+    rt.start(cid)
+    rt.wait_state(cid, pb.CONTAINER_RUNNING)
+    shims = [p for p in _procs_mentioning("shims.runc.shim") if pod_id.encode() in
+             open(f"/proc/{p}/cmdline", "rb").read()]
+    assert shims
+    for p in shims:
+        os.kill(p, signal.SIGKILL)
+    assert rt.wait_state(cid, pb.CONTAINER_EXITED, timeout=15).reason == "ShimDied"
+    rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert _sandboxes_of(pod_id) == []
+    assert_no_leftovers(rt, pod_id)

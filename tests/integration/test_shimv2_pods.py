@@ -104,3 +104,21 @@ def test_shimv2_restart_recovery_and_logging_while_down(rt_sandboxed: Runtime, h
     rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
     assert _shims_of(pod_id) == []
     assert_no_leftovers(rt, pod_id)
+
+
+@pytest.mark.parametrize("handler", shimv2_params())
+def test_shimv2_dead_shim_is_detected_and_cleaned(rt_sandboxed: Runtime, handler: str) -> None:
+    import signal
+
+    rt, pb = rt_sandboxed, rt_sandboxed.pb
+    pod_id, pod_cfg = rt.run_pod("v2dead", handler=handler)
+    cid = rt.create(pod_id, pod_cfg, "sleeper", ["sleep", "1000"])
+    rt.start(cid)
+    rt.wait_state(cid, pb.CONTAINER_RUNNING)
+    shims = _shims_of(pod_id)
+    assert len(shims) == 1
+    os.kill(shims[0], signal.SIGKILL)
+    assert rt.wait_state(cid, pb.CONTAINER_EXITED, timeout=15).reason == "ShimDied"
+    rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert_no_leftovers(rt, pod_id)

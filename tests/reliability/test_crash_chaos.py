@@ -145,6 +145,9 @@ class Chaos:
     def op_stop_pod(self, kill: bool, pods: dict[str, Any]) -> None:
         if pods:
             pid = self.rng.choice(sorted(pods))
+            for exp in self.model.expect.values():
+                if exp.pod_id == pid:
+                    exp.exit_code = None  # its running containers are killed by a signal
             self.call("runtime", "StopPodSandbox", self.pb.StopPodSandboxRequest(pod_sandbox_id=pid), kill)
 
     def op_remove_pod(self, kill: bool, pods: dict[str, Any]) -> None:
