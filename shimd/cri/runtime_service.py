@@ -14,7 +14,7 @@ import betterproto
 
 from shimd import errors, events
 from shimd.api.runtime import v1 as cri
-from shimd.cri import convert, runtime_info, validate
+from shimd.cri import convert, runtime_info, validate, wire
 from shimd.events import LifecycleEvent, SubscriberOverflow
 from shimd.oci import spec as ocispec
 from shimd.stats import cadvisor
@@ -61,6 +61,9 @@ def _pages(items: Sequence[T]) -> list[list[T]]:
 class RuntimeService(cri.RuntimeServiceBase):
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
+        # A summary changes only with its record's state (pod labels and metadata are fixed at creation).
+        self._pod_cache = wire.EncodingCache(convert.pod_summary, lambda p: p.state, lambda p: p.id)
+        self._container_cache = wire.EncodingCache(convert.container_summary, lambda c: c.state, lambda c: c.id)
         # Last pod status seen per pod, so events about a removed pod still carry its metadata.
         self._last_pod_status: OrderedDict[str, cri.PodSandboxStatus] = OrderedDict()
         # The user each container's process runs as (from its OCI spec; fixed for the container's life).
@@ -120,8 +123,9 @@ class RuntimeService(cri.RuntimeServiceBase):
                     continue
                 if not convert.labels_match(pod.labels, f.label_selector):
                     continue
-            items.append(convert.pod_summary(pod))
-        return cri.ListPodSandboxResponse(items=items)
+            items.append(self._pod_cache.encoded(pod))
+        self._pod_cache.prune(self.d.store.pods)
+        return wire.preencoded(cri.ListPodSandboxResponse, wire.repeated_message_field(1, items))
 
     # --- containers ------------------------------------------------------------------------
     async def create_container(self, request: cri.CreateContainerRequest) -> cri.CreateContainerResponse:
@@ -162,8 +166,9 @@ class RuntimeService(cri.RuntimeServiceBase):
                     continue
                 if not convert.labels_match(ctr.labels, f.label_selector):
                     continue
-            out.append(convert.container_summary(ctr))
-        return cri.ListContainersResponse(containers=out)
+            out.append(self._container_cache.encoded(ctr))
+        self._container_cache.prune(self.d.store.containers)
+        return wire.preencoded(cri.ListContainersResponse, wire.repeated_message_field(1, out))
 
     async def reopen_container_log(self, request: cri.ReopenContainerLogRequest) -> cri.ReopenContainerLogResponse:
         await self.d.containers.reopen_log(validate.required_id(request.container_id, "container_id"))

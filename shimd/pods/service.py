@@ -72,10 +72,14 @@ class PodService:
             id=pod_id, name=md.name, namespace=md.namespace, uid=md.uid, attempt=md.attempt, handler=handler_name,
             created_at=time.time_ns(), config=config.to_dict(), labels=dict(config.labels),
             annotations=dict(config.annotations), state=POD_NOTREADY, host_network=host_network,
+            initializing=True, cgroup_parent=linux.cgroup_parent,
         )
+        # Known before CNI ADD: the bandwidth and other plugins receive it as the cgroupPath capability.
+        if not pod.cgroup_parent:
+            pod.cgroup_parent = cgroups.default_pod_parent(self.cgroup_driver, pod.id)
+            pod.owns_cgroup_parent = True
         self.store.reserve_name(pod.name_key, pod_id, "pod sandbox")
         lg = self.log.bind(pod_id=pod_id, handler=handler_name)
-        pod.initializing = True
         try:
             await self.store.save_pod(pod)
             await self._setup(pod, config, sc, ns_opts, drv.needs_sandbox_task(ns_opts.pid == cri.NamespaceMode.POD))
@@ -97,19 +101,14 @@ class PodService:
         hostname = config.hostname or (os.uname().nodename if pod.host_network else config.metadata.name)
         podfiles.validate_hostname(hostname, "config.hostname")
 
-        # Known before CNI ADD: the bandwidth and other plugins receive it as the cgroupPath capability.
-        pod.cgroup_parent = config.linux.cgroup_parent if betterproto.serialized_on_wire(config.linux) else ""
-        if not pod.cgroup_parent:
-            pod.cgroup_parent = cgroups.default_pod_parent(self.cgroup_driver, pod.id)
-            pod.owns_cgroup_parent = True
-        await self.store.save_pod(pod)
-
+        # Only the first record and the shim's address are saved before the pod is ready: everything else a
+        # crash could leave behind is found from the pod id alone (namespace pins, CNI's own records, the
+        # cgroup parent set in run()), and each save costs an fsync on the pod start path.
         kinds = [] if pod.host_network else ["network", "uts"]
         if ns_opts.ipc != cri.NamespaceMode.NODE:
             kinds.append("ipc")
         if kinds:
             pod.namespaces = await namespaces.create_pod_namespaces(pod.id, self.ns_dir, kinds, hostname)
-            await self.store.save_pod(pod)
 
         if not pod.host_network:
             result = await self.network.setup(PodNetworkRequest(
@@ -123,12 +122,13 @@ class PodService:
             ))
             pod.network_attached = True
             pod.ip, pod.additional_ips = result.ip, list(result.additional_ips)
-            await self.store.save_pod(pod)
 
         dns = self._dns(config)
-        await fsutil.write_text(pdir / "resolv.conf", podfiles.resolv_conf(dns, pod.host_network))
-        await fsutil.write_text(pdir / "hosts", podfiles.hosts_file(pod.ip or None, hostname, pod.host_network))
-        await fsutil.write_text(pdir / "hostname", podfiles.hostname_file(hostname))
+        await asyncio.to_thread(_write_pod_files, pdir, {
+            "resolv.conf": podfiles.resolv_conf(dns, pod.host_network),
+            "hosts": podfiles.hosts_file(pod.ip or None, hostname, pod.host_network),
+            "hostname": podfiles.hostname_file(hostname),
+        })
         if "ipc" in pod.namespaces:
             await self._mount_shm(pdir / "shm")
 
@@ -165,7 +165,10 @@ class PodService:
 
         def prepare() -> None:
             rootfs.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PAUSE_BINARY, rootfs / "pause")
+            try:
+                os.link(PAUSE_BINARY, rootfs / "pause")
+            except OSError:  # another filesystem
+                shutil.copy2(PAUSE_BINARY, rootfs / "pause")
 
         await asyncio.to_thread(prepare)
         ctx = self.pod_context(pod)
@@ -328,3 +331,12 @@ class PodService:
                 if not pod.shim_dead and not await self.shims.shim_alive(pod.id):
                     await self.shim_died(pod.id)
 
+
+
+def _write_pod_files(pdir: Path, files: dict[str, str]) -> None:
+    """Plain writes: these files are regenerated from the pod record, so they need no fsync."""
+    for name, text in files.items():
+        tmp = pdir / f".{name}.tmp"
+        tmp.write_text(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, pdir / name)

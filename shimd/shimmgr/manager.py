@@ -22,7 +22,7 @@ from shimd.api.containerd import types as ctypes
 from shimd.api.containerd.task import v2 as task
 from shimd.config import Config
 from shimd.shimmgr.drivers import Driver, make_driver
-from shimd.shimmgr.launcher import start_shim
+from shimd.shimmgr.launcher import spawn_serving, start_shim
 from shimd.shimmgr.task_client import TaskClient
 
 NAMESPACE = "k8s.io"
@@ -90,6 +90,13 @@ class ShimManager:
     # --- shims -------------------------------------------------------------------------------
     async def launch(self, pod_id: str, handler: str, bundle: Path) -> str:
         drv = self.driver(handler)
+        direct = getattr(drv, "direct_launch", None)
+        if direct is not None:
+            # shimd's own shims skip the shim v2 `start` step: shimd binds their socket itself.
+            address = await spawn_serving(direct(NAMESPACE, pod_id, self.cfg.daemon.socket, str(self.state_dir / "s")),
+                                          bundle=bundle, timeout=self.timeout)
+            self._addresses[pod_id] = address
+            return address
         address = await start_shim(drv.shim_argv(), namespace=NAMESPACE, pod_id=pod_id,
                                    shimd_address=self.cfg.daemon.socket, bundle=bundle, env=drv.shim_env(),
                                    timeout=self.timeout)

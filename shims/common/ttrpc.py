@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -102,7 +103,11 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
 
-    async def listen(self, path: str) -> None:
+    async def listen(self, path: str, sock: socket.socket | None = None) -> None:
+        """Serve on path, or on sock when the launcher already bound and listens on it for us."""
+        if sock is not None:
+            self._server = await asyncio.start_unix_server(self._serve_conn, sock=sock)
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self._server = await asyncio.start_unix_server(self._serve_conn, path=path)

@@ -1,0 +1,15 @@
+"""The runc handler: shimd-side driver and the per-pod shim process."""
+
+# Set by a direct launch (shimd's runc driver): the descriptor number of the socket shimd already bound.
+LISTEN_FD_ENV = "SHIMD_LISTEN_FD"
+
+
+def socket_path(shim_dir: str, namespace: str, pod_id: str) -> str:
+    """Where the shim of (namespace, pod) listens: short and stable, whoever launches it."""
+    # hashlib would load OpenSSL (~4 MB RSS) into the shim; CPython's builtin sha256 module is enough.
+    try:
+        from _sha256 import sha256  # type: ignore[import-not-found]
+    except ImportError:  # Python >= 3.12
+        from _sha2 import sha256  # type: ignore[import-not-found,no-redef]
+    digest: str = sha256(f"{namespace}/{pod_id}".encode()).hexdigest()[:32]
+    return f"{shim_dir}/{digest}"

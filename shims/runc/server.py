@@ -10,11 +10,13 @@ import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 
 from shims.common.jsonlog import Logger  # noqa: E402
 from shims.common.procs import Reaper, set_subreaper, trim_memory  # noqa: E402
 from shims.common.ttrpc import Server  # noqa: E402
 from shims.common.writer import FileWriter  # noqa: E402
+from shims.runc import LISTEN_FD_ENV  # noqa: E402
 from shims.runc.service import TaskService  # noqa: E402
 
 
@@ -35,7 +37,7 @@ async def _main(flags: dict[str, str], path: str) -> int:
     service = TaskService(flags.get("namespace", ""), flags["id"], os.path.dirname(path), reaper, writer, log,
                           stop.set)
     server = Server(service.services(), lambda what, e: log.error(what, error=f"{type(e).__name__}: {e}"))
-    await server.listen(path)
+    await server.listen(path, _inherited_listener())
     log.info("shim listening", address=f"unix://{path}", pid=os.getpid())
     trim_memory()
     try:
@@ -51,5 +53,25 @@ async def _main(flags: dict[str, str], path: str) -> int:
     return 0
 
 
+def _inherited_listener() -> socket.socket | None:
+    """The socket shimd bound for us (direct launch), or None when we bind the path ourselves."""
+    fd = os.environ.pop(LISTEN_FD_ENV, "")
+    return socket.socket(fileno=int(fd)) if fd.isdigit() else None
+
+
+def _close_stray_fds() -> None:
+    """Descriptors our launcher leaked to us (uvloop does) would pin its sockets open for our lifetime."""
+    keep = {0, 1, 2}
+    fd = os.environ.get(LISTEN_FD_ENV, "")
+    if fd.isdigit():
+        keep.add(int(fd))
+    for name in os.listdir("/proc/self/fd"):
+        n = int(name)
+        if n not in keep:
+            with contextlib.suppress(OSError):
+                os.close(n)
+
+
 def serve(flags: dict[str, str], path: str) -> int:
+    _close_stray_fds()
     return asyncio.run(_main(flags, path))

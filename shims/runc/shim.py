@@ -18,6 +18,8 @@ import os  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
 
+from shims.runc import socket_path as shim_socket_path  # noqa: E402
+
 USAGE = "usage: shim -namespace NS -address ADDR [-publish-binary P] -id ID [-bundle DIR] [-debug] start|delete"
 
 
@@ -43,20 +45,10 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], str]:
     return flags, argv[i]
 
 
-def _sha256_hex(data: bytes) -> str:
-    # hashlib would load OpenSSL (~4 MB RSS); CPython's builtin sha256 module is enough.
-    try:
-        from _sha256 import sha256  # type: ignore[import-not-found]
-    except ImportError:  # Python >= 3.12
-        from _sha2 import sha256  # type: ignore[import-not-found,no-redef]
-    return sha256(data).hexdigest()  # type: ignore[no-any-return]
-
-
 def socket_path(flags: dict[str, str]) -> str:
     base = os.environ.get("SHIMD_SHIM_DIR") or os.path.join(os.path.dirname(flags.get("address", "") or "/run/shimd/x"),
                                                             "s")
-    digest = _sha256_hex(f"{flags.get('namespace', '')}/{flags['id']}".encode())[:32]
-    return os.path.join(base, digest)
+    return shim_socket_path(base, flags.get("namespace", ""), flags["id"])
 
 
 def _answers(path: str) -> bool:

@@ -85,6 +85,8 @@ def test_runsc_pod_lifecycle(rt: Runtime) -> None:
     sample = asyncio.run(drv.container_sample(cid))
     assert sample is not None and sample.cpu_usage_ns and sample.memory_usage and sample.pids
     assert asyncio.run(drv.container_sample("no-such-container")) is None
+    stats = rt.client.runtime.ContainerStats(pb.ContainerStatsRequest(container_id=cid)).stats
+    assert stats.cpu.usage_core_nano_seconds.value > 0 and stats.memory.working_set_bytes.value > 0
 
     with pytest.raises(grpc.RpcError) as e:
         rt.client.runtime.UpdateContainerResources(pb.UpdateContainerResourcesRequest(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,7 +68,15 @@ class Chaos:
         self.rt.proc.start()
         self.resync()
         problems = self.checker.check(self.model.expect)
-        assert not problems, f"after restart ({where}; seed {SEED}; ops {self.log}):\n" + "\n".join(problems)
+        assert not problems, (f"after restart ({where}; seed {SEED}; ops {self.log}):\n" + "\n".join(problems)
+                              + self.history(problems))
+
+    def history(self, problems: list[str]) -> str:
+        """shimd's log lines about the objects named in the problems, to tell how they got there."""
+        ids = {w for p in problems for w in re.findall(r"[0-9a-f]{64}", p)}
+        lines = [ln[:400] for ln in self.rt.proc.log_path.read_text(errors="replace").splitlines()
+                 if any(i in ln for i in ids)]
+        return "\n--- shimd log about them:\n" + "\n".join(lines[-60:]) if lines else ""
 
     def resync(self) -> None:
         """Adopt what the restarted daemon lists: the interrupted call may or may not have happened."""
@@ -194,7 +203,8 @@ def test_sigkill_during_random_operations(rt: Runtime) -> None:
         chaos.step(i)
         if i % 10 == 9:
             problems = chaos.checker.check(chaos.model.expect)
-            assert not problems, f"after op {i} (seed {SEED}; {chaos.log}):\n" + "\n".join(problems)
+            assert not problems, (f"after op {i} (seed {SEED}; {chaos.log}):\n" + "\n".join(problems)
+                                  + chaos.history(problems))
     if chaos.kills == 0:
         chaos.crash("at the end")
     # Remove everything through CRI, then nothing this daemon ever made may remain.

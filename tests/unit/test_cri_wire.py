@@ -1,0 +1,31 @@
+from shimd.api.runtime import v1 as cri
+from shimd.cri import wire
+
+
+def test_preencoded_list_decodes_like_the_real_message() -> None:
+    items = [cri.Container(id=f"c{i}", pod_sandbox_id="p", metadata=cri.ContainerMetadata(name=f"n{i}"),
+                           state=cri.ContainerState.CONTAINER_RUNNING, labels={"a": "b" * i}) for i in range(300)]
+    cache = wire.EncodingCache(lambda c: c, lambda c: c.state, lambda c: c.id)
+    payload = wire.repeated_message_field(1, [cache.encoded(c) for c in items])
+    msg = wire.preencoded(cri.ListContainersResponse, payload)
+    assert isinstance(msg, cri.ListContainersResponse)
+    assert msg.SerializeToString() == bytes(cri.ListContainersResponse(containers=items))
+    assert cri.ListContainersResponse().parse(bytes(msg)).containers == items
+
+
+def test_cache_reencodes_on_state_change_and_prunes() -> None:
+    calls: list[str] = []
+
+    def enc(c: cri.Container) -> cri.Container:
+        calls.append(c.id)
+        return c
+
+    cache = wire.EncodingCache(enc, lambda c: c.state, lambda c: c.id)
+    c = cri.Container(id="x", state=cri.ContainerState.CONTAINER_CREATED)
+    first = cache.encoded(c)
+    assert cache.encoded(c) is first and calls == ["x"]
+    c.state = cri.ContainerState.CONTAINER_RUNNING
+    assert cache.encoded(c) != first and calls == ["x", "x"]
+    cache.prune([])
+    cache.encoded(c)
+    assert calls == ["x", "x", "x"]
