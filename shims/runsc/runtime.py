@@ -99,6 +99,8 @@ class Runsc(Runc):
         if await asyncio.to_thread(_is_root, bundle):
             self._roots.add(cid)
         await super().create(cid, bundle, pid_file, stdio, console_socket)
+        if cid in self._roots:
+            return
         # A container joining a sandbox gets its stdio from `runsc start`, not `runsc create`: keep
         # copies until then (the shim closes its child ends right after create).
         self._close_stdio(cid)
@@ -141,12 +143,6 @@ class Runsc(Runc):
         procs = json.loads(out) or []
         # Sandbox-internal pids: they mean nothing on the host, but they are what the sandbox has.
         return [int(p["PID"] if isinstance(p, dict) else p) for p in procs]
-
-    async def stats(self, cid: str) -> dict[str, object]:
-        """One `runsc events --stats` sample: cpu, memory and pids as the sandbox accounts them."""
-        out = await self._run("events", "--stats", cid)
-        data = json.loads(out.splitlines()[0] if out else b"{}")
-        return dict(data.get("data") or {})
 
     def close(self) -> None:
         for t in self._waiters.values():

@@ -179,6 +179,11 @@ def test_runsc_streaming_attach_port_forward_and_tty_exec(rt: Runtime) -> None:
             await client.close()
 
     assert b"37 91" in asyncio.run(tty())
+
+    # A container with a terminal joining the sandbox gets one (runsc hands it over at start, not create).
+    term = rt.create(pod_id, pod_cfg, "term", ["sh", "-c", "[ -t 1 ] && echo stdout-is-tty; sleep 100"], tty=True)
+    rt.start(term)
+    assert "stdout-is-tty" in _wait_log(rt.log_dir / "gvs" / "term" / "0.log", "stdout-is-tty")
     rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
     rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
     assert_no_leftovers(rt, pod_id)

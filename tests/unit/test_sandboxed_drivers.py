@@ -93,3 +93,17 @@ def test_deploy_config_with_all_handlers_parses() -> None:
     cfg = load(Path(__file__).resolve().parents[2] / "deploy" / "config-all-handlers.toml")
     assert {"runc", "runsc", "kata", "runc-v2"} <= set(cfg.handlers)
     assert cfg.handlers["kata"].driver == "shimv2" and cfg.handlers["runsc"].network == "host"
+
+
+def test_runsc_platform_this_runsc_lacks_is_reported(tmp_path: Path) -> None:
+    import shutil
+
+    import pytest
+
+    if shutil.which("runsc") is None:
+        pytest.skip("runsc is not installed")
+    drv = RunscDriver(HandlerConfig(name="gv", driver="runsc", binary="runsc", platform="nosuch"), tmp_path)
+    ok, why = drv.available()
+    assert not ok and "'nosuch'" in why and "ptrace" in why
+    ok, why = RunscDriver(HandlerConfig(name="gv", driver="runsc", binary="runsc"), tmp_path).available()
+    assert ok and "platform ptrace" in why
