@@ -9,6 +9,7 @@ import betterproto
 
 from shimd.api.runtime import v1 as cri
 from shimd.errors import InvalidArgument
+from shimd.oci import spec as ocispec
 
 _NAME = re.compile(r"^[^/\x00]{1,253}$")
 
@@ -36,6 +37,7 @@ def pod_config(config: cri.PodSandboxConfig | None) -> cri.PodSandboxConfig:
             raise InvalidArgument(f"config.port_mappings[{i}].container_port {p.container_port} is out of range")
         if not 0 <= p.host_port < 65536:
             raise InvalidArgument(f"config.port_mappings[{i}].host_port {p.host_port} is out of range")
+    pod_security(config)
     return config
 
 
@@ -69,3 +71,16 @@ def timeout(value: int, field: str) -> int:
     if value < 0:
         raise InvalidArgument(f"{field} must not be negative, got {value}")
     return value
+
+
+def pod_security(config: cri.PodSandboxConfig) -> None:
+    """Refuse host-wide sysctls, or ones for a namespace the pod shares with the host, before making anything."""
+    if not betterproto.serialized_on_wire(config.linux):
+        return
+    ns = config.linux.security_context.namespace_options
+    private = set()
+    if ns.network != cri.NamespaceMode.NODE:
+        private |= {"network", "uts"}
+    if ns.ipc != cri.NamespaceMode.NODE:
+        private.add("ipc")
+    ocispec.validate_sysctls(dict(config.linux.sysctls), private, "config.linux.sysctls")

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from tests.support.cri_client import CriClient
-from tests.support.reliability import Checker
+from tests.support.reliability import Checker, explain
 from tests.support.runtime import Runtime
 
 PARALLEL = int(os.environ.get("SHIMD_PARALLEL_PODS", "30"))
@@ -53,7 +53,7 @@ def test_parallel_pods_and_name_races(rt: Runtime) -> None:
         pins = os.listdir(rt.proc.state / "ns")
         assert len(pins) == PARALLEL
         problems = checker.check()
-        assert not problems, "\n".join(problems)
+        assert not problems, explain(rt, problems)
 
         # Two independent clients ask for the same pod name at the same instant.
         clients = [CriClient(rt.proc.socket) for _ in range(2)]
@@ -84,4 +84,4 @@ def test_parallel_pods_and_name_races(rt: Runtime) -> None:
 
         _remove_all(rt, pool)
     problems = checker.check_empty()
-    assert not problems, "\n".join(problems)
+    assert not problems, explain(rt, problems)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from tests.support.reliability import Checker, Expect, fd_count
+from tests.support.reliability import Checker, Expect, explain, fd_count
 from tests.support.runtime import Runtime
 
 OPS = int(os.environ.get("SHIMD_CHAOS_OPS", "40"))
@@ -68,15 +67,7 @@ class Chaos:
         self.rt.proc.start()
         self.resync()
         problems = self.checker.check(self.model.expect)
-        assert not problems, (f"after restart ({where}; seed {SEED}; ops {self.log}):\n" + "\n".join(problems)
-                              + self.history(problems))
-
-    def history(self, problems: list[str]) -> str:
-        """shimd's log lines about the objects named in the problems, to tell how they got there."""
-        ids = {w for p in problems for w in re.findall(r"[0-9a-f]{64}", p)}
-        lines = [ln[:400] for ln in self.rt.proc.log_path.read_text(errors="replace").splitlines()
-                 if any(i in ln for i in ids)]
-        return "\n--- shimd log about them:\n" + "\n".join(lines[-60:]) if lines else ""
+        assert not problems, f"after restart ({where}; seed {SEED}; ops {self.log}):\n" + explain(self.rt, problems)
 
     def resync(self) -> None:
         """Adopt what the restarted daemon lists: the interrupted call may or may not have happened."""
@@ -203,8 +194,7 @@ def test_sigkill_during_random_operations(rt: Runtime) -> None:
         chaos.step(i)
         if i % 10 == 9:
             problems = chaos.checker.check(chaos.model.expect)
-            assert not problems, (f"after op {i} (seed {SEED}; {chaos.log}):\n" + "\n".join(problems)
-                                  + chaos.history(problems))
+            assert not problems, f"after op {i} (seed {SEED}; {chaos.log}):\n" + explain(rt, problems)
     if chaos.kills == 0:
         chaos.crash("at the end")
     # Remove everything through CRI, then nothing this daemon ever made may remain.
@@ -225,4 +215,4 @@ def test_sigkill_during_random_operations(rt: Runtime) -> None:
         rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pid))
         rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pid))
     problems = chaos.checker.check_empty(shimd_fds_baseline=baseline)
-    assert not problems, f"seed {SEED}, {chaos.kills} kills, ops {chaos.log}:\n" + "\n".join(problems)
+    assert not problems, f"seed {SEED}, {chaos.kills} kills, ops {chaos.log}:\n" + explain(rt, problems)

@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from tests.support.reliability import Checker, proc_texts
+from tests.support.reliability import Checker, explain, proc_texts
 from tests.support.runtime import Runtime
 
 
@@ -61,9 +61,9 @@ def test_shim_sigkill_live_and_while_shimd_is_down(rt: Runtime) -> None:
             raise AssertionError("StartContainer in a pod with a dead shim succeeded")
 
     problems = checker.check()
-    assert not problems, "\n".join(problems)
+    assert not problems, explain(rt, problems)
     for pod_id, _, _ in pods.values():
         rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
         rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
     problems = checker.check_empty()
-    assert not problems, "\n".join(problems)
+    assert not problems, explain(rt, problems)

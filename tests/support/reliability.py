@@ -8,6 +8,7 @@ to a SIGKILL.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -89,6 +90,19 @@ def runc_ids(root: Path) -> set[str]:
     out = subprocess.run(["runc", "--root", str(root), "list", "-q"], capture_output=True, text=True, timeout=30,
                          check=False)
     return set(out.stdout.split())
+
+
+def explain(rt: Runtime, problems: list[str]) -> str:
+    """The problems, plus shimd's log lines about the objects they name (how they got there)."""
+    ids = {w for p in problems for w in re.findall(r"[0-9a-f]{64}", p)}
+    try:
+        log = rt.proc.log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        log = []
+    # ...and about the pods those objects belong to.
+    ids |= {m for ln in log if any(i in ln for i in ids) for m in re.findall(r'"pod_id": "([0-9a-f]{64})"', ln)}
+    lines = [ln[:400] for ln in log if any(i in ln for i in ids)]
+    return "\n".join(problems) + ("\n--- shimd log about them:\n" + "\n".join(lines[-60:]) if lines else "")
 
 
 @dataclass

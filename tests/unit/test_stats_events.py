@@ -10,7 +10,8 @@ import pytest
 
 from shimd import errors, events
 from shimd.api.runtime import v1 as cri
-from shimd.cri.runtime_service import EVENT_BUFFER, RuntimeService
+from shimd.cri.rpc_events import EVENT_BUFFER
+from shimd.cri.runtime_service import RuntimeService
 from shimd.store.records import PodRecord
 from shimd.store.store import Store
 

@@ -1,0 +1,40 @@
+"""What every RPC mixin of the RuntimeService shares: the daemon, caches, and small helpers."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+from shimd.api.runtime import v1 as cri
+
+if TYPE_CHECKING:
+    from shimd.cri.wire import EncodingCache
+    from shimd.daemon import Daemon
+    from shimd.store.records import ContainerRecord, PodRecord
+
+# Items per message of the Stream* RPCs.
+STREAM_PAGE = 100
+
+T = TypeVar("T")
+
+
+def pages(items: Sequence[T]) -> list[list[T]]:
+    return [list(items[i:i + STREAM_PAGE]) for i in range(0, len(items), STREAM_PAGE)]
+
+
+class RpcBase:
+    """Attributes the RuntimeService sets up once; the mixins read them."""
+
+    d: Daemon
+    _pod_cache: EncodingCache[PodRecord]
+    _container_cache: EncodingCache[ContainerRecord]
+    _last_pod_status: OrderedDict[str, cri.PodSandboxStatus]
+    _users: dict[str, cri.ContainerUser]
+
+    # Provided by ContainerRpcs, used by the pod and event RPCs too.
+    def _container_status(self, ctr: ContainerRecord) -> cri.ContainerStatus:
+        raise NotImplementedError
+
+    async def _load_users(self, ctrs: list[ContainerRecord]) -> None:
+        raise NotImplementedError

@@ -1,0 +1,140 @@
+"""Container RPCs: lifecycle, status, listing, resources."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+
+import betterproto
+
+from shimd import errors
+from shimd.api.runtime import v1 as cri
+from shimd.cri import convert, validate, wire
+from shimd.cri.rpc_base import RpcBase, pages
+from shimd.oci import spec as ocispec
+from shimd.store.records import CONTAINER_RUNNING, ContainerRecord
+
+
+def _spec_user(bundle: str) -> cri.ContainerUser | None:
+    """process.user of the container's OCI spec: what kubelet reports as the effective uid/gid/groups."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            user = json.load(f)["process"]["user"]
+        return cri.ContainerUser(linux=cri.LinuxContainerUser(
+            uid=int(user["uid"]), gid=int(user["gid"]),
+            supplemental_groups=[int(user["gid"]), *(int(g) for g in user.get("additionalGids") or [])]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+
+class ContainerRpcs(RpcBase):
+    # --- containers ------------------------------------------------------------------------
+    async def create_container(self, request: cri.CreateContainerRequest) -> cri.CreateContainerResponse:
+        validate.required_id(request.pod_sandbox_id, "pod_sandbox_id")
+        config = validate.container_config(request.config)
+        cid = await self.d.containers.create(request.pod_sandbox_id, config)
+        return cri.CreateContainerResponse(container_id=cid)
+
+    async def start_container(self, request: cri.StartContainerRequest) -> cri.StartContainerResponse:
+        await self.d.containers.start(validate.required_id(request.container_id, "container_id"))
+        return cri.StartContainerResponse()
+
+    async def stop_container(self, request: cri.StopContainerRequest) -> cri.StopContainerResponse:
+        await self.d.containers.stop(validate.required_id(request.container_id, "container_id"),
+                                     validate.timeout(request.timeout, "timeout"))
+        return cri.StopContainerResponse()
+
+    async def remove_container(self, request: cri.RemoveContainerRequest) -> cri.RemoveContainerResponse:
+        await self.d.containers.remove(validate.required_id(request.container_id, "container_id"))
+        return cri.RemoveContainerResponse()
+
+    async def container_status(self, request: cri.ContainerStatusRequest) -> cri.ContainerStatusResponse:
+        ctr = self.d.store.container(validate.required_id(request.container_id, "container_id"))
+        await self._load_users([ctr])
+        return cri.ContainerStatusResponse(status=self._container_status(ctr),
+                                           info=convert.container_info(ctr) if request.verbose else {})
+
+    def _listed_containers(self, f: cri.ContainerFilter | None) -> list[ContainerRecord]:
+        out = []
+        for ctr in self.d.store.containers.values():
+            if f is not None:
+                if f.id and not ctr.id.startswith(f.id):
+                    continue
+                if f.pod_sandbox_id and not ctr.pod_id.startswith(f.pod_sandbox_id):
+                    continue
+                if betterproto.serialized_on_wire(f.state) and convert.container_state(ctr) != f.state.state:
+                    continue
+                if not convert.labels_match(ctr.labels, f.label_selector):
+                    continue
+            out.append(ctr)
+        return out
+
+    async def list_containers(self, request: cri.ListContainersRequest) -> cri.ListContainersResponse:
+        f = request.filter if betterproto.serialized_on_wire(request.filter) else None
+        out = [self._container_cache.encoded(ctr) for ctr in self._listed_containers(f)]
+        self._container_cache.prune(self.d.store.containers)
+        return wire.preencoded(cri.ListContainersResponse, wire.repeated_message_field(1, out))
+
+    async def stream_containers(self, request: cri.StreamContainersRequest
+                                ) -> AsyncIterator[cri.StreamContainersResponse]:
+        f = request.filter if betterproto.serialized_on_wire(request.filter) else None
+        for page in pages(self._listed_containers(f)):
+            yield cri.StreamContainersResponse(containers=[convert.container_summary(c) for c in page])
+
+    async def reopen_container_log(self, request: cri.ReopenContainerLogRequest) -> cri.ReopenContainerLogResponse:
+        await self.d.containers.reopen_log(validate.required_id(request.container_id, "container_id"))
+        return cri.ReopenContainerLogResponse()
+
+    # --- resources ------------------------------------------------------------------------------
+    async def update_container_resources(self, request: cri.UpdateContainerResourcesRequest
+                                         ) -> cri.UpdateContainerResourcesResponse:
+        cid = validate.required_id(request.container_id, "container_id")
+        if not betterproto.serialized_on_wire(request.linux):
+            raise errors.InvalidArgument("linux must be set (only Linux resources are supported)")
+        ocispec.validate_resources(request.linux, "linux")
+        await self.d.containers.update_resources(cid, request.linux)
+        return cri.UpdateContainerResourcesResponse()
+
+    async def update_pod_sandbox_resources(self, request: cri.UpdatePodSandboxResourcesRequest
+                                           ) -> cri.UpdatePodSandboxResourcesResponse:
+        # kubelet owns pod-level cgroups and sizes them itself; the runtime only checks and acknowledges
+        # (runtimes that run pods in VMs would resize the VM here).
+        self.d.store.pod(validate.required_id(request.pod_sandbox_id, "pod_sandbox_id"))
+        for name in ("overhead", "resources"):
+            res = getattr(request, name)
+            if betterproto.serialized_on_wire(res):
+                ocispec.validate_resources(res, name)
+        return cri.UpdatePodSandboxResourcesResponse()
+
+    @staticmethod
+    def _require_running(ctr: ContainerRecord) -> None:
+        if ctr.state != CONTAINER_RUNNING:
+            raise errors.FailedPrecondition(f"container {ctr.id} is not running (state {ctr.state})")
+
+    async def _load_users(self, ctrs: list[ContainerRecord]) -> None:
+        missing = [c for c in ctrs if c.id not in self._users and c.bundle]
+        if missing:
+            for cid, user in zip([c.id for c in missing],
+                                 await asyncio.to_thread(lambda: [_spec_user(c.bundle) for c in missing]),
+                                 strict=True):
+                if user is not None:
+                    self._users[cid] = user
+
+    def _container_status(self, ctr: ContainerRecord) -> cri.ContainerStatus:
+        status = convert.container_status(ctr, self._image_ref(ctr.image_id))
+        if (user := self._users.get(ctr.id)) is not None:
+            status.user = user
+        # The current resources (as created, then as updated): kubelet compares them for in-place resize.
+        res = (ctr.config.get("linux") or {}).get("resources")
+        if res:
+            status.resources = cri.ContainerResources(linux=cri.LinuxContainerResources().from_dict(res))
+        return status
+
+    def _image_ref(self, image_id: str) -> str:
+        image = self.d.images.get(image_id)
+        if image is None:
+            return image_id
+        return image.repo_digests[0] if image.repo_digests else image.id

@@ -1,0 +1,64 @@
+"""Pod sandbox RPCs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import betterproto
+
+from shimd.api.runtime import v1 as cri
+from shimd.cri import convert, validate, wire
+from shimd.cri.rpc_base import RpcBase, pages
+from shimd.store.records import PodRecord
+
+
+class PodRpcs(RpcBase):
+    # --- pods ------------------------------------------------------------------------------
+    async def run_pod_sandbox(self, request: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResponse:
+        config = validate.pod_config(request.config)
+        pod_id = await self.d.pods.run(config, request.runtime_handler)
+        return cri.RunPodSandboxResponse(pod_sandbox_id=pod_id)
+
+    async def stop_pod_sandbox(self, request: cri.StopPodSandboxRequest) -> cri.StopPodSandboxResponse:
+        await self.d.pods.stop(validate.required_id(request.pod_sandbox_id, "pod_sandbox_id"))
+        return cri.StopPodSandboxResponse()
+
+    async def remove_pod_sandbox(self, request: cri.RemovePodSandboxRequest) -> cri.RemovePodSandboxResponse:
+        await self.d.pods.remove(validate.required_id(request.pod_sandbox_id, "pod_sandbox_id"))
+        return cri.RemovePodSandboxResponse()
+
+    async def pod_sandbox_status(self, request: cri.PodSandboxStatusRequest) -> cri.PodSandboxStatusResponse:
+        pod = self.d.store.pod(validate.required_id(request.pod_sandbox_id, "pod_sandbox_id"))
+        await self._load_users(self.d.store.pod_containers(pod.id))
+        statuses = [self._container_status(c) for c in self.d.store.pod_containers(pod.id)]
+        return cri.PodSandboxStatusResponse(status=convert.pod_status(pod),
+                                            info=convert.pod_info(pod) if request.verbose else {},
+                                            containers_statuses=statuses, timestamp=time.time_ns())
+
+    def _listed_pods(self, f: cri.PodSandboxFilter | None) -> list[PodRecord]:
+        items = []
+        for pod in self.d.store.pods.values():
+            if pod.initializing:
+                continue
+            if f is not None:
+                if f.id and not pod.id.startswith(f.id):
+                    continue
+                if betterproto.serialized_on_wire(f.state) and convert.pod_state(pod) != f.state.state:
+                    continue
+                if not convert.labels_match(pod.labels, f.label_selector):
+                    continue
+            items.append(pod)
+        return items
+
+    async def list_pod_sandbox(self, request: cri.ListPodSandboxRequest) -> cri.ListPodSandboxResponse:
+        f = request.filter if betterproto.serialized_on_wire(request.filter) else None
+        items = [self._pod_cache.encoded(pod) for pod in self._listed_pods(f)]
+        self._pod_cache.prune(self.d.store.pods)
+        return wire.preencoded(cri.ListPodSandboxResponse, wire.repeated_message_field(1, items))
+
+    async def stream_pod_sandboxes(self, request: cri.StreamPodSandboxesRequest
+                                   ) -> AsyncIterator[cri.StreamPodSandboxesResponse]:
+        f = request.filter if betterproto.serialized_on_wire(request.filter) else None
+        for page in pages(self._listed_pods(f)):
+            yield cri.StreamPodSandboxesResponse(pod_sandboxes=[convert.pod_summary(p) for p in page])
