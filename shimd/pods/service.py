@@ -328,7 +328,11 @@ class PodService:
                 continue
             if pod.shim_address:
                 self.shims.remember(pod.id, pod.shim_address)
-                if not pod.shim_dead and not await self.shims.shim_alive(pod.id):
+                if pod.shim_dead:
+                    # The cleanup after the shim's death may have been cut short by a crash; it is idempotent.
+                    with contextlib.suppress(Exception):
+                        await self._cleanup_dead_shim(pod)
+                elif not await self.shims.shim_alive(pod.id):
                     await self.shim_died(pod.id)
 
 

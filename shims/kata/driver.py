@@ -26,7 +26,7 @@ from shimd.api.containerd.runc import v1 as runc_options
 from shimd.config import HandlerConfig
 from shimd.shimmgr.launcher import delete_shim
 from shims.common.messages import RUNC_OPTIONS_TYPE_URL
-from shims.runc.mounts import is_mountpoint, unmount
+from shims.runc.driver import unmount_rootfs
 
 # Where containerd's CRI puts the per-runtime config path for shims other than runc's.
 RUNTIME_OPTIONS_TYPE_URL = "runtimeoptions.v1.Options"
@@ -182,10 +182,4 @@ class ShimV2Driver:
                 if link is not None:
                     with contextlib.suppress(OSError):
                         await asyncio.to_thread(link.unlink)
-        for bundle in bundles:
-            rootfs = str(bundle / "rootfs")
-            try:
-                if await asyncio.to_thread(is_mountpoint, rootfs):
-                    await asyncio.to_thread(unmount, rootfs)
-            except OSError as e:
-                self.log.warning("unmounting rootfs failed", path=rootfs, error=str(e))
+        await unmount_rootfs(bundles, self.log)

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import betterproto.lib.google.protobuf as pb
 
@@ -89,37 +90,48 @@ class RuncDriver:
         # (the pause/init task) to hold it.
         return shared_pid
 
+    def runtime_argv(self) -> list[str]:
+        """The OCI runtime with this handler's root and global flags, as the shim runs it."""
+        argv = [self.handler.binary, "--root", self.root]
+        return [*argv, "--systemd-cgroup"] if self.systemd_cgroup else argv
+
     async def cleanup_after_dead_shim(self, container_ids: list[str], bundles: list[Path]) -> None:
-        """Force-delete the runc containers of a dead shim and unmount their rootfs (no shell)."""
-        base = [self.handler.binary, "--root", self.root]
-        if self.systemd_cgroup:
-            base.append("--systemd-cgroup")
+        """Force-delete the containers of a dead shim and unmount their rootfs (no shell)."""
         for cid in container_ids:
-            lg = self.log.bind(container_id=cid)
-            try:
-                proc = await asyncio.create_subprocess_exec(*base, "delete", "--force", cid,
-                                                            stdin=asyncio.subprocess.DEVNULL,
-                                                            stdout=asyncio.subprocess.DEVNULL,
-                                                            stderr=asyncio.subprocess.PIPE)
-            except OSError as e:
-                lg.warning("runc delete failed to start", error=str(e))
-                continue
-            try:
-                async with asyncio.timeout(60.0):
-                    _, err = await proc.communicate()
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-                lg.warning("runc delete timed out")
-                continue
-            text = err.decode(errors="replace").strip()
-            if proc.returncode != 0 and "does not exist" not in text and "not exist" not in text:
-                lg.warning("runc delete failed", error=text[:500])
-        for bundle in bundles:
-            rootfs = str(bundle / "rootfs")
-            try:
-                if await asyncio.to_thread(is_mountpoint, rootfs):
-                    await asyncio.to_thread(unmount, rootfs)
-            except OSError as e:
-                self.log.warning("unmounting rootfs failed", path=rootfs, error=str(e))
+            await self._force_delete(cid)
+        await unmount_rootfs(bundles, self.log)
+
+    async def _force_delete(self, cid: str) -> None:
+        lg = self.log.bind(container_id=cid)
+        name = Path(self.handler.binary).name
+        try:
+            proc = await asyncio.create_subprocess_exec(*self.runtime_argv(), "delete", "--force", cid,
+                                                        stdin=asyncio.subprocess.DEVNULL,
+                                                        stdout=asyncio.subprocess.DEVNULL,
+                                                        stderr=asyncio.subprocess.PIPE)
+        except OSError as e:
+            lg.warning(f"{name} delete failed to start", error=str(e))
+            return
+        try:
+            async with asyncio.timeout(self.runtime_timeout):
+                _, err = await proc.communicate()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            lg.warning(f"{name} delete timed out")
+            return
+        text = err.decode(errors="replace").strip()
+        if proc.returncode != 0 and "not exist" not in text:
+            lg.warning(f"{name} delete failed", error=text[:500])
+
+
+async def unmount_rootfs(bundles: list[Path], lg: Any) -> None:
+    """Unmount what a dead shim left mounted at each bundle's rootfs."""
+    for bundle in bundles:
+        rootfs = str(bundle / "rootfs")
+        try:
+            if await asyncio.to_thread(is_mountpoint, rootfs):
+                await asyncio.to_thread(unmount, rootfs)
+        except OSError as e:
+            lg.warning("unmounting rootfs failed", path=rootfs, error=str(e))

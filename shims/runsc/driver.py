@@ -10,7 +10,6 @@ own netns (runsc joins the netns path of the spec), so the pod keeps its CNI add
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import shutil
@@ -21,7 +20,6 @@ from shimd import log
 from shimd.config import HandlerConfig
 from shimd.stats.cgroupfs import Sample
 from shims.runc.driver import VERSION_TIMEOUT, RuncDriver
-from shims.runc.mounts import is_mountpoint, unmount
 from shims.runsc import stats
 
 
@@ -79,39 +77,3 @@ class RunscDriver(RuncDriver):
     def needs_sandbox_task(self, shared_pid: bool) -> bool:
         # The pause task is the gVisor sandbox itself; containers join it.
         return True
-
-    async def cleanup_after_dead_shim(self, container_ids: list[str], bundles: list[Path]) -> None:
-        """Force-delete the pod's runsc containers (the sandbox, named like the pod, last) and unmount rootfs."""
-        base = self.runtime_argv()
-        for cid in container_ids:
-            await self._delete(base, cid)
-        for bundle in bundles:
-            rootfs = str(bundle / "rootfs")
-            try:
-                if await asyncio.to_thread(is_mountpoint, rootfs):
-                    await asyncio.to_thread(unmount, rootfs)
-            except OSError as e:
-                self.log.warning("unmounting rootfs failed", path=rootfs, error=str(e))
-
-    async def _delete(self, base: list[str], cid: str) -> None:
-        lg = self.log.bind(container_id=cid)
-        try:
-            proc = await asyncio.create_subprocess_exec(*base, "delete", "--force", cid,
-                                                        stdin=asyncio.subprocess.DEVNULL,
-                                                        stdout=asyncio.subprocess.DEVNULL,
-                                                        stderr=asyncio.subprocess.PIPE)
-        except OSError as e:
-            lg.warning("runsc delete failed to start", error=str(e))
-            return
-        try:
-            async with asyncio.timeout(self.runtime_timeout):
-                _, err = await proc.communicate()
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            lg.warning("runsc delete timed out")
-            return
-        text = err.decode(errors="replace").strip()
-        if proc.returncode != 0 and "does not exist" not in text and "not exist" not in text:
-            lg.warning("runsc delete failed", error=text[:500])
