@@ -178,6 +178,13 @@ class Execs:
             await client.close_io(task.CloseIoRequest(id=cid, exec_id=exec_id, stdin=True),
                                   timeout=self.shims.timeout)
 
+    async def close_stdin(self, pod_id: str, cid: str, exec_id: str = "") -> None:
+        client = await self.shims.client(pod_id)
+        await client.close_io(task.CloseIoRequest(id=cid, exec_id=exec_id, stdin=True), timeout=self.shims.timeout)
+
+    async def follow_resizes(self, q: asyncio.Queue[tuple[int, int]], pod_id: str, cid: str) -> None:
+        await self._pump_resize(q, pod_id, cid, "")
+
     async def _pump_resize(self, q: asyncio.Queue[tuple[int, int]], pod_id: str, cid: str, exec_id: str) -> None:
         while True:
             width, height = await q.get()

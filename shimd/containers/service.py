@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 # How the runc shim (and containerd's) recognise an Update payload: OCI LinuxResources as JSON.
 OCI_RESOURCES_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 
+STDIN_FIFO = "stdin"
 # After SIGKILL a task normally exits within milliseconds; past this something is badly wrong.
 KILL_GRACE = 10.0
 
@@ -135,7 +136,8 @@ class ContainerService:
                 raise errors.FailedPrecondition(f"image {ctr.image_id} of container {ctr.id} was removed")
             lg = self.log.bind(pod_id=pod.id, container_id=ctr.id, handler=pod.handler)
             drv = self.shims.driver(pod.handler)
-            stdio = drv.log_stdio(ctr.log_path, "")
+            stdin_fifo = await asyncio.to_thread(_make_stdin_fifo, Path(ctr.bundle)) if ctr.stdin else ""
+            stdio = drv.log_stdio(ctr.log_path, stdin_fifo)
             rootfs = [{
                 "type": "overlay", "source": "overlay",
                 "options": [f"lowerdir={':'.join(image.layers)}", f"upperdir={ctr.fs_dir}/upper",
@@ -378,6 +380,14 @@ class ContainerService:
             await self.on_exit(pod.id, ctr.id, ExitInfo(int(st.exit_status), ts_ns(st.exited_at)))
         else:
             self.shims.watch(pod.id, ctr.id)
+
+
+def _make_stdin_fifo(bundle: Path) -> str:
+    """The container's stdin for attach: the shim reads it; attached clients write to it."""
+    path = bundle / STDIN_FIFO
+    if not path.exists():
+        os.mkfifo(path, 0o600)
+    return str(path)
 
 
 def _log_path(log_directory: str, log_path: str) -> str:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shimd import errors
-from shimd.store.records import CONTAINER_RUNNING
+from shimd.containers.exec import READ_CHUNK
+from shimd.containers.service import STDIN_FIFO
+from shimd.store.records import CONTAINER_RUNNING, ContainerRecord
 from shimd.streaming.backend import StreamIO
 from shimd.streaming.netns_dial import dial_in_netns
 
@@ -30,16 +34,32 @@ class ContainerStreams:
                                     stderr=io.stderr, resize=io.resize)
 
     async def attach(self, container_id: str, io: StreamIO) -> None:
-        """Follows the container's output from its CRI log (the shim owns the process's stdio)."""
+        """Output follows the container's CRI log (the shim owns the process's stdio); input goes to the
+        stdin FIFO the shim reads; resizes go to the shim's pty."""
         ctr = self.store.container(container_id)
-        if not ctr.log_path:
+        if not ctr.log_path and (io.stdout or io.stderr):
             raise errors.FailedPrecondition(f"container {ctr.id} has no log file to attach to")
+        if io.stdin is not None and not ctr.stdin:
+            raise errors.FailedPrecondition(f"container {ctr.id} was not created with stdin")
+        helpers: list[asyncio.Task[None]] = []
         if io.stdin is not None:
-            raise errors.FailedPrecondition("attaching stdin is not supported by shimd yet")
-        pos = await asyncio.to_thread(_size, ctr.log_path)
+            helpers.append(asyncio.create_task(self._feed_stdin(ctr, io.stdin)))
+        if io.resize is not None and ctr.tty:
+            helpers.append(asyncio.create_task(self.execs.follow_resizes(io.resize, ctr.pod_id, ctr.id)))
+        try:
+            await self._follow_output(ctr, io)
+        finally:
+            for t in helpers:
+                t.cancel()
+            for t in helpers:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+
+    async def _follow_output(self, ctr: ContainerRecord, io: StreamIO) -> None:
+        pos = await asyncio.to_thread(_size, ctr.log_path) if ctr.log_path else 0
         pending = b""
         while True:
-            data, pos = await asyncio.to_thread(_read_from, ctr.log_path, pos)
+            data, pos = await asyncio.to_thread(_read_from, ctr.log_path, pos) if ctr.log_path else (b"", 0)
             if data:
                 pending += data
                 *lines, pending = pending.split(b"\n")
@@ -50,12 +70,34 @@ class ContainerStreams:
             else:
                 await asyncio.sleep(FOLLOW_INTERVAL)
 
+    async def _feed_stdin(self, ctr: ContainerRecord, reader: asyncio.StreamReader) -> None:
+        fd = await asyncio.to_thread(os.open, str(Path(ctr.bundle) / STDIN_FIFO),
+                                     os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
+                                                            os.fdopen(fd, "wb", buffering=0))
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        try:
+            while chunk := await reader.read(READ_CHUNK):
+                writer.write(chunk)
+                await writer.drain()
+        finally:
+            writer.close()
+        if _stdin_once(ctr):
+            # kubelet's stdinOnce: the first attached client closing stdin closes it for good.
+            with contextlib.suppress(errors.ShimdError, OSError, TimeoutError):
+                await self.execs.close_stdin(ctr.pod_id, ctr.id)
+
     async def port_forward(self, pod_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         pod = self.store.pod(pod_id)
         netns = pod.namespaces.get("network")
         if pod.host_network or not netns:
             return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), DIAL_TIMEOUT)
         return await dial_in_netns(netns, "127.0.0.1", port, DIAL_TIMEOUT)
+
+
+def _stdin_once(ctr: ContainerRecord) -> bool:
+    return bool(ctr.config.get("stdinOnce"))
 
 
 def _size(path: str) -> int:

@@ -38,8 +38,8 @@ class StreamingRpcs(RpcBase):
         ctr = self.d.store.container(validate.required_id(request.container_id, "container_id"))
         if not (request.stdin or request.stdout or request.stderr):
             raise errors.InvalidArgument("one of stdin, stdout and stderr must be set")
-        if request.stdin:
-            raise errors.FailedPrecondition("attach: stdin is not supported by shimd yet (output only)")
+        if request.stdin and not ctr.stdin:
+            raise errors.FailedPrecondition(f"container {ctr.id} was not created with stdin; cannot attach stdin")
         self._require_running(ctr)
         return cri.AttachResponse(url=self.d.streaming.attach_url(ctr.id, request.tty, request.stdin,
                                                                   request.stdout, request.stderr))

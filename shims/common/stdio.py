@@ -164,6 +164,19 @@ class Pump:
             self._paused = True
             self._loop.remove_reader(self.fd)
 
+    def drain_now(self) -> None:
+        """Hand the sink whatever is readable right now (input queued before a CloseIO)."""
+        if self.done.done():
+            return
+        while True:
+            try:
+                data = os.read(self.fd, _CHUNK)
+            except (BlockingIOError, OSError):
+                return
+            if not data:
+                return
+            self.sink(data)
+
     def resume(self) -> None:
         if self._paused and not self.done.done():
             self._paused = False
@@ -213,6 +226,7 @@ class ProcessIO:
         self.stdin_sink: FdSink | None = None
         self.stdin_pump: Pump | None = None
         self._stdin_fifo = -1
+        self._stdin_keeper = -1
         self._stdin_w = -1
         self.console = -1
         self._pending_out: list[tuple[int, str, bytes]] = []  # (read fd, uri, stream) for non-terminal copies
@@ -239,6 +253,9 @@ class ProcessIO:
             if kind == "fifo":
                 # O_NONBLOCK open never waits for a writer; epoll reports nothing until one appears.
                 self._stdin_fifo = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                # Our own writer keeps the FIFO from reading as EOF while no client is attached (or
+                # shimd is down); CloseIO drops it, and EOF then follows once the queued input is read.
+                self._stdin_keeper = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
                 if not self.terminal:
                     r, w = os.pipe2(os.O_CLOEXEC)
                     fds[0] = self._keep(r)
@@ -342,6 +359,15 @@ class ProcessIO:
             p.stop()
 
     def close_stdin(self) -> None:
+        """CloseIO: no more input is coming. Input already queued in the FIFO still reaches the process."""
+        if self._stdin_keeper >= 0:
+            os.close(self._stdin_keeper)
+            self._stdin_keeper = -1
+        if self.stdin_pump is not None:
+            self.stdin_pump.drain_now()
+        self._stop_stdin()
+
+    def _stop_stdin(self) -> None:
         if self.stdin_pump is not None:
             self.stdin_pump.stop()
         elif self.stdin_sink is not None:
@@ -355,7 +381,10 @@ class ProcessIO:
             self.cri.reopen()
 
     def close(self) -> None:
-        self.close_stdin()
+        if self._stdin_keeper >= 0:
+            os.close(self._stdin_keeper)
+            self._stdin_keeper = -1
+        self._stop_stdin()
         for p in self.pumps:
             p.stop()
         for s in self.sinks:

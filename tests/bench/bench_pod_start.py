@@ -189,8 +189,9 @@ class Bench:
         return pb.PodSandboxConfig(
             metadata=pb.PodSandboxMetadata(name=name, namespace="bench", uid=f"uid-{name}", attempt=0),
             hostname="" if self.host_network else name, log_directory=str(self.log_dir / name),
+            # As kubelet sends it for an ordinary pod: a PID namespace per container.
             linux=pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(namespace_options=pb.NamespaceOption(
-                    network=pb.NODE if self.host_network else pb.POD))))
+                    network=pb.NODE if self.host_network else pb.POD, pid=pb.CONTAINER))))
 
     def container_config(self, name: str, command: list[str]) -> Any:
         pb = self.pb

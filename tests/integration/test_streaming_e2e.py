@@ -144,3 +144,37 @@ def test_attach_follows_output(rt: Runtime) -> None:
     with pytest.raises(grpc.RpcError) as e:
         r.Attach(pb.AttachRequest(container_id=cid, stdin=True, stdout=True))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_attach_interactive_stdin_once(rt: Runtime) -> None:
+    pb, r = rt.pb, rt.client.runtime
+    _, cid = _running_pod(rt, "attach-in", ["sh"], stdin=True, stdin_once=True)
+    url = r.Attach(pb.AttachRequest(container_id=cid, stdin=True, stdout=True, stderr=True)).url
+    res = asyncio.run(run_remotecommand(url, stdin_data=b"echo hello-from-attach\necho to-err >&2\nexit 5\n",
+                                        timeout=30))
+    assert res.stdout == b"hello-from-attach\n"
+    assert res.stderr == b"to-err\n"
+    st = rt.wait_state(cid, pb.CONTAINER_EXITED)
+    assert st.exit_code == 5
+
+
+def test_attach_tty_resize(rt: Runtime) -> None:
+    pb, r = rt.pb, rt.client.runtime
+    _, cid = _running_pod(rt, "attach-tty", ["sh"], stdin=True, tty=True)
+
+    async def go() -> bytes:
+        url = r.Attach(pb.AttachRequest(container_id=cid, stdin=True, stdout=True, tty=True)).url
+        client = await SpdyClient.connect(url, ["v4.channel.k8s.io"])
+        try:
+            s = await open_remotecommand(client, stdin=True, stdout=True, stderr=False, tty=True)
+            await s["resize"].write(json.dumps({"Width": 77, "Height": 22}).encode())
+            await asyncio.sleep(0.5)
+            await s["stdin"].write(b"stty size; exit 0\n")
+            async with asyncio.timeout(30):
+                out, _ = await asyncio.gather(s["stdout"].read_all(30), s["error"].read_all(30))
+            return out
+        finally:
+            await client.close()
+
+    assert b"22 77" in asyncio.run(go())
+    rt.wait_state(cid, pb.CONTAINER_EXITED)
