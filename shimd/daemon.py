@@ -123,6 +123,8 @@ class Daemon:
         # Shims are deliberately left running: they outlive the daemon.
         if self.shims is not None:
             await self.shims.close()
+        if self.shims is not None and self.store is not None and not self.store.pods:
+            await self.shims.stop_zygote()  # no pod left: nothing to fork shims for until the next start
         if self.store is not None and not any(p.namespaces for p in self.store.pods.values()):
             # No pod pins a namespace: drop the shared bind mount of the pin directory too.
             from shimd.network.namespaces import release_base_dir

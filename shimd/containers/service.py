@@ -327,6 +327,9 @@ class ContainerService:
             if ctr.state == CONTAINER_CREATED:
                 await self._recover_created(ctr)
                 continue
+            if ctr.state == CONTAINER_EXITED:
+                await self._finish_exit(ctr)
+                continue
             if ctr.state != CONTAINER_RUNNING:
                 continue
             pod = self.store.pods.get(ctr.pod_id)
@@ -349,6 +352,23 @@ class ContainerService:
                 await self.on_exit(pod.id, ctr.id, ExitInfo(int(st.exit_status), ts_ns(st.exited_at)))
             else:
                 self.shims.watch(pod.id, ctr.id)
+
+    async def _finish_exit(self, ctr: ContainerRecord) -> None:
+        """A crash between recording an exit and deleting the task leaves the task (and its rootfs
+        mount) in the shim; Delete is idempotent, so it is simply issued again."""
+        pod = self.store.pods.get(ctr.pod_id)
+        if pod is None or pod.shim_dead or not pod.shim_address:
+            return
+        try:
+            await self.shims.delete(pod.id, ctr.id)
+        except errors.NotFound:
+            return
+        except (TimeoutError, errors.ShimdError, OSError) as e:
+            self.log.warning("cannot delete the task of an exited container", pod_id=pod.id, container_id=ctr.id,
+                             error=str(e))
+            return
+        self.log.info("deleted the task of a container that exited before a crash", pod_id=pod.id,
+                      container_id=ctr.id)
 
     async def _recover_created(self, ctr: ContainerRecord) -> None:
         """A crash inside StartContainer leaves the record CREATED while the shim may hold a task.

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from shimd import errors
+from shimd import errors, log
 from shimd.api.containerd.task import v2 as task
 from shimd.fsutil import write_atomic_sync
+from shimd.shimmgr.zygote import Zygote
 
+_log = log.get("launcher")
 # util-linux setsid -f: forks the shim into its own session and returns at once.
 SETSID = shutil.which("setsid") or "/usr/bin/setsid"
 # Events go nowhere: shimd watches exits with Wait, so publishing is a no-op binary.
@@ -113,9 +115,10 @@ class DirectLaunch:
     env: dict[str, str]
     socket_path: str
     listen_fd_env: str  # names the variable that tells the shim which descriptor is its listening socket
+    flags: dict[str, str]  # the shim's command-line flags, for a zygote that forks it instead
 
 
-async def spawn_serving(launch: DirectLaunch, *, bundle: Path, timeout: float) -> str:
+async def spawn_serving(launch: DirectLaunch, *, bundle: Path, timeout: float, zygote: Zygote | None = None) -> str:
     """Start a shim that serves on a socket bound here, without a `start` round trip (which costs a
     whole extra interpreter start-up per pod).
 
@@ -141,6 +144,15 @@ async def spawn_serving(launch: DirectLaunch, *, bundle: Path, timeout: float) -
         return sock
 
     sock = await asyncio.to_thread(bind)
+    if zygote is not None:
+        try:
+            await zygote.fork_shim(launch.flags, bundle, env, socket_path, sock.fileno())
+        except (errors.ShimdError, OSError, TimeoutError) as e:
+            _log.warning("shim zygote failed; starting the shim directly", error=str(e))
+        else:
+            sock.close()
+            await asyncio.to_thread(_write_address_file, bundle, f"unix://{socket_path}")
+            return socket_path
     try:
         errlog = await asyncio.to_thread(os.open, str(bundle / "shim.stderr.log"),
                                          os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)

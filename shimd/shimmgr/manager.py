@@ -24,6 +24,7 @@ from shimd.config import Config
 from shimd.shimmgr.drivers import Driver, make_driver
 from shimd.shimmgr.launcher import spawn_serving, start_shim
 from shimd.shimmgr.task_client import TaskClient
+from shimd.shimmgr.zygote import Zygote
 
 NAMESPACE = "k8s.io"
 # Wait is re-issued after this long, so no call blocks without a bound.
@@ -61,6 +62,7 @@ class ShimManager:
         self._addresses: dict[str, str] = {}
         self._watchers: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._connect_lock: dict[str, asyncio.Lock] = {}
+        self._zygote: Zygote | None = None
         self.log = log.get("shimmgr")
 
     # --- drivers -----------------------------------------------------------------------------
@@ -94,7 +96,7 @@ class ShimManager:
         if direct is not None:
             # shimd's own shims skip the shim v2 `start` step: shimd binds their socket itself.
             address = await spawn_serving(direct(NAMESPACE, pod_id, self.cfg.daemon.socket, str(self.state_dir / "s")),
-                                          bundle=bundle, timeout=self.timeout)
+                                          bundle=bundle, timeout=self.timeout, zygote=self._zygote_for(drv))
             self._addresses[pod_id] = address
             return address
         address = await start_shim(drv.shim_argv(), namespace=NAMESPACE, pod_id=pod_id,
@@ -102,6 +104,21 @@ class ShimManager:
                                    timeout=self.timeout)
         self._addresses[pod_id] = address
         return address
+
+    def _zygote_for(self, drv: Driver) -> Zygote | None:
+        """One zygote serves every handler whose driver offers one (they share the shim's code)."""
+        spec = getattr(drv, "zygote_argv", None)
+        if spec is None:
+            return None
+        if self._zygote is None:
+            argv, stamp, env = spec()
+            self._zygote = Zygote(argv, str(self.state_dir / "s" / "zygote"), stamp,
+                                  {**env, "SHIMD_ZYGOTE_STAMP": stamp}, self.state_dir / "zygote")
+        return self._zygote
+
+    async def stop_zygote(self) -> None:
+        if self._zygote is not None:
+            await self._zygote.stop()
 
     def remember(self, pod_id: str, address: str) -> None:
         """After a restart: the shim's address comes from the pod record."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,19 @@ from shims.runc.mounts import is_mountpoint, unmount
 
 VERSION_TIMEOUT = 10.0
 PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+_STAMP: list[str] = []
+
+
+def _code_stamp() -> str:
+    """Changes whenever the shim's code does (an upgrade): a zygote with older code is replaced."""
+    if not _STAMP:
+        shims_dir = Path(PROJECT_ROOT) / "shims"
+        parts = [sys.executable]
+        for p in sorted(shims_dir.rglob("*.py")):
+            st = p.stat()
+            parts.append(f"{p.relative_to(shims_dir)}:{st.st_size}:{st.st_mtime_ns}")
+        _STAMP.append(hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16])
+    return _STAMP[0]
 
 
 class RuncDriver:
@@ -69,7 +83,16 @@ class RuncDriver:
         argv = [sys.executable, "-S", "-OO", "-m", "shims.runc.shim", "-namespace", namespace, "-address",
                 shimd_address, "-id", pod_id, "serve"]
         return DirectLaunch(argv=argv, env={**self.shim_env(), "PYTHONPATH": PROJECT_ROOT},
-                            socket_path=socket_path(shim_dir, namespace, pod_id), listen_fd_env=LISTEN_FD_ENV)
+                            socket_path=socket_path(shim_dir, namespace, pod_id), listen_fd_env=LISTEN_FD_ENV,
+                            flags={"namespace": namespace, "address": shimd_address, "id": pod_id})
+
+    def zygote_argv(self) -> tuple[list[str], str, dict[str, str]]:
+        """How to start the shim zygote (argv, environment) and the stamp of the shim code it must run.
+
+        Nothing handler-specific goes into its environment: each shim gets its own with the request.
+        """
+        return ([sys.executable, "-S", "-OO", "-m", "shims.runc.zygote"], _code_stamp(),
+                {"PYTHONPATH": PROJECT_ROOT})
 
     def shim_env(self) -> dict[str, str]:
         # The shim bounds each runc command by this (daemon.runtime_timeout_seconds).

@@ -26,7 +26,9 @@ from shims.runc import mounts
 from shims.runc.runc import Runc, RuncError, RuncOptions
 
 VERSION = "shimd-runc-shim/1"
-RUNC_TIMEOUT = float(os.environ.get("SHIMD_RUNTIME_TIMEOUT", "60"))
+def runc_timeout() -> float:
+    """Read when used, not at import: a shim forked from the zygote gets its environment after import."""
+    return float(os.environ.get("SHIMD_RUNTIME_TIMEOUT", "60"))
 IO_DRAIN_TIMEOUT = 2.0
 CONSOLE_TIMEOUT = 10.0
 
@@ -75,8 +77,8 @@ def _new_runtime(reaper: Reaper, opts: RuncOptions, log_path: str) -> Runc:
     if os.environ.get("SHIMD_RUNTIME_FLAVOR") == "runsc":
         from shims.runsc.runtime import Runsc
 
-        return Runsc(reaper, opts, log_path, RUNC_TIMEOUT)
-    return Runc(reaper, opts, log_path, RUNC_TIMEOUT)
+        return Runsc(reaper, opts, log_path, runc_timeout())
+    return Runc(reaper, opts, log_path, runc_timeout())
 
 
 def _runc_options(any_msg: dict[str, Any] | None, namespace: str) -> RuncOptions:
@@ -245,7 +247,7 @@ class TaskService:
             await asyncio.to_thread(_write_json, os.path.join(bundle, "options.json"), {
                 "binary_name": opts.binary, "root": opts.root, "systemd_cgroup": opts.systemd_cgroup})
             if req["rootfs"]:
-                await mounts.mount_all(self.reaper, req["rootfs"], rootfs, RUNC_TIMEOUT)
+                await mounts.mount_all(self.reaper, req["rootfs"], rootfs, runc_timeout())
                 mounted = True
             io = ProcessIO(self.writer, req["stdin"], req["stdout"], req["stderr"], req["terminal"])
             init = Proc(cid, "", io, req["terminal"])

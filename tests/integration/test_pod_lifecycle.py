@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.support.procs import procs_for_pod, shim_pids
 from tests.support.runtime import Runtime
 
 CRI_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+(Z|[+-]\d\d:\d\d)) (stdout|stderr) ([FP]) (.*)$")
@@ -22,17 +23,7 @@ def _mounts_under(base: Path) -> list[str]:
 
 
 def _procs_mentioning(text: str) -> list[int]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
+    return procs_for_pod(text)
 
 
 def _cgroup_dirs(pod_id: str) -> list[str]:
@@ -51,7 +42,7 @@ def assert_no_leftovers(rt: Runtime, pod_id: str) -> None:
     ns_dir = rt.proc.state / "ns"
     assert not ns_dir.exists() or list(ns_dir.iterdir()) == [], "namespace pins left behind"
     assert _cgroup_dirs(pod_id) == [], "cgroups left behind"
-    left = {p: open(f"/proc/{p}/cmdline", "rb").read().replace(b"\0", b" ") for p in _procs_mentioning(pod_id)}
+    left = {p: open(f"/proc/{p}/comm", "rb").read() for p in _procs_mentioning(pod_id)}
     assert left == {}, "shim or container processes left behind"
     for d in (rt.proc.root / "pods", rt.proc.root / "containers", rt.proc.state / "pods",
               rt.proc.state / "containers"):
@@ -148,10 +139,9 @@ def test_dead_shim_is_detected_and_cleaned(rt: Runtime) -> None:
     rt.start(cid)
     rt.wait_state(cid, pb.CONTAINER_RUNNING)
     info = rt.client.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True))
-    shim_pids = [p for p in _procs_mentioning("shims.runc.shim") if pod_id.encode() in
-                 open(f"/proc/{p}/cmdline", "rb").read()]
-    assert shim_pids, info.info
-    for p in shim_pids:
+    shims = shim_pids(pod_id)
+    assert shims, info.info
+    for p in shims:
         os.kill(p, signal.SIGKILL)
     st = rt.wait_state(cid, pb.CONTAINER_EXITED, timeout=15)
     assert st.reason == "ShimDied"

@@ -210,15 +210,14 @@ def test_runsc_shared_pid_namespace(rt: Runtime) -> None:
 def test_runsc_dead_shim_is_detected_and_cleaned(rt: Runtime) -> None:
     import signal
 
-    from tests.integration.test_pod_lifecycle import _procs_mentioning
+    from tests.support.procs import shim_pids
 
     pb = rt.pb
     pod_id, pod_cfg = rt.run_pod("gvdead", handler="runsc")
     cid = rt.create(pod_id, pod_cfg, "sleeper", ["sleep", "1000"])
     rt.start(cid)
     rt.wait_state(cid, pb.CONTAINER_RUNNING)
-    shims = [p for p in _procs_mentioning("shims.runc.shim") if pod_id.encode() in
-             open(f"/proc/{p}/cmdline", "rb").read()]
+    shims = shim_pids(pod_id)
     assert shims
     for p in shims:
         os.kill(p, signal.SIGKILL)

@@ -64,7 +64,12 @@ class Chaos:
         # Records are written before anything else is made: note them before recovery deletes some.
         self.rt.proc.kill()
         self.checker.note_disk()
-        self.rt.proc.start()
+        t0 = time.monotonic()
+        try:
+            self.rt.proc.start(timeout=60)
+        except Exception as e:
+            raise AssertionError(f"shimd did not come back {time.monotonic() - t0:.1f}s after SIGKILL {where} "
+                                 f"(seed {SEED}; ops {self.log}): {e!r}\n{self.rt.proc.log_tail(60)}") from e
         self.resync()
         problems = self.checker.check(self.model.expect)
         assert not problems, f"after restart ({where}; seed {SEED}; ops {self.log}):\n" + explain(self.rt, problems)

@@ -6,12 +6,9 @@ import os
 import signal
 import time
 
-from tests.support.reliability import Checker, explain, proc_texts
+from tests.support.procs import shim_pids
+from tests.support.reliability import Checker, explain
 from tests.support.runtime import Runtime
-
-
-def shim_pids(pod_id: str) -> list[int]:
-    return [pid for pid, blob in proc_texts().items() if b"shims.runc.shim" in blob and pod_id.encode() in blob]
 
 
 def wait_gone(pid: int, timeout: float = 10.0) -> None:

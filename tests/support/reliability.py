@@ -68,15 +68,23 @@ def proc_texts() -> dict[int, bytes]:
                 cmd = f.read()
             with open(f"/proc/{pid}/environ", "rb") as f:
                 env = f.read()
+            with open(f"/proc/{pid}/comm", "rb") as f:
+                comm = f.read().strip()
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
         except OSError:
             continue
-        out[int(pid)] = cmd + b"\0" + env
+        if stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] == b"Z":
+            continue  # exited; an orphan waits for a PID 1 that may never reap it
+        # Shims forked by the zygote share its command line; their name carries the pod id's start.
+        out[int(pid)] = cmd + b"\0" + env + b"\0comm=" + comm
     return out
 
 
 def procs_mentioning(text: str, texts: dict[int, bytes] | None = None) -> list[int]:
-    needle = text.encode()
-    return [pid for pid, blob in (texts if texts is not None else proc_texts()).items() if needle in blob]
+    needle, comm = text.encode(), f"\0comm=shim-{text[:10]}".encode()
+    return [pid for pid, blob in (texts if texts is not None else proc_texts()).items()
+            if needle in blob or blob.endswith(comm)]
 
 
 def fd_count(pid: int) -> int:
