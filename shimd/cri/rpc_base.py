@@ -29,6 +29,9 @@ class RpcBase:
     d: Daemon
     _pod_cache: EncodingCache[PodRecord]
     _container_cache: EncodingCache[ContainerRecord]
+    # The unfiltered list responses, with the store generation they were built at.
+    _pod_list: tuple[int, bytes]
+    _container_list: tuple[int, bytes]
     _last_pod_status: OrderedDict[str, cri.PodSandboxStatus]
     _users: dict[str, cri.ContainerUser]
 

@@ -19,6 +19,8 @@ class Store:
         self.containers: dict[str, ContainerRecord] = {}
         self._names: dict[str, str] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Bumped after every change is visible, so readers can tell a cached view is still current.
+        self.generation = 0
         self.log = log.get("store")
 
     # --- loading -------------------------------------------------------------------------
@@ -93,16 +95,19 @@ class Store:
     async def save_pod(self, pod: PodRecord) -> None:
         await fsutil.write_json(self.pod_dir / f"{pod.id}.json", pod.to_dict())
         self.pods[pod.id] = pod
+        self.generation += 1
 
     async def save_container(self, ctr: ContainerRecord) -> None:
         await fsutil.write_json(self.container_dir / f"{ctr.id}.json", ctr.to_dict())
         self.containers[ctr.id] = ctr
+        self.generation += 1
 
     async def delete_pod(self, pod: PodRecord) -> None:
         await fsutil.remove_file(self.pod_dir / f"{pod.id}.json")
         self.pods.pop(pod.id, None)
         self.release_name(pod.name_key, pod.id)
         self._locks.pop(pod.id, None)
+        self.generation += 1
 
     async def delete_container(self, ctr: ContainerRecord) -> None:
         await fsutil.remove_file(self.container_dir / f"{ctr.id}.json")
@@ -110,6 +115,7 @@ class Store:
         pod = self.pods.get(ctr.pod_id)
         if pod is not None:
             self.release_name(ctr.name_key(pod), ctr.id)
+        self.generation += 1
 
     def image_in_use(self, image_id: str) -> bool:
         return any(c.image_id == image_id for c in self.containers.values())

@@ -45,6 +45,7 @@ import grpc
 from shimd.network import namespaces
 from tests.bench.containerd_peer import ContainerdPeer
 from tests.support import images as img
+from tests.support import procs as support_procs
 from tests.support.cri_client import CriClient
 from tests.support.daemon import ShimdProcess
 from tests.support.network import CniNetwork
@@ -271,7 +272,8 @@ def shim_pids(pod_id: str) -> list[int]:
         if b"-id" in argv and pod_id.encode() in argv and b"start" not in argv and b"delete" not in argv \
                 and any(b"shim" in a for a in argv[:6]):
             found.append(int(pid))
-    return found
+    # shimd's shims forked by its zygote carry the pod in their name, not on their command line.
+    return found or support_procs.shim_pids(pod_id)
 
 
 def measure(rt: Runtime, image: str, pause: str, args: argparse.Namespace, work: Path) -> Results:
