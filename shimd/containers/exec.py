@@ -160,16 +160,7 @@ class Execs:
 
     async def _pump_in(self, fd: int, spare_reader: int, reader: asyncio.StreamReader, pod_id: str, cid: str,
                        exec_id: str) -> None:
-        loop = asyncio.get_running_loop()
-        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
-                                                            os.fdopen(fd, "wb", buffering=0))
-        writer = asyncio.StreamWriter(transport, protocol, None, loop)
-        try:
-            while chunk := await reader.read(READ_CHUNK):
-                writer.write(chunk)
-                await writer.drain()
-        finally:
-            writer.close()
+        await copy_into_fifo(reader, fd)
         # Shims that hold their own writer on the FIFO need CloseIO to pass EOF on; it must come only once
         # the shim has read everything still queued in the FIFO, or that tail is lost.
         await _fifo_drained(spare_reader, STDIN_DRAIN_TIMEOUT)
@@ -205,6 +196,20 @@ async def _fifo_drained(fd: int, timeout: float) -> None:
         if int.from_bytes(buf, "little") == 0:
             return
         await asyncio.sleep(0.01)
+
+
+async def copy_into_fifo(reader: asyncio.StreamReader, fd: int) -> None:
+    """Copy reader to the FIFO write end fd (taking ownership of fd) until EOF, with backpressure."""
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
+                                                        os.fdopen(fd, "wb", buffering=0))
+    writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    try:
+        while chunk := await reader.read(READ_CHUNK):
+            writer.write(chunk)
+            await writer.drain()
+    finally:
+        writer.close()
 
 
 def _close_all(fds: list[int]) -> None:

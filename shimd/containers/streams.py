@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shimd import errors
-from shimd.containers.exec import READ_CHUNK
+from shimd.containers.exec import copy_into_fifo
 from shimd.containers.service import STDIN_FIFO
 from shimd.store.records import CONTAINER_RUNNING, ContainerRecord
 from shimd.streaming.backend import StreamIO
@@ -73,16 +73,7 @@ class ContainerStreams:
     async def _feed_stdin(self, ctr: ContainerRecord, reader: asyncio.StreamReader) -> None:
         fd = await asyncio.to_thread(os.open, str(Path(ctr.bundle) / STDIN_FIFO),
                                      os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        loop = asyncio.get_running_loop()
-        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
-                                                            os.fdopen(fd, "wb", buffering=0))
-        writer = asyncio.StreamWriter(transport, protocol, None, loop)
-        try:
-            while chunk := await reader.read(READ_CHUNK):
-                writer.write(chunk)
-                await writer.drain()
-        finally:
-            writer.close()
+        await copy_into_fifo(reader, fd)
         if _stdin_once(ctr):
             # kubelet's stdinOnce: the first attached client closing stdin closes it for good.
             with contextlib.suppress(errors.ShimdError, OSError, TimeoutError):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, TypeVar
 from shimd.api.runtime import v1 as cri
 
 if TYPE_CHECKING:
-    from shimd.cri.wire import EncodingCache
+    from shimd.cri.wire import EncodingCache, ListCache
     from shimd.daemon import Daemon
     from shimd.store.records import ContainerRecord, PodRecord
 
@@ -29,9 +29,9 @@ class RpcBase:
     d: Daemon
     _pod_cache: EncodingCache[PodRecord]
     _container_cache: EncodingCache[ContainerRecord]
-    # The unfiltered list responses, with the store generation they were built at.
-    _pod_list: tuple[int, bytes]
-    _container_list: tuple[int, bytes]
+    # The unfiltered list responses, reused while the store is unchanged.
+    _pod_list: ListCache
+    _container_list: ListCache
     _last_pod_status: OrderedDict[str, cri.PodSandboxStatus]
     _users: dict[str, cri.ContainerUser]
 

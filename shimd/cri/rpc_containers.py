@@ -74,15 +74,16 @@ class ContainerRpcs(RpcBase):
 
     async def list_containers(self, request: cri.ListContainersRequest) -> cri.ListContainersResponse:
         f = request.filter if betterproto.serialized_on_wire(request.filter) else None
-        if f is None and self._container_list[0] == self.d.store.generation:
-            return wire.preencoded(cri.ListContainersResponse, self._container_list[1])  # nothing changed
-        generation = self.d.store.generation
-        out = [self._container_cache.encoded(ctr) for ctr in self._listed_containers(f)]
-        self._container_cache.prune(self.d.store.containers)
-        payload = wire.repeated_message_field(1, out)
         if f is None:
-            self._container_list = (generation, payload)
+            payload = self._container_list.payload(self.d.store.generation, lambda: self._encode_containers(None))
+        else:
+            payload = self._encode_containers(f)
         return wire.preencoded(cri.ListContainersResponse, payload)
+
+    def _encode_containers(self, f: cri.ContainerFilter | None) -> bytes:
+        items = [self._container_cache.encoded(r) for r in self._listed_containers(f)]
+        self._container_cache.prune(self.d.store.containers)
+        return wire.repeated_message_field(1, items)
 
     async def stream_containers(self, request: cri.StreamContainersRequest
                                 ) -> AsyncIterator[cri.StreamContainersResponse]:

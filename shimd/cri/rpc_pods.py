@@ -53,15 +53,16 @@ class PodRpcs(RpcBase):
 
     async def list_pod_sandbox(self, request: cri.ListPodSandboxRequest) -> cri.ListPodSandboxResponse:
         f = request.filter if betterproto.serialized_on_wire(request.filter) else None
-        if f is None and self._pod_list[0] == self.d.store.generation:
-            return wire.preencoded(cri.ListPodSandboxResponse, self._pod_list[1])  # nothing changed
-        generation = self.d.store.generation
-        items = [self._pod_cache.encoded(pod) for pod in self._listed_pods(f)]
-        self._pod_cache.prune(self.d.store.pods)
-        payload = wire.repeated_message_field(1, items)
         if f is None:
-            self._pod_list = (generation, payload)
+            payload = self._pod_list.payload(self.d.store.generation, lambda: self._encode_pods(None))
+        else:
+            payload = self._encode_pods(f)
         return wire.preencoded(cri.ListPodSandboxResponse, payload)
+
+    def _encode_pods(self, f: cri.PodSandboxFilter | None) -> bytes:
+        items = [self._pod_cache.encoded(r) for r in self._listed_pods(f)]
+        self._pod_cache.prune(self.d.store.pods)
+        return wire.repeated_message_field(1, items)
 
     async def stream_pod_sandboxes(self, request: cri.StreamPodSandboxesRequest
                                    ) -> AsyncIterator[cri.StreamPodSandboxesResponse]:

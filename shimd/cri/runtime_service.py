@@ -27,8 +27,8 @@ class RuntimeService(PodRpcs, ContainerRpcs, StreamingRpcs, StatsRpcs, EventRpcs
         # A summary changes only with its record's state (pod labels and metadata are fixed at creation).
         self._pod_cache = wire.EncodingCache(convert.pod_summary, lambda p: p.state, lambda p: p.id)
         self._container_cache = wire.EncodingCache(convert.container_summary, lambda c: c.state, lambda c: c.id)
-        self._pod_list = (-1, b"")
-        self._container_list = (-1, b"")
+        self._pod_list = wire.ListCache()
+        self._container_list = wire.ListCache()
         # Last pod status seen per pod, so events about a removed pod still carry its metadata.
         self._last_pod_status: OrderedDict[str, cri.PodSandboxStatus] = OrderedDict()
         # The user each container's process runs as (from its OCI spec; fixed for the container's life).

@@ -69,3 +69,17 @@ class EncodingCache(Generic[R]):
         keep = set(live)
         for ident in [i for i in self._cache if i not in keep]:
             del self._cache[ident]
+
+
+class ListCache:
+    """The unfiltered list response, reused while the store's generation has not moved."""
+
+    def __init__(self) -> None:
+        self._generation = -1
+        self._payload = b""
+
+    def payload(self, generation: int, build: Callable[[], bytes]) -> bytes:
+        if generation != self._generation:
+            # Read the generation before building: a change during the build is then seen next time.
+            self._payload, self._generation = build(), generation
+        return self._payload
