@@ -43,7 +43,16 @@ import grpc
 from shimd.config import HandlerConfig
 from shimd.network import namespaces
 from shims.runsc.driver import global_flags
-from tests.bench.bench_pod_start import Bench, cni_conf, pct, private_network, push_bench_busybox, push_pause, status_kb
+from tests.bench.bench_pod_start import (
+    Bench,
+    cni_conf,
+    pct,
+    private_network,
+    push_bench_busybox,
+    push_pause,
+    shim_pids,
+    status_kb,
+)
 from tests.bench.containerd_peer import ContainerdPeer
 from tests.support.cri_client import CriClient
 from tests.support.daemon import ShimdProcess
@@ -114,19 +123,9 @@ def _pss_kb(pid: int) -> int:
 
 
 def _shim_of(pod_id: str) -> int:
-    """The long-lived shim serving the pod (`-id <pod id>`; not start/delete helpers)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if pod_id.encode() in argv and b"-id" in argv and b"start" not in argv and b"delete" not in argv \
-                and any(b"shim" in a for a in argv[:6]):
-            return int(pid)
-    return 0
+    """The long-lived shim serving the pod (zygote-forked or started with `-id <pod id>`), or 0."""
+    pids = shim_pids(pod_id)
+    return pids[0] if pids else 0
 
 
 def tree_pss_kb(root: int) -> int:
