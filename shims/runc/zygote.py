@@ -120,6 +120,13 @@ def _handle(conn: socket.socket, zygote_sock: socket.socket, stamp: str) -> None
 
 def main(argv: list[str]) -> int:
     path = argv[0]
+    # Whatever shimd leaked to us (uvloop does) would otherwise stay open for the zygote's lifetime.
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) > 2:
+            try:
+                os.close(int(name))
+            except OSError:
+                pass
     stamp = os.environ.get(STAMP_ENV, "")
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -1,0 +1,78 @@
+"""The shim zygote: pods get shims forked from it, and pods still start when it is gone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from tests.support.procs import shim_pids
+from tests.support.runtime import Runtime
+
+
+def _zygotes(rt: Runtime) -> list[int]:
+    sock = str(rt.proc.state / "s" / "zygote").encode()
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+                _comm(int(pid))
+            except OSError:
+                continue
+            # Forked shims share the zygote's command line; their name tells them apart.
+            if b"shims.runc.zygote" in argv and sock in argv and not _comm(int(pid)).startswith("shim-"):
+                found.append(int(pid))
+    return found
+
+
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def test_shims_come_from_the_zygote_and_survive_its_loss(rt: Runtime) -> None:
+    pb = rt.pb
+    pod_a, cfg_a = rt.run_pod("zyg-a")
+    zygotes = _zygotes(rt)
+    assert len(zygotes) == 1, "the first pod starts one zygote"
+    shims = shim_pids(pod_a)
+    assert len(shims) == 1 and _comm(shims[0]) == f"shim-{pod_a[:10]}"
+
+    os.kill(zygotes[0], signal.SIGKILL)
+    time.sleep(0.2)
+    # A pod still starts (directly, or from a new zygote) and its containers run.
+    pod_b, cfg_b = rt.run_pod("zyg-b")
+    cid = rt.create(pod_b, cfg_b, "c", ["sh", "-c", "echo zygote-ok; sleep 1000"])
+    rt.start(cid)
+    rt.wait_state(cid, pb.CONTAINER_RUNNING)
+    assert len(shim_pids(pod_b)) == 1
+    # The shim forked before the zygote died is unaffected.
+    cid_a = rt.create(pod_a, cfg_a, "c", ["sleep", "1000"])
+    rt.start(cid_a)
+    rt.wait_state(cid_a, pb.CONTAINER_RUNNING)
+
+    # A restarted shimd reuses a live zygote rather than starting another.
+    pod_c, _ = rt.run_pod("zyg-c")
+    before = _zygotes(rt)
+    assert len(before) == 1
+    rt.proc.kill()
+    rt.proc.start()
+    rt.run_pod("zyg-d")
+    assert _zygotes(rt) == before
+    del pod_c
+
+
+def test_zygote_stops_with_the_last_pod(rt: Runtime) -> None:
+    pb = rt.pb
+    pod, _ = rt.run_pod("zyg-last")
+    assert _zygotes(rt)
+    rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod))
+    rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod))
+    rt.proc.stop()
+    deadline = time.monotonic() + 5
+    while _zygotes(rt) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _zygotes(rt) == []
+    rt.proc.start()
