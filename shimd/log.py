@@ -26,4 +26,6 @@ def configure(level: str = "info") -> None:
 
 
 def get(name: str, **context: object) -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger(name).bind(**context)
+    # get_logger with initial values stays lazy: a module-level logger made at import time (before
+    # configure) still renders JSON; .bind() here would fix it to the default console output.
+    return structlog.get_logger(name, logger_name=name, **context)  # type: ignore[no-any-return]
