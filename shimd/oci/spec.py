@@ -454,21 +454,25 @@ def apparmor_supported() -> bool:
         return False
 
 
+def _legacy_profile(value: str, field: str,
+                    runtime_default: tuple[str, ...]) -> tuple[cri.SecurityProfileProfileType, str]:
+    """The deprecated string form of a seccomp/AppArmor profile: runtime/default, unconfined, localhost/<ref>."""
+    if value in runtime_default:
+        return cri.SecurityProfileProfileType.RuntimeDefault, ""
+    if value == "unconfined":
+        return cri.SecurityProfileProfileType.Unconfined, ""
+    if value.startswith("localhost/"):
+        return cri.SecurityProfileProfileType.Localhost, value[len("localhost/"):]
+    raise errors.InvalidArgument(f"{field}: unknown profile {value!r}")
+
+
 def _seccomp(sc: cri.LinuxContainerSecurityContext, caps: list[str], privileged: bool) -> dict[str, Any] | None:
     field = "linux.security_context.seccomp"
     if betterproto.serialized_on_wire(sc.seccomp):
         kind, ref = sc.seccomp.profile_type, sc.seccomp.localhost_ref
     elif sc.seccomp_profile_path:  # the deprecated string form
         field = "linux.security_context.seccomp_profile_path"
-        p = sc.seccomp_profile_path
-        if p in ("runtime/default", "docker/default"):
-            kind, ref = cri.SecurityProfileProfileType.RuntimeDefault, ""
-        elif p == "unconfined":
-            kind, ref = cri.SecurityProfileProfileType.Unconfined, ""
-        elif p.startswith("localhost/"):
-            kind, ref = cri.SecurityProfileProfileType.Localhost, p[len("localhost/"):]
-        else:
-            raise errors.InvalidArgument(f"{field}: unknown profile {p!r}")
+        kind, ref = _legacy_profile(sc.seccomp_profile_path, field, ("runtime/default", "docker/default"))
     else:
         return None  # kubelet sends nothing for Unconfined
     if kind == cri.SecurityProfileProfileType.Localhost:
@@ -487,15 +491,7 @@ def _apparmor(sc: cri.LinuxContainerSecurityContext, privileged: bool) -> str | 
         kind, ref = sc.apparmor.profile_type, sc.apparmor.localhost_ref
     elif sc.apparmor_profile:
         field = "linux.security_context.apparmor_profile"
-        p = sc.apparmor_profile
-        if p == "runtime/default":
-            kind, ref = cri.SecurityProfileProfileType.RuntimeDefault, ""
-        elif p == "unconfined":
-            kind, ref = cri.SecurityProfileProfileType.Unconfined, ""
-        elif p.startswith("localhost/"):
-            kind, ref = cri.SecurityProfileProfileType.Localhost, p[len("localhost/"):]
-        else:
-            raise errors.InvalidArgument(f"{field}: unknown profile {p!r}")
+        kind, ref = _legacy_profile(sc.apparmor_profile, field, ("runtime/default",))
     else:
         return None
     if kind != cri.SecurityProfileProfileType.Localhost:

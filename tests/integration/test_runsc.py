@@ -6,7 +6,6 @@ import asyncio
 import os
 import shutil
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -15,6 +14,8 @@ from shimd.config import HandlerConfig
 from shims.runsc.driver import RunscDriver
 from tests.integration.test_pod_lifecycle import CRI_LINE, assert_no_leftovers
 from tests.support.runtime import Runtime
+from tests.support.runtime import exec_sync as _exec
+from tests.support.runtime import wait_log as _wait_log
 
 pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc (gVisor) is not installed")
 
@@ -33,20 +34,6 @@ def _sandboxes_of(pod_id: str) -> list[int]:
         if cmd.startswith(b"runsc-sandbox") and pod_id.encode() in cmd:
             found.append(int(pid))
     return found
-
-
-def _exec(rt: Runtime, cid: str, cmd: list[str], timeout: int = 20) -> tuple[int, str, str]:
-    r = rt.client.runtime.ExecSync(rt.pb.ExecSyncRequest(container_id=cid, cmd=cmd, timeout=timeout))
-    return r.exit_code, r.stdout.decode(), r.stderr.decode()
-
-
-def _wait_log(path: Path, text: str, timeout: float = 20.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        content = path.read_text() if path.exists() else ""
-        if text in content or time.monotonic() > deadline:
-            return content
-        time.sleep(0.1)
 
 
 def test_runsc_pod_lifecycle(rt: Runtime) -> None:

@@ -5,27 +5,14 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.integration.test_pod_lifecycle import CRI_LINE, _procs_mentioning, assert_no_leftovers
 from tests.support.runtime import Runtime
+from tests.support.runtime import exec_sync as _exec
+from tests.support.runtime import wait_log as _wait_log
 from tests.support.sandboxed import shimv2_params
-
-
-def _exec(rt: Runtime, cid: str, cmd: list[str], timeout: int = 20) -> tuple[int, str, str]:
-    r = rt.client.runtime.ExecSync(rt.pb.ExecSyncRequest(container_id=cid, cmd=cmd, timeout=timeout))
-    return r.exit_code, r.stdout.decode(), r.stderr.decode()
-
-
-def _wait_log(path: Path, text: str, timeout: float = 20.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        content = path.read_text() if path.exists() else ""
-        if text in content or time.monotonic() > deadline:
-            return content
-        time.sleep(0.1)
 
 
 def _shims_of(pod_id: str) -> list[int]:

@@ -152,3 +152,19 @@ def kill_strays(base: Path) -> None:
                 pass
     subprocess.run(["sh", "-c", f"grep -F ' {me}' /proc/self/mountinfo | cut -d' ' -f5 | sort -r | "
                     "xargs -r -n1 umount -l"], check=False)
+
+
+def exec_sync(rt: Runtime, cid: str, cmd: list[str], timeout: int = 20) -> tuple[int, str, str]:
+    """ExecSync through the CRI: (exit code, stdout, stderr)."""
+    r = rt.client.runtime.ExecSync(rt.pb.ExecSyncRequest(container_id=cid, cmd=cmd, timeout=timeout))
+    return r.exit_code, r.stdout.decode(), r.stderr.decode()
+
+
+def wait_log(path: Path, text: str, timeout: float = 20.0) -> str:
+    """The log file's content once it contains text (or whatever it holds when the time is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        content = path.read_text() if path.exists() else ""
+        if text in content or time.monotonic() > deadline:
+            return content
+        time.sleep(0.1)
