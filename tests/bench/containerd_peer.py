@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tests.support.cri_client import CriClient
 
+NETNS_DIR = "/var/run/netns"
 CONTAINERD = "/usr/bin/containerd"
 
 
@@ -95,6 +96,8 @@ class ContainerdPeer:
     def start(self, timeout: float = 30.0) -> CriClient:
         for d in (self.root, self.state, self.cni_conf_dir):
             d.mkdir(parents=True, exist_ok=True)
+        # containerd pins pod netns under /var/run/netns, outside base: remember what was there before.
+        self._netns_before = set(os.listdir(NETNS_DIR)) if os.path.isdir(NETNS_DIR) else set()
         self.config_path.write_text(self.config_text())
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([CONTAINERD, "--config", str(self.config_path)], stdout=log, stderr=log,
@@ -123,6 +126,7 @@ class ContainerdPeer:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
         self.unmount_all()
+        self.remove_netns_pins()
         if wipe:
             subprocess.run(["rm", "-rf", "--one-file-system", str(self.base)], check=False)
 
@@ -134,6 +138,17 @@ class ContainerdPeer:
         for mp in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
             with contextlib.suppress(OSError):
                 subprocess.run(["umount", "-l", mp], check=False, capture_output=True, timeout=10)
+
+    def remove_netns_pins(self) -> None:
+        """The cni-* netns pins containerd made during this run (it keeps them when pods are not removed)."""
+        if not os.path.isdir(NETNS_DIR):
+            return
+        for name in set(os.listdir(NETNS_DIR)) - getattr(self, "_netns_before", set()):
+            if name.startswith("cni-"):
+                path = os.path.join(NETNS_DIR, name)
+                subprocess.run(["umount", path], check=False, capture_output=True, timeout=10)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
