@@ -43,6 +43,7 @@ class ContainerdPeer:
         self.sandbox_image = sandbox_image
         self.proc: subprocess.Popen[bytes] | None = None
         self.client: CriClient | None = None
+        self._netns_before: set[str] = set()
 
     @property
     def pid(self) -> int:
@@ -143,7 +144,7 @@ class ContainerdPeer:
         """The cni-* netns pins containerd made during this run (it keeps them when pods are not removed)."""
         if not os.path.isdir(NETNS_DIR):
             return
-        for name in set(os.listdir(NETNS_DIR)) - getattr(self, "_netns_before", set()):
+        for name in set(os.listdir(NETNS_DIR)) - self._netns_before:
             if name.startswith("cni-"):
                 path = os.path.join(NETNS_DIR, name)
                 subprocess.run(["umount", path], check=False, capture_output=True, timeout=10)
