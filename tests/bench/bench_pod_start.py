@@ -29,12 +29,11 @@ import ipaddress
 import json
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,6 +257,32 @@ def smaps_kb(pid: int) -> dict[str, int]:
     return out
 
 
+
+@dataclass
+class Workspace:
+    """What every benchmark starts from: a scratch dir, a private CNI network, a registry with the images."""
+
+    work: Path
+    net: CniNetwork
+    reg: Registry
+    image: str
+    pause: str
+
+
+@contextlib.contextmanager
+def bench_workspace(prefix: str) -> Iterator[Workspace]:
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    net = private_network(work / "cni")
+    reg = start_registry(work / "registry")
+    try:
+        yield Workspace(work, net, reg, push_bench_busybox(reg), push_pause(reg))
+    finally:
+        reg.stop()
+        net.cleanup()
+        # --one-file-system: never follow a mount a failed run left behind into the host.
+        subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
+
+
 def shim_pids(pod_id: str) -> list[int]:
     """The long-running shim serving pod_id (either runtime passes `-id <pod id>`), not start/delete helpers."""
     found = []
@@ -406,13 +431,9 @@ def main() -> None:
     ap.add_argument("--json", default="", help="also write raw results here")
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench-pods-", dir="/tmp"))
-    net = private_network(work / "cni")
-    reg = start_registry(work / "registry")
     results: dict[str, Results] = {}
-    try:
-        image = push_bench_busybox(reg)
-        pause = push_pause(reg)
+    with bench_workspace("bench-pods-") as ws:
+        work, net, reg, image, pause = ws.work, ws.net, ws.reg, ws.image, ws.pause
         conf = cni_conf(args.network, net)
         makers: list[tuple[str, Callable[[Path], Runtime]]] = [
             ("shimd", lambda d: Shimd(work / "shimd", reg, d)),
@@ -433,11 +454,6 @@ def main() -> None:
                 # containerd 1.6 insists on an address for eth0, which a loopback-only network never gives.
                 print(f"[{name}] cannot run this benchmark: {e.code().name}: {e.details()}")
                 results[name] = Results()
-    finally:
-        reg.stop()
-        net.cleanup()
-        subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
-        shutil.rmtree(work, ignore_errors=True)
     report(results, args)
 
 

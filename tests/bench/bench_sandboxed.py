@@ -31,7 +31,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -45,18 +44,16 @@ from shimd.network import namespaces
 from shims.runsc.driver import global_flags
 from tests.bench.bench_pod_start import (
     Bench,
+    bench_workspace,
     cni_conf,
     pct,
-    private_network,
-    push_bench_busybox,
-    push_pause,
     shim_pids,
     status_kb,
 )
 from tests.bench.containerd_peer import ContainerdPeer
 from tests.support.cri_client import CriClient
 from tests.support.daemon import ShimdProcess
-from tests.support.registry import Registry, start_registry
+from tests.support.registry import Registry
 from tests.support.runtime import kill_strays
 
 SETTLE = 2.0
@@ -307,13 +304,9 @@ def main() -> None:
         report(load(args.report))
         return
 
-    work = Path(tempfile.mkdtemp(prefix="bench-sbx-", dir="/tmp"))
-    net = private_network(work / "cni")
-    reg = start_registry(work / "registry")
     results: dict[str, Result] = {}
-    try:
-        image = push_bench_busybox(reg)
-        pause = push_pause(reg)
+    with bench_workspace("bench-sbx-") as ws:
+        work, net, reg, image, pause = ws.work, ws.net, ws.reg, ws.image, ws.pause
         conf_dir = work / "net.d"
         conf_dir.mkdir()
         (conf_dir / "10-bench.conflist").write_text(json.dumps(cni_conf("bridge", net)))
@@ -338,11 +331,6 @@ def main() -> None:
                 detail = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
                 results[f"{daemon} {kind}"] = Result(error=detail[:300])
                 traceback.print_exc(limit=-3)
-    finally:
-        reg.stop()
-        net.cleanup()
-        subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
-        shutil.rmtree(work, ignore_errors=True)
     report(results)
     if args.json:
         Path(args.json).write_text(json.dumps({k: v.__dict__ for k, v in results.items()}, indent=1))

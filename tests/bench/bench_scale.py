@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,13 +29,10 @@ from tests.bench.bench_pod_start import (
     Containerd,
     Runtime,
     Shimd,
+    bench_workspace,
     cni_conf,
-    private_network,
-    push_bench_busybox,
-    push_pause,
     status_kb,
 )
-from tests.support.registry import start_registry
 
 FILL_WORKERS = 8
 
@@ -208,13 +202,9 @@ def main() -> None:
     args = ap.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
 
-    work = Path(tempfile.mkdtemp(prefix="bench-scale-", dir="/tmp"))
-    net = private_network(work / "cni")
-    reg = start_registry(work / "registry")
     results: dict[str, Result] = {}
-    try:
-        image = push_bench_busybox(reg)
-        pause = push_pause(reg)
+    with bench_workspace("bench-scale-") as ws:
+        work, net, reg, image, pause = ws.work, ws.net, ws.reg, ws.image, ws.pause
         conf = cni_conf(args.network, net)  # the bridge's /22 has room for 1000 pods
         for name in ("shimd", "containerd"):
             if args.only and name != args.only:
@@ -227,11 +217,6 @@ def main() -> None:
                            else Containerd(work / name, reg, conf_dir, pause))
             print(f"measuring {name} ...", flush=True)
             results[name] = scale(rt, work / name, image, pause, args, work)
-    finally:
-        reg.stop()
-        net.cleanup()
-        subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
-        shutil.rmtree(work, ignore_errors=True)
     report(results)
     if args.json:
         Path(args.json).write_text(json.dumps({k: {"levels": [vars(lv) for lv in v.levels],

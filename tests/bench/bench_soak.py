@@ -14,10 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,13 +23,10 @@ from tests.bench.bench_pod_start import (
     Containerd,
     Runtime,
     Shimd,
+    bench_workspace,
     cni_conf,
-    private_network,
-    push_bench_busybox,
-    push_pause,
     status_kb,
 )
-from tests.support.registry import start_registry
 
 LONG_LIVED = 5
 
@@ -111,13 +105,9 @@ def main() -> None:
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench-soak-", dir="/tmp"))
-    net = private_network(work / "cni")
-    reg = start_registry(work / "registry")
     results: dict[str, dict[str, object]] = {}
-    try:
-        image = push_bench_busybox(reg)
-        pause = push_pause(reg)
+    with bench_workspace("bench-soak-") as ws:
+        work, net, reg, image, pause = ws.work, ws.net, ws.reg, ws.image, ws.pause
         conf = cni_conf("bridge", net)
         for name in ("shimd", "containerd") if args.with_containerd else ("shimd",):
             (work / name).mkdir()
@@ -128,11 +118,6 @@ def main() -> None:
                            else Containerd(work / name, reg, conf_dir, pause))
             print(f"soaking {name} for {args.minutes:g} min ...", flush=True)
             results[name] = soak(rt, image, pause, args, work)
-    finally:
-        reg.stop()
-        net.cleanup()
-        subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
-        shutil.rmtree(work, ignore_errors=True)
     for name, r in results.items():
         print(f"\n== {name}: {r['cycles']} cycles in {r['minutes']:g} min ({r['cycles_per_min']:.1f}/min), "
               f"{r['errors']} errors")

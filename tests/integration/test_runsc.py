@@ -116,9 +116,8 @@ def test_runsc_restart_recovery(rt: Runtime) -> None:
 
 
 def test_runsc_streaming_attach_port_forward_and_tty_exec(rt: Runtime) -> None:
-    import json
 
-    from tests.support.spdy_client import SpdyClient, open_remotecommand, run_remotecommand
+    from tests.support.spdy_client import SpdyClient, run_remotecommand, run_tty_resized
 
     pb, r = rt.pb, rt.client.runtime
     pod_id, pod_cfg = rt.run_pod("gvs", handler="runsc")
@@ -152,20 +151,9 @@ def test_runsc_streaming_attach_port_forward_and_tty_exec(rt: Runtime) -> None:
         body = asyncio.run(forward())
     assert b"200 OK" in body and b"forwarded-ok" in body
 
-    async def tty() -> bytes:
-        url = r.Exec(pb.ExecRequest(container_id=web, cmd=["sh", "-c", "sleep 1; stty size"], tty=True,
-                                    stdout=True)).url
-        client = await SpdyClient.connect(url, ["v4.channel.k8s.io"])
-        try:
-            s = await open_remotecommand(client, stdin=False, stdout=True, stderr=False, tty=True)
-            await s["resize"].write(json.dumps({"Width": 91, "Height": 37}).encode())
-            async with asyncio.timeout(30):
-                out, _ = await asyncio.gather(s["stdout"].read_all(30), s["error"].read_all(30))
-            return out  # type: ignore[no-any-return]
-        finally:
-            await client.close()
-
-    assert b"37 91" in asyncio.run(tty())
+    url = r.Exec(pb.ExecRequest(container_id=web, cmd=["sh", "-c", "sleep 1; stty size"], tty=True,
+                                stdout=True)).url
+    assert b"37 91" in asyncio.run(run_tty_resized(url, 91, 37))
 
     # A container with a terminal joining the sandbox gets one (runsc hands it over at start, not create).
     term = rt.create(pod_id, pod_cfg, "term", ["sh", "-c", "[ -t 1 ] && echo stdout-is-tty; sleep 100"], tty=True)

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from tests.support.runtime import Runtime
-from tests.support.spdy_client import SpdyClient, open_remotecommand, run_remotecommand
+from tests.support.spdy_client import SpdyClient, open_remotecommand, run_remotecommand, run_tty_resized
 from tests.support.ws_client import ChannelClient
 
 
@@ -93,20 +93,9 @@ def test_exec_tty_resize(rt: Runtime) -> None:
     pb, r = rt.pb, rt.client.runtime
     _, cid = _running_pod(rt, "tty", ["sleep", "1000"])
 
-    async def go() -> bytes:
-        url = r.Exec(pb.ExecRequest(container_id=cid, cmd=["sh", "-c", "sleep 1; stty size"], tty=True,
-                                    stdout=True)).url
-        client = await SpdyClient.connect(url, ["v4.channel.k8s.io"])
-        try:
-            s = await open_remotecommand(client, stdin=False, stdout=True, stderr=False, tty=True)
-            await s["resize"].write(json.dumps({"Width": 91, "Height": 37}).encode())
-            async with asyncio.timeout(30):
-                out, _ = await asyncio.gather(s["stdout"].read_all(30), s["error"].read_all(30))
-            return out
-        finally:
-            await client.close()
-
-    assert b"37 91" in asyncio.run(go())
+    url = r.Exec(pb.ExecRequest(container_id=cid, cmd=["sh", "-c", "sleep 1; stty size"], tty=True,
+                                stdout=True)).url
+    assert b"37 91" in asyncio.run(run_tty_resized(url, 91, 37))
 
 
 def test_port_forward_to_httpd(rt: Runtime) -> None:

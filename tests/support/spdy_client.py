@@ -333,3 +333,16 @@ async def run_remotecommand(url: str, *, stdin_data: bytes | None = None, stdout
         return ExecResult(out, err, status)
     finally:
         await client.close()
+
+
+async def run_tty_resized(url: str, width: int, height: int, timeout: float = 30) -> bytes:
+    """A TTY exec (stdout only) that sends one terminal resize first; returns what the command printed."""
+    client = await SpdyClient.connect(url, ["v4.channel.k8s.io"])
+    try:
+        s = await open_remotecommand(client, stdin=False, stdout=True, stderr=False, tty=True)
+        await s["resize"].write(json.dumps({"Width": width, "Height": height}).encode())
+        async with asyncio.timeout(timeout):
+            out, _ = await asyncio.gather(s["stdout"].read_all(timeout), s["error"].read_all(timeout))
+        return out
+    finally:
+        await client.close()
