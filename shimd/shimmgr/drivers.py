@@ -6,6 +6,7 @@ import importlib
 from pathlib import Path
 from typing import Any, Protocol
 
+from shimd import log
 from shimd.config import Config, HandlerConfig
 
 
@@ -26,6 +27,32 @@ class Driver(Protocol):
     def needs_sandbox_task(self, shared_pid: bool) -> bool: ...
 
     async def cleanup_after_dead_shim(self, container_ids: list[str], bundles: list[Path]) -> None: ...
+
+
+class DriverBase:
+    """What every concrete driver holds, and the cached availability probe they share."""
+
+    supports_user_namespaces = False
+    log_name = "driver"
+
+    def __init__(self, handler: HandlerConfig, state_dir: Path, systemd_cgroup: bool = False,
+                 runtime_timeout: float = 60.0) -> None:
+        self.handler = handler
+        self.state_dir = state_dir
+        self.systemd_cgroup = systemd_cgroup
+        self.runtime_timeout = runtime_timeout
+        self.root = handler.root or str(state_dir / handler.name)
+        self._available: tuple[bool, str] | None = None
+        self.log = log.get(self.log_name, handler=handler.name)
+
+    def available(self) -> tuple[bool, str]:
+        """Probed until it succeeds, then cached (Status asks on every call)."""
+        if self._available is None or not self._available[0]:
+            self._available = self._probe()
+        return self._available
+
+    def _probe(self) -> tuple[bool, str]:
+        raise NotImplementedError
 
 
 class UnavailableDriver:

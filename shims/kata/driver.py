@@ -21,9 +21,10 @@ from urllib.parse import quote
 import betterproto
 import betterproto.lib.google.protobuf as pb
 
-from shimd import errors, log
+from shimd import errors
 from shimd.api.containerd.runc import v1 as runc_options
 from shimd.config import HandlerConfig
+from shimd.shimmgr.drivers import DriverBase
 from shimd.shimmgr.launcher import delete_shim
 from shims.common.messages import RUNC_OPTIONS_TYPE_URL
 from shims.runc.driver import unmount_rootfs
@@ -68,21 +69,15 @@ def _link(link: Path, target: str) -> None:
     link.symlink_to(target)
 
 
-class ShimV2Driver:
-    supports_user_namespaces = False
+class ShimV2Driver(DriverBase):
+    log_name = "shimv2_driver"
     # crilogger reopens a renamed log file by itself; these shims have no Reopen call.
     follows_log_rotation = True
 
     def __init__(self, handler: HandlerConfig, state_dir: Path, systemd_cgroup: bool = False,
                  runtime_timeout: float = 60.0) -> None:
-        self.handler = handler
-        self.state_dir = state_dir
-        self.systemd_cgroup = systemd_cgroup
-        self.runtime_timeout = runtime_timeout
-        self.root = handler.root or str(state_dir / handler.name)
+        super().__init__(handler, state_dir, systemd_cgroup, runtime_timeout)
         self.logger = state_dir / "bin" / LOGGER_NAME
-        self._available: tuple[bool, str] | None = None
-        self.log = log.get("shimv2_driver", handler=handler.name)
 
     # --- identity ----------------------------------------------------------------------------
     @property
@@ -94,12 +89,6 @@ class ShimV2Driver:
     def _binary(self) -> str | None:
         name = self.handler.binary or shim_binary_name(self.handler.runtime_type)
         return shutil.which(name) if name else None
-
-    def available(self) -> tuple[bool, str]:
-        """The shim binary exists and the logger helper is in place; cached once it succeeds."""
-        if self._available is None or not self._available[0]:
-            self._available = self._probe()
-        return self._available
 
     def _probe(self) -> tuple[bool, str]:
         binary = self._binary()

@@ -16,9 +16,8 @@ from typing import Any
 
 import betterproto.lib.google.protobuf as pb
 
-from shimd import log
 from shimd.api.containerd.runc import v1 as runc_options
-from shimd.config import HandlerConfig
+from shimd.shimmgr.drivers import DriverBase
 from shimd.shimmgr.launcher import DirectLaunch
 from shims.common.messages import RUNC_OPTIONS_TYPE_URL
 from shims.runc import LISTEN_FD_ENV, socket_path
@@ -41,24 +40,8 @@ def _code_stamp() -> str:
     return _STAMP[0]
 
 
-class RuncDriver:
-    supports_user_namespaces = False
-
-    def __init__(self, handler: HandlerConfig, state_dir: Path, systemd_cgroup: bool = False,
-                 runtime_timeout: float = 60.0) -> None:
-        self.handler = handler
-        self.state_dir = state_dir
-        self.systemd_cgroup = systemd_cgroup
-        self.runtime_timeout = runtime_timeout
-        self.root = handler.root or str(state_dir / handler.name)
-        self._available: tuple[bool, str] | None = None
-        self.log = log.get("runc_driver", handler=handler.name)
-
-    def available(self) -> tuple[bool, str]:
-        """Binary found and `runc --version` works; cached (called on every RuntimeStatus)."""
-        if self._available is None or not self._available[0]:
-            self._available = self._probe()
-        return self._available
+class RuncDriver(DriverBase):
+    log_name = "runc_driver"
 
     def _probe(self) -> tuple[bool, str]:
         binary = shutil.which(self.handler.binary)

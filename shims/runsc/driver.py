@@ -16,7 +16,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from shimd import log
 from shimd.config import HandlerConfig
 from shimd.stats.cgroupfs import Sample
 from shims.runc.driver import VERSION_TIMEOUT, RuncDriver
@@ -34,13 +33,12 @@ def global_flags(handler: HandlerConfig) -> list[str]:
 
 
 class RunscDriver(RuncDriver):
-    supports_user_namespaces = False
+    log_name = "runsc_driver"
 
     def __init__(self, handler: HandlerConfig, state_dir: Path, systemd_cgroup: bool = False,
                  runtime_timeout: float = 60.0) -> None:
         super().__init__(handler, state_dir, systemd_cgroup, runtime_timeout)
         self.flags = global_flags(handler)
-        self.log = log.get("runsc_driver", handler=handler.name)
 
     def _probe(self) -> tuple[bool, str]:
         ok, version = super()._probe()
