@@ -297,21 +297,24 @@ class PodService:
 
     # --- shim death --------------------------------------------------------------------------
     async def shim_died(self, pod_id: str) -> None:
-        pod = self.store.pods.get(pod_id)
-        if pod is None or pod.shim_dead:
-            return
-        assert self.containers is not None
-        pod.shim_dead = True
-        pod.state = POD_NOTREADY
-        await self.store.save_pod(pod)
-        for c in self.store.pod_containers(pod_id):
-            if c.state == CONTAINER_RUNNING:
-                await self.containers.mark_lost(c, "ShimDied", f"the shim of pod sandbox {pod_id} exited")
-        self.log.error("shim died", pod_id=pod_id)
-        # As containerd does: with no shim to reap them, the tasks are force-deleted now, so nothing
-        # keeps running that is reported exited (teardown repeats this harmlessly).
-        with contextlib.suppress(Exception):
-            await self._cleanup_dead_shim(pod)
+        # Under the pod's lock: a Stop/RemovePodSandbox racing with this must not find the runtime's
+        # force-deletes below still running after it returns.
+        async with self.store.lock(pod_id):
+            pod = self.store.pods.get(pod_id)
+            if pod is None or pod.shim_dead:
+                return
+            assert self.containers is not None
+            pod.shim_dead = True
+            pod.state = POD_NOTREADY
+            await self.store.save_pod(pod)
+            self.log.error("shim died", pod_id=pod_id)
+            # As containerd does: with no shim to reap them, the tasks are force-deleted now, before they are
+            # reported exited, so nothing keeps running that is listed as stopped (teardown repeats this).
+            with contextlib.suppress(Exception):
+                await self._cleanup_dead_shim(pod)
+            for c in self.store.pod_containers(pod_id):
+                if c.state == CONTAINER_RUNNING:
+                    await self.containers.mark_lost(c, "ShimDied", f"the shim of pod sandbox {pod_id} exited")
 
     # --- recovery ----------------------------------------------------------------------------
     async def recover(self) -> None:

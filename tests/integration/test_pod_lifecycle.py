@@ -42,7 +42,8 @@ def assert_no_leftovers(rt: Runtime, pod_id: str) -> None:
     ns_dir = rt.proc.state / "ns"
     assert not ns_dir.exists() or list(ns_dir.iterdir()) == [], "namespace pins left behind"
     assert _cgroup_dirs(pod_id) == [], "cgroups left behind"
-    left = {p: open(f"/proc/{p}/comm", "rb").read() for p in _procs_mentioning(pod_id)}
+    left = {p: open(f"/proc/{p}/cmdline", "rb").read().replace(b"\0", b" ")[:300] or open(f"/proc/{p}/comm", "rb").read()
+            for p in _procs_mentioning(pod_id)}
     assert left == {}, "shim or container processes left behind"
     for d in (rt.proc.root / "pods", rt.proc.root / "containers", rt.proc.state / "pods",
               rt.proc.state / "containers"):
