@@ -26,6 +26,14 @@ def _procs_mentioning(text: str) -> list[int]:
     return procs_for_pod(text)
 
 
+def _describe(pid: int) -> bytes:
+    """A process's command line (or, for a forked shim, its name), for assertion messages."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        cmdline = f.read().replace(b"\0", b" ")[:300]
+    with open(f"/proc/{pid}/comm", "rb") as f:
+        return cmdline or f.read()
+
+
 def _cgroup_dirs(pod_id: str) -> list[str]:
     out = []
     for root in Path("/sys/fs/cgroup").iterdir():
@@ -42,8 +50,7 @@ def assert_no_leftovers(rt: Runtime, pod_id: str) -> None:
     ns_dir = rt.proc.state / "ns"
     assert not ns_dir.exists() or list(ns_dir.iterdir()) == [], "namespace pins left behind"
     assert _cgroup_dirs(pod_id) == [], "cgroups left behind"
-    left = {p: open(f"/proc/{p}/cmdline", "rb").read().replace(b"\0", b" ")[:300] or open(f"/proc/{p}/comm", "rb").read()
-            for p in _procs_mentioning(pod_id)}
+    left = {p: _describe(p) for p in _procs_mentioning(pod_id)}
     assert left == {}, "shim or container processes left behind"
     for d in (rt.proc.root / "pods", rt.proc.root / "containers", rt.proc.state / "pods",
               rt.proc.state / "containers"):
