@@ -122,7 +122,7 @@ DEFAULT_TOML = """\
 # `shimd config check FILE`, and a whole node with `shimd check`.
 
 [daemon]
-socket = "/run/shimd/shimd.sock"       # CRI gRPC socket kubelet and crictl dial (mode 0660, directory 0700)
+socket = "/run/shimd/shimd.sock"       # CRI gRPC socket kubelet and crictl dial (mode 0660, directory 0711)
 root = "/var/lib/shimd"                # persistent data: images, writable layers, pod and container records
 state = "/run/shimd"                   # runtime state: shim sockets, namespace pins, bundles (lost on reboot)
 log_level = "info"                     # debug | info | warning | error (JSON lines on stderr)

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpclib.server
 import uvloop
 
-from shimd import config, errors, log, sdnotify
+from shimd import config, errors, log, malloc_tuning, sdnotify
 from shimd.containers.exec import Execs
 from shimd.containers.service import ContainerService
 from shimd.containers.streams import ContainerStreams
@@ -161,6 +161,7 @@ class Daemon:
 
 def run(cfg: config.Config) -> int:
     log.configure(cfg.daemon.log_level)
+    malloc_tuning.tune()
     daemon = Daemon(cfg)
     try:
         uvloop.run(daemon.serve())

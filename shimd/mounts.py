@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 from shimd import errors
+from shims.common import idmap
 
 
 async def run(*argv: str, timeout: float = 30.0) -> None:
@@ -39,3 +40,12 @@ async def unmount(path: Path) -> None:
     """Lazy unmount of every mount stacked on path; a path that is no mount point is fine."""
     while await asyncio.to_thread(is_mount_sync, path):
         await run("umount", "-l", str(path))
+
+
+async def check_idmap(paths: list[str], userns_path: str) -> None:
+    """Fail early (CreateContainer) when the layers cannot be idmapped, not with wrong ownership later."""
+    try:
+        await asyncio.to_thread(idmap.check, paths, userns_path)
+    except OSError as e:
+        raise errors.FailedPrecondition(f"the image layers cannot be idmapped for the pod's user namespace: "
+                                        f"{e.strerror or e}") from None

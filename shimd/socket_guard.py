@@ -25,7 +25,9 @@ class SocketGuard:
 
     def claim(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.path.parent, 0o700)
+        # Traverse only (0711, not 0700): this is usually daemon.state, which the mapped root of a pod with a
+        # user namespace must pass through to its rootfs. Connecting needs write access to the socket (0660).
+        os.chmod(self.path.parent, 0o711)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

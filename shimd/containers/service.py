@@ -17,6 +17,7 @@ import betterproto.lib.google.protobuf as pbany
 
 from shimd import cgroups, errors, events, fsutil, log, mounts
 from shimd.api.runtime import v1 as cri
+from shimd.network import namespaces
 from shimd.oci import spec as ocispec
 from shimd.shimmgr.manager import ExitInfo, ts_ns
 from shimd.store.records import (
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 OCI_RESOURCES_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 
 STDIN_FIFO = "stdin"
+# Read by shims/runc/mounts.py: mount the overlay on lower layers idmapped with this user namespace.
+IDMAP_USERNS_OPTION = "X-shimd.idmap-userns="
 # After SIGKILL a task normally exits within milliseconds; past this something is badly wrong.
 KILL_GRACE = 10.0
 
@@ -98,7 +101,9 @@ class ContainerService:
                                                config=dict(image.config.get("config") or {}), layers=image.layers)
                 bundle = Path(ctr.bundle)
                 spec = ocispec.container_spec(cid, config, ctx, img_ctx, str(bundle / "rootfs"))
-                await asyncio.to_thread(self._prepare_dirs, ctr, config)
+                if ctx.userns is not None:
+                    await mounts.check_idmap(image.layers, pod.namespaces[namespaces.USER])
+                await asyncio.to_thread(self._prepare_dirs, ctr, config, ctx.userns)
                 await fsutil.write_json(bundle / "config.json", spec)
                 await self.store.save_container(ctr)
             except BaseException:
@@ -110,10 +115,15 @@ class ContainerService:
         return cid
 
     @staticmethod
-    def _prepare_dirs(ctr: ContainerRecord, config: cri.ContainerConfig) -> None:
+    def _prepare_dirs(ctr: ContainerRecord, config: cri.ContainerConfig, userns: ocispec.IdMappings | None) -> None:
         fs = Path(ctr.fs_dir)
         (fs / "upper").mkdir(parents=True, exist_ok=True)
         (fs / "work").mkdir(parents=True, exist_ok=True)
+        root = userns.host_root() if userns is not None else None
+        if root is not None:
+            # Only the lower layers are idmapped: the rootfs' own directory is the upper one's, and
+            # files the container writes land there as their host ids (as with containerd 2).
+            os.chown(fs / "upper", *root)
         (Path(ctr.bundle) / "rootfs").mkdir(parents=True, exist_ok=True)
         if ctr.log_path:
             Path(ctr.log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -138,11 +148,11 @@ class ContainerService:
             drv = self.shims.driver(pod.handler)
             stdin_fifo = await asyncio.to_thread(_make_stdin_fifo, Path(ctr.bundle)) if ctr.stdin else ""
             stdio = drv.log_stdio(ctr.log_path, stdin_fifo)
-            rootfs = [{
-                "type": "overlay", "source": "overlay",
-                "options": [f"lowerdir={':'.join(image.layers)}", f"upperdir={ctr.fs_dir}/upper",
-                            f"workdir={ctr.fs_dir}/work"],
-            }]
+            options = [f"lowerdir={':'.join(image.layers)}", f"upperdir={ctr.fs_dir}/upper",
+                       f"workdir={ctr.fs_dir}/work"]
+            if namespaces.USER in pod.namespaces:
+                options.append(IDMAP_USERNS_OPTION + pod.namespaces[namespaces.USER])
+            rootfs = [{"type": "overlay", "source": "overlay", "options": options}]
             self._exited.pop(ctr.id, None)
             try:
                 ctr.pid = await self.shims.create(pod.id, pod.handler, ctr.id, Path(ctr.bundle), rootfs, stdio,

@@ -84,3 +84,20 @@ def pod_security(config: cri.PodSandboxConfig) -> None:
     if ns.ipc != cri.NamespaceMode.NODE:
         private.add("ipc")
     ocispec.validate_sysctls(dict(config.linux.sysctls), private, "config.linux.sysctls")
+    pod_userns(config)
+
+
+def pod_userns(config: cri.PodSandboxConfig) -> ocispec.IdMappings | None:
+    """A pod user namespace owns the pod's network, IPC and PID namespaces, so none may be the host's."""
+    if not betterproto.serialized_on_wire(config.linux):
+        return None
+    ns = config.linux.security_context.namespace_options
+    userns = ocispec.user_namespace(ns, ocispec.POD_USERNS_FIELD)
+    if userns is None:
+        return None
+    shared = [kind for kind in ("network", "ipc", "pid") if getattr(ns, kind) == cri.NamespaceMode.NODE]
+    if shared:
+        raise InvalidArgument(f"{ocispec.POD_USERNS_FIELD}: a pod with its own user namespace cannot use the "
+                              f"host's {', '.join(shared)} namespace (config.linux.security_context."
+                              "namespace_options)")
+    return userns

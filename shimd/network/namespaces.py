@@ -3,6 +3,10 @@
 Layout: <base_dir>/<pod_id>/<kind>, each an nsfs bind mount that keeps its namespace alive
 until remove_pod_namespaces() unmounts it. Containers join them by path (OCI namespace "path").
 
+A pod with a user namespace (hostUsers: false) has it pinned at <pod_id>/user too, and its other
+namespaces are created inside it, so that it owns them: the kernel lets a container in that user
+namespace mount proc, sysfs and mqueue only for namespaces its user namespace owns.
+
 base_dir is made a shared bind mount of itself once (as `ip netns` does for /run/netns): mount
 namespaces created later (container set-up, sandboxes, services) get *slave or peer* copies of the
 pins, so our unmount propagates to them and a namespace is never kept alive by a forgotten copy.
@@ -16,16 +20,22 @@ import ctypes
 import errno
 import os
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shimd import log
 from shimd.errors import InvalidArgument, ShimdError
 from shimd.network import proc
 
+if TYPE_CHECKING:
+    from shimd.oci.spec import IdMappings
+
 # CRI/OCI kind name -> unshare(1) option / /proc/<pid>/ns entry.
 KINDS: dict[str, str] = {"network": "net", "ipc": "ipc", "uts": "uts"}
 CREATE_TIMEOUT = 15.0
+USER = "user"  # the pin of a pod's user namespace, next to the KINDS pins
 HOSTNAME_MAX = 64  # kernel __NEW_UTS_LEN
 
 _MS_BIND = 0x1000
@@ -110,11 +120,14 @@ def _remove_dir(pod_dir: Path) -> None:
         os.rmdir(pod_dir)
 
 
-async def create_pod_namespaces(pod_id: str, base_dir: Path, kinds: Iterable[str], hostname: str) -> dict[str, str]:
+async def create_pod_namespaces(pod_id: str, base_dir: Path, kinds: Iterable[str], hostname: str,
+                                userns: IdMappings | None = None) -> dict[str, str]:
     """Create and pin new namespaces of `kinds` for a pod; returns {kind: pinned path}.
 
-    In a new network namespace `lo` is brought up; in a new UTS namespace the hostname is set
-    (an empty hostname keeps the host's). On any failure or cancellation nothing is left behind.
+    With userns, a user namespace with those mappings is created and pinned as "user" too, and the
+    other namespaces are created inside it. In a new network namespace `lo` is brought up; in a new
+    UTS namespace the hostname is set (an empty hostname keeps the host's). On any failure or
+    cancellation nothing is left behind.
     """
     wanted = sorted(set(kinds))
     unknown = [k for k in wanted if k not in KINDS]
@@ -123,25 +136,22 @@ async def create_pod_namespaces(pod_id: str, base_dir: Path, kinds: Iterable[str
     _check_pod_id(pod_id)
     _check_hostname(hostname)
     if not wanted:
+        if userns is not None:
+            raise InvalidArgument("a pod user namespace needs namespaces of its own to own")
         return {}
     logger = _log.bind(pod_id=pod_id)
     base = await asyncio.to_thread(_prepare_base, Path(base_dir))
     pod_dir = base / pod_id
     paths = {k: str(pod_dir / k) for k in wanted}
-    # Steps run inside the new namespaces; the hostname travels as $1, never through the shell parser.
-    steps = []
-    if "network" in paths:
-        steps.append(f"{proc.which('ip')} link set lo up")
-    if "uts" in paths and hostname:
-        steps.append('printf %s "$1" > /proc/sys/kernel/hostname')
-    argv = [proc.which("unshare"), *(f"--{KINDS[k]}={p}" for k, p in paths.items()), "--",
-            "/bin/sh", "-ec", " && ".join(steps) or "true", "sh", hostname]
+    if userns is not None:
+        paths[USER] = str(pod_dir / USER)
     try:
         await asyncio.to_thread(_make_targets, pod_dir, paths.values())
-        done = await proc.run(argv, time_limit=CREATE_TIMEOUT)
-        if done.returncode != 0:
-            raise ShimdError(f"creating {', '.join(wanted)} namespaces for pod {pod_id} failed "
-                             f"(exit {done.returncode}): {done.stderr.decode(errors='replace').strip()}")
+        if userns is None:
+            await _unshare_pinned(pod_id, paths, hostname)
+        else:
+            await _create_in_userns(pod_id, paths, userns)
+            await _set_up_inside(pod_id, paths, hostname)
         dead = [k for k, p in paths.items() if not namespace_alive(p)]
         if dead:
             raise ShimdError(f"namespaces {dead} of pod {pod_id} were not pinned under {pod_dir}")
@@ -152,8 +162,102 @@ async def create_pod_namespaces(pod_id: str, base_dir: Path, kinds: Iterable[str
         # Includes cancellation: the pins must not outlive a failed create.
         await asyncio.shield(asyncio.to_thread(_remove_dir, pod_dir))
         raise
-    logger.debug("pod namespaces created", kinds=wanted, dir=str(pod_dir))
+    logger.debug("pod namespaces created", kinds=sorted(paths), dir=str(pod_dir))
     return paths
+
+
+def _inside_steps(paths: dict[str, str], hostname: str) -> str:
+    """Shell steps run inside the new namespaces; the hostname travels as $1, never through the parser."""
+    steps = []
+    if "network" in paths:
+        steps.append(f"{proc.which('ip')} link set lo up")
+    if "uts" in paths and hostname:
+        steps.append('printf %s "$1" > /proc/sys/kernel/hostname')
+    return " && ".join(steps) or "true"
+
+
+def _check_done(done: proc.Completed, what: str, pod_id: str) -> None:
+    if done.returncode != 0:
+        raise ShimdError(f"{what} for pod {pod_id} failed (exit {done.returncode}): "
+                         f"{done.stderr.decode(errors='replace').strip()}")
+
+
+async def _unshare_pinned(pod_id: str, paths: dict[str, str], hostname: str) -> None:
+    argv = [proc.which("unshare"), *(f"--{KINDS[k]}={p}" for k, p in paths.items()), "--",
+            "/bin/sh", "-ec", _inside_steps(paths, hostname), "sh", hostname]
+    done = await proc.run(argv, time_limit=CREATE_TIMEOUT)
+    _check_done(done, f"creating {', '.join(paths)} namespaces", pod_id)
+
+
+async def _set_up_inside(pod_id: str, paths: dict[str, str], hostname: str) -> None:
+    """From the host's user namespace, which may act in any namespace its descendants own."""
+    joined = [f"--{KINDS[k]}={paths[k]}" for k in ("network", "uts") if k in paths]
+    if not joined:
+        return
+    argv = [proc.which("nsenter"), *joined, "--", "/bin/sh", "-ec", _inside_steps(paths, hostname), "sh", hostname]
+    _check_done(await proc.run(argv, time_limit=CREATE_TIMEOUT), "setting up the namespaces", pod_id)
+
+
+async def _create_in_userns(pod_id: str, paths: dict[str, str], userns: IdMappings) -> None:
+    """One unshare(2) makes the user namespace and, owned by it, the others; shimd maps and pins them.
+
+    util-linux unshare cannot write arbitrary mappings without newuidmap, and a process whose uid is
+    not mapped yet loses its capabilities on exec: so the holder only waits (cat on a pipe, which
+    also ends it if shimd dies), while shimd writes its uid/gid maps and bind-mounts its namespaces.
+    """
+    flags = ["--user", *(f"--{KINDS[k]}" for k in paths if k in KINDS)]
+    holder = await asyncio.create_subprocess_exec(
+        proc.which("unshare"), *flags, "--", "cat", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    work = asyncio.ensure_future(asyncio.to_thread(_map_and_pin, holder.pid, paths, userns, CREATE_TIMEOUT))
+    try:
+        await asyncio.shield(work)
+    finally:
+        await asyncio.shield(_end_holder(holder))
+        if not work.done():
+            # Cancelled: the thread fails fast once its holder is gone; the caller removes pins only after it.
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(work), CREATE_TIMEOUT)
+    if holder.returncode not in (0, -9):
+        err = (await holder.stderr.read()).decode(errors="replace").strip() if holder.stderr else ""
+        raise ShimdError(f"the user namespace holder of pod {pod_id} failed (exit {holder.returncode}): {err}")
+
+
+async def _end_holder(holder: asyncio.subprocess.Process) -> None:
+    if holder.stdin is not None:
+        holder.stdin.close()
+    try:
+        await asyncio.wait_for(holder.wait(), timeout=5)
+    except (TimeoutError, asyncio.CancelledError):
+        with contextlib.suppress(ProcessLookupError):
+            holder.kill()
+        await asyncio.wait_for(holder.wait(), timeout=5)
+
+
+def _map_and_pin(pid: int, paths: dict[str, str], userns: IdMappings, timeout: float) -> None:
+    _wait_unshared(pid, timeout)
+    for name, maps in (("uid_map", userns.uids), ("gid_map", userns.gids)):
+        # One write(2), as the kernel requires; a privileged writer needs no setgroups "deny" first.
+        text = "".join(f"{c} {h} {n}\n" for c, h, n in maps)
+        with open(f"/proc/{pid}/{name}", "w", encoding="ascii") as f:
+            f.write(text)
+    for kind, path in paths.items():
+        _mount(f"/proc/{pid}/ns/{KINDS.get(kind, kind)}", path, _MS_BIND)
+
+
+def _wait_unshared(pid: int, timeout: float) -> None:
+    """Until the holder is in its new user namespace (one unshare(2) made all of them at once)."""
+    ours = os.stat("/proc/self/ns/user").st_ino
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if os.stat(f"/proc/{pid}/ns/user").st_ino != ours:
+                return
+        except FileNotFoundError:
+            raise ShimdError(f"the user namespace holder {pid} exited before unsharing") from None
+        if time.monotonic() > deadline:
+            raise ShimdError(f"the user namespace holder {pid} did not unshare within {timeout:g}s")
+        time.sleep(0.005)
 
 
 async def remove_pod_namespaces(pod_id: str, base_dir: Path) -> None:

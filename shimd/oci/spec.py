@@ -6,6 +6,7 @@ stat()ing device nodes, so the merge rules can be unit-tested.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import resource
@@ -68,6 +69,7 @@ class PodContext:
     sysctls: dict[str, str] = field(default_factory=dict)
     cgroups_path: str = ""
     privileged_pod: bool = False
+    userns: IdMappings | None = None  # the pod's user namespace (pinned at namespaces["user"])
 
 
 @dataclass
@@ -504,28 +506,79 @@ def _apparmor(sc: cri.LinuxContainerSecurityContext, privileged: bool) -> str | 
     return None if privileged else ref
 
 
-def _userns(sc: cri.LinuxContainerSecurityContext) -> tuple[list[dict[str, int]], list[dict[str, int]]] | None:
-    """uid/gid mappings when kubelet asks for a user namespace (hostUsers: false)."""
-    ns = sc.namespace_options
+CTR_USERNS_FIELD = "linux.security_context.namespace_options.userns_options"
+POD_USERNS_FIELD = "config.linux.security_context.namespace_options.userns_options"
+_ID_LIMIT = 2**32 - 1  # (uid_t)-1 is never a valid id
+_MAX_MAP_LINES = 340  # the kernel's limit of lines in uid_map/gid_map
+
+
+@dataclass(frozen=True)
+class IdMappings:
+    """A user namespace's uid and gid mappings, in OCI form (containerID, hostID, size)."""
+
+    uids: tuple[tuple[int, int, int], ...]
+    gids: tuple[tuple[int, int, int], ...]
+
+    def oci(self, kind: str) -> list[dict[str, int]]:
+        maps = self.uids if kind == "uids" else self.gids
+        return [{"containerID": c, "hostID": h, "size": n} for c, h, n in maps]
+
+    def host_root(self) -> tuple[int, int] | None:
+        """The host uid and gid that container root maps to, when it is mapped."""
+        uid = next((h for c, h, _ in self.uids if c == 0), None)
+        gid = next((h for c, h, _ in self.gids if c == 0), None)
+        return None if uid is None or gid is None else (uid, gid)
+
+
+def _id_ranges(maps: list[cri.IdMapping], field: str) -> tuple[tuple[int, int, int], ...]:
+    if not maps:
+        raise errors.InvalidArgument(f"{field} must not be empty in POD mode")
+    if len(maps) > _MAX_MAP_LINES:
+        raise errors.InvalidArgument(f"{field} has {len(maps)} ranges, more than the kernel's {_MAX_MAP_LINES}")
+    ranges = []
+    for i, m in enumerate(maps):
+        if m.length == 0 or m.host_id + m.length > _ID_LIMIT or m.container_id + m.length > _ID_LIMIT:
+            raise errors.InvalidArgument(f"{field}[{i}] has an empty or overflowing range")
+        ranges.append((m.container_id, m.host_id, m.length))
+    # The kernel refuses overlapping ranges on either side when the map is written.
+    for side in (0, 1):
+        spans = sorted((r[side], r[side] + r[2]) for r in ranges)
+        if any(a[1] > b[0] for a, b in itertools.pairwise(spans)):
+            raise errors.InvalidArgument(f"{field} has overlapping ranges")
+    return tuple(ranges)
+
+
+def user_namespace(ns: cri.NamespaceOption, field: str) -> IdMappings | None:
+    """The mappings when kubelet asks for a pod user namespace (hostUsers: false); None for the host's."""
     if not betterproto.serialized_on_wire(ns) or not betterproto.serialized_on_wire(ns.userns_options):
         return None
     u = ns.userns_options
-    field = "linux.security_context.namespace_options.userns_options"
     if u.mode == cri.NamespaceMode.NODE:
         return None
     if u.mode != cri.NamespaceMode.POD:
-        raise errors.InvalidArgument(f"{field}.mode must be NODE or POD, got {u.mode.name}")
-    out = []
-    for kind, maps in (("uids", u.uids), ("gids", u.gids)):
-        if not maps:
-            raise errors.InvalidArgument(f"{field}.{kind} must not be empty in POD mode")
-        conv = []
-        for i, m in enumerate(maps):
-            if m.length == 0 or m.host_id + m.length > 2**32 or m.container_id + m.length > 2**32:
-                raise errors.InvalidArgument(f"{field}.{kind}[{i}] has an empty or overflowing range")
-            conv.append({"containerID": m.container_id, "hostID": m.host_id, "size": m.length})
-        out.append(conv)
-    return out[0], out[1]
+        raise errors.InvalidArgument(f"{field}.mode must be NODE or POD, got {getattr(u.mode, 'name', u.mode)}")
+    return IdMappings(uids=_id_ranges(list(u.uids), f"{field}.uids"), gids=_id_ranges(list(u.gids), f"{field}.gids"))
+
+
+def _container_userns(sc: cri.LinuxContainerSecurityContext, pod: PodContext) -> IdMappings | None:
+    """The container must run in its pod's user namespace exactly when the pod has one."""
+    userns = user_namespace(sc.namespace_options, CTR_USERNS_FIELD)
+    if userns is None and pod.userns is not None:
+        raise errors.InvalidArgument(f"{CTR_USERNS_FIELD}: the pod sandbox has a user namespace; the container "
+                                     "must ask for it (mode POD, the pod's mappings)")
+    if userns is not None and pod.userns is None:
+        raise errors.InvalidArgument(f"{CTR_USERNS_FIELD}: the pod sandbox has no user namespace (it was not "
+                                     "created with userns_options mode POD)")
+    if userns is not None and userns != pod.userns:
+        raise errors.InvalidArgument(f"{CTR_USERNS_FIELD}: the mappings differ from the pod sandbox's")
+    if userns is not None and sc.namespace_options.pid == cri.NamespaceMode.NODE:
+        raise errors.InvalidArgument("linux.security_context.namespace_options.pid: NODE cannot be combined "
+                                     "with a user namespace")
+    return userns
+
+
+def _user_ns_entry(pod: PodContext) -> dict[str, Any]:
+    return {"type": "user", "path": pod.namespaces["user"]}
 
 
 def _host_devices() -> list[dict[str, Any]]:
@@ -594,12 +647,7 @@ def container_spec(container_id: str, config: cri.ContainerConfig, pod: PodConte
     validate_sysctls(pod.sysctls, set(pod.namespaces))
     seccomp_profile = _seccomp(sc, caps, privileged)
     apparmor_profile = _apparmor(sc, privileged)
-    userns = _userns(sc)
-    if userns is not None and ({"ipc", "network"} & set(pod.namespaces) or pod.pid_ns_path):
-        # mqueue, sysfs and proc can only be mounted from a user namespace that owns the IPC, network and PID
-        # namespaces; shimd's runc pods pin theirs from the host's user namespace, so runc would fail later.
-        raise errors.InvalidArgument("linux.security_context.namespace_options.userns_options: user namespaces "
-                                     "are not supported for pods whose namespaces shimd creates on the host")
+    userns = _container_userns(sc, pod)
     process: dict[str, Any] = {
         "terminal": config.tty,
         "user": resolve_user(sc, str(img.get("User") or ""), image.layers),
@@ -629,8 +677,9 @@ def container_spec(container_id: str, config: cri.ContainerConfig, pod: PodConte
     if seccomp_profile is not None:
         linux["seccomp"] = seccomp_profile
     if userns is not None:
-        linux["namespaces"].append({"type": "user"})
-        linux["uidMappings"], linux["gidMappings"] = userns
+        # runc 1.1 joins the pinned namespace by path, yet still wants the mappings to resolve ids.
+        linux["namespaces"].append(_user_ns_entry(pod))
+        linux["uidMappings"], linux["gidMappings"] = userns.oci("uids"), userns.oci("gids")
     if not privileged:
         linux["maskedPaths"] = list(sc.masked_paths) if sc.masked_paths else list(DEFAULT_MASKED)
         linux["readonlyPaths"] = list(sc.readonly_paths) if sc.readonly_paths else list(DEFAULT_READONLY)
@@ -663,6 +712,15 @@ def pause_spec(pod: PodContext, rootfs: str, args: list[str]) -> dict[str, Any]:
     for kind in ("network", "ipc", "uts"):
         if kind in pod.namespaces:
             ns.append({"type": kind, "path": pod.namespaces[kind]})
+    linux: dict[str, Any] = {
+        "namespaces": ns, "cgroupsPath": pod.cgroups_path,
+        "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+        "maskedPaths": list(DEFAULT_MASKED), "readonlyPaths": list(DEFAULT_READONLY),
+    }
+    if pod.userns is not None:
+        # The pause task owns the shared PID namespace: it must be created inside the pod's user namespace.
+        ns.append(_user_ns_entry(pod))
+        linux["uidMappings"], linux["gidMappings"] = pod.userns.oci("uids"), pod.userns.oci("gids")
     return {
         "ociVersion": OCI_VERSION,
         "process": {
@@ -679,8 +737,6 @@ def pause_spec(pod: PodContext, rootfs: str, args: list[str]) -> dict[str, Any]:
                         "io.kubernetes.cri.sandbox-name": pod.name,
                         "io.kubernetes.cri.sandbox-namespace": pod.namespace,
                         "io.kubernetes.cri.sandbox-uid": pod.uid},
-        "linux": {"namespaces": ns, "cgroupsPath": pod.cgroups_path, "resources": {"devices": [
-            {"allow": False, "access": "rwm"}]}, "maskedPaths": list(DEFAULT_MASKED),
-            "readonlyPaths": list(DEFAULT_READONLY)},
+        "linux": linux,
         **({"hostname": pod.hostname} if "uts" in pod.namespaces else {}),
     }

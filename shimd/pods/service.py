@@ -66,6 +66,10 @@ class PodService:
         host_network = ns_opts.network == cri.NamespaceMode.NODE
         handler_name = handler or self.shims.cfg.daemon.default_handler
         drv = self.shims.driver(handler_name)  # unknown/unusable handler fails before anything is made
+        userns = ocispec.user_namespace(ns_opts, ocispec.POD_USERNS_FIELD)
+        if userns is not None and not drv.supports_user_namespaces:
+            raise errors.InvalidArgument(f"{ocispec.POD_USERNS_FIELD}: runtime handler {handler_name!r} "
+                                         f"({drv.handler.driver}) does not support user namespaces")
 
         pod_id = secrets.token_hex(32)
         pod = PodRecord(
@@ -82,7 +86,7 @@ class PodService:
         lg = self.log.bind(pod_id=pod_id, handler=handler_name)
         try:
             await self.store.save_pod(pod)
-            await self._setup(pod, config, sc, ns_opts, drv.needs_sandbox_task(ns_opts.pid == cri.NamespaceMode.POD))
+            await self._setup(pod, config, sc, userns, drv.needs_sandbox_task(ns_opts.pid == cri.NamespaceMode.POD))
         except BaseException as e:
             lg.warning("pod setup failed, undoing", error=repr(e))
             with contextlib.suppress(Exception):
@@ -95,7 +99,8 @@ class PodService:
         return pod_id
 
     async def _setup(self, pod: PodRecord, config: cri.PodSandboxConfig, sc: cri.LinuxSandboxSecurityContext,
-                     ns_opts: cri.NamespaceOption, sandbox_task: bool) -> None:
+                     userns: ocispec.IdMappings | None, sandbox_task: bool) -> None:
+        ns_opts = sc.namespace_options or cri.NamespaceOption()
         pdir = self.pod_dir(pod.id)
         await asyncio.to_thread(pdir.mkdir, parents=True, exist_ok=True)
         hostname = config.hostname or (os.uname().nodename if pod.host_network else config.metadata.name)
@@ -108,7 +113,8 @@ class PodService:
         if ns_opts.ipc != cri.NamespaceMode.NODE:
             kinds.append("ipc")
         if kinds:
-            pod.namespaces = await namespaces.create_pod_namespaces(pod.id, self.ns_dir, kinds, hostname)
+            # A user namespace is pinned with the others (namespaces["user"]) and removed with them.
+            pod.namespaces = await namespaces.create_pod_namespaces(pod.id, self.ns_dir, kinds, hostname, userns)
 
         if not pod.host_network:
             result = await self.network.setup(PodNetworkRequest(
@@ -165,6 +171,9 @@ class PodService:
 
         def prepare() -> None:
             rootfs.mkdir(parents=True, exist_ok=True)
+            # Mount points made here, as host root: in a pod user namespace runc could not create them.
+            for mountpoint in ("proc", "dev"):
+                (rootfs / mountpoint).mkdir(exist_ok=True)
             try:
                 os.link(PAUSE_BINARY, rootfs / "pause")
             except OSError:  # another filesystem
@@ -199,7 +208,15 @@ class PodService:
             files=files, shm_path=str(pdir / "shm") if "ipc" in pod.namespaces else "",
             sysctls=dict(config.linux.sysctls) if betterproto.serialized_on_wire(config.linux) else {},
             privileged_pod=pod.annotations.get("shimd.io/privileged") == "true",
+            userns=self._userns(pod, config),
         )
+
+    @staticmethod
+    def _userns(pod: PodRecord, config: cri.PodSandboxConfig) -> ocispec.IdMappings | None:
+        """The pod's mappings, from its config as given (validated when the pod was made)."""
+        if namespaces.USER not in pod.namespaces or not betterproto.serialized_on_wire(config.linux):
+            return None
+        return ocispec.user_namespace(config.linux.security_context.namespace_options, ocispec.POD_USERNS_FIELD)
 
     # --- stop / remove -----------------------------------------------------------------------
     async def stop(self, pod_id: str) -> None:

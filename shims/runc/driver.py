@@ -42,6 +42,8 @@ def _code_stamp() -> str:
 
 class RuncDriver(DriverBase):
     log_name = "runc_driver"
+    # Pods with hostUsers: false: pinned user namespace, idmapped image layers (see shims/runc/mounts.py).
+    supports_user_namespaces = True
 
     def _probe(self) -> tuple[bool, str]:
         binary = shutil.which(self.handler.binary)

@@ -1,22 +1,26 @@
-"""Rootfs mounts of a task: mounted by the shim at <bundle>/rootfs on Create, unmounted on Delete."""
+"""Rootfs mounts of a task: mounted by the shim at <bundle>/rootfs on Create, unmounted on Delete.
+
+An overlay with the option `X-shimd.idmap-userns=<pinned user namespace>` (a pod with hostUsers:
+false) is mounted on idmapped lower layers, so that the image appears owned by the container's root.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 from typing import Any
 
+from shims.common import idmap
 from shims.common.procs import CommandError, Reaper, run
 
 MNT_DETACH = 2
+IDMAP_OPTION = "X-shimd.idmap-userns="
 _libc: Any = None
 
 
 def _umount2(target: str, flags: int) -> int:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.umount2(target.encode(), flags) != 0:
+    if _libc_handle().umount2(target.encode(), flags) != 0:
         return ctypes.get_errno()
     return 0
 
@@ -37,20 +41,67 @@ async def mount_all(reaper: Reaper, mounts: list[dict[str, Any]], rootfs: str, t
     try:
         for mnt in mounts:
             target = os.path.join(rootfs, mnt["target"].lstrip("/")) if mnt["target"] else rootfs
-            options, cwd = _shorten_lowerdirs(list(mnt["options"])) if mnt["type"] == "overlay" else (
-                list(mnt["options"]), "")
-            # The kernel reads relative lowerdirs from the mounting process's cwd (env -C, no shell).
-            argv = ["env", "-C", cwd, "mount"] if cwd else ["mount"]
-            argv += ["-t", mnt["type"] or "none"]
-            if options:
-                argv += ["-o", ",".join(options)]
-            argv += [mnt["source"] or "none", target]
-            await run(reaper, argv, timeout)
+            options, userns = _split_idmap(list(mnt["options"]))
+            if userns:
+                await asyncio.to_thread(mount_idmapped_overlay, mnt["type"], options, target, userns)
+            else:
+                await _mount(reaper, mnt, options, target, timeout)
             done.append(target)
-    except CommandError as e:
+    except (CommandError, OSError) as e:
         for target in reversed(done):
             unmount(target)
-        raise OSError(f"mounting the rootfs at {rootfs} failed: {e.stderr.strip()}") from None
+        why = e.stderr.strip() if isinstance(e, CommandError) else str(e)
+        raise OSError(f"mounting the rootfs at {rootfs} failed: {why}") from None
+
+
+async def _mount(reaper: Reaper, mnt: dict[str, Any], options: list[str], target: str, timeout: float) -> None:
+    options, cwd = _shorten_lowerdirs(options) if mnt["type"] == "overlay" else (options, "")
+    # The kernel reads relative lowerdirs from the mounting process's cwd (env -C, no shell).
+    argv = ["env", "-C", cwd, "mount"] if cwd else ["mount"]
+    argv += ["-t", mnt["type"] or "none"]
+    if options:
+        argv += ["-o", ",".join(options)]
+    argv += [mnt["source"] or "none", target]
+    await run(reaper, argv, timeout)
+
+
+def _split_idmap(options: list[str]) -> tuple[list[str], str]:
+    """(options for the kernel, the user namespace to idmap with or "")."""
+    userns = [o[len(IDMAP_OPTION):] for o in options if o.startswith(IDMAP_OPTION)]
+    return [o for o in options if not o.startswith(IDMAP_OPTION)], (userns[-1] if userns else "")
+
+
+def mount_idmapped_overlay(fstype: str, options: list[str], target: str, userns_path: str) -> None:
+    """overlayfs cannot be idmapped itself (EINVAL), so its lower layers are: each becomes a detached
+    idmapped clone named by /proc/self/fd/N, which also keeps the option string short."""
+    lowers = next((o[len("lowerdir="):].split(":") for o in options if o.startswith("lowerdir=")), None)
+    if fstype != "overlay" or not lowers:
+        raise OSError(f"{IDMAP_OPTION} applies to overlay mounts with a lowerdir, not {fstype!r}")
+    ns_fd = idmap.open_userns(userns_path)
+    fds: list[int] = []
+    try:
+        for layer in lowers:
+            fds.append(idmap.idmapped_clone(layer, ns_fd))
+        lowerdir = "lowerdir=" + ":".join(f"/proc/self/fd/{fd}" for fd in fds)
+        data = ",".join([lowerdir if o.startswith("lowerdir=") else o for o in options])
+        _mount_syscall("overlay", target, "overlay", data)
+    finally:
+        for fd in [*fds, ns_fd]:
+            os.close(fd)
+
+
+def _libc_handle() -> Any:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _mount_syscall(source: str, target: str, fstype: str, data: str) -> None:
+    if _libc_handle().mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(0),
+                            data.encode()) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mount {fstype} on {target}: {os.strerror(e)}")
 
 
 # Mount options must fit one page; long absolute lowerdir lists (many layers) do not.

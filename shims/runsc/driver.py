@@ -34,6 +34,8 @@ def global_flags(handler: HandlerConfig) -> list[str]:
 
 class RunscDriver(RuncDriver):
     log_name = "runsc_driver"
+    # gVisor has no support for a host user namespace around its sandbox here: such pods are refused.
+    supports_user_namespaces = False
 
     def __init__(self, handler: HandlerConfig, state_dir: Path, systemd_cgroup: bool = False,
                  runtime_timeout: float = 60.0) -> None:

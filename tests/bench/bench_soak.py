@@ -6,7 +6,7 @@ the whole time (as on a real node). Every --sample seconds the daemon's RSS and 
 recorded; at the end the growth between the first and last quarter of the run is reported (the
 first minute is warm-up: caches, allocator arenas). Optionally the same against containerd 1.6.
 
-    .venv/bin/python -m tests.bench.bench_soak [--minutes 10] [--with-containerd]
+    .venv/bin/python -m tests.bench.bench_soak [--minutes 10] [--with-containerd [--concurrent]]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.bench.bench_pod_start import (
@@ -102,6 +103,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--sample", type=float, default=10.0, help="seconds between RSS/fd samples")
     ap.add_argument("--with-containerd", action="store_true", help="then the same soak against containerd 1.6")
+    ap.add_argument("--concurrent", action="store_true",
+                    help="with --with-containerd: soak both at once (same load on both; halves the wall time)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
@@ -109,15 +112,23 @@ def main() -> None:
     with bench_workspace("bench-soak-") as ws:
         work, net, reg, image, pause = ws.work, ws.net, ws.reg, ws.image, ws.pause
         conf = cni_conf("bridge", net)
+        runtimes: dict[str, Runtime] = {}
         for name in ("shimd", "containerd") if args.with_containerd else ("shimd",):
             (work / name).mkdir()
             conf_dir = work / f"net.d-{name}"
             conf_dir.mkdir()
             (conf_dir / "10-bench.conflist").write_text(json.dumps(conf))
-            rt: Runtime = (Shimd(work / name, reg, conf_dir) if name == "shimd"
-                           else Containerd(work / name, reg, conf_dir, pause))
-            print(f"soaking {name} for {args.minutes:g} min ...", flush=True)
-            results[name] = soak(rt, image, pause, args, work)
+            runtimes[name] = (Shimd(work / name, reg, conf_dir) if name == "shimd"
+                              else Containerd(work / name, reg, conf_dir, pause))
+        if args.concurrent:
+            print(f"soaking {', '.join(runtimes)} at once for {args.minutes:g} min ...", flush=True)
+            with ThreadPoolExecutor(len(runtimes)) as pool:
+                futures = {name: pool.submit(soak, rt, image, pause, args, work) for name, rt in runtimes.items()}
+                results = {name: f.result() for name, f in futures.items()}
+        else:
+            for name, rt in runtimes.items():
+                print(f"soaking {name} for {args.minutes:g} min ...", flush=True)
+                results[name] = soak(rt, image, pause, args, work)
     for name, r in results.items():
         print(f"\n== {name}: {r['cycles']} cycles in {r['minutes']:g} min ({r['cycles_per_min']:.1f}/min), "
               f"{r['errors']} errors")

@@ -10,6 +10,7 @@ import pytest
 
 from shimd import errors
 from shimd.api.runtime import v1 as cri
+from shimd.cri import validate
 from shimd.oci import seccomp, spec
 
 RD = cri.SecurityProfileProfileType.RuntimeDefault
@@ -149,19 +150,92 @@ def test_capabilities_and_users(tmp_path: Path) -> None:
         _build(tmp_path, cri.LinuxContainerSecurityContext(run_as_user=cri.Int64Value(-3)))
 
 
-def test_user_namespace(tmp_path: Path) -> None:
-    ns = cri.NamespaceOption(userns_options=cri.UserNamespace(
-        mode=cri.NamespaceMode.POD, uids=[cri.IdMapping(host_id=100000, container_id=0, length=65536)],
-        gids=[cri.IdMapping(host_id=100000, container_id=0, length=65536)]))
-    # Pod namespaces pinned in the host's user namespace cannot be used from the container's: refused up front.
-    with pytest.raises(errors.InvalidArgument, match="userns_options"):
-        _build(tmp_path, cri.LinuxContainerSecurityContext(namespace_options=ns))
-    s = _build(tmp_path, cri.LinuxContainerSecurityContext(namespace_options=ns), pod=_pod(namespaces={}))
-    assert {"type": "user"} in s["linux"]["namespaces"]
+def _userns_opts(host: int = 100000, mode: cri.NamespaceMode = cri.NamespaceMode.POD) -> cri.NamespaceOption:
+    return cri.NamespaceOption(userns_options=cri.UserNamespace(
+        mode=mode, uids=[cri.IdMapping(host_id=host, container_id=0, length=65536)],
+        gids=[cri.IdMapping(host_id=host, container_id=0, length=65536)]))
+
+
+def _userns_pod(host: int = 100000) -> spec.PodContext:
+    mappings = spec.user_namespace(_userns_opts(host), spec.POD_USERNS_FIELD)
+    return _pod(namespaces={"network": "/run/ns/net", "ipc": "/run/ns/ipc", "uts": "/run/ns/uts",
+                            "user": "/run/ns/user"}, userns=mappings)
+
+
+def test_user_namespace_joins_the_pods(tmp_path: Path) -> None:
+    s = _build(tmp_path, cri.LinuxContainerSecurityContext(namespace_options=_userns_opts()), pod=_userns_pod())
+    assert {"type": "user", "path": "/run/ns/user"} in s["linux"]["namespaces"]
+    assert {"type": "network", "path": "/run/ns/net"} in s["linux"]["namespaces"]
     assert s["linux"]["uidMappings"] == [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    assert s["linux"]["gidMappings"] == [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    # A pause task holding a shared PID namespace is created in the user namespace too.
+    pause = spec.pause_spec(_userns_pod(), "/pause-rootfs", ["/pause"])
+    assert {"type": "user", "path": "/run/ns/user"} in pause["linux"]["namespaces"]
+    assert pause["linux"]["uidMappings"] == s["linux"]["uidMappings"]
+
+
+@pytest.mark.parametrize(("sc_ns", "pod_kw", "match"), [
+    (_userns_opts(), {}, "the pod sandbox has no user namespace"),  # container asks, pod has none
+    (cri.NamespaceOption(), {"userns": True}, "must ask for it"),  # pod has one, container does not
+    (_userns_opts(300000), {"userns": True}, "differ from the pod sandbox"),
+    (_userns_opts(mode=cri.NamespaceMode.TARGET), {"userns": True}, r"userns_options.mode must be NODE or POD"),
+])
+def test_user_namespace_must_match_the_pod(tmp_path: Path, sc_ns: cri.NamespaceOption, pod_kw: dict[str, Any],
+                                           match: str) -> None:
+    pod = _userns_pod() if pod_kw.get("userns") else _pod()
+    with pytest.raises(errors.InvalidArgument, match=match) as e:
+        _build(tmp_path, cri.LinuxContainerSecurityContext(namespace_options=sc_ns), pod=pod)
+    assert spec.CTR_USERNS_FIELD in str(e.value)
+
+
+def test_user_namespace_node_mode_is_the_host() -> None:
+    assert spec.user_namespace(_userns_opts(mode=cri.NamespaceMode.NODE), "f") is None
+    assert spec.user_namespace(cri.NamespaceOption(), "f") is None
+
+
+@pytest.mark.parametrize(("uids", "match"), [
+    ([], r"f\.uids must not be empty"),
+    ([cri.IdMapping(host_id=1, container_id=0, length=0)], r"f\.uids\[0\] has an empty or overflowing range"),
+    ([cri.IdMapping(host_id=2**32 - 10, container_id=0, length=65536)], r"f\.uids\[0\] .*overflowing"),
+    ([cri.IdMapping(host_id=100000, container_id=0, length=100),
+      cri.IdMapping(host_id=100050, container_id=100, length=100)], r"f\.uids has overlapping ranges"),
+    ([cri.IdMapping(host_id=100000, container_id=0, length=100),
+      cri.IdMapping(host_id=200000, container_id=50, length=100)], r"f\.uids has overlapping ranges"),
+])
+def test_user_namespace_ranges(uids: list[cri.IdMapping], match: str) -> None:
+    ns = _userns_opts()
+    ns.userns_options.uids = uids
+    with pytest.raises(errors.InvalidArgument, match=match):
+        spec.user_namespace(ns, "f")
+    ns = _userns_opts()
     ns.userns_options.gids = []
-    with pytest.raises(errors.InvalidArgument, match=r"userns_options.gids"):
-        _build(tmp_path, cri.LinuxContainerSecurityContext(namespace_options=ns), pod=_pod(namespaces={}))
+    with pytest.raises(errors.InvalidArgument, match=r"f\.gids must not be empty"):
+        spec.user_namespace(ns, "f")
+
+
+def test_user_namespace_host_root() -> None:
+    m = spec.user_namespace(_userns_opts(200000), "f")
+    assert m is not None and m.host_root() == (200000, 200000)
+    ns = _userns_opts()
+    ns.userns_options.uids = [cri.IdMapping(host_id=100001, container_id=1, length=10)]
+    m = spec.user_namespace(ns, "f")
+    assert m is not None and m.host_root() is None
+
+
+def test_pod_user_namespace_validation() -> None:
+    cfg = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name="p", namespace="n", uid="u"),
+                               linux=cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(
+                                   namespace_options=_userns_opts())))
+    assert validate.pod_userns(cfg) is not None
+    validate.pod_config(cfg)
+    cfg.linux.security_context.namespace_options.network = cri.NamespaceMode.NODE
+    with pytest.raises(errors.InvalidArgument, match=r"config\.linux\.security_context\.namespace_options\."
+                                                     r"userns_options: .*host's network namespace"):
+        validate.pod_config(cfg)
+    cfg.linux.security_context.namespace_options.network = cri.NamespaceMode.POD
+    cfg.linux.security_context.namespace_options.userns_options.mode = cri.NamespaceMode.CONTAINER
+    with pytest.raises(errors.InvalidArgument, match=r"config\.linux.*userns_options\.mode must be NODE or POD"):
+        validate.pod_config(cfg)
 
 
 @pytest.mark.parametrize(("res", "field"), [

@@ -1,4 +1,8 @@
-from shims.runc.mounts import OPTIONS_BUDGET, _shorten_lowerdirs
+from pathlib import Path
+
+import pytest
+
+from shims.runc.mounts import IDMAP_OPTION, OPTIONS_BUDGET, _shorten_lowerdirs, _split_idmap, mount_idmapped_overlay
 
 
 def test_short_options_stay_absolute() -> None:
@@ -16,3 +20,16 @@ def test_long_lowerdir_lists_become_relative_to_their_common_parent() -> None:
     assert out[1:] == ["upperdir=/u", "workdir=/w"]
     assert len(",".join(out)) < len(",".join(opts))
     assert len(",".join(opts)) > OPTIONS_BUDGET
+
+
+def test_idmap_option_is_split_off_for_the_kernel() -> None:
+    opts = ["lowerdir=/a:/b", "upperdir=/u", "workdir=/w", IDMAP_OPTION + "/run/shimd/ns/p/user"]
+    assert _split_idmap(opts) == (opts[:3], "/run/shimd/ns/p/user")
+    assert _split_idmap(opts[:3]) == (opts[:3], "")
+
+
+def test_idmapped_mount_failures_name_the_cause(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match="applies to overlay mounts"):
+        mount_idmapped_overlay("tmpfs", ["size=1m"], str(tmp_path), "/proc/self/ns/user")
+    with pytest.raises(OSError, match="opening the user namespace /nonexistent"):
+        mount_idmapped_overlay("overlay", ["lowerdir=/a"], str(tmp_path), "/nonexistent")
