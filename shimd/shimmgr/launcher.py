@@ -144,6 +144,15 @@ async def spawn_serving(launch: DirectLaunch, *, bundle: Path, timeout: float, z
         return sock
 
     sock = await asyncio.to_thread(bind)
+    address = f"unix://{socket_path}"
+    try:
+        # Recorded before the shim exists: if shimd dies between the fork and its next step, the pod's
+        # teardown still finds (and stops) the shim through this file; a shim that never started
+        # just refuses the connection.
+        await asyncio.to_thread(_write_address_file, bundle, address)
+    except BaseException:
+        sock.close()
+        raise
     if zygote is not None:
         try:
             await zygote.fork_shim(launch.flags, bundle, env, socket_path, sock.fileno())
@@ -151,7 +160,6 @@ async def spawn_serving(launch: DirectLaunch, *, bundle: Path, timeout: float, z
             _log.warning("shim zygote failed; starting the shim directly", error=str(e))
         else:
             sock.close()
-            await asyncio.to_thread(_write_address_file, bundle, f"unix://{socket_path}")
             return socket_path
     try:
         errlog = await asyncio.to_thread(os.open, str(bundle / "shim.stderr.log"),
@@ -175,11 +183,11 @@ async def spawn_serving(launch: DirectLaunch, *, bundle: Path, timeout: float, z
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(bundle / "address")
         raise
     finally:
         sock.close()  # the shim holds its own copy
-    address = f"unix://{socket_path}"
-    await asyncio.to_thread(_write_address_file, bundle, address)
     return socket_path
 
 
