@@ -85,8 +85,11 @@ def systemd_slice_to_path(slice_name: str) -> str:
 
 
 def relative_path(driver: str, cgroups_path: str) -> str:
-    with contextlib.suppress(ValueError):
-        if driver == "systemd":
+    """The path below each hierarchy's root of a container's cgroupsPath or of a pod's cgroup parent."""
+    if driver == "systemd":
+        if cgroups_path.endswith(".slice") and ":" not in cgroups_path:
+            return systemd_slice_to_path(cgroups_path)  # a pod's parent slice
+        with contextlib.suppress(ValueError):
             slice_name, _prefix, name = cgroups_path.split(":")
             return f"{systemd_slice_to_path(slice_name)}/shimd-{name}.scope"
     return cgroups_path

@@ -58,7 +58,7 @@ def pod_info(pod: PodRecord) -> dict[str, str]:
     return {"info": json.dumps({
         "pid": pod.sandbox_pid, "handler": pod.handler, "shimAddress": pod.shim_address, "shimDead": pod.shim_dead,
         "namespaces": pod.namespaces, "cgroupParent": pod.cgroup_parent, "hostNetwork": pod.host_network,
-        "config": pod.config,
+        "resources": pod.resources, "config": pod.config,
     })}
 
 

@@ -107,13 +107,14 @@ class ContainerRpcs(RpcBase):
 
     async def update_pod_sandbox_resources(self, request: cri.UpdatePodSandboxResourcesRequest
                                            ) -> cri.UpdatePodSandboxResourcesResponse:
-        # kubelet owns pod-level cgroups and sizes them itself; the runtime only checks and acknowledges
-        # (runtimes that run pods in VMs would resize the VM here).
-        self.d.store.pod(validate.required_id(request.pod_sandbox_id, "pod_sandbox_id"))
+        pod_id = validate.required_id(request.pod_sandbox_id, "pod_sandbox_id")
+        given = {}
         for name in ("overhead", "resources"):
             res = getattr(request, name)
             if betterproto.serialized_on_wire(res):
                 ocispec.validate_resources(res, name)
+                given[name] = res
+        await self.d.pods.update_resources(pod_id, given.get("resources"), given.get("overhead"))
         return cri.UpdatePodSandboxResourcesResponse()
 
     @staticmethod

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import betterproto
 
-from shimd import cgroups, errors, events, fsutil, log, mounts
+from shimd import cgroups, errors, events, fsutil, log, mounts, pod_limits
 from shimd.api.runtime import v1 as cri
 from shimd.network import files as podfiles
 from shimd.network import namespaces
@@ -57,6 +57,28 @@ class PodService:
     def pod_dir(self, pod_id: str) -> Path:
         return self.pods_dir / pod_id
 
+    # --- pod-level resources ---------------------------------------------------------------------
+    async def update_resources(self, pod_id: str, resources: cri.LinuxContainerResources | None,
+                               overhead: cri.LinuxContainerResources | None) -> None:
+        """Applied to the pod cgroup where shimd owns it (kubelet sizes its own), and persisted."""
+        pod = self.store.pod(pod_id)
+        async with self.store.lock(pod.id):
+            if pod.state != POD_READY:
+                raise errors.FailedPrecondition(f"pod sandbox {pod.id} is not ready")
+            await self._apply_limits(pod, resources, overhead)
+
+    async def _apply_limits(self, pod: PodRecord, resources: cri.LinuxContainerResources | None,
+                            overhead: cri.LinuxContainerResources | None) -> None:
+        written: dict[str, str] = {}
+        if pod.owns_cgroup_parent:
+            limits = pod_limits.combine(resources, overhead)
+            rel = cgroups.relative_path(self.cgroup_driver, pod.cgroup_parent)
+            written = await asyncio.to_thread(pod_limits.apply_sync, rel, limits)
+        pod.resources = {name: res.to_dict() for name, res in (("resources", resources), ("overhead", overhead))
+                         if res is not None}
+        await self.store.save_pod(pod)
+        self.log.info("pod resources updated", pod_id=pod.id, handler=pod.handler, cgroup_files=written)
+
     # --- run ---------------------------------------------------------------------------------
     async def run(self, config: cri.PodSandboxConfig, handler: str) -> str:
         md = config.metadata
@@ -87,6 +109,10 @@ class PodService:
         try:
             await self.store.save_pod(pod)
             await self._setup(pod, config, sc, userns, drv.needs_sandbox_task(ns_opts.pid == cri.NamespaceMode.POD))
+            given = {name: getattr(linux, name) for name in ("resources", "overhead")
+                     if betterproto.serialized_on_wire(getattr(linux, name))}
+            if given:
+                await self._apply_limits(pod, given.get("resources"), given.get("overhead"))
         except BaseException as e:
             lg.warning("pod setup failed, undoing", error=repr(e))
             with contextlib.suppress(Exception):

@@ -44,6 +44,8 @@ class PodRecord:
     stopped: bool = False
     # True until RunPodSandbox finished: recovery tears such a pod down instead of keeping it.
     initializing: bool = False
+    # Pod-level resources last given (UpdatePodSandboxResources): {"resources": {...}, "overhead": {...}}, CRI form.
+    resources: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name_key(self) -> str:

@@ -202,3 +202,53 @@ def test_pod_network_stats(net_rt: Any) -> None:
                                                         timeout=5)).stdout.decode()
     eth0 = next(line for line in dev.splitlines() if line.strip().startswith("eth0:")).split(":")[1].split()
     assert abs(int(eth0[0]) - after.default_interface.rx_bytes.value) < 2000
+
+
+def _pod_cgroup_file(controller: str, pod_id: str, name: str) -> str:
+    return (V1 / controller / "shimd" / f"pod{pod_id[:16]}" / name).read_text().strip()
+
+
+def test_update_pod_sandbox_resources(rt: Runtime) -> None:
+    pb = rt.pb
+    # No cgroup_parent from a kubelet: shimd owns the pod cgroup, so pod-level limits land there.
+    pod_id, pod_cfg = rt.run_pod("podres")
+    cid = rt.create(pod_id, pod_cfg, "c", ["sleep", "60"], linux=pb.LinuxContainerConfig(
+        resources=pb.LinuxContainerResources(cpu_period=100000, cpu_quota=50000, memory_limit_in_bytes=64 * 2**20)))
+    rt.start(cid)
+    rt.client.runtime.UpdatePodSandboxResources(pb.UpdatePodSandboxResourcesRequest(
+        pod_sandbox_id=pod_id,
+        resources=pb.LinuxContainerResources(cpu_period=100000, cpu_quota=80000, cpu_shares=1024,
+                                             memory_limit_in_bytes=96 * 2**20),
+        overhead=pb.LinuxContainerResources(cpu_period=100000, cpu_quota=10000, memory_limit_in_bytes=16 * 2**20)))
+    assert _pod_cgroup_file("cpu", pod_id, "cpu.cfs_quota_us") == "90000"
+    assert _pod_cgroup_file("cpu", pod_id, "cpu.shares") == "1024"
+    assert _pod_cgroup_file("memory", pod_id, "memory.limit_in_bytes") == str(112 * 2**20)
+    # The container keeps its own, tighter limits underneath.
+    assert _cgroup_file("cpu", pod_id, cid, "cpu.cfs_quota_us") == "50000"
+
+    def recorded() -> dict:
+        st = rt.client.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True))
+        return json.loads(st.info["info"])["resources"]
+
+    assert recorded()["resources"]["memoryLimitInBytes"] == str(96 * 2**20)
+    rt.proc.stop()
+    rt.proc.start()
+    assert recorded()["overhead"]["cpuQuota"] == "10000"  # persisted across a restart
+
+    # A pod quota below the container's own: the kernel refuses it; the error names the field.
+    with pytest.raises(grpc.RpcError) as e:
+        rt.client.runtime.UpdatePodSandboxResources(pb.UpdatePodSandboxResourcesRequest(
+            pod_sandbox_id=pod_id, resources=pb.LinuxContainerResources(cpu_period=100000, cpu_quota=20000)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cpu_quota" in e.value.details()
+    assert _pod_cgroup_file("cpu", pod_id, "cpu.cfs_quota_us") == "90000"
+    for bad, code in ((pb.UpdatePodSandboxResourcesRequest(pod_sandbox_id="nope"), grpc.StatusCode.NOT_FOUND),
+                      (pb.UpdatePodSandboxResourcesRequest(pod_sandbox_id=pod_id, resources=pb.LinuxContainerResources(
+                          memory_limit_in_bytes=-1)), grpc.StatusCode.INVALID_ARGUMENT)):
+        with pytest.raises(grpc.RpcError) as e:
+            rt.client.runtime.UpdatePodSandboxResources(bad)
+        assert e.value.code() == code
+    rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    with pytest.raises(grpc.RpcError) as e:
+        rt.client.runtime.UpdatePodSandboxResources(pb.UpdatePodSandboxResourcesRequest(
+            pod_sandbox_id=pod_id, resources=pb.LinuxContainerResources(memory_limit_in_bytes=2**30)))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION

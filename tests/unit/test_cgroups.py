@@ -16,6 +16,8 @@ def test_systemd_paths() -> None:
     assert cgroups.relative_path("systemd", f"{parent}:shimd:c1") == (
         "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1234.slice/shimd-c1.scope")
     assert cgroups.systemd_slice_to_path("-.slice") == "/"
+    # A pod's own parent slice (what shimd makes for a pod that came without one).
+    assert cgroups.relative_path("systemd", "shimd-podabc.slice") == "/shimd.slice/shimd-podabc.slice"
 
 
 def test_hierarchy_roots_on_this_host() -> None:
