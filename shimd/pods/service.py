@@ -277,6 +277,12 @@ class PodService:
             await self.shims.shutdown(pod.id)
             # Also after an interrupted RunPodSandbox: a Create the shim was still running when shimd
             # died can leave a task that no record names; force-deleting by id finds it.
+            if pod.initializing:
+                # A shim forked for this pod that no record and no address file names cannot be asked to
+                # stop; it would outlive the pod.
+                strays = await self.shims.kill_strays(pod.id, self.pod_dir(pod.id))
+                if strays:
+                    lg.warning("killed shims left by an interrupted RunPodSandbox", shim_pids=strays)
             if pod.shim_dead or pod.initializing:
                 await self._cleanup_dead_shim(pod)
             pod.shim_address = ""

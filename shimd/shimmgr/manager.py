@@ -21,6 +21,7 @@ from shimd import errors, log
 from shimd.api.containerd import types as ctypes
 from shimd.api.containerd.task import v2 as task
 from shimd.config import Config
+from shimd.shimmgr import strays
 from shimd.shimmgr.drivers import Driver, make_driver
 from shimd.shimmgr.launcher import spawn_serving, start_shim
 from shimd.shimmgr.task_client import TaskClient
@@ -119,6 +120,10 @@ class ShimManager:
     async def stop_zygote(self) -> None:
         if self._zygote is not None:
             await self._zygote.stop()
+
+    async def kill_strays(self, pod_id: str, pod_dir: Path) -> list[int]:
+        """Shims of pod_id running in pod_dir that nothing recorded (a RunPodSandbox cut short by a crash)."""
+        return await strays.kill(pod_id, pod_dir)
 
     def remember(self, pod_id: str, address: str) -> None:
         """After a restart: the shim's address comes from the pod record."""

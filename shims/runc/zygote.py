@@ -117,6 +117,20 @@ def _spawn(req: dict[str, object], listen_fd: int, conn: socket.socket, zygote_s
     return int(data or b"0")
 
 
+def _peer_gone(conn: socket.socket) -> bool:
+    """True when the client has closed its end (it sends nothing after its request)."""
+    import select
+
+    if not select.select([conn], [], [], 0)[0]:
+        return False
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 def _handle(conn: socket.socket, zygote_sock: socket.socket, stamp: str) -> None:
     conn.settimeout(REQUEST_TIMEOUT)
     msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST, 1)
@@ -129,6 +143,10 @@ def _handle(conn: socket.socket, zygote_sock: socket.socket, stamp: str) -> None
             raise SystemExit(0)
         elif len(fds) != 1:
             reply = {"error": "a shim request needs exactly one listening socket"}
+        elif _peer_gone(conn):
+            # shimd died after asking: its successor's recovery may already have torn the pod down, and
+            # a shim forked now would belong to nothing.
+            reply = {"error": "the requester hung up before the shim was forked"}
         else:
             reply = {"pid": _spawn(req, fds.pop(), conn, zygote_sock)}
     except (ValueError, KeyError, TypeError, OSError) as e:

@@ -1,0 +1,64 @@
+"""Shims no record names: started for a pod whose RunPodSandbox a crash of shimd cut short.
+
+Such a shim is found by its name (zygote-forked shims are named `shim-<pod id prefix>`) or by its
+command line (`-id <pod id>`, as every shim v2 binary is started), and only when its working directory
+is the pod's own directory, so that a shim of another pod is never mistaken for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+REAP_TIMEOUT = 5.0
+
+
+def find(pod_id: str, pod_dir: Path) -> list[int]:
+    name, id_arg = f"shim-{pod_id[:10]}".encode(), b"-id\0" + pod_id.encode() + b"\0"
+    root = str(pod_dir)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm", "rb") as f:
+                comm = f.read().strip()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            if comm != name and id_arg not in cmdline:
+                continue
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue  # gone meanwhile, or a kernel thread
+        if cwd == root or cwd.startswith(root + "/"):
+            found.append(int(entry))
+    return found
+
+
+async def kill(pod_id: str, pod_dir: Path) -> list[int]:
+    """SIGKILL the pod's stray shims and wait until they are gone; returns their pids."""
+    pids = await asyncio.to_thread(find, pod_id, pod_dir)
+    loop = asyncio.get_running_loop()
+    waits: dict[int, asyncio.Future[None]] = {}
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            continue  # already gone
+        gone: asyncio.Future[None] = loop.create_future()
+        # A pidfd turns readable once its process has exited, whoever reaps it.
+        loop.add_reader(fd, lambda g=gone: g.done() or g.set_result(None))
+        waits[fd] = gone
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+    try:
+        if waits:
+            await asyncio.wait(list(waits.values()), timeout=REAP_TIMEOUT)
+    finally:
+        for fd in waits:
+            loop.remove_reader(fd)
+            os.close(fd)
+    return pids
