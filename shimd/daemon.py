@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import grpclib.server
+import h2.connection
 import uvloop
 
 from shimd import config, errors, log, malloc_tuning, sdnotify
@@ -29,6 +30,8 @@ from shimd.socket_guard import SocketGuard
 from shimd.stats.collector import StatsCollector
 from shimd.store.store import Store
 from shimd.streaming.server import StreamingServer
+
+CLOSED_STREAMS_REMEMBERED = 1024
 
 
 class Daemon:
@@ -103,6 +106,11 @@ class Daemon:
         try:
             await self._build()
             services = [dispatch.Wrapped(RuntimeService(self)), dispatch.Wrapped(ImageService(self))]
+            # h2 remembers up to 65536 closed stream ids per connection (to answer late frames on them):
+            # kubelet's one long-lived connection carries thousands of calls a minute, so the default
+            # grew shimd by megabytes over hours before levelling off. Late frames arrive within a few
+            # calls of a stream's end, so a short memory is enough.
+            h2.connection.H2Connection.MAX_CLOSED_STREAMS = CLOSED_STREAMS_REMEMBERED
             self._server = grpclib.server.Server(services)
             await self._server.start(path=self.cfg.daemon.socket)
             self._guard.secure()

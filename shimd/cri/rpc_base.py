@@ -32,7 +32,7 @@ class RpcBase:
     # The unfiltered list responses, reused while the store is unchanged.
     _pod_list: ListCache
     _container_list: ListCache
-    _last_pod_status: OrderedDict[str, cri.PodSandboxStatus]
+    _last_pod_status: OrderedDict[str, bytes]
     _users: dict[str, cri.ContainerUser]
 
     # Provided by ContainerRpcs, used by the pod and event RPCs too.

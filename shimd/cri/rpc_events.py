@@ -47,7 +47,8 @@ class EventRpcs(RpcBase):
         pod = self.d.store.pods.get(ev.pod_id) if self.d.store is not None else None
         if pod is None:
             return
-        self._last_pod_status[pod.id] = convert.pod_status(pod)
+        # Encoded: a tenth of the memory of the message objects, and it is parsed only for removed pods.
+        self._last_pod_status[pod.id] = bytes(convert.pod_status(pod))
         self._last_pod_status.move_to_end(pod.id)
         while len(self._last_pod_status) > POD_STATUS_MEMORY:
             self._last_pod_status.popitem(last=False)
@@ -60,7 +61,7 @@ class EventRpcs(RpcBase):
         else:
             # A removed pod: the status last seen, marked not ready (kubelet needs its metadata).
             last = self._last_pod_status.get(ev.pod_id)
-            status = cri.PodSandboxStatus(id=ev.pod_id) if last is None else cri.PodSandboxStatus().parse(bytes(last))
+            status = cri.PodSandboxStatus(id=ev.pod_id) if last is None else cri.PodSandboxStatus().parse(last)
             status.state = cri.PodSandboxState.SANDBOX_NOTREADY
             ctrs = []
         return cri.ContainerEventResponse(container_id=ev.container_id, container_event_type=_EVENT_TYPES[ev.kind],

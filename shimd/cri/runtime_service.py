@@ -30,7 +30,7 @@ class RuntimeService(PodRpcs, ContainerRpcs, StreamingRpcs, StatsRpcs, EventRpcs
         self._pod_list = wire.ListCache()
         self._container_list = wire.ListCache()
         # Last pod status seen per pod, so events about a removed pod still carry its metadata.
-        self._last_pod_status: OrderedDict[str, cri.PodSandboxStatus] = OrderedDict()
+        self._last_pod_status: OrderedDict[str, bytes] = OrderedDict()
         # The user each container's process runs as (from its OCI spec; fixed for the container's life).
         self._users: dict[str, cri.ContainerUser] = {}
         daemon.events.add_listener(self._remember_pod)
