@@ -46,10 +46,15 @@ class ShimdProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"shimd exited with {self.proc.returncode}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
+                self.stop()  # a daemon that came up too late must not outlive the caller's failure
                 raise TimeoutError(f"shimd did not create {self.socket}:\n{self.log_tail()}")
             time.sleep(0.05)
         self.client = CriClient(self.socket)
-        self.client.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+        try:
+            self.client.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+        except BaseException:
+            self.stop()
+            raise
         return self.client
 
     def kill(self) -> None:
