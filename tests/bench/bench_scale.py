@@ -45,8 +45,14 @@ def mem_available_kb() -> int:
     return 0
 
 
+def _comm(pid: str) -> bytes:
+    with open(f"/proc/{pid}/comm", "rb") as f:
+        return f.read().strip()
+
+
 def shim_memory_kb(base: Path) -> tuple[int, int, int]:
-    """(count, summed RSS, summed PSS) of the shims whose -address lies under base (either runtime)."""
+    """(count, summed RSS, summed PSS) of the shims whose -address lies under base (either runtime), and
+    of shimd's shims forked by its zygote (named shim-<pod>, with the zygote's command line)."""
     count = rss = pss = 0
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -54,9 +60,12 @@ def shim_memory_kb(base: Path) -> tuple[int, int, int]:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-            if b"-address" not in argv or b"start" in argv or b"delete" in argv:
+            if b"-address" in argv and b"start" not in argv and b"delete" not in argv:
+                addr = argv[argv.index(b"-address") + 1]
+            elif b"shims.runc.zygote" in argv and _comm(pid).startswith(b"shim-"):
+                addr = argv[-2] if argv[-1] == b"" else argv[-1]  # a forked shim: the zygote's command line
+            else:
                 continue
-            addr = argv[argv.index(b"-address") + 1]
             if not addr.startswith(str(base).encode()):
                 continue
             count += 1
