@@ -28,6 +28,7 @@ from shimd.store.records import (
     ContainerRecord,
     PodRecord,
 )
+from shims.common import idmap
 
 if TYPE_CHECKING:
     from shimd.images.manager import ImageManager
@@ -39,8 +40,6 @@ if TYPE_CHECKING:
 OCI_RESOURCES_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 
 STDIN_FIFO = "stdin"
-# Read by shims/runc/mounts.py: mount the overlay on lower layers idmapped with this user namespace.
-IDMAP_USERNS_OPTION = "X-shimd.idmap-userns="
 # After SIGKILL a task normally exits within milliseconds; past this something is badly wrong.
 KILL_GRACE = 10.0
 
@@ -151,7 +150,8 @@ class ContainerService:
             options = [f"lowerdir={':'.join(image.layers)}", f"upperdir={ctr.fs_dir}/upper",
                        f"workdir={ctr.fs_dir}/work"]
             if namespaces.USER in pod.namespaces:
-                options.append(IDMAP_USERNS_OPTION + pod.namespaces[namespaces.USER])
+                # The shim mounts the overlay on lower layers idmapped with this user namespace.
+                options.append(idmap.USERNS_MOUNT_OPTION + pod.namespaces[namespaces.USER])
             rootfs = [{"type": "overlay", "source": "overlay", "options": options}]
             self._exited.pop(ctr.id, None)
             try:

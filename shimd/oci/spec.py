@@ -577,8 +577,10 @@ def _container_userns(sc: cri.LinuxContainerSecurityContext, pod: PodContext) ->
     return userns
 
 
-def _user_ns_entry(pod: PodContext) -> dict[str, Any]:
-    return {"type": "user", "path": pod.namespaces["user"]}
+def _join_user_ns(linux: dict[str, Any], pod: PodContext, userns: IdMappings) -> None:
+    """Join the pod's pinned user namespace by path; runc 1.1 still wants the mappings to resolve ids."""
+    linux["namespaces"].append({"type": "user", "path": pod.namespaces["user"]})
+    linux["uidMappings"], linux["gidMappings"] = userns.oci("uids"), userns.oci("gids")
 
 
 def _host_devices() -> list[dict[str, Any]]:
@@ -677,9 +679,7 @@ def container_spec(container_id: str, config: cri.ContainerConfig, pod: PodConte
     if seccomp_profile is not None:
         linux["seccomp"] = seccomp_profile
     if userns is not None:
-        # runc 1.1 joins the pinned namespace by path, yet still wants the mappings to resolve ids.
-        linux["namespaces"].append(_user_ns_entry(pod))
-        linux["uidMappings"], linux["gidMappings"] = userns.oci("uids"), userns.oci("gids")
+        _join_user_ns(linux, pod, userns)
     if not privileged:
         linux["maskedPaths"] = list(sc.masked_paths) if sc.masked_paths else list(DEFAULT_MASKED)
         linux["readonlyPaths"] = list(sc.readonly_paths) if sc.readonly_paths else list(DEFAULT_READONLY)
@@ -719,8 +719,7 @@ def pause_spec(pod: PodContext, rootfs: str, args: list[str]) -> dict[str, Any]:
     }
     if pod.userns is not None:
         # The pause task owns the shared PID namespace: it must be created inside the pod's user namespace.
-        ns.append(_user_ns_entry(pod))
-        linux["uidMappings"], linux["gidMappings"] = pod.userns.oci("uids"), pod.userns.oci("gids")
+        _join_user_ns(linux, pod, pod.userns)
     return {
         "ociVersion": OCI_VERSION,
         "process": {

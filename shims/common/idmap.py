@@ -22,6 +22,9 @@ _OPEN_TREE_CLONE = 1
 _MOUNT_ATTR_IDMAP = 0x00100000
 _SUPPORTED_ARCHES = ("x86_64", "aarch64")
 
+# The mount option shimd adds to a rootfs overlay (value: a pinned user namespace) and the shim acts on.
+USERNS_MOUNT_OPTION = "X-shimd.idmap-userns="
+
 _libc: ctypes.CDLL | None = None
 
 

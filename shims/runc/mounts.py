@@ -15,7 +15,7 @@ from shims.common import idmap
 from shims.common.procs import CommandError, Reaper, run
 
 MNT_DETACH = 2
-IDMAP_OPTION = "X-shimd.idmap-userns="
+IDMAP_OPTION = idmap.USERNS_MOUNT_OPTION
 _libc: Any = None
 
 
