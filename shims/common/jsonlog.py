@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 from shims.common.writer import FileWriter
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is not loaded at run time: every shim would carry it
+    from typing import Any
 
 
 def _now() -> str:

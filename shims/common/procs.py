@@ -4,12 +4,11 @@ The shim is a child subreaper, so container inits and detached exec processes ar
 when runc exits. A single SIGCHLD handler calls waitpid(-1) and hands each status to whoever waits
 for that pid; statuses nobody asked for yet (an init that died before its pid file was read) are
 kept for a while. asyncio's own subprocess support is never used, because its child watchers would
-race with waitpid(-1).
+race with waitpid(-1) (and the shim does not load asyncio at all: see aio.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import gc
@@ -18,6 +17,8 @@ import signal
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+
+from shims.common import aio
 
 PR_SET_CHILD_SUBREAPER = 36
 _UNCLAIMED_MAX = 1024
@@ -46,12 +47,12 @@ def exit_status(wait_status: int) -> int:
 
 class Reaper:
     def __init__(self) -> None:
-        self._waiters: dict[int, asyncio.Future[ExitInfo]] = {}
+        self._waiters: dict[int, aio.Future[ExitInfo]] = {}
         self._unclaimed: OrderedDict[int, ExitInfo] = OrderedDict()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: aio.Loop | None = None
 
     def install(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = aio.get_running_loop()
         self._loop.add_signal_handler(signal.SIGCHLD, self.reap)
         self.reap()
 
@@ -76,9 +77,9 @@ class Reaper:
                 while len(self._unclaimed) > _UNCLAIMED_MAX:
                     self._unclaimed.popitem(last=False)
 
-    def watch(self, pid: int) -> asyncio.Future[ExitInfo]:
+    def watch(self, pid: int) -> aio.Future[ExitInfo]:
         """A future resolved with the pid's exit; call right after the pid is known."""
-        loop = asyncio.get_running_loop()
+        loop = aio.get_running_loop()
         fut = self._waiters.get(pid)
         if fut is not None:
             return fut
@@ -91,7 +92,7 @@ class Reaper:
         return fut
 
     def spawn(self, argv: Sequence[str], stdin: int, stdout: int, stderr: int, env: dict[str, str] | None = None,
-              setsid: bool = False) -> tuple[int, asyncio.Future[ExitInfo]]:
+              setsid: bool = False) -> tuple[int, aio.Future[ExitInfo]]:
         actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
                    (os.POSIX_SPAWN_DUP2, stderr, 2)]
         # Python ignores SIGPIPE and SIGXFSZ; ignored signals survive exec, so reset them for runc and,
@@ -103,10 +104,10 @@ class Reaper:
 
 async def _read_all(fd: int, limit: int) -> bytes:
     """Read a non-blocking pipe to EOF without blocking the loop; output past `limit` is dropped."""
-    loop = asyncio.get_running_loop()
+    loop = aio.get_running_loop()
     chunks: list[bytes] = []
     size = 0
-    done: asyncio.Future[None] = loop.create_future()
+    done: aio.Future[None] = loop.create_future()
 
     def readable() -> None:
         nonlocal size
@@ -182,14 +183,14 @@ async def run(reaper: Reaper, argv: Sequence[str], timeout: float, stdin_data: b
         finally:
             os.close(in_w)
     try:
-        async with asyncio.timeout(timeout):
-            results = await asyncio.gather(feed(), *(_read_all(fd, limit) for fd in readers))
+        async with aio.timeout(timeout):
+            results = await aio.gather(feed(), *(_read_all(fd, limit) for fd in readers))
             status, _ = await exited
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5.0):
+            async with aio.timeout(5.0):
                 await exited
         raise CommandTimeout(f"{os.path.basename(argv[0])} {' '.join(argv[1:3])} timed out after {timeout:g}s") \
             from None
@@ -207,22 +208,6 @@ async def run(reaper: Reaper, argv: Sequence[str], timeout: float, stdin_data: b
     return status, out, err
 
 
-async def wait_fd(fd: int, write: bool = False) -> None:
-    """Wait until a non-blocking descriptor is readable (or writable)."""
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    (loop.add_writer if write else loop.add_reader)(fd, wake)
-    try:
-        await ready
-    finally:
-        (loop.remove_writer if write else loop.remove_reader)(fd)
-
-
 async def _write_all(fd: int, data: bytes) -> None:
     os.set_blocking(fd, False)
     view = memoryview(data)
@@ -230,6 +215,6 @@ async def _write_all(fd: int, data: bytes) -> None:
         try:
             view = view[os.write(fd, view):]
         except BlockingIOError:
-            await wait_fd(fd, write=True)
+            await aio.wait_fd(fd, write=True)
         except BrokenPipeError:
             return

@@ -9,9 +9,15 @@ Unknown fields are skipped, as proto3 requires.
 from __future__ import annotations
 
 import struct
-from typing import Any
 
-Schema = dict[int, tuple[str, str, Any]]
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is not loaded at run time: every shim would carry it
+    from typing import Any
+
+    Schema = dict[int, tuple[str, str, Any]]
+else:
+    Schema = dict
+
 
 REPEATED = "repeated"
 # Wire types.

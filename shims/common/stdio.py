@@ -9,13 +9,13 @@ cannot keep up, the source is paused (back-pressure) instead of buffering withou
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import stat
 import time
 from collections.abc import Callable
 
+from shims.common import aio
 from shims.common.writer import FileWriter
 
 CRI_LINE_MAX = 16 * 1024
@@ -82,7 +82,7 @@ class FdSink:
         self.fd = fd
         self._backlog = bytearray()
         self._on_drained = on_drained
-        self._loop = asyncio.get_running_loop()
+        self._loop = aio.get_running_loop()
         self._writing = False
         self._closing = False
         self.closed = False
@@ -144,8 +144,8 @@ class Pump:
 
     def __init__(self, fd: int, sink: Callable[[bytes], bool], on_eof: Callable[[], None], owns_fd: bool = True):
         self.fd, self.sink, self.on_eof, self.owns_fd = fd, sink, on_eof, owns_fd
-        self._loop = asyncio.get_running_loop()
-        self.done: asyncio.Future[None] = self._loop.create_future()
+        self._loop = aio.get_running_loop()
+        self.done: aio.Future[None] = self._loop.create_future()
         self._paused = False
         os.set_blocking(fd, False)
         self._loop.add_reader(fd, self._readable)
@@ -354,7 +354,7 @@ class ProcessIO:
         """Wait for the output copies to reach EOF (all writers gone), then stop them regardless."""
         pending = [p.done for p in self.pumps if not p.done.done()]
         if pending:
-            await asyncio.wait(pending, timeout=timeout)
+            await aio.wait(pending, timeout=timeout)
         for p in self.pumps:
             p.stop()
 

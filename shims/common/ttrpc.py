@@ -1,4 +1,4 @@
-"""ttrpc framing and an asyncio ttrpc server.
+"""ttrpc framing and messages, shared by shimd's client and the shim's server (ttrpc_server.py).
 
 Wire facts (containerd/ttrpc): every message is a 10-byte header — payload length (uint32 BE),
 stream id (uint32 BE), message type (1 request, 2 response), flags — then the payload, at most
@@ -9,16 +9,18 @@ stream ids. Status codes are gRPC's.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from shims.common import messages as m
-from shims.common.proto import DecodeError, Schema, decode, encode
+from shims.common.proto import Schema, decode, encode
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing itself is not imported at run time: each shim would carry it
+    from typing import Protocol
+
+    class FrameReader(Protocol):
+        async def readexactly(self, n: int, /) -> bytes: ...
 
 HEADER = struct.Struct(">IIBB")
 HEADER_LEN = HEADER.size  # 10
@@ -53,7 +55,7 @@ def pack_frame(stream_id: int, mtype: int, payload: bytes, flags: int = 0) -> by
     return HEADER.pack(len(payload), stream_id, mtype, flags) + payload
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, int, int, bytes]:
+async def read_frame(reader: FrameReader) -> tuple[int, int, int, bytes]:
     """One (stream_id, type, flags, payload); raises FrameTooLarge before reading an oversized body."""
     length, stream_id, mtype, flags = HEADER.unpack(await reader.readexactly(HEADER_LEN))
     if length > MAX_MESSAGE:
@@ -78,7 +80,7 @@ def decode_response(data: bytes) -> tuple[int, str, bytes]:
     return status["code"], status["message"], resp["payload"]
 
 
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+Handler = Callable[[dict], Awaitable[dict]]  # request fields -> response fields
 
 
 class Service:
@@ -90,106 +92,3 @@ class Service:
 
     def register(self, method: str, req: Schema, resp: Schema, handler: Handler) -> None:
         self.methods[method] = (req, resp, handler)
-
-
-class Server:
-    """Serves ttrpc on a unix socket; each request runs as its own task so slow calls (Wait) never
-    hold up others on the same connection."""
-
-    def __init__(self, services: list[Service], on_error: Callable[[str, BaseException], None]) -> None:
-        self.services = {s.name: s for s in services}
-        self.on_error = on_error
-        self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def listen(self, path: str, sock: socket.socket | None = None) -> None:
-        """Serve on path, or on sock when the launcher already bound and listens on it for us."""
-        if sock is not None:
-            self._server = await asyncio.start_unix_server(self._serve_conn, sock=sock)
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self._server = await asyncio.start_unix_server(self._serve_conn, path=path)
-        os.chmod(path, 0o600)
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
-        for w in list(self._writers):
-            w.close()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=2.0)
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        t = asyncio.ensure_future(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-
-    async def _serve_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        try:
-            while True:
-                try:
-                    stream_id, mtype, _flags, payload = await read_frame(reader)
-                except FrameTooLarge as e:
-                    # The body is not read, so the stream cannot be resynchronised: answer and hang up.
-                    writer.write(pack_frame(e.stream_id, TYPE_RESPONSE, encode_response(code=RESOURCE_EXHAUSTED,
-                                                                                      message=str(e))))
-                    await writer.drain()
-                    return
-                if mtype != TYPE_REQUEST:
-                    continue
-                if stream_id % 2 != 1:
-                    writer.write(pack_frame(stream_id, TYPE_RESPONSE, encode_response(
-                        code=INVALID_ARGUMENT, message="stream id must be odd for client-initiated streams")))
-                    continue
-                self._spawn(self._dispatch(writer, stream_id, payload))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-
-    async def _dispatch(self, writer: asyncio.StreamWriter, stream_id: int, payload: bytes) -> None:
-        try:
-            out = encode_response(await self._call(payload))
-        except TtrpcError as e:
-            out = encode_response(code=e.code, message=e.message)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # a handler bug must answer the caller, not kill the server
-            self.on_error("handler failed", e)
-            out = encode_response(code=UNKNOWN, message=f"{type(e).__name__}: {e}")
-        if writer.is_closing():
-            return
-        try:
-            frame = pack_frame(stream_id, TYPE_RESPONSE, out)
-        except FrameTooLarge as e:
-            frame = pack_frame(stream_id, TYPE_RESPONSE, encode_response(code=RESOURCE_EXHAUSTED, message=str(e)))
-        writer.write(frame)
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-
-    async def _call(self, payload: bytes) -> bytes:
-        try:
-            req = decode(m.TTRPC_REQUEST, payload)
-        except DecodeError as e:
-            raise TtrpcError(INVALID_ARGUMENT, f"bad ttrpc request: {e}") from e
-        service = self.services.get(req["service"])
-        entry = service.methods.get(req["method"]) if service else None
-        if entry is None:
-            raise TtrpcError(UNIMPLEMENTED, f"{req['service']}/{req['method']} is not implemented")
-        req_schema, resp_schema, handler = entry
-        try:
-            body = decode(req_schema, req["payload"])
-        except DecodeError as e:
-            raise TtrpcError(INVALID_ARGUMENT, f"bad {req['method']} request: {e}") from e
-        timeout = req["timeout_nano"] / 1e9 if req["timeout_nano"] > 0 else None
-        try:
-            result = await asyncio.wait_for(handler(body), timeout)
-        except TimeoutError as e:
-            raise TtrpcError(DEADLINE_EXCEEDED, f"{req['method']} timed out") from e
-        return encode(resp_schema, result)

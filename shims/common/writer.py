@@ -9,11 +9,12 @@ closes the old descriptor; the next write creates the file again.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import queue
 import threading
 from collections.abc import Callable
+
+from shims.common import aio
 
 _STOP = object()
 _FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
@@ -31,7 +32,7 @@ class FileWriter:
         self._lock = threading.Lock()
         self._queued = 0
         self._paused: list[Callable[[], None]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: aio.Loop | None = None
         self._thread = threading.Thread(target=self._run, name="file-writer", daemon=True)
         self._thread.start()
 
@@ -46,7 +47,7 @@ class FileWriter:
     def when_drained(self, resume: Callable[[], None]) -> None:
         """Call resume (on the event loop) once the queue is back under LOW_WATER."""
         if self._loop is None:
-            self._loop = asyncio.get_running_loop()
+            self._loop = aio.get_running_loop()
         with self._lock:
             if self._queued > LOW_WATER:
                 self._paused.append(resume)

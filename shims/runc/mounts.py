@@ -6,13 +6,15 @@ false) is mounted on idmapped lower layers, so that the image appears owned by t
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import os
-from typing import Any
 
-from shims.common import idmap
+from shims.common import aio, idmap
 from shims.common.procs import CommandError, Reaper, run
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is not loaded at run time: every shim would carry it
+    from typing import Any
 
 MNT_DETACH = 2
 IDMAP_OPTION = idmap.USERNS_MOUNT_OPTION
@@ -43,7 +45,7 @@ async def mount_all(reaper: Reaper, mounts: list[dict[str, Any]], rootfs: str, t
             target = os.path.join(rootfs, mnt["target"].lstrip("/")) if mnt["target"] else rootfs
             options, userns = _split_idmap(list(mnt["options"]))
             if userns:
-                await asyncio.to_thread(mount_idmapped_overlay, mnt["type"], options, target, userns)
+                await aio.to_thread(mount_idmapped_overlay, mnt["type"], options, target, userns)
             else:
                 await _mount(reaper, mnt, options, target, timeout)
             done.append(target)

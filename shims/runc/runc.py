@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
-from typing import Any
 
+from shims.common import aio
 from shims.common.procs import CommandError, ExitInfo, Reaper, run
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is not loaded at run time: every shim would carry it
+    from typing import Any
 
 
 class RuncError(Exception):
@@ -28,7 +31,7 @@ class Runc:
     def __init__(self, reaper: Reaper, opts: RuncOptions, log_path: str, timeout: float) -> None:
         self.reaper, self.opts, self.log_path, self.timeout = reaper, opts, log_path, timeout
 
-    def watch_exit(self, cid: str, exec_id: str, pid: int) -> asyncio.Future[ExitInfo]:
+    def watch_exit(self, cid: str, exec_id: str, pid: int) -> aio.Future[ExitInfo]:
         """How the process's exit is learnt (runsc overrides this: its pids are the sandbox's)."""
         return self.reaper.watch(pid)
 

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import sys
+import contextlib
+import os
+import signal
+import socket
 
-sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]  # keep asyncio from loading OpenSSL
-
-import asyncio  # noqa: E402
-import contextlib  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-
-from shims.common.jsonlog import Logger  # noqa: E402
-from shims.common.procs import Reaper, set_subreaper, trim_memory  # noqa: E402
-from shims.common.ttrpc import Server  # noqa: E402
-from shims.common.writer import FileWriter  # noqa: E402
-from shims.runc import LISTEN_FD_ENV  # noqa: E402
-from shims.runc.service import TaskService  # noqa: E402
+from shims.common import aio
+from shims.common.jsonlog import Logger
+from shims.common.procs import Reaper, set_subreaper, trim_memory
+from shims.common.ttrpc_server import Server
+from shims.common.writer import FileWriter
+from shims.runc import LISTEN_FD_ENV
+from shims.runc.service import TaskService
 
 
 async def _main(flags: dict[str, str], path: str) -> int:
@@ -29,8 +25,8 @@ async def _main(flags: dict[str, str], path: str) -> int:
     set_subreaper()
     reaper = Reaper()
     reaper.install()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
+    stop = aio.Event()
+    loop = aio.get_running_loop()
     # Terminal hang-ups and a dying parent must not end the shim; SIGTERM asks for an orderly exit.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -74,4 +70,4 @@ def _close_stray_fds() -> None:
 
 def serve(flags: dict[str, str], path: str) -> int:
     _close_stray_fds()
-    return asyncio.run(_main(flags, path))
+    return aio.run(_main(flags, path))  # type: ignore[return-value]

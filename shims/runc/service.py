@@ -7,23 +7,25 @@ wrong state FAILED_PRECONDITION.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import socket
-from typing import Any
 
+from shims.common import aio, ttrpc
 from shims.common import messages as m
-from shims.common import ttrpc
 from shims.common.jsonlog import Logger
-from shims.common.procs import CommandTimeout, Reaper, trim_memory, wait_fd
+from shims.common.procs import CommandTimeout, Reaper, trim_memory
 from shims.common.proto import decode, encode
 from shims.common.stdio import ProcessIO
 from shims.common.ttrpc import TtrpcError
 from shims.common.writer import FileWriter
 from shims.runc import mounts
 from shims.runc.runc import Runc, RuncError, RuncOptions
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is not loaded at run time: every shim would carry it
+    from typing import Any
 
 VERSION = "shimd-runc-shim/1"
 def runc_timeout() -> float:
@@ -54,9 +56,9 @@ class Proc:
         self.status = m.STATUS_CREATED
         self.exit_status = 0
         self.exited_at = 0
-        self.exited = asyncio.Event()
+        self.exited = aio.Event()
         self.spec = b""  # exec only: the OCI process JSON
-        self.watcher: asyncio.Task[None] | None = None
+        self.watcher: aio.Future[None] | None = None
 
     @property
     def name(self) -> str:
@@ -69,7 +71,7 @@ class Container:
         self.rootfs_mounted = rootfs_mounted
         self.execs: dict[str, Proc] = {}
         self.paused = False
-        self.lock = asyncio.Lock()
+        self.lock = aio.Lock()
 
 
 def _new_runtime(reaper: Reaper, opts: RuncOptions, log_path: str) -> Runc:
@@ -97,8 +99,7 @@ def _runc_options(any_msg: dict[str, Any] | None, namespace: str) -> RuncOptions
 
 async def _receive_console(sock: socket.socket) -> int:
     """Accept runc's connection on the console socket and take the pty master it sends."""
-    loop = asyncio.get_running_loop()
-    conn, _ = await loop.sock_accept(sock)
+    conn, _ = await aio.sock_accept(sock)
     with conn:
         conn.setblocking(False)
         while True:
@@ -106,7 +107,7 @@ async def _receive_console(sock: socket.socket) -> int:
                 _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
                 break
             except BlockingIOError:
-                await wait_fd(conn.fileno())
+                await aio.wait_fd(conn.fileno())
     if not fds:
         raise OSError("runc sent no terminal on the console socket")
     os.set_inheritable(fds[0], False)
@@ -159,10 +160,10 @@ class TaskService:
             raise _not_found(f"exec {exec_id!r} not found in container {cid!r}")
         return p
 
-    def _watch(self, proc: Proc, exit_fut: asyncio.Future[tuple[int, int]]) -> None:
-        proc.watcher = asyncio.ensure_future(self._on_exit(proc, exit_fut))
+    def _watch(self, proc: Proc, exit_fut: aio.Future[tuple[int, int]]) -> None:
+        proc.watcher = aio.ensure_future(self._on_exit(proc, exit_fut))
 
-    async def _on_exit(self, proc: Proc, exit_fut: asyncio.Future[tuple[int, int]]) -> None:
+    async def _on_exit(self, proc: Proc, exit_fut: aio.Future[tuple[int, int]]) -> None:
         status, when = await exit_fut
         # Output written just before the exit must reach the log before anyone learns of the exit.
         await proc.io.drain(IO_DRAIN_TIMEOUT)
@@ -176,7 +177,7 @@ class TaskService:
             with open(path) as f:
                 return int(f.read().strip())
 
-        return await asyncio.to_thread(read)
+        return await aio.to_thread(read)
 
     def _console_socket(self) -> tuple[socket.socket, str]:
         self._console_seq += 1
@@ -191,18 +192,18 @@ class TaskService:
 
     async def _spawn_with_io(self, proc: Proc, runc_call: Any, runtime: Runc) -> int:
         """Runs runc create/exec with the process's stdio (and console socket); returns the new pid."""
-        console_task: asyncio.Task[int] | None = None
+        console_task: aio.Future[int] | None = None
         sock = None
         path = ""
         try:
             proc.io.prepare()
             if proc.terminal:
                 sock, path = self._console_socket()
-                console_task = asyncio.ensure_future(_receive_console(sock))
+                console_task = aio.ensure_future(_receive_console(sock))
             pid_file = await runc_call(proc.io.stdio, path)
             console = -1
             if console_task is not None:
-                async with asyncio.timeout(CONSOLE_TIMEOUT):
+                async with aio.timeout(CONSOLE_TIMEOUT):
                     console = await console_task
             pid = await self._read_pid(pid_file)
         except BaseException:
@@ -231,7 +232,7 @@ class TaskService:
             raise TtrpcError(ttrpc.INVALID_ARGUMENT, "id must not be empty")
         if cid in self.containers or cid in self._creating:
             raise TtrpcError(ttrpc.ALREADY_EXISTS, f"container {cid!r} already exists")
-        if not bundle or not os.path.isabs(bundle) or not await asyncio.to_thread(
+        if not bundle or not os.path.isabs(bundle) or not await aio.to_thread(
                 os.path.exists, os.path.join(bundle, "config.json")):
             raise TtrpcError(ttrpc.INVALID_ARGUMENT, f"bundle {bundle!r} has no config.json")
         if req["checkpoint"]:
@@ -244,7 +245,7 @@ class TaskService:
         mounted = False
         try:
             # containerd's runc shim keeps its options here too; `shim delete` reads them after a crash.
-            await asyncio.to_thread(_write_json, os.path.join(bundle, "options.json"), {
+            await aio.to_thread(_write_json, os.path.join(bundle, "options.json"), {
                 "binary_name": opts.binary, "root": opts.root, "systemd_cgroup": opts.systemd_cgroup})
             if req["rootfs"]:
                 await mounts.mount_all(self.reaper, req["rootfs"], rootfs, runc_timeout())
@@ -289,7 +290,7 @@ class TaskService:
                 raise _precondition(f"container {c.id!r} is not running, cannot start exec {proc.exec_id!r}")
             spec_file = os.path.join(c.bundle, f"exec-{proc.exec_id}.json")
             pid_file = os.path.join(c.bundle, f"exec-{proc.exec_id}.pid")
-            await asyncio.to_thread(_write_bytes, spec_file, proc.spec)
+            await aio.to_thread(_write_bytes, spec_file, proc.spec)
 
             async def call(stdio: tuple[int, int, int], console: str) -> str:
                 await c.runc.exec(c.id, spec_file, pid_file, stdio, console)
@@ -298,7 +299,7 @@ class TaskService:
             try:
                 pid = await self._spawn_with_io(proc, call, c.runc)
             finally:
-                await asyncio.to_thread(_remove, spec_file, pid_file)
+                await aio.to_thread(_remove, spec_file, pid_file)
             if not proc.exited.is_set():
                 proc.status = m.STATUS_RUNNING
             self.log.info("exec started", container_id=c.id, exec_id=proc.exec_id, pid=pid)
@@ -345,16 +346,16 @@ class TaskService:
             if p.pid and not p.exited.is_set():
                 # A created (never started) init is killed by runc delete; collect its status.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(5.0):
+                    async with aio.timeout(5.0):
                         await p.exited.wait()
             for e in c.execs.values():
                 e.io.close()
             p.io.close()
             if c.rootfs_mounted:
-                await asyncio.to_thread(mounts.unmount, os.path.join(c.bundle, "rootfs"))
+                await aio.to_thread(mounts.unmount, os.path.join(c.bundle, "rootfs"))
             self.containers.pop(c.id, None)
             self.log.info("deleted", container_id=c.id, exit_status=p.exit_status)
-            asyncio.get_running_loop().call_soon(trim_memory)
+            aio.get_running_loop().call_soon(trim_memory)
             return {"pid": p.pid, "exit_status": p.exit_status, "exited_at": _timestamp(p.exited_at)}
 
     async def exec(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -455,7 +456,7 @@ class TaskService:
             return {}
         self.log.info("shutting down", containers=len(self.containers), now=req["now"])
         # Answer first: the exit happens once the response is on its way.
-        asyncio.get_running_loop().call_later(0.05, self.on_shutdown)
+        aio.get_running_loop().call_later(0.05, self.on_shutdown)
         return {}
 
     # -- shimd.shim.v1.Logs -----------------------------------------------------------------------

@@ -10,15 +10,12 @@ Invoked like any containerd shim v2 binary, with cwd = the pod's bundle director
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
+import time
 
-sys.modules["ssl"] = None  # type: ignore[assignment]  # asyncio imports ssl lazily-optional; it costs ~4 MB RSS
-
-import os  # noqa: E402
-import socket  # noqa: E402
-import time  # noqa: E402
-
-from shims.runc import socket_path as shim_socket_path  # noqa: E402
+from shims.runc import socket_path as shim_socket_path
 
 USAGE = "usage: shim -namespace NS -address ADDR [-publish-binary P] -id ID [-bundle DIR] [-debug] start|delete"
 

@@ -14,18 +14,15 @@ The zygote runs no event loop and no threads: forking from it is always safe.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
 import sys
 
-sys.modules["ssl"] = None  # type: ignore[assignment]  # as in the shim itself: asyncio must not load OpenSSL
-
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-
-from shims.runc import LISTEN_FD_ENV  # noqa: E402
-from shims.runc import server as shim_server  # noqa: E402  # imported here so every fork has it
-from shims.runsc import runtime as _runsc_runtime  # noqa: E402, F401  # gVisor handlers use the same shim
+from shims.runc import LISTEN_FD_ENV
+from shims.runc import server as shim_server  # imported here so every fork has it
+from shims.runsc import runtime as _runsc_runtime  # noqa: F401  # gVisor handlers use the same shim
 
 STAMP_ENV = "SHIMD_ZYGOTE_STAMP"
 MAX_REQUEST = 64 * 1024

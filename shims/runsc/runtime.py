@@ -12,12 +12,12 @@ Imported by the runc shim only when SHIMD_RUNTIME_FLAVOR=runsc, so plain runc sh
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import time
 
+from shims.common import aio
 from shims.common.procs import CommandError, ExitInfo, Reaper, run
 from shims.runc.runc import Runc, RuncError, RuncOptions
 
@@ -54,8 +54,8 @@ class Runsc(Runc):
     def __init__(self, reaper: Reaper, opts: RuncOptions, log_path: str, timeout: float) -> None:
         super().__init__(reaper, opts, log_path, timeout)
         self.extra = global_args()
-        self._exits: dict[str, asyncio.Future[ExitInfo]] = {}
-        self._waiters: dict[str, asyncio.Task[None]] = {}
+        self._exits: dict[str, aio.Future[ExitInfo]] = {}
+        self._waiters: dict[str, aio.Future[None]] = {}
         self._stdio: dict[str, tuple[int, int, int]] = {}
         self._roots: set[str] = set()
 
@@ -64,7 +64,7 @@ class Runsc(Runc):
         return argv + self.extra + list(args)
 
     # --- exits -----------------------------------------------------------------------------------
-    def watch_exit(self, cid: str, exec_id: str, pid: int) -> asyncio.Future[ExitInfo]:
+    def watch_exit(self, cid: str, exec_id: str, pid: int) -> aio.Future[ExitInfo]:
         if exec_id or cid in self._roots:
             # A detached `runsc exec` leaves a host process that forwards signals to the sandboxed
             # one and exits with its status; the sandbox process ends with its root container. Reaping
@@ -72,7 +72,7 @@ class Runsc(Runc):
             return self.reaper.watch(pid)
         fut = self._exits.get(cid)
         if fut is None:
-            fut = asyncio.get_running_loop().create_future()
+            fut = aio.get_running_loop().create_future()
             self._exits[cid] = fut
         return fut
 
@@ -96,7 +96,7 @@ class Runsc(Runc):
     # --- stdio -----------------------------------------------------------------------------------
     async def create(self, cid: str, bundle: str, pid_file: str, stdio: tuple[int, int, int],
                      console_socket: str = "") -> None:
-        if await asyncio.to_thread(_is_root, bundle):
+        if await aio.to_thread(_is_root, bundle):
             self._roots.add(cid)
         await super().create(cid, bundle, pid_file, stdio, console_socket)
         if cid in self._roots:
@@ -122,7 +122,7 @@ class Runsc(Runc):
         finally:
             self._close_stdio(cid)
         if cid not in self._waiters and cid not in self._roots:
-            self._waiters[cid] = asyncio.ensure_future(self._wait(cid))
+            self._waiters[cid] = aio.ensure_future(self._wait(cid))
 
     async def delete(self, cid: str, force: bool = False) -> None:
         try:

@@ -144,15 +144,17 @@ def test_state_response_round_trips(id: str, exec_id: str, pid: int, status: int
 
 
 def test_shim_process_imports_stay_light() -> None:
-    """The codec exists so the shim never loads betterproto; nor may it load shimd, structlog, grpclib or ssl."""
+    """The codec exists so the shim never loads betterproto; nor may it load shimd, structlog, grpclib or ssl,
+    and its own event loop (aio.py) exists so it never loads asyncio (nor typing or logging with it)."""
     import subprocess
     import sys
     from pathlib import Path
 
-    code = ("import sys; sys.modules['ssl'] = None\n"
-            "import shims.runc.shim, shims.runc.server, shims.runc.service\n"
+    code = ("import sys\n"
+            "import shims.runc.zygote, shims.runc.shim, shims.runc.server, shims.runc.service\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('betterproto', 'shimd', 'structlog', 'grpclib', 'grpc', 'google', 'hashlib', 'dataclasses'))\n"
+            "('betterproto', 'shimd', 'structlog', 'grpclib', 'grpc', 'google', 'hashlib', 'dataclasses', 'ssl', "
+            "'asyncio', 'typing', 'logging', 'concurrent', 'inspect', 'subprocess'))\n"
             "print(','.join(bad))")
     repo = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-S", "-c", code], cwd=repo, capture_output=True, text=True, timeout=60,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 from pathlib import Path
 
+from shims.common import aio
 from shims.common import writer as writer_mod
 from shims.common.stdio import CRI_LINE_MAX, CriLogSink, ProcessIO
 from shims.common.writer import FileWriter
@@ -55,7 +55,11 @@ def test_reopen_after_rename_creates_a_new_file(tmp_path: Path) -> None:
     assert [c for _, _, c in parse(log)] == [b"before-reopen", b"two"]
 
 
-async def test_fifo_output_is_copied_and_crilog_backpressure_resumes(tmp_path: Path, monkeypatch: object) -> None:
+def test_fifo_output_is_copied_and_crilog_backpressure_resumes(tmp_path: Path, monkeypatch: object) -> None:
+    aio.run(_fifo_output_and_backpressure(tmp_path, monkeypatch))
+
+
+async def _fifo_output_and_backpressure(tmp_path: Path, monkeypatch: object) -> None:
     monkeypatch.setattr(writer_mod, "HIGH_WATER", 1024)  # type: ignore[attr-defined]
     monkeypatch.setattr(writer_mod, "LOW_WATER", 256)  # type: ignore[attr-defined]
     w = FileWriter()
@@ -74,7 +78,7 @@ async def test_fifo_output_is_copied_and_crilog_backpressure_resumes(tmp_path: P
     os.close(out_w)
     os.close(err_w)
     await io.drain(5.0)
-    await asyncio.sleep(0.1)
+    await aio.sleep(0.1)
     w.stop()
     data = b""
     while True:

@@ -1,28 +1,32 @@
-"""ttrpc framing, the shim's ttrpc server and shimd's TaskClient, over real unix sockets."""
+"""ttrpc framing, the shim's ttrpc server and shimd's TaskClient, over real unix sockets.
+
+The shim's server runs on the shim's own event loop (shims.common.aio) in a thread of its own; the
+client side is shimd's, on asyncio, as in production."""
 
 from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from shimd import errors
 from shimd.api.containerd.task import v2 as task
 from shimd.shimmgr.task_client import CallTimeout, TaskClient
+from shims.common import aio, ttrpc
 from shims.common import messages as m
-from shims.common import ttrpc
 from shims.common.proto import decode, encode
+from shims.common.ttrpc_server import Server
 
 ECHO = {1: ("text", "string", None), 2: ("delay_ms", "uint32", None)}
 
 
 async def _echo(req: dict[str, Any]) -> dict[str, Any]:
-    await asyncio.sleep(req["delay_ms"] / 1000)
+    await aio.sleep(req["delay_ms"] / 1000)
     return {"text": req["text"].upper(), "delay_ms": req["delay_ms"]}
 
 
@@ -38,21 +42,48 @@ async def _connect(req: dict[str, Any]) -> dict[str, Any]:
     return {"shim_pid": 42, "task_pid": 7, "version": req["id"]}
 
 
-@pytest_asyncio.fixture(loop_scope="function")
-async def server(tmp_path: Path) -> AsyncIterator[tuple[ttrpc.Server, str]]:
-    svc = ttrpc.Service("test.Echo")
-    svc.register("Echo", ECHO, ECHO, _echo)
-    svc.register("Fail", m.CONNECT_REQUEST, m.EMPTY, _fail)
-    svc.register("Crash", m.EMPTY, m.EMPTY, _crash)
-    tsvc = ttrpc.Service(m.TASK_SERVICE)
-    tsvc.register("Connect", m.CONNECT_REQUEST, m.CONNECT_RESPONSE, _connect)
-    tsvc.register("State", m.STATE_REQUEST, m.STATE_RESPONSE, _fail)
-    errors_seen: list[BaseException] = []
-    srv = ttrpc.Server([svc, tsvc], lambda what, e: errors_seen.append(e))
+class ShimServer:
+    """The shim's Server on an aio loop in a thread; close() stops it from the test's side."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.errors: list[BaseException] = []
+        self._ready = threading.Event()
+        self._loop: aio.Loop | None = None
+        self._stop: aio.Event | None = None
+        self._thread = threading.Thread(target=aio.run, args=(self._main(),), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(5), "shim server did not start"
+
+    async def _main(self) -> None:
+        svc = ttrpc.Service("test.Echo")
+        svc.register("Echo", ECHO, ECHO, _echo)
+        svc.register("Fail", m.CONNECT_REQUEST, m.EMPTY, _fail)
+        svc.register("Crash", m.EMPTY, m.EMPTY, _crash)
+        tsvc = ttrpc.Service(m.TASK_SERVICE)
+        tsvc.register("Connect", m.CONNECT_REQUEST, m.CONNECT_RESPONSE, _connect)
+        tsvc.register("State", m.STATE_REQUEST, m.STATE_RESPONSE, _fail)
+        srv = Server([svc, tsvc], lambda what, e: self.errors.append(e))
+        await srv.listen(self.path)
+        self._loop, self._stop = aio.get_running_loop(), aio.Event()
+        self._ready.set()
+        await self._stop.wait()
+        await srv.close()
+
+    async def close(self) -> None:
+        if self._thread.is_alive() and self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        await asyncio.to_thread(self._thread.join, 5)
+        assert not self._thread.is_alive()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[ShimServer, str]]:
     path = str(tmp_path / "t.sock")
-    await srv.listen(path)
+    srv = ShimServer(path)
     yield srv, path
-    await srv.close()
+    if srv._thread.is_alive():
+        asyncio.run(srv.close())
 
 
 def test_header_layout() -> None:
@@ -88,7 +119,7 @@ async def _raw_call(path: str, frame: bytes, chunk: int = 0) -> tuple[int, int, 
         writer.close()
 
 
-async def test_fragmented_request_is_reassembled(server: tuple[ttrpc.Server, str]) -> None:
+async def test_fragmented_request_is_reassembled(server: tuple[ShimServer, str]) -> None:
     _, path = server
     req = ttrpc.encode_request("test.Echo", "Echo", encode(ECHO, {"text": "hello", "delay_ms": 0}))
     sid, mtype, payload = await _raw_call(path, ttrpc.pack_frame(3, ttrpc.TYPE_REQUEST, req), chunk=1)
@@ -120,7 +151,7 @@ async def test_fragmented_response_is_reassembled_by_client(tmp_path: Path) -> N
         srv.close()
 
 
-async def test_concurrent_streams_are_multiplexed(server: tuple[ttrpc.Server, str]) -> None:
+async def test_concurrent_streams_are_multiplexed(server: tuple[ShimServer, str]) -> None:
     _, path = server
     c = await TaskClient.connect(path, timeout=5)
     try:
@@ -137,7 +168,7 @@ async def test_concurrent_streams_are_multiplexed(server: tuple[ttrpc.Server, st
         await c.close()
 
 
-async def test_oversized_message_is_rejected_by_server(server: tuple[ttrpc.Server, str]) -> None:
+async def test_oversized_message_is_rejected_by_server(server: tuple[ShimServer, str]) -> None:
     _, path = server
     header = struct.pack(">IIBB", ttrpc.MAX_MESSAGE + 1, 7, ttrpc.TYPE_REQUEST, 0)
     sid, _, payload = await _raw_call(path, header)
@@ -145,7 +176,7 @@ async def test_oversized_message_is_rejected_by_server(server: tuple[ttrpc.Serve
     assert sid == 7 and code == ttrpc.RESOURCE_EXHAUSTED and "exceeds" in message
 
 
-async def test_oversized_request_is_refused_by_client(server: tuple[ttrpc.Server, str]) -> None:
+async def test_oversized_request_is_refused_by_client(server: tuple[ShimServer, str]) -> None:
     _, path = server
     c = await TaskClient.connect(path, timeout=5)
     try:
@@ -157,14 +188,14 @@ async def test_oversized_request_is_refused_by_client(server: tuple[ttrpc.Server
         await c.close()
 
 
-async def test_even_stream_id_is_refused(server: tuple[ttrpc.Server, str]) -> None:
+async def test_even_stream_id_is_refused(server: tuple[ShimServer, str]) -> None:
     _, path = server
     req = ttrpc.encode_request("test.Echo", "Echo", b"")
     sid, _, payload = await _raw_call(path, ttrpc.pack_frame(2, ttrpc.TYPE_REQUEST, req))
     assert sid == 2 and ttrpc.decode_response(payload)[0] == ttrpc.INVALID_ARGUMENT
 
 
-async def test_status_codes_map_to_domain_errors(server: tuple[ttrpc.Server, str]) -> None:
+async def test_status_codes_map_to_domain_errors(server: tuple[ShimServer, str]) -> None:
     _, path = server
     c = await TaskClient.connect(path, timeout=5)
     try:
@@ -181,7 +212,7 @@ async def test_status_codes_map_to_domain_errors(server: tuple[ttrpc.Server, str
         await c.close()
 
 
-async def test_call_timeout_is_deadline_exceeded_and_timeout_error(server: tuple[ttrpc.Server, str]) -> None:
+async def test_call_timeout_is_deadline_exceeded_and_timeout_error(server: tuple[ShimServer, str]) -> None:
     _, path = server
     c = await TaskClient.connect(path, timeout=5)
     try:
@@ -193,7 +224,7 @@ async def test_call_timeout_is_deadline_exceeded_and_timeout_error(server: tuple
         await c.close()
 
 
-async def test_vanished_server_is_unavailable(server: tuple[ttrpc.Server, str], tmp_path: Path) -> None:
+async def test_vanished_server_is_unavailable(server: tuple[ShimServer, str], tmp_path: Path) -> None:
     srv, path = server
     c = await TaskClient.connect(path, timeout=5)
     pending = asyncio.ensure_future(c.call("test.Echo", "Echo", encode(ECHO, {"text": "x", "delay_ms": 5000}),
