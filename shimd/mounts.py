@@ -1,25 +1,21 @@
-"""Mount helpers (mount(8)/umount(8) run as asyncio subprocesses, never through a shell)."""
+"""Mount helpers (mount(8)/umount(8) run through shimd.subproc, never through a shell)."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
-from shimd import errors
+from shimd import errors, subproc
 from shims.common import idmap
 
 
 async def run(*argv: str, timeout: float = 30.0) -> None:
-    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=asyncio.subprocess.PIPE)
     try:
-        _, err = await asyncio.wait_for(proc.communicate(), timeout)
+        done = await subproc.run(argv, time_limit=timeout)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise errors.DeadlineExceeded(f"{argv[0]} timed out after {timeout}s") from None
-    if proc.returncode != 0:
-        raise errors.ShimdError(f"{' '.join(argv)} failed: {err.decode(errors='replace').strip()}")
+    if done.returncode != 0:
+        raise errors.ShimdError(f"{' '.join(argv)} failed: {done.stderr.decode(errors='replace').strip()}")
 
 
 def is_mount_sync(path: Path) -> bool:

@@ -1,26 +1,19 @@
-"""Running helper binaries (unshare, CNI plugins) as asyncio subprocesses with a hard timeout."""
+"""Running helper binaries (unshare, CNI plugins) with a hard timeout (spawned as shimd.subproc does)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
+from shimd import subproc
 from shimd.errors import DeadlineExceeded, FailedPrecondition
+from shimd.subproc import Completed
+
+__all__ = ["FALLBACK_PATH", "Completed", "run", "which"]
 
 # Daemons are often started with a PATH that lacks the sbin directories where ip/unshare live.
 FALLBACK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-@dataclass
-class Completed:
-    argv: list[str]
-    returncode: int
-    stdout: bytes
-    stderr: bytes
 
 
 def which(name: str) -> str:
@@ -33,23 +26,7 @@ def which(name: str) -> str:
 async def run(argv: Sequence[str], *, time_limit: float, stdin: bytes | None = None,
               env: Mapping[str, str] | None = None) -> Completed:
     """Run argv to completion; kill it (and reap it) on timeout or cancellation."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=dict(env) if env is not None else None,
-    )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout=time_limit)
-    except BaseException as e:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        # Reap so no zombie is left; bounded, as the process was just SIGKILLed.
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(proc.wait(), timeout=5)
-        if isinstance(e, asyncio.TimeoutError):
-            raise DeadlineExceeded(f"{os.path.basename(argv[0])} did not finish within {time_limit:g}s") from None
-        raise
-    assert proc.returncode is not None
-    return Completed(list(argv), proc.returncode, out, err)
+        return await subproc.run(argv, time_limit=time_limit, stdin=stdin, env=env)
+    except TimeoutError:
+        raise DeadlineExceeded(f"{os.path.basename(argv[0])} did not finish within {time_limit:g}s") from None

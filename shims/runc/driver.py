@@ -6,7 +6,6 @@ Runs inside shimd (so it may use betterproto); the shim process itself never imp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ from typing import Any
 
 import betterproto.lib.google.protobuf as pb
 
+from shimd import subproc
 from shimd.api.containerd.runc import v1 as runc_options
 from shimd.shimmgr.drivers import DriverBase
 from shimd.shimmgr.launcher import DirectLaunch
@@ -113,24 +113,15 @@ class RuncDriver(DriverBase):
         lg = self.log.bind(container_id=cid)
         name = Path(self.handler.binary).name
         try:
-            proc = await asyncio.create_subprocess_exec(*self.runtime_argv(), "delete", "--force", cid,
-                                                        stdin=asyncio.subprocess.DEVNULL,
-                                                        stdout=asyncio.subprocess.DEVNULL,
-                                                        stderr=asyncio.subprocess.PIPE)
+            done = await subproc.run([*self.runtime_argv(), "delete", "--force", cid], time_limit=self.runtime_timeout)
         except OSError as e:
             lg.warning(f"{name} delete failed to start", error=str(e))
             return
-        try:
-            async with asyncio.timeout(self.runtime_timeout):
-                _, err = await proc.communicate()
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
             lg.warning(f"{name} delete timed out")
             return
-        text = err.decode(errors="replace").strip()
-        if proc.returncode != 0 and "not exist" not in text:
+        text = done.stderr.decode(errors="replace").strip()
+        if done.returncode != 0 and "not exist" not in text:
             lg.warning(f"{name} delete failed", error=text[:500])
 
 

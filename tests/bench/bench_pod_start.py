@@ -168,6 +168,8 @@ class Results:
     seq: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CALLS})
     par: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CALLS})
     par_wall: float = 0.0
+    seq_cpu: float = 0.0  # machine-wide CPU seconds per pod (daemon, shims, runc, CNI plugins and this client)
+    par_cpu: float = 0.0
     rss_idle_kb: int = 0
     rss_pods_kb: int = 0
     list_p50_ms: float = 0.0
@@ -301,6 +303,13 @@ def shim_pids(pod_id: str) -> list[int]:
     return found or support_procs.shim_pids(pod_id)
 
 
+def machine_cpu_s() -> float:
+    """CPU time the whole machine has spent busy (user, nice, system, irq, softirq), in seconds."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:8]]
+    return (sum(fields[:3]) + sum(fields[5:7])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(rt: Runtime, image: str, pause: str, args: argparse.Namespace, work: Path) -> Results:
     res = Results()
     client = rt.start()
@@ -314,17 +323,20 @@ def measure(rt: Runtime, image: str, pause: str, args: argparse.Namespace, work:
         time.sleep(1)
         res.rss_idle_kb = status_kb(rt.pid)
 
+        cpu0 = machine_cpu_s()
         for i in range(args.pods):
             for k, v in b.one_pod(f"seq-{i}").items():
                 res.seq[k].append(v)
+        res.seq_cpu = (machine_cpu_s() - cpu0) / args.pods
         b.remove_all()
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), machine_cpu_s()
         with ThreadPoolExecutor(PARALLEL_WORKERS) as pool:
             for one in pool.map(lambda i: b.one_pod(f"par-{i}"), range(args.pods)):
                 for k, v in one.items():
                     res.par[k].append(v)
         res.par_wall = time.perf_counter() - t0
+        res.par_cpu = (machine_cpu_s() - cpu0) / args.pods
         b.remove_all()
 
         # One pod's shim with one running container.
@@ -402,6 +414,10 @@ def report(results: dict[str, Results], args: argparse.Namespace) -> None:
 
     def row(label: str, a: float, b: float, unit: str) -> None:
         print(f"{label:<40}{a:>12.1f}{b:>14.1f}{ratio(a, b):>8}  {unit}")
+
+    print(f"\n{'':<40}{'shimd':>12}{'containerd':>14}{'ratio':>8}")
+    row("machine CPU per pod, sequential", ours.seq_cpu * 1000, theirs.seq_cpu * 1000, "ms")
+    row("machine CPU per pod, parallel", ours.par_cpu * 1000, theirs.par_cpu * 1000, "ms")
 
     print(f"\n{'':<40}{'shimd':>12}{'containerd':>14}{'ratio':>8}")
     row("daemon RSS idle", ours.rss_idle_kb / 1024, theirs.rss_idle_kb / 1024, "MiB")
