@@ -65,6 +65,10 @@ class EventBus:
         """Called synchronously at publish time (while the records the event is about still exist)."""
         self._listeners.append(fn)
 
+    @property
+    def subscribed(self) -> bool:
+        return bool(self._subs)
+
     def publish(self, kind: str, container_id: str, pod_id: str) -> None:
         ev = LifecycleEvent(kind, container_id, pod_id)
         for fn in self._listeners:

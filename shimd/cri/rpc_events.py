@@ -44,6 +44,8 @@ class EventRpcs(RpcBase):
         """Runs at publish time, before a removal makes the pod's record disappear."""
         if ev.kind == events.DELETED:
             self._users.pop(ev.container_id, None)
+        if not self.d.events.subscribed:
+            return  # the status is only read when a subscriber's event is answered after the pod is gone
         pod = self.d.store.pods.get(ev.pod_id) if self.d.store is not None else None
         if pod is None:
             return

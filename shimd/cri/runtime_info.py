@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from shimd import __version__
 from shimd.api.runtime import v1 as cri
 from shimd.config import Config
 
 # (name, available, reason, user_namespaces) for each configured handler.
 HandlerReport = tuple[str, bool, str, bool]
-NetworkReport = Callable[[], tuple[bool, str, str]]
+NetworkReport = tuple[bool, str, str]  # (ready, reason, message) of the NetworkReady condition
 
 
 def version() -> cri.VersionResponse:
@@ -19,7 +17,7 @@ def version() -> cri.VersionResponse:
 
 
 def status(cfg: Config, handlers: list[HandlerReport], network: NetworkReport, verbose: bool) -> cri.StatusResponse:
-    net_ok, net_reason, net_msg = network()
+    net_ok, net_reason, net_msg = network
     default = cfg.daemon.default_handler
     default_ok = next((ok for name, ok, _, _ in handlers if name == default), False)
     conditions = [

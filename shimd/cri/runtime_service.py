@@ -34,14 +34,19 @@ class RuntimeService(PodRpcs, ContainerRpcs, StreamingRpcs, StatsRpcs, EventRpcs
         # The user each container's process runs as (from its OCI spec; fixed for the container's life).
         self._users: dict[str, cri.ContainerUser] = {}
         daemon.events.add_listener(self._remember_pod)
+        # kubelet asks for Status every few seconds and it rarely changes: the encoding is kept per inputs.
+        self._status: tuple[object, bytes] = (None, b"")
 
     # --- runtime ---------------------------------------------------------------------------
     async def version(self, version_request: cri.VersionRequest) -> cri.VersionResponse:
         return runtime_info.version()
 
     async def status(self, status_request: cri.StatusRequest) -> cri.StatusResponse:
-        return runtime_info.status(self.d.cfg, self.d.handler_reports(), self.d.network_status,
-                                   status_request.verbose)
+        handlers, network = self.d.handler_reports(), self.d.network_status()
+        inputs = (tuple(handlers), network, status_request.verbose)
+        if self._status[0] != inputs:
+            self._status = (inputs, bytes(runtime_info.status(self.d.cfg, handlers, network, status_request.verbose)))
+        return wire.preencoded(cri.StatusResponse, self._status[1])
 
     async def runtime_config(self, runtime_config_request: cri.RuntimeConfigRequest) -> cri.RuntimeConfigResponse:
         return runtime_info.runtime_config(self.d.cfg)
