@@ -47,7 +47,7 @@ async def run(argv: Sequence[str], *, time_limit: float, stdin: bytes | None = N
             proc.kill()
         if pidfd >= 0:
             with contextlib.suppress(BaseException):
-                await asyncio.wait_for(_wait_fd(pidfd), KILL_GRACE)
+                await wait_exit(pidfd, KILL_GRACE)
         raise
     finally:
         if pidfd >= 0:
@@ -59,6 +59,16 @@ async def run(argv: Sequence[str], *, time_limit: float, stdin: bytes | None = N
         if proc.poll() is None:
             proc.returncode = -9  # left to init after KILL_GRACE: keep Popen from waiting on it later
     return Completed(list(argv), proc.returncode, out, err)
+
+
+async def wait_exit(pidfd: int, timeout: float) -> bool:
+    """Whether the process of pidfd exited (whoever reaps it) within timeout."""
+    try:
+        async with asyncio.timeout(timeout):
+            await _wait_fd(pidfd)
+    except TimeoutError:
+        return False
+    return True
 
 
 async def _wait_fd(fd: int, write: bool = False) -> None:

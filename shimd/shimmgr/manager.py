@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shimd import errors, log
+from shimd import errors, log, subproc
 from shimd.api.containerd import types as ctypes
 from shimd.api.containerd.task import v2 as task
 from shimd.config import Config
@@ -291,18 +291,11 @@ async def _reap_shim(pid: int, lg: Any, grace: float = 5.0) -> None:
         fd = os.pidfd_open(pid)
     except (ProcessLookupError, OSError):
         return
-    loop = asyncio.get_running_loop()
-    gone = loop.create_future()
-    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
     try:
-        try:
-            await asyncio.wait_for(asyncio.shield(gone), grace)
-        except TimeoutError:
+        if not await subproc.wait_exit(fd, grace):
             lg.warning("shim did not exit after Shutdown; killing it", shim_pid=pid)
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(gone, grace)
+            await subproc.wait_exit(fd, grace)
     finally:
-        loop.remove_reader(fd)
         os.close(fd)

@@ -13,6 +13,8 @@ import os
 import signal
 from pathlib import Path
 
+from shimd import subproc
+
 REAP_TIMEOUT = 5.0
 
 
@@ -41,24 +43,17 @@ def find(pod_id: str, pod_dir: Path) -> list[int]:
 async def kill(pod_id: str, pod_dir: Path) -> list[int]:
     """SIGKILL the pod's stray shims and wait until they are gone; returns their pids."""
     pids = await asyncio.to_thread(find, pod_id, pod_dir)
-    loop = asyncio.get_running_loop()
-    waits: dict[int, asyncio.Future[None]] = {}
+    fds = []
     for pid in pids:
         try:
-            fd = os.pidfd_open(pid)
+            fds.append(os.pidfd_open(pid))
         except OSError:
             continue  # already gone
-        gone: asyncio.Future[None] = loop.create_future()
-        # A pidfd turns readable once its process has exited, whoever reaps it.
-        loop.add_reader(fd, lambda g=gone: g.done() or g.set_result(None))
-        waits[fd] = gone
         with contextlib.suppress(OSError):
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            signal.pidfd_send_signal(fds[-1], signal.SIGKILL)
     try:
-        if waits:
-            await asyncio.wait(list(waits.values()), timeout=REAP_TIMEOUT)
+        await asyncio.gather(*(subproc.wait_exit(fd, REAP_TIMEOUT) for fd in fds))
     finally:
-        for fd in waits:
-            loop.remove_reader(fd)
+        for fd in fds:
             os.close(fd)
     return pids

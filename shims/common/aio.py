@@ -73,6 +73,7 @@ class Future:
         self._state = Future._PENDING
         self._result: object = None
         self._exc: BaseException | None = None
+        self._retrieved = False
         self._callbacks: list[Callback] = []
 
     def done(self) -> bool:
@@ -86,6 +87,7 @@ class Future:
             raise CancelledError()
         if self._state == Future._PENDING:
             raise InvalidStateError("result is not ready")
+        self._retrieved = True
         if self._exc is not None:
             raise self._exc
         return self._result
@@ -93,6 +95,7 @@ class Future:
     def exception(self) -> BaseException | None:
         if self._state == Future._CANCELLED:
             raise CancelledError()
+        self._retrieved = True
         return self._exc
 
     def set_result(self, value: object) -> None:
@@ -184,6 +187,11 @@ class Task(Future):
         finally:
             _current = prev
 
+    def __del__(self) -> None:
+        if self._exc is not None and not self._retrieved:  # as asyncio does: a failure nobody awaited is logged
+            _report(f"shim task {getattr(self._coro, '__qualname__', self._coro)} failed and nobody awaited it: "
+                    f"{type(self._exc).__name__}: {self._exc}")
+
     def _wakeup(self, fut: Future) -> None:
         try:
             fut.result()
@@ -215,7 +223,7 @@ class Loop:
         self._thread_ready: deque[Handle] = deque()
         self._registered: set[int] = set()
         self.add_reader(self._wake_r, self._on_wake)
-        self._old_wakeup_fd = -1
+        self._old_wakeup_fd: int | None = None  # set_wakeup_fd's previous value (-1: none) once we set ours
 
     # -- scheduling -------------------------------------------------------------------------------
     def time(self) -> float:
@@ -289,7 +297,7 @@ class Loop:
 
     # -- signals ----------------------------------------------------------------------------------
     def add_signal_handler(self, signum: int, fn: Callback, *args: object) -> None:
-        if self._old_wakeup_fd == -1:
+        if self._old_wakeup_fd is None:
             self._old_wakeup_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         self._signals[signum] = Handle(fn, args)
         signal.signal(signum, _no_op_handler)  # the C-level handler writes signum to the wake-up pipe
@@ -354,7 +362,7 @@ class Loop:
         return fut.result()
 
     def close(self) -> None:
-        if self._old_wakeup_fd != -1:
+        if self._old_wakeup_fd is not None:
             signal.set_wakeup_fd(self._old_wakeup_fd)
         for signum in list(self._signals):
             self.remove_signal_handler(signum)

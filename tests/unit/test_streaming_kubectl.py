@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +25,11 @@ from shimd.streaming.server import StreamingServer
 from tests.support.streaming_fixtures import BUSYBOX
 
 KUBECTL = shutil.which("kubectl")
+# client-go starts reading the WebSocket before it has registered its streams, so the empty "session is
+# up" message a server sends first (kubelet's does too) is sometimes dropped with this klog line.
+# Nothing is lost: that message carries no data. Any other stderr still fails the comparisons.
+_KUBECTL_EARLY_MESSAGE = re.compile(rb"^E\d{4} [\d:. ]+\d+ websocket\.go:\d+\] Unknown stream id \d+, "
+                                    rb"discarding message\n", re.M)
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")
 
 POD = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "default", "uid": "u1"},
@@ -128,7 +134,7 @@ async def kubectl(cfg: str, *args: str, stdin: bytes = b"", websockets: bool = F
             proc.kill()
             await proc.wait()
     assert proc.returncode is not None
-    return proc.returncode, out, err
+    return proc.returncode, out, _KUBECTL_EARLY_MESSAGE.sub(b"", err)
 
 
 @pytest.mark.parametrize("websockets", [False, True], ids=["spdy", "websocket-v5"])
