@@ -16,7 +16,7 @@ from shimd import config, errors, log, malloc_tuning, sdnotify
 from shimd.containers.exec import Execs
 from shimd.containers.service import ContainerService
 from shimd.containers.streams import ContainerStreams
-from shimd.cri import dispatch
+from shimd.cri import corked_server, dispatch
 from shimd.cri.image_service import ImageService
 from shimd.cri.runtime_service import RuntimeService
 from shimd.events import EventBus
@@ -111,7 +111,7 @@ class Daemon:
             # grew shimd by megabytes over hours before levelling off. Late frames arrive within a few
             # calls of a stream's end, so a short memory is enough.
             h2.connection.H2Connection.MAX_CLOSED_STREAMS = CLOSED_STREAMS_REMEMBERED
-            self._server = grpclib.server.Server(services)
+            self._server = corked_server.Server(services)
             await self._server.start(path=self.cfg.daemon.socket)
             self._guard.secure()
         except BaseException:

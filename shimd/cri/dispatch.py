@@ -128,6 +128,8 @@ def _wrong_type(msg: betterproto.Message, path: str) -> str:
     """
     meta = msg._betterproto
     for name, fm in meta.meta_by_field_name.items():
+        if object.__getattribute__(msg, name) is betterproto.PLACEHOLDER:
+            continue  # not on the wire: left at its default, so nothing decoded to check (and none built)
         value = getattr(msg, name)
         where = f"{path}.{name}"
         if value is None and (fm.optional or fm.wraps or fm.group):

@@ -58,17 +58,19 @@ class ContainerRpcs(RpcBase):
                                            info=convert.container_info(ctr) if request.verbose else {})
 
     def _listed_containers(self, f: cri.ContainerFilter | None) -> list[ContainerRecord]:
+        if f is None:
+            return list(self.d.store.containers.values())
+        want = convert.read_filter(f)
         out = []
         for ctr in self.d.store.containers.values():
-            if f is not None:
-                if f.id and not ctr.id.startswith(f.id):
-                    continue
-                if f.pod_sandbox_id and not ctr.pod_id.startswith(f.pod_sandbox_id):
-                    continue
-                if betterproto.serialized_on_wire(f.state) and convert.container_state(ctr) != f.state.state:
-                    continue
-                if not convert.labels_match(ctr.labels, f.label_selector):
-                    continue
+            if want.id and not ctr.id.startswith(want.id):
+                continue
+            if want.pod_sandbox_id and not ctr.pod_id.startswith(want.pod_sandbox_id):
+                continue
+            if want.state is not None and convert.container_state(ctr) != want.state:
+                continue
+            if want.labels and not convert.labels_match(ctr.labels, want.labels):
+                continue
             out.append(ctr)
         return out
 

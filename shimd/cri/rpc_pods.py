@@ -37,16 +37,17 @@ class PodRpcs(RpcBase):
                                             containers_statuses=statuses, timestamp=time.time_ns())
 
     def _listed_pods(self, f: cri.PodSandboxFilter | None) -> list[PodRecord]:
+        want = convert.read_filter(f) if f is not None else None
         items = []
         for pod in self.d.store.pods.values():
             if pod.initializing:
                 continue
-            if f is not None:
-                if f.id and not pod.id.startswith(f.id):
+            if want is not None:
+                if want.id and not pod.id.startswith(want.id):
                     continue
-                if betterproto.serialized_on_wire(f.state) and convert.pod_state(pod) != f.state.state:
+                if want.state is not None and convert.pod_state(pod) != want.state:
                     continue
-                if not convert.labels_match(pod.labels, f.label_selector):
+                if want.labels and not convert.labels_match(pod.labels, want.labels):
                     continue
             items.append(pod)
         return items

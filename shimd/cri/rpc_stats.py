@@ -21,27 +21,29 @@ class StatsRpcs(RpcBase):
         return self.d.stats
 
     def _stats_containers(self, f: cri.ContainerStatsFilter | None) -> list[ContainerRecord]:
+        want = convert.read_filter(f) if f is not None else None
         out = []
         for ctr in self.d.store.containers.values():
-            if f is not None:
-                if f.id and ctr.id != f.id:
+            if want is not None:
+                if want.id and ctr.id != want.id:
                     continue
-                if f.pod_sandbox_id and ctr.pod_id != f.pod_sandbox_id:
+                if want.pod_sandbox_id and ctr.pod_id != want.pod_sandbox_id:
                     continue
-                if not convert.labels_match(ctr.labels, f.label_selector):
+                if want.labels and not convert.labels_match(ctr.labels, want.labels):
                     continue
             out.append(ctr)
         return out
 
     def _stats_pods(self, f: cri.PodSandboxStatsFilter | None) -> list[PodRecord]:
+        want = convert.read_filter(f) if f is not None else None
         out = []
         for pod in self.d.store.pods.values():
             if pod.initializing:
                 continue
-            if f is not None:
-                if f.id and pod.id != f.id:
+            if want is not None:
+                if want.id and pod.id != want.id:
                     continue
-                if not convert.labels_match(pod.labels, f.label_selector):
+                if want.labels and not convert.labels_match(pod.labels, want.labels):
                     continue
             out.append(pod)
         return out
