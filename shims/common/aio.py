@@ -17,7 +17,6 @@ import os
 import select
 import signal
 import socket
-import sys
 import threading
 import time
 from collections import deque
@@ -206,8 +205,6 @@ def ensure_future(aw: Awaitable[object]) -> Future:
         return aw
     return Task(aw)  # type: ignore[arg-type]
 
-
-create_task = ensure_future
 
 
 class Loop:
@@ -533,9 +530,6 @@ class Event:
             if not w.done():
                 w.set_result(True)
 
-    def clear(self) -> None:
-        self._set = False
-
     async def wait(self) -> bool:
         if self._set:
             return True
@@ -553,9 +547,6 @@ class Lock:
     def __init__(self) -> None:
         self._locked = False
         self._waiters: deque[Future] = deque()
-
-    def locked(self) -> bool:
-        return self._locked
 
     async def acquire(self) -> bool:
         if not self._locked and not self._waiters:
@@ -765,7 +756,3 @@ async def sock_accept(sock: socket.socket) -> tuple[socket.socket, object]:
             return sock.accept()
         except BlockingIOError:
             await wait_fd(sock.fileno())
-
-
-if sys.platform != "linux":  # epoll, pipe2 and set_wakeup_fd semantics above are Linux's
-    raise ImportError("shims.common.aio needs Linux")
