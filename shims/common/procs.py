@@ -3,8 +3,8 @@
 The shim is a child subreaper, so container inits and detached exec processes are reparented to it
 when runc exits. A single SIGCHLD handler calls waitpid(-1) and hands each status to whoever waits
 for that pid; statuses nobody asked for yet (an init that died before its pid file was read) are
-kept for a while. asyncio's own subprocess support is never used, because its child watchers would
-race with waitpid(-1) (and the shim does not load asyncio at all: see aio.py).
+kept for a while. Nothing else in the shim waits for children (it runs on aio.py, not asyncio,
+whose child watchers would race with waitpid(-1)).
 """
 
 from __future__ import annotations
