@@ -27,6 +27,7 @@ from shimd.store.records import (
     POD_READY,
     ContainerRecord,
     PodRecord,
+    config_field,
 )
 from shims.common import idmap
 
@@ -79,8 +80,7 @@ class ContainerService:
             image = self.images.get(config.image.image)
             if image is None:
                 raise errors.NotFound(f"image.image {config.image.image!r} not found: pull it first")
-            pod_cfg = cri.PodSandboxConfig().from_dict(pod.config)
-            log_path = _log_path(pod_cfg.log_directory, config.log_path)
+            log_path = _log_path(config_field(pod.config, "logDirectory", default=""), config.log_path)
             cid = secrets.token_hex(32)
             ctr = ContainerRecord(
                 id=cid, pod_id=pod.id, name=config.metadata.name, attempt=config.metadata.attempt,

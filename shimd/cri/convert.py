@@ -15,6 +15,7 @@ from shimd.store.records import (
     POD_READY,
     ContainerRecord,
     PodRecord,
+    config_field,
 )
 
 _CSTATE = {
@@ -42,11 +43,8 @@ def pod_summary(pod: PodRecord) -> cri.PodSandbox:
 
 
 def pod_status(pod: PodRecord) -> cri.PodSandboxStatus:
-    config = cri.PodSandboxConfig().from_dict(pod.config)
-    ns_opts = cri.NamespaceOption()
-    if betterproto.serialized_on_wire(config.linux) and betterproto.serialized_on_wire(
-            config.linux.security_context.namespace_options):
-        ns_opts = config.linux.security_context.namespace_options
+    raw_ns = config_field(pod.config, "linux", "securityContext", "namespaceOptions")
+    ns_opts = cri.NamespaceOption().from_dict(raw_ns) if raw_ns else cri.NamespaceOption()
     network = cri.PodSandboxNetworkStatus(ip=pod.ip, additional_ips=[cri.PodIp(ip=ip) for ip in pod.additional_ips])
     return cri.PodSandboxStatus(
         id=pod.id, metadata=pod_metadata(pod), state=pod_state(pod), created_at=pod.created_at, network=network,
@@ -64,11 +62,9 @@ def pod_info(pod: PodRecord) -> dict[str, str]:
 
 
 def _image_spec(ctr: ContainerRecord) -> cri.ImageSpec:
-    # Read from the stored config (betterproto's to_dict form) directly: rebuilding the whole
-    # ContainerConfig message costs most of a millisecond per container.
-    image = ctr.config.get("image") or {}
-    return cri.ImageSpec(image=ctr.image_ref, annotations=dict(image.get("annotations") or {}),
-                         user_specified_image=image.get("userSpecifiedImage") or ctr.image_ref)
+    annotations = config_field(ctr.config, "image", "annotations", default={})
+    user_specified = config_field(ctr.config, "image", "userSpecifiedImage") or ctr.image_ref
+    return cri.ImageSpec(image=ctr.image_ref, annotations=dict(annotations), user_specified_image=user_specified)
 
 
 def container_summary(ctr: ContainerRecord) -> cri.Container:

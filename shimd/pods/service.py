@@ -24,7 +24,7 @@ from shimd.network import files as podfiles
 from shimd.network import namespaces
 from shimd.network.model import DnsSettings, PodNetworkRequest, PortMapping
 from shimd.oci import spec as ocispec
-from shimd.store.records import CONTAINER_RUNNING, POD_NOTREADY, POD_READY, PodRecord
+from shimd.store.records import CONTAINER_RUNNING, POD_NOTREADY, POD_READY, PodRecord, config_field
 
 if TYPE_CHECKING:
     from shimd.containers.service import ContainerService
@@ -222,8 +222,7 @@ class PodService:
 
     def pod_context(self, pod: PodRecord) -> ocispec.PodContext:
         pdir = self.pod_dir(pod.id)
-        config = cri.PodSandboxConfig().from_dict(pod.config)
-        hostname = config.hostname or (os.uname().nodename if pod.host_network else pod.name)
+        hostname = config_field(pod.config, "hostname") or (os.uname().nodename if pod.host_network else pod.name)
         files = {"/etc/hosts": str(pdir / "hosts"), "/etc/resolv.conf": str(pdir / "resolv.conf")}
         if not pod.host_network:
             files["/etc/hostname"] = str(pdir / "hostname")
@@ -232,17 +231,18 @@ class PodService:
             namespaces=dict(pod.namespaces),
             pid_ns_path=f"/proc/{pod.sandbox_pid}/ns/pid" if pod.sandbox_task and pod.sandbox_pid else "",
             files=files, shm_path=str(pdir / "shm") if "ipc" in pod.namespaces else "",
-            sysctls=dict(config.linux.sysctls) if betterproto.serialized_on_wire(config.linux) else {},
+            sysctls=dict(config_field(pod.config, "linux", "sysctls", default={})),
             privileged_pod=pod.annotations.get("shimd.io/privileged") == "true",
-            userns=self._userns(pod, config),
+            userns=self._userns(pod),
         )
 
     @staticmethod
-    def _userns(pod: PodRecord, config: cri.PodSandboxConfig) -> ocispec.IdMappings | None:
+    def _userns(pod: PodRecord) -> ocispec.IdMappings | None:
         """The pod's mappings, from its config as given (validated when the pod was made)."""
-        if namespaces.USER not in pod.namespaces or not betterproto.serialized_on_wire(config.linux):
+        if namespaces.USER not in pod.namespaces:
             return None
-        return ocispec.user_namespace(config.linux.security_context.namespace_options, ocispec.POD_USERNS_FIELD)
+        raw = config_field(pod.config, "linux", "securityContext", "namespaceOptions", default={})
+        return ocispec.user_namespace(cri.NamespaceOption().from_dict(raw), ocispec.POD_USERNS_FIELD)
 
     # --- stop / remove -----------------------------------------------------------------------
     async def stop(self, pod_id: str) -> None:
