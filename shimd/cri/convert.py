@@ -109,6 +109,18 @@ class Filter:
     state: int | None = None  # None: any state
     labels: dict[str, str] = field(default_factory=dict)
 
+    def admits(self, ident: str, labels: dict[str, str], pod_id: str = "", state: int | None = None,
+               prefix: bool = True) -> bool:
+        """List filters match ids by prefix (as crictl's short ids); stats filters match them exactly."""
+        same = str.startswith if prefix else str.__eq__
+        if self.id and not same(ident, self.id):
+            return False
+        if self.pod_sandbox_id and not same(pod_id, self.pod_sandbox_id):
+            return False
+        if self.state is not None and state != self.state:
+            return False
+        return not self.labels or labels_match(labels, self.labels)
+
 
 def read_filter(f: betterproto.Message) -> Filter:
     state = getattr(f, "state", None)  # stats filters have no state, pod filters no pod id

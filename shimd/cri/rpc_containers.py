@@ -61,18 +61,8 @@ class ContainerRpcs(RpcBase):
         if f is None:
             return list(self.d.store.containers.values())
         want = convert.read_filter(f)
-        out = []
-        for ctr in self.d.store.containers.values():
-            if want.id and not ctr.id.startswith(want.id):
-                continue
-            if want.pod_sandbox_id and not ctr.pod_id.startswith(want.pod_sandbox_id):
-                continue
-            if want.state is not None and convert.container_state(ctr) != want.state:
-                continue
-            if want.labels and not convert.labels_match(ctr.labels, want.labels):
-                continue
-            out.append(ctr)
-        return out
+        return [c for c in self.d.store.containers.values()
+                if want.admits(c.id, c.labels, c.pod_id, convert.container_state(c))]
 
     async def list_containers(self, request: cri.ListContainersRequest) -> cri.ListContainersResponse:
         f = request.filter if betterproto.serialized_on_wire(request.filter) else None

@@ -38,19 +38,8 @@ class PodRpcs(RpcBase):
 
     def _listed_pods(self, f: cri.PodSandboxFilter | None) -> list[PodRecord]:
         want = convert.read_filter(f) if f is not None else None
-        items = []
-        for pod in self.d.store.pods.values():
-            if pod.initializing:
-                continue
-            if want is not None:
-                if want.id and not pod.id.startswith(want.id):
-                    continue
-                if want.state is not None and convert.pod_state(pod) != want.state:
-                    continue
-                if want.labels and not convert.labels_match(pod.labels, want.labels):
-                    continue
-            items.append(pod)
-        return items
+        return [p for p in self.d.store.pods.values()
+                if not p.initializing and (want is None or want.admits(p.id, p.labels, state=convert.pod_state(p)))]
 
     async def list_pod_sandbox(self, request: cri.ListPodSandboxRequest) -> cri.ListPodSandboxResponse:
         f = request.filter if betterproto.serialized_on_wire(request.filter) else None

@@ -22,31 +22,13 @@ class StatsRpcs(RpcBase):
 
     def _stats_containers(self, f: cri.ContainerStatsFilter | None) -> list[ContainerRecord]:
         want = convert.read_filter(f) if f is not None else None
-        out = []
-        for ctr in self.d.store.containers.values():
-            if want is not None:
-                if want.id and ctr.id != want.id:
-                    continue
-                if want.pod_sandbox_id and ctr.pod_id != want.pod_sandbox_id:
-                    continue
-                if want.labels and not convert.labels_match(ctr.labels, want.labels):
-                    continue
-            out.append(ctr)
-        return out
+        return [c for c in self.d.store.containers.values()
+                if want is None or want.admits(c.id, c.labels, c.pod_id, prefix=False)]
 
     def _stats_pods(self, f: cri.PodSandboxStatsFilter | None) -> list[PodRecord]:
         want = convert.read_filter(f) if f is not None else None
-        out = []
-        for pod in self.d.store.pods.values():
-            if pod.initializing:
-                continue
-            if want is not None:
-                if want.id and pod.id != want.id:
-                    continue
-                if want.labels and not convert.labels_match(pod.labels, want.labels):
-                    continue
-            out.append(pod)
-        return out
+        return [p for p in self.d.store.pods.values()
+                if not p.initializing and (want is None or want.admits(p.id, p.labels, prefix=False))]
 
     async def container_stats(self, request: cri.ContainerStatsRequest) -> cri.ContainerStatsResponse:
         ctr = self.d.store.container(validate.required_id(request.container_id, "container_id"))
