@@ -26,6 +26,7 @@ from shimd.api.containerd.v1.types import Status
 from shimd.shimmgr.launcher import start_shim
 from shimd.shimmgr.task_client import TaskClient
 from shims.runc.mounts import is_mountpoint
+from tests.support.procs import alive
 from tests.support.shim_env import ShimEnv, process_spec
 
 SHIM = [sys.executable, "-m", "shims.runc.shim"]
@@ -38,18 +39,10 @@ def options(env: ShimEnv) -> pb.Any:
     return pb.Any(type_url="containerd.runc.v1.Options", value=bytes(runc_v1.Options(root=str(env.runc_root))))
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 async def wait_gone(pid: int, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not pid_alive(pid):
+        if not alive(pid):
             return True
         await asyncio.sleep(0.05)
     return False
@@ -293,7 +286,7 @@ async def test_shim_outlives_its_launcher_reconnect_reopen_and_shutdown(shim_env
     c = await TaskClient.connect(address, timeout=10)
     try:
         info = await c.connect(task.ConnectRequest(id="l1"), timeout=5)
-        assert pid_alive(info.shim_pid) and info.task_pid > 0
+        assert alive(info.shim_pid) and info.task_pid > 0
         st = await c.state(task.StateRequest(id="l1"), timeout=T)
         assert st.status == Status.RUNNING
         # kubelet-style rotation: rename, then ask the shim to reopen
@@ -310,7 +303,7 @@ async def test_shim_outlives_its_launcher_reconnect_reopen_and_shutdown(shim_env
         assert again == address
         # Shutdown without now keeps a shim that still has containers
         await c.shutdown(task.ShutdownRequest(id="pod2"), timeout=5)
-        assert pid_alive(info.shim_pid)
+        assert alive(info.shim_pid)
         # (sh as pid 1 of its namespace ignores SIGTERM)
         await c.kill(task.KillRequest(id="l1", signal=signal.SIGKILL), timeout=T)
         assert (await c.wait(task.WaitRequest(id="l1"), timeout=T)).exit_status == 128 + signal.SIGKILL
@@ -364,7 +357,7 @@ async def test_closeio_ends_stdin_and_created_task_can_be_deleted(shim: Shim) ->
     # a task that was created but never started is deleted (runc kills its init)
     bundle, pid = await shim.create("cr1", ["sleep", "1000"])
     resp = await shim.c.delete(task.DeleteRequest(id="cr1"), timeout=T)
-    assert resp.pid == pid and not pid_alive(pid)
+    assert resp.pid == pid and not alive(pid)
     assert not is_mountpoint(str(bundle / "rootfs")) and not shim.env.cgroup_exists("cr1")
 
 

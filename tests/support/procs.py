@@ -18,6 +18,14 @@ def _zombie(pid: str) -> bool:
     return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] == b"Z"
 
 
+def alive(pid: int) -> bool:
+    """The process exists and has not exited (a zombie counts as gone)."""
+    try:
+        return not _zombie(str(pid))
+    except OSError:
+        return False
+
+
 def procs_for_pod(pod_id: str) -> list[int]:
     found = []
     for pid in os.listdir("/proc"):

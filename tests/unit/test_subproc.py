@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from shimd import subproc
+from tests.support.procs import alive
 
 
 async def test_stdin_larger_than_a_pipe_reaches_the_process_and_output_comes_back() -> None:
@@ -22,20 +23,12 @@ async def test_exit_status_and_stderr_are_reported() -> None:
     assert (done.returncode, done.stdout, done.stderr) == (3, b"out\n", b"err\n")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 async def test_timeout_kills_and_reaps(tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     with pytest.raises(TimeoutError):
         await subproc.run(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 30"], time_limit=0.5)
     pid = int(pidfile.read_text())
-    assert not _alive(pid)
+    assert not alive(pid)
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222  # WNOHANG; already reaped: no zombie left
 
@@ -50,7 +43,7 @@ async def test_cancellation_kills_the_process(tmp_path: Path) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert not _alive(int(pidfile.read_text()))
+    assert not alive(int(pidfile.read_text()))
 
 
 async def test_missing_binary_raises() -> None:
