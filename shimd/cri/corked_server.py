@@ -4,7 +4,7 @@ grpclib hands a response's headers, message and trailers to the transport one by
 writes each at once: three write(2) calls, each waking a client that waits on the other CPU (in a VM,
 an interrupt through the hypervisor). Here the writes of one event-loop turn are joined and written
 together, as Go's HTTP/2 server does with its buffered writer. Measured on Version: about 8% less CPU
-per call in shimd and 5% less latency (`docs/operations.md`).
+per call in shimd and 5% less latency (three alternating 4000-call runs with and without).
 """
 
 from __future__ import annotations
