@@ -65,7 +65,7 @@ class ContainerRpcs(RpcBase):
                 if want.admits(c.id, c.labels, c.pod_id, convert.container_state(c))]
 
     async def list_containers(self, request: cri.ListContainersRequest) -> cri.ListContainersResponse:
-        f = request.filter if betterproto.serialized_on_wire(request.filter) else None
+        f = wire.submessage(request, "filter")
         if f is None:
             payload = self._container_list.payload(self.d.store.generation, lambda: self._encode_containers(None))
         else:
@@ -79,7 +79,7 @@ class ContainerRpcs(RpcBase):
 
     async def stream_containers(self, request: cri.StreamContainersRequest
                                 ) -> AsyncIterator[cri.StreamContainersResponse]:
-        f = request.filter if betterproto.serialized_on_wire(request.filter) else None
+        f = wire.submessage(request, "filter")
         for page in pages(self._listed_containers(f)):
             yield cri.StreamContainersResponse(containers=[convert.container_summary(c) for c in page])
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-import betterproto
-
 from shimd.api.runtime import v1 as cri
 from shimd.cri import convert, validate, wire
 from shimd.cri.rpc_base import RpcBase, pages
@@ -42,7 +40,7 @@ class PodRpcs(RpcBase):
                 if not p.initializing and (want is None or want.admits(p.id, p.labels, state=convert.pod_state(p)))]
 
     async def list_pod_sandbox(self, request: cri.ListPodSandboxRequest) -> cri.ListPodSandboxResponse:
-        f = request.filter if betterproto.serialized_on_wire(request.filter) else None
+        f = wire.submessage(request, "filter")
         if f is None:
             payload = self._pod_list.payload(self.d.store.generation, lambda: self._encode_pods(None))
         else:
@@ -56,6 +54,6 @@ class PodRpcs(RpcBase):
 
     async def stream_pod_sandboxes(self, request: cri.StreamPodSandboxesRequest
                                    ) -> AsyncIterator[cri.StreamPodSandboxesResponse]:
-        f = request.filter if betterproto.serialized_on_wire(request.filter) else None
+        f = wire.submessage(request, "filter")
         for page in pages(self._listed_pods(f)):
             yield cri.StreamPodSandboxesResponse(pod_sandboxes=[convert.pod_summary(p) for p in page])

@@ -5,10 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-import betterproto
-
 from shimd.api.runtime import v1 as cri
-from shimd.cri import convert, validate
+from shimd.cri import convert, validate, wire
 from shimd.cri.rpc_base import STREAM_PAGE, RpcBase, pages
 from shimd.stats import cadvisor
 from shimd.stats.collector import StatsCollector, container_cgroup, pod_cgroup
@@ -35,7 +33,7 @@ class StatsRpcs(RpcBase):
         return cri.ContainerStatsResponse(stats=await self._stats().container(ctr))
 
     async def list_container_stats(self, request: cri.ListContainerStatsRequest) -> cri.ListContainerStatsResponse:
-        f = request.filter if betterproto.serialized_on_wire(request.filter) else None
+        f = wire.submessage(request, "filter")
         return cri.ListContainerStatsResponse(stats=await self._stats().many_containers(self._stats_containers(f)))
 
     async def pod_sandbox_stats(self, request: cri.PodSandboxStatsRequest) -> cri.PodSandboxStatsResponse:
@@ -43,7 +41,7 @@ class StatsRpcs(RpcBase):
         return cri.PodSandboxStatsResponse(stats=await self._stats().pod(pod))
 
     async def list_pod_sandbox_stats(self, request: cri.ListPodSandboxStatsRequest) -> cri.ListPodSandboxStatsResponse:
-        f = request.filter if betterproto.serialized_on_wire(request.filter) else None
+        f = wire.submessage(request, "filter")
         return cri.ListPodSandboxStatsResponse(stats=await self._stats().many_pods(self._stats_pods(f)))
 
     async def list_metric_descriptors(self, request: cri.ListMetricDescriptorsRequest
@@ -88,7 +86,7 @@ class StatsRpcs(RpcBase):
 
     async def stream_container_stats(self, request: cri.StreamContainerStatsRequest
                                      ) -> AsyncIterator[cri.StreamContainerStatsResponse]:
-        f = request.filter if betterproto.serialized_on_wire(request.filter) else None
+        f = wire.submessage(request, "filter")
         ctrs = self._stats_containers(f)
         for i in range(0, len(ctrs), STREAM_PAGE):
             stats = await self._stats().many_containers(ctrs[i:i + STREAM_PAGE])
@@ -96,7 +94,7 @@ class StatsRpcs(RpcBase):
 
     async def stream_pod_sandbox_stats(self, request: cri.StreamPodSandboxStatsRequest
                                        ) -> AsyncIterator[cri.StreamPodSandboxStatsResponse]:
-        f = request.filter if betterproto.serialized_on_wire(request.filter) else None
+        f = wire.submessage(request, "filter")
         pods = self._stats_pods(f)
         for i in range(0, len(pods), STREAM_PAGE):
             stats = await self._stats().many_pods(pods[i:i + STREAM_PAGE])

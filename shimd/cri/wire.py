@@ -43,9 +43,23 @@ def preencoded(cls: type[M], payload: bytes) -> M:
         raw_cls = type(cls.__name__, (cls,), {"SerializeToString": serialize, "__bytes__": serialize,
                                                "__module__": cls.__module__})
         _RAW_TYPES[cls] = raw_cls
-    msg = raw_cls()
+    # Built without __init__: betterproto's per-field set-up costs more than a cached list answer,
+    # and nothing reads fields of this instance (grpclib checks its type and serializes it).
+    msg = object.__new__(raw_cls)
     object.__setattr__(msg, "_shimd_payload", payload)
     return msg  # type: ignore[no-any-return]
+
+
+def submessage(msg: betterproto.Message, name: str) -> Any:
+    """The sub-message field `name` if it was on the wire (even empty), else None.
+
+    Reading an unset field through betterproto builds and stores a default instance; list
+    requests mostly come without a filter, so the check avoids that work on every call.
+    """
+    value = object.__getattribute__(msg, name)
+    if value is betterproto.PLACEHOLDER or value is None:
+        return None
+    return value if betterproto.serialized_on_wire(value) else None
 
 
 class EncodingCache(Generic[R]):

@@ -1,3 +1,5 @@
+import betterproto
+
 from shimd.api.runtime import v1 as cri
 from shimd.cri import wire
 
@@ -29,3 +31,22 @@ def test_cache_reencodes_on_state_change_and_prunes() -> None:
     cache.prune([])
     cache.encoded(c)
     assert calls == ["x", "x", "x"]
+
+
+def test_submessage_tells_absent_from_present_without_building_defaults() -> None:
+    absent = cri.ListContainersRequest().parse(b"")
+    assert wire.submessage(absent, "filter") is None
+    # The check itself must not leave a default filter behind (that is the work it saves).
+    assert object.__getattribute__(absent, "filter") is betterproto.PLACEHOLDER
+
+    empty_on_wire = cri.ListContainersRequest().parse(b"\x0a\x00")  # field 1, zero-length message
+    assert isinstance(wire.submessage(empty_on_wire, "filter"), cri.ContainerFilter)
+
+    by_pod = cri.ListContainersRequest().parse(bytes(cri.ListContainersRequest(
+        filter=cri.ContainerFilter(pod_sandbox_id="p1"))))
+    f = wire.submessage(by_pod, "filter")
+    assert f is not None and f.pod_sandbox_id == "p1"
+
+    built = cri.ListPodSandboxRequest(filter=cri.PodSandboxFilter(id="x"))
+    assert wire.submessage(built, "filter").id == "x"
+    assert wire.submessage(cri.ListPodSandboxRequest(), "filter") is None
