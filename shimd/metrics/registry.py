@@ -45,6 +45,7 @@ class Metrics:
         """store_of: a callable returning the daemon's Store (or None before it is loaded)."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.rpc_total = PromCounter("shimd_cri_requests", "CRI requests served, by method and gRPC status.",
                                      ["method", "code"], registry=r)
         self.rpc_seconds = Histogram("shimd_cri_request_duration_seconds", "CRI request latency, by method.",
@@ -63,8 +64,13 @@ class Metrics:
     # --- hooks -------------------------------------------------------------------------------
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         """Matches shimd.cri.dispatch.add_observer's signature."""
-        self.rpc_total.labels(method, code).inc()
-        self.rpc_seconds.labels(method).observe(seconds)
+        children = self._rpc_children.get((method, code))
+        if children is None:
+            # labels() locks and validates on every call; kubelet's steady traffic is a handful of pairs.
+            children = self._rpc_children[(method, code)] = (self.rpc_total.labels(method, code),
+                                                             self.rpc_seconds.labels(method))
+        children[0].inc()
+        children[1].observe(seconds)
         if method == "PullImage" and code != "OK":
             self.pull_failures.inc()
 
