@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 from pathlib import Path
@@ -120,6 +121,10 @@ class Daemon:
             raise
         self.log.info("serving", socket=self.cfg.daemon.socket, config=self.cfg.source,
                       pods=len(self.store.pods), containers=len(self.store.containers))
+        # What start-up built (modules, config, the loaded store) lives as long as the daemon: moved out
+        # of the collector's sight, the collections that per-request garbage triggers stop walking it.
+        gc.collect()
+        gc.freeze()
         # Only now is the socket accepting: kubelet ordered After=shimd.service may connect at once.
         sdnotify.ready(f"serving {len(self.store.pods)} pods on {self.cfg.daemon.socket}")
 
