@@ -63,7 +63,8 @@ def pod_info(pod: PodRecord) -> dict[str, str]:
 
 def _image_spec(ctr: ContainerRecord) -> cri.ImageSpec:
     annotations = config_field(ctr.config, "image", "annotations", default={})
-    user_specified = config_field(ctr.config, "image", "userSpecifiedImage") or ctr.image_ref
+    # user_specified_image is kubelet's record of what the user wrote: echoed when sent, not made up.
+    user_specified = config_field(ctr.config, "image", "userSpecifiedImage", default="")
     return cri.ImageSpec(image=ctr.image_ref, annotations=dict(annotations), user_specified_image=user_specified)
 
 

@@ -98,6 +98,15 @@ def test_lifecycle_logs_exit_code_and_cleanup(rt: Runtime) -> None:
     listed = rt.client.runtime.ListContainers(pb.ListContainersRequest(
         filter=pb.ContainerFilter(pod_sandbox_id=pod_id))).containers
     assert {c.id for c in listed} == {cid, cid2}
+    # user_specified_image is echoed as kubelet sent it, and stays empty when it was not sent.
+    assert {c.image.user_specified_image for c in listed} == {""}
+    typed_cfg = rt.container_config("typed", ["true"])
+    typed_cfg.image.user_specified_image = "busybox:as-typed"
+    typed = rt.client.runtime.CreateContainer(pb.CreateContainerRequest(
+        pod_sandbox_id=pod_id, config=typed_cfg, sandbox_config=pod_cfg)).container_id
+    assert rt.status(typed).image.user_specified_image == "busybox:as-typed"
+    listed = rt.client.runtime.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter(id=typed))).containers
+    assert [c.image.user_specified_image for c in listed] == ["busybox:as-typed"]
 
     rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
     rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))  # idempotent
