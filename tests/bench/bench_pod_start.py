@@ -6,7 +6,9 @@ from a local registry and the same CNI config (loopback-only or a private NAT'ed
   * N pods sequentially, then N in parallel, each RunPodSandbox + CreateContainer + StartContainer:
     p50/p95 per call and end to end;
   * daemon RSS idle and with --rss-pods pods (sandboxes only);
-  * ListContainers p50 with --containers containers (created, not started) across --list-pods pods;
+  * ListContainers p50 with --containers containers (created, not started) across --list-pods pods
+    (one runtime after the other; bench_list times the same with both up and batches interleaved,
+    which keeps the machine's drift out of the ratio);
   * one pod's shim (with one running container): RSS and PSS (/proc/PID/smaps_rollup).
 
 containerd needs a sandbox (pause) image: one is built from the static /usr/bin/catatonit
