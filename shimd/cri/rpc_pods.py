@@ -14,8 +14,8 @@ from shimd.store.records import PodRecord
 class PodRpcs(RpcBase):
     # --- pods ------------------------------------------------------------------------------
     async def run_pod_sandbox(self, request: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResponse:
-        config = validate.pod_config(request.config)
-        pod_id = await self.d.pods.run(config, request.runtime_handler)
+        valid = validate.pod_config(request.config)
+        pod_id = await self.d.pods.run(valid.config, request.runtime_handler, valid.userns)
         return cri.RunPodSandboxResponse(pod_sandbox_id=pod_id)
 
     async def stop_pod_sandbox(self, request: cri.StopPodSandboxRequest) -> cri.StopPodSandboxResponse:

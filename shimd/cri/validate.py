@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 
 import betterproto
 
@@ -21,7 +22,15 @@ def _name(value: str, field: str) -> None:
         raise InvalidArgument(f"{field} {value!r} must be at most 253 characters without '/' or NUL")
 
 
-def pod_config(config: cri.PodSandboxConfig | None) -> cri.PodSandboxConfig:
+@dataclass(frozen=True)
+class ValidPod:
+    """A RunPodSandbox config that passed validation, with what validating it parsed."""
+
+    config: cri.PodSandboxConfig
+    userns: ocispec.IdMappings | None  # the pod's own user namespace, if it asks for one
+
+
+def pod_config(config: cri.PodSandboxConfig | None) -> ValidPod:
     if config is None or not betterproto.serialized_on_wire(config):
         raise InvalidArgument("config must be set")
     if not betterproto.serialized_on_wire(config.metadata):
@@ -38,7 +47,7 @@ def pod_config(config: cri.PodSandboxConfig | None) -> cri.PodSandboxConfig:
         if not 0 <= p.host_port < 65536:
             raise InvalidArgument(f"config.port_mappings[{i}].host_port {p.host_port} is out of range")
     pod_security(config)
-    return config
+    return ValidPod(config, pod_userns(config))
 
 
 def container_config(config: cri.ContainerConfig | None) -> cri.ContainerConfig:
@@ -84,7 +93,6 @@ def pod_security(config: cri.PodSandboxConfig) -> None:
     if ns.ipc != cri.NamespaceMode.NODE:
         private.add("ipc")
     ocispec.validate_sysctls(dict(config.linux.sysctls), private, "config.linux.sysctls")
-    pod_userns(config)
 
 
 def pod_userns(config: cri.PodSandboxConfig) -> ocispec.IdMappings | None:

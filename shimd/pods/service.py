@@ -80,7 +80,8 @@ class PodService:
         self.log.info("pod resources updated", pod_id=pod.id, handler=pod.handler, cgroup_files=written)
 
     # --- run ---------------------------------------------------------------------------------
-    async def run(self, config: cri.PodSandboxConfig, handler: str) -> str:
+    async def run(self, config: cri.PodSandboxConfig, handler: str, userns: ocispec.IdMappings | None) -> str:
+        """userns: the pod's own user namespace as the CRI validation parsed it (None: the host's)."""
         md = config.metadata
         linux = config.linux if betterproto.serialized_on_wire(config.linux) else cri.LinuxPodSandboxConfig()
         sc = linux.security_context or cri.LinuxSandboxSecurityContext()
@@ -88,7 +89,6 @@ class PodService:
         host_network = ns_opts.network == cri.NamespaceMode.NODE
         handler_name = handler or self.shims.cfg.daemon.default_handler
         drv = self.shims.driver(handler_name)  # unknown/unusable handler fails before anything is made
-        userns = ocispec.user_namespace(ns_opts, ocispec.POD_USERNS_FIELD)
         if userns is not None and not drv.supports_user_namespaces:
             raise errors.InvalidArgument(f"{ocispec.POD_USERNS_FIELD}: runtime handler {handler_name!r} "
                                          f"({drv.handler.driver}) does not support user namespaces")

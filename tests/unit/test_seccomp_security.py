@@ -227,7 +227,7 @@ def test_pod_user_namespace_validation() -> None:
                                linux=cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(
                                    namespace_options=_userns_opts())))
     assert validate.pod_userns(cfg) is not None
-    validate.pod_config(cfg)
+    assert validate.pod_config(cfg).userns == validate.pod_userns(cfg)  # parsed once, handed to the pod service
     cfg.linux.security_context.namespace_options.network = cri.NamespaceMode.NODE
     with pytest.raises(errors.InvalidArgument, match=r"config\.linux\.security_context\.namespace_options\."
                                                      r"userns_options: .*host's network namespace"):
