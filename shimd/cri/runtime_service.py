@@ -10,7 +10,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from shimd.api.runtime import v1 as cri
-from shimd.cri import convert, runtime_info, wire
+from shimd.cri import runtime_info, summary_wire, wire
 from shimd.cri.rpc_containers import ContainerRpcs
 from shimd.cri.rpc_events import EventRpcs
 from shimd.cri.rpc_pods import PodRpcs
@@ -25,8 +25,8 @@ class RuntimeService(PodRpcs, ContainerRpcs, StreamingRpcs, StatsRpcs, EventRpcs
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
         # A summary changes only with its record's state (pod labels and metadata are fixed at creation).
-        self._pod_cache = wire.EncodingCache(convert.pod_summary, lambda p: p.state, lambda p: p.id)
-        self._container_cache = wire.EncodingCache(convert.container_summary, lambda c: c.state, lambda c: c.id)
+        self._pod_cache = wire.EncodingCache(summary_wire.pod, lambda p: p.state, lambda p: p.id)
+        self._container_cache = wire.EncodingCache(summary_wire.container, lambda c: c.state, lambda c: c.id)
         self._pod_list = wire.ListCache()
         self._container_list = wire.ListCache()
         # Last pod status seen per pod, so events about a removed pod still carry its metadata.

@@ -18,7 +18,8 @@ M = TypeVar("M", bound=betterproto.Message)
 _RAW_TYPES: dict[type, type] = {}
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    n &= 0xFFFFFFFFFFFFFFFF  # negative int64 values are sent as their 64-bit two's complement
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -28,8 +29,8 @@ def _varint(n: int) -> bytes:
 
 
 def repeated_message_field(field_number: int, encoded_items: Iterable[bytes]) -> bytes:
-    tag = _varint(field_number << 3 | 2)  # wire type 2: length-delimited
-    return b"".join(tag + _varint(len(item)) + item for item in encoded_items)
+    tag = varint(field_number << 3 | 2)  # wire type 2: length-delimited
+    return b"".join(tag + varint(len(item)) + item for item in encoded_items)
 
 
 def preencoded(cls: type[M], payload: bytes) -> M:
@@ -65,7 +66,7 @@ def submessage(msg: betterproto.Message, name: str) -> Any:
 class EncodingCache(Generic[R]):
     """Encoded summaries keyed by (id, version key); entries of items no longer listed are dropped."""
 
-    def __init__(self, encode: Callable[[R], betterproto.Message], key: Callable[[R], Hashable],
+    def __init__(self, encode: Callable[[R], bytes], key: Callable[[R], Hashable],
                  ident: Callable[[R], str]) -> None:
         self._encode, self._key, self._ident = encode, key, ident
         self._cache: dict[str, tuple[Hashable, bytes]] = {}
@@ -75,7 +76,7 @@ class EncodingCache(Generic[R]):
         hit = self._cache.get(ident)
         if hit is not None and hit[0] == key:
             return hit[1]
-        data = bytes(self._encode(item))
+        data = self._encode(item)
         self._cache[ident] = (key, data)
         return data
 

@@ -7,7 +7,7 @@ from shimd.cri import wire
 def test_preencoded_list_decodes_like_the_real_message() -> None:
     items = [cri.Container(id=f"c{i}", pod_sandbox_id="p", metadata=cri.ContainerMetadata(name=f"n{i}"),
                            state=cri.ContainerState.CONTAINER_RUNNING, labels={"a": "b" * i}) for i in range(300)]
-    cache = wire.EncodingCache(lambda c: c, lambda c: c.state, lambda c: c.id)
+    cache = wire.EncodingCache(bytes, lambda c: c.state, lambda c: c.id)
     payload = wire.repeated_message_field(1, [cache.encoded(c) for c in items])
     msg = wire.preencoded(cri.ListContainersResponse, payload)
     assert isinstance(msg, cri.ListContainersResponse)
@@ -18,9 +18,9 @@ def test_preencoded_list_decodes_like_the_real_message() -> None:
 def test_cache_reencodes_on_state_change_and_prunes() -> None:
     calls: list[str] = []
 
-    def enc(c: cri.Container) -> cri.Container:
+    def enc(c: cri.Container) -> bytes:
         calls.append(c.id)
-        return c
+        return bytes(c)
 
     cache = wire.EncodingCache(enc, lambda c: c.state, lambda c: c.id)
     c = cri.Container(id="x", state=cri.ContainerState.CONTAINER_CREATED)
