@@ -44,6 +44,7 @@ class Daemon:
         self._server: grpclib.server.Server | None = None
         self._guard = SocketGuard(cfg.daemon.socket)
         self._stopping = asyncio.Event()
+        self._trimmer: asyncio.Task[None] | None = None
         self.events = EventBus()
         # The components; start() makes them inside the running event loop.
         self.images: ImageManager = None  # type: ignore[assignment]
@@ -125,6 +126,7 @@ class Daemon:
         # of the collector's sight, the collections that per-request garbage triggers stop walking it.
         gc.collect()
         gc.freeze()
+        self._trimmer = asyncio.create_task(malloc_tuning.trim_periodically(), name="malloc-trim")
         # Only now is the socket accepting: kubelet ordered After=shimd.service may connect at once.
         sdnotify.ready(f"serving {len(self.store.pods)} pods on {self.cfg.daemon.socket}")
 
@@ -148,6 +150,10 @@ class Daemon:
 
     async def stop(self) -> None:
         sdnotify.stopping()
+        if self._trimmer is not None:
+            self._trimmer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._trimmer
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(asyncio.TimeoutError):
