@@ -9,7 +9,9 @@ the timed calls alternate between them in batches, so drift hits both alike:
   * latency p50 / p95 per method and runtime over all timed calls, and the shimd/containerd ratio
     of each round's p50s (median and range over the rounds);
   * the daemon's own CPU per call (utime + stime of the daemon process; containerd's shims and
-    shimd's shims are idle here).
+    shimd's shims are idle here);
+  * each daemon's CPU while idle (--idle seconds before the timed rounds): what one could take from
+    the other's batches.
 
 Same grpcio client, same busybox image from a local registry, same bridge conflist, same runc.
 
@@ -86,7 +88,9 @@ def time_round(live: Live, method: str, batch: int, t: Timings) -> None:
     t.round_p50.append(statistics.median(lat))
 
 
-def report(results: dict[str, dict[str, Timings]], args: argparse.Namespace) -> None:
+def report(results: dict[str, dict[str, Timings]], idle: dict[str, float], args: argparse.Namespace) -> None:
+    if idle:
+        print("\nidle daemon CPU: " + ", ".join(f"{n} {v * 1000:.1f} ms/s" for n, v in idle.items()))
     print(f"\n{args.containers} containers over {args.list_pods} pods; {args.rounds} rounds of {args.batch} calls "
           "per runtime, interleaved (times in ms; ratio = shimd / containerd)")
     print(f"{'method':<16}{'':<12}{'items':>6}{'p50':>8}{'p95':>8}{'CPU/call':>10}")
@@ -115,6 +119,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=100, help="timed calls per runtime and round")
     ap.add_argument("--warmup", type=int, default=20, help="untimed calls per runtime first")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--idle", type=float, default=5.0, help="seconds of idle CPU measured first (0: skip)")
     ap.add_argument("--json", default="", help="also write raw results here")
     args = ap.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
@@ -154,11 +159,16 @@ def main() -> None:
                     call()
                 reply = call()
                 results[name][method].items = len(getattr(reply, REPLY_ITEMS[method]))
+        idle: dict[str, float] = {}
+        if args.idle > 0:
+            cpu0 = {n: process_cpu_s(lv.runtime.pid) for n, lv in live.items()}
+            time.sleep(args.idle)
+            idle = {n: (process_cpu_s(lv.runtime.pid) - cpu0[n]) / args.idle for n, lv in live.items()}
         for _ in range(args.rounds):
             for method in args.methods:
                 for name, lv in live.items():
                     time_round(lv, method, args.batch, results[name][method])
-        report(results, args)
+        report(results, idle, args)
 
 
 if __name__ == "__main__":
