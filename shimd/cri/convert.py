@@ -61,10 +61,17 @@ def pod_info(pod: PodRecord) -> dict[str, str]:
     })}
 
 
+def image_as_given(ctr: ContainerRecord) -> tuple[dict[str, str], str]:
+    """The image annotations and user_specified_image of the container's config, as kubelet sent them.
+
+    user_specified_image is kubelet's record of what the user wrote: echoed when sent, not made up.
+    """
+    return (config_field(ctr.config, "image", "annotations", default={}),
+            config_field(ctr.config, "image", "userSpecifiedImage", default=""))
+
+
 def _image_spec(ctr: ContainerRecord) -> cri.ImageSpec:
-    annotations = config_field(ctr.config, "image", "annotations", default={})
-    # user_specified_image is kubelet's record of what the user wrote: echoed when sent, not made up.
-    user_specified = config_field(ctr.config, "image", "userSpecifiedImage", default="")
+    annotations, user_specified = image_as_given(ctr)
     return cri.ImageSpec(image=ctr.image_ref, annotations=dict(annotations), user_specified_image=user_specified)
 
 

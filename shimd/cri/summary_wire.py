@@ -16,15 +16,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from shimd.cri import convert, wire
-from shimd.store.records import ContainerRecord, PodRecord, config_field
-
-
-def _delimited(field_number: int, body: bytes) -> bytes:
-    return wire.varint(field_number << 3 | 2) + wire.varint(len(body)) + body
+from shimd.store.records import ContainerRecord, PodRecord
 
 
 def _string(field_number: int, value: str) -> bytes:
-    return _delimited(field_number, value.encode()) if value else b""
+    return wire.delimited(field_number, value.encode()) if value else b""
 
 
 def _integer(field_number: int, value: int) -> bytes:
@@ -32,17 +28,16 @@ def _integer(field_number: int, value: int) -> bytes:
 
 
 def _string_map(field_number: int, values: Mapping[str, str]) -> bytes:
-    return b"".join(_delimited(field_number, _string(1, k) + _string(2, v)) for k, v in values.items())
+    return b"".join(wire.delimited(field_number, _string(1, k) + _string(2, v)) for k, v in values.items())
 
 
 def container(ctr: ContainerRecord) -> bytes:
     """bytes(convert.container_summary(ctr)), without building the message."""
     metadata = _string(1, ctr.name) + _integer(2, ctr.attempt)
-    image = (_string(1, ctr.image_ref)
-             + _string_map(2, config_field(ctr.config, "image", "annotations", default={}))
-             + _string(18, config_field(ctr.config, "image", "userSpecifiedImage", default="")))
+    annotations, user_specified = convert.image_as_given(ctr)
+    image = _string(1, ctr.image_ref) + _string_map(2, annotations) + _string(18, user_specified)
     return b"".join((
-        _string(1, ctr.id), _string(2, ctr.pod_id), _delimited(3, metadata), _delimited(4, image),
+        _string(1, ctr.id), _string(2, ctr.pod_id), wire.delimited(3, metadata), wire.delimited(4, image),
         _string(5, ctr.image_id), _integer(6, convert.container_state(ctr)), _integer(7, ctr.created_at),
         _string_map(8, ctr.labels), _string_map(9, ctr.annotations), _string(10, ctr.image_id),
     ))
@@ -53,7 +48,7 @@ def pod(record: PodRecord) -> bytes:
     metadata = (_string(1, record.name) + _string(2, record.uid) + _string(3, record.namespace)
                 + _integer(4, record.attempt))
     return b"".join((
-        _string(1, record.id), _delimited(2, metadata), _integer(3, convert.pod_state(record)),
+        _string(1, record.id), wire.delimited(2, metadata), _integer(3, convert.pod_state(record)),
         _integer(4, record.created_at), _string_map(5, record.labels), _string_map(6, record.annotations),
         _string(7, record.handler),
     ))

@@ -28,9 +28,13 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
+def delimited(field_number: int, body: bytes) -> bytes:
+    """One length-delimited field (wire type 2): a string, bytes or an encoded message."""
+    return varint(field_number << 3 | 2) + varint(len(body)) + body
+
+
 def repeated_message_field(field_number: int, encoded_items: Iterable[bytes]) -> bytes:
-    tag = varint(field_number << 3 | 2)  # wire type 2: length-delimited
-    return b"".join(tag + varint(len(item)) + item for item in encoded_items)
+    return b"".join(delimited(field_number, item) for item in encoded_items)
 
 
 def preencoded(cls: type[M], payload: bytes) -> M:
