@@ -27,11 +27,10 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.bench.bench_pod_start import SETUP_WORKERS, Bench, Containerd, Runtime, Shimd, bench_workspace, cni_conf, pct
+from tests.bench.bench_pod_start import Bench, Containerd, Runtime, Shimd, bench_workspace, cni_conf, pct, ratio
 
 METHODS = ("ListContainers", "ListPodSandbox")
 REPLY_ITEMS = {"ListContainers": "containers", "ListPodSandbox": "items"}
@@ -63,17 +62,6 @@ class Live:
         return lambda: fn(req, timeout=60)
 
 
-def fill(b: Bench, containers: int, list_pods: int) -> None:
-    pods = [b.run_pod(f"list-{i}") for i in range(list_pods)]
-
-    def make(i: int) -> str:
-        pod_id, cfg = pods[i % len(pods)]
-        return b.create(pod_id, cfg, f"c{i}", ["sleep", "3600"])
-
-    with ThreadPoolExecutor(SETUP_WORKERS) as pool:
-        list(pool.map(make, range(containers)))
-
-
 def time_round(live: Live, method: str, batch: int, t: Timings) -> None:
     call = live.call(method)
     call()  # one untimed call: the other runtime's batch ran in between
@@ -101,9 +89,10 @@ def report(results: dict[str, dict[str, Timings]], idle: dict[str, float], args:
                   f"{pct(t.latencies, .95) * 1000:>8.2f}{statistics.median(t.cpu_per_call) * 1000:>10.2f}")
         ours, theirs = results["shimd"][method], results["containerd"][method]
         per_round = [a / b for a, b in zip(ours.round_p50, theirs.round_p50, strict=True)]
-        cpu = statistics.median(ours.cpu_per_call) / statistics.median(theirs.cpu_per_call)
-        print(f"{method:<16}{'ratio':<12}{'':>6}{pct(ours.latencies, .5) / pct(theirs.latencies, .5):>8.2f}"
-              f"{pct(ours.latencies, .95) / pct(theirs.latencies, .95):>8.2f}{cpu:>10.2f}"
+        # CPU is read in clock ticks (10 ms): a short batch can show none, and ratio() then prints "-".
+        cpu = ratio(statistics.median(ours.cpu_per_call), statistics.median(theirs.cpu_per_call))
+        print(f"{method:<16}{'ratio':<12}{'':>6}{ratio(pct(ours.latencies, .5), pct(theirs.latencies, .5)):>8}"
+              f"{ratio(pct(ours.latencies, .95), pct(theirs.latencies, .95)):>8}{cpu:>10}"
               f"   per-round p50 ratio: median {statistics.median(per_round):.2f}, "
               f"range {min(per_round):.2f}-{max(per_round):.2f}")
     if args.json:
@@ -148,7 +137,7 @@ def main() -> None:
             if name == "containerd":
                 b.pull(ws.pause)
             print(f"filling {name} ...", flush=True)
-            fill(b, args.containers, args.list_pods)
+            b.fill_containers(args.containers, args.list_pods)
             live[name] = Live(rt, b)
 
         results: dict[str, dict[str, Timings]] = {n: {m: Timings() for m in args.methods} for n in live}

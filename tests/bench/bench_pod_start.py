@@ -227,6 +227,17 @@ class Bench:
         t3 = time.perf_counter()
         return {"RunPodSandbox": t1 - t0, "CreateContainer": t2 - t1, "StartContainer": t3 - t2, "end-to-end": t3 - t0}
 
+    def fill_containers(self, containers: int, pods: int) -> None:
+        """`containers` sleeping containers, created and not started, spread over `pods` new pods."""
+        made = [self.run_pod(f"list-{i}") for i in range(pods)]
+
+        def make(i: int) -> str:
+            pod_id, cfg = made[i % len(made)]
+            return self.create(pod_id, cfg, f"c{i}", ["sleep", "3600"])
+
+        with ThreadPoolExecutor(SETUP_WORKERS) as pool:
+            list(pool.map(make, range(containers)))
+
     def remove_all(self) -> None:
         pb = self.pb
         pods = self.c.runtime.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=60).items
@@ -360,14 +371,7 @@ def measure(rt: Runtime, image: str, pause: str, args: argparse.Namespace, work:
             b.remove_all()
 
         if args.containers:
-            pods = [b.run_pod(f"list-{i}") for i in range(args.list_pods)]
-
-            def make(i: int) -> str:
-                pod_id, cfg = pods[i % len(pods)]
-                return b.create(pod_id, cfg, f"c{i}", ["sleep", "3600"])
-
-            with ThreadPoolExecutor(SETUP_WORKERS) as pool:
-                list(pool.map(make, range(args.containers)))
+            b.fill_containers(args.containers, args.list_pods)
             req = client.pb.ListContainersRequest()
             # kubelet lists every second on one long-lived connection: time that steady state, after
             # the same warm-up for both runtimes (the client's HTTP/2 window grows over the first calls).
