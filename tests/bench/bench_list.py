@@ -4,18 +4,19 @@ bench_pod_start times ListContainers for one runtime, then (minutes later) for t
 2-core VM the machine's speed drifts by tens of percent between those phases, which is larger
 than the difference being measured. Here both daemons hold the same workload at the same time
 (--containers containers, created and not started, over --list-pods pods: only the shims run), and
-the timed calls alternate between them in batches, so drift hits both alike:
+the timed calls alternate between them in batches (which one goes first swaps every round), so
+drift hits both alike:
 
   * latency p50 / p95 per method and runtime over all timed calls, and the shimd/containerd ratio
     of each round's p50s (median and range over the rounds);
-  * the daemon's own CPU per call (utime + stime of the daemon process; containerd's shims and
-    shimd's shims are idle here);
+  * the daemon's own CPU per call over the whole run (utime + stime of the daemon process;
+    containerd's shims and shimd's shims are idle here);
   * each daemon's CPU while idle (--idle seconds before the timed rounds): what one could take from
     the other's batches.
 
 Same grpcio client, same busybox image from a local registry, same bridge conflist, same runc.
 
-    .venv/bin/python -m tests.bench.bench_list [--containers 500] [--rounds 10] [--batch 100]
+    .venv/bin/python -m tests.bench.bench_list [--containers 500] [--rounds 30] [--batch 100]
 """
 
 from __future__ import annotations
@@ -86,11 +87,12 @@ def report(results: dict[str, dict[str, Timings]], idle: dict[str, float], args:
         for name in ("shimd", "containerd"):
             t = results[name][method]
             print(f"{method:<16}{name:<12}{t.items:>6}{pct(t.latencies, .5) * 1000:>8.2f}"
-                  f"{pct(t.latencies, .95) * 1000:>8.2f}{statistics.median(t.cpu_per_call) * 1000:>10.2f}")
+                  f"{pct(t.latencies, .95) * 1000:>8.2f}{statistics.mean(t.cpu_per_call) * 1000:>10.2f}")
         ours, theirs = results["shimd"][method], results["containerd"][method]
         per_round = [a / b for a, b in zip(ours.round_p50, theirs.round_p50, strict=True)]
-        # CPU is read in clock ticks (10 ms): a short batch can show none, and ratio() then prints "-".
-        cpu = ratio(statistics.median(ours.cpu_per_call), statistics.median(theirs.cpu_per_call))
+        # CPU is read in clock ticks (10 ms), so one batch's figure is coarse: the mean over all rounds is
+        # the whole run's CPU over its calls. A run too short to show a tick makes ratio() print "-".
+        cpu = ratio(statistics.mean(ours.cpu_per_call), statistics.mean(theirs.cpu_per_call))
         print(f"{method:<16}{'ratio':<12}{'':>6}{ratio(pct(ours.latencies, .5), pct(theirs.latencies, .5)):>8}"
               f"{ratio(pct(ours.latencies, .95), pct(theirs.latencies, .95)):>8}{cpu:>10}"
               f"   per-round p50 ratio: median {statistics.median(per_round):.2f}, "
@@ -104,7 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--containers", type=int, default=500)
     ap.add_argument("--list-pods", type=int, default=25, help="pods the containers are spread over")
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--batch", type=int, default=100, help="timed calls per runtime and round")
     ap.add_argument("--warmup", type=int, default=20, help="untimed calls per runtime first")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -153,10 +155,12 @@ def main() -> None:
             cpu0 = {n: process_cpu_s(lv.runtime.pid) for n, lv in live.items()}
             time.sleep(args.idle)
             idle = {n: (process_cpu_s(lv.runtime.pid) - cpu0[n]) / args.idle for n, lv in live.items()}
+        order = list(live.items())
         for _ in range(args.rounds):
             for method in args.methods:
-                for name, lv in live.items():
+                for name, lv in order:
                     time_round(lv, method, args.batch, results[name][method])
+            order.reverse()  # neither runtime always runs right after the other's batch
         report(results, idle, args)
 
 
