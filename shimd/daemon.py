@@ -10,14 +10,13 @@ import signal
 from pathlib import Path
 
 import grpclib.server
-import h2.connection
 import uvloop
 
 from shimd import config, errors, log, malloc_tuning, sdnotify
 from shimd.containers.exec import Execs
 from shimd.containers.service import ContainerService
 from shimd.containers.streams import ContainerStreams
-from shimd.cri import corked_server, dispatch
+from shimd.cri import dispatch, grpc_server
 from shimd.cri.image_service import ImageService
 from shimd.cri.runtime_service import RuntimeService
 from shimd.events import EventBus
@@ -31,8 +30,6 @@ from shimd.socket_guard import SocketGuard
 from shimd.stats.collector import StatsCollector
 from shimd.store.store import Store
 from shimd.streaming.server import StreamingServer
-
-CLOSED_STREAMS_REMEMBERED = 1024
 
 
 class Daemon:
@@ -108,12 +105,7 @@ class Daemon:
         try:
             await self._build()
             services = [dispatch.Wrapped(RuntimeService(self)), dispatch.Wrapped(ImageService(self))]
-            # h2 remembers up to 65536 closed stream ids per connection (to answer late frames on them):
-            # kubelet's one long-lived connection carries thousands of calls a minute, so the default
-            # grew shimd by megabytes over hours before levelling off. Late frames arrive within a few
-            # calls of a stream's end, so a short memory is enough.
-            h2.connection.H2Connection.MAX_CLOSED_STREAMS = CLOSED_STREAMS_REMEMBERED
-            self._server = corked_server.Server(services)
+            self._server = grpc_server.Server(services)
             await self._server.start(path=self.cfg.daemon.socket)
             self._guard.secure()
         except BaseException:

@@ -1,11 +1,11 @@
-"""shimd/cri/corked_server.py: one write per event-loop turn, and grpclib's protocol still built its way."""
+"""shimd/cri/grpc_server.py: one write per event-loop turn, h2_server under grpclib, and grpclib's handler kept."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from shimd.cri import corked_server
+from shimd.cri import grpc_server, h2_server
 
 
 class _RecordingTransport:
@@ -25,10 +25,16 @@ class _RecordingTransport:
     def get_extra_info(self, name: str) -> Any:
         return f"info:{name}"
 
+    @staticmethod
+    def writes_of(proto: Any) -> list[bytes]:
+        corked = proto.connection._transport
+        corked.flush()
+        return corked._transport.writes
+
 
 async def test_writes_of_one_turn_reach_the_socket_as_one() -> None:
     raw = _RecordingTransport()
-    t = corked_server.CorkedTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
+    t = grpc_server.CorkedTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
     t.write(b"headers|")
     t.write(b"")
     t.write(b"message|")
@@ -43,7 +49,12 @@ async def test_writes_of_one_turn_reach_the_socket_as_one() -> None:
 
 
 async def test_protocol_factory_wraps_grpclib_protocol() -> None:
-    server = corked_server.Server([])
+    server = grpc_server.Server([])
     proto = server._protocol_factory()
-    assert isinstance(proto, corked_server._CorkedH2Protocol)
+    assert isinstance(proto, grpc_server._CorkedH2Protocol)
     assert proto.handler in server._handlers  # grpclib still tracks the handler it made
+    proto.connection_made(_RecordingTransport())  # type: ignore[arg-type]
+    assert isinstance(proto.connection._connection, h2_server.ServerConnection)
+    assert proto.connection.create_stream(stream_id=1).id == 1
+    settings = b"".join(_RecordingTransport.writes_of(proto))
+    assert settings[3] == 4  # the server's SETTINGS frame opens the connection

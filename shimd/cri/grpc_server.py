@@ -1,0 +1,104 @@
+"""grpclib's server, with three changes.
+
+* One socket write per response instead of three. grpclib hands a response's headers, message and
+  trailers to the transport one by one, and uvloop writes each at once: three write(2) calls, each
+  waking a client that waits on the other CPU (in a VM, an interrupt through the hypervisor). Here
+  the writes of one event-loop turn are joined and written together, as Go's HTTP/2 server does
+  with its buffered writer. Measured on Version: about 8% less CPU per call in shimd and 5% less
+  latency (three alternating 4000-call runs with and without).
+* HTTP/2 is h2_server's connection instead of h2's (see there why).
+* A method shimd does not know is answered UNIMPLEMENTED as an ordinary response. grpclib answers it
+  with headers that lack content-type, which grpc-go (kubelet, ctr) turns into UNKNOWN "missing
+  content-type field": kubelet tells a method a runtime lacks by UNIMPLEMENTED, for newer CRI calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+import grpclib.server
+from grpclib import GRPCError
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.protocol import Connection, EventsProcessor, H2Protocol
+from h2.settings import SettingCodes
+
+from shimd.cri import h2_server
+
+
+class CorkedTransport:
+    """Delegates to a transport, holding writes until the end of the current event-loop turn."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+        self._flush_scheduled = False
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self._pending.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _CorkedH2Protocol(H2Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # grpclib's own set-up, with h2_server's connection in place of h2's; the socket is a unix
+        # socket, so grpclib's TCP_NODELAY step has nothing to do.
+        conn = h2_server.ServerConnection()
+        conn.initiate_connection()
+        initial = conn.local_settings.initial_window_size
+        if self.config.http2_connection_window_size != initial:
+            conn.increment_flow_control_window(self.config.http2_connection_window_size - initial)
+        if self.config.http2_stream_window_size != initial:
+            conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: self.config.http2_stream_window_size})
+        corked = CorkedTransport(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
+        self.connection = Connection(conn, corked, config=self.config)  # type: ignore[arg-type]
+        self.connection.flush()
+        self.connection.initialize()
+        self.processor = EventsProcessor(self.handler, self.connection)
+
+
+class _Methods(dict[str, Handler]):
+    """grpclib's method table, answering every path it does not hold as an unimplemented method."""
+
+    def get(self, key: str, default: Any = None) -> Handler:  # type: ignore[override]
+        known = super().get(key)
+        if known is not None:
+            return known
+
+        async def unknown(stream: grpclib.server.Stream) -> None:
+            raise GRPCError(Status.UNIMPLEMENTED, f"{key}: unknown method, not implemented by shimd")
+
+        return Handler(unknown, Cardinality.UNARY_UNARY, None, None)
+
+
+class Server(grpclib.server.Server):
+    def __init__(self, handlers: Iterable[Any]) -> None:
+        super().__init__(list(handlers))
+        self._mapping = _Methods(self._mapping)
+
+    def _protocol_factory(self) -> H2Protocol:
+        # grpclib's own bookkeeping of handlers is kept; only the protocol's transport is wrapped.
+        plain = super()._protocol_factory()
+        return _CorkedH2Protocol(plain.handler, plain.config, plain.h2_config)
