@@ -53,6 +53,7 @@ MAX_WINDOW = 2**31 - 1
 MIN_FRAME, MAX_FRAME = 16384, 2**24 - 1
 MAX_CONCURRENT_STREAMS = 100  # what h2 advertised for shimd before
 MAX_HEADER_LIST_SIZE = 65536
+MAX_HEADER_BLOCK = 4 * MAX_HEADER_LIST_SIZE  # encoded, before CONTINUATIONs are joined: bounds memory
 
 _HEADER = struct.Struct(">IBI")  # length << 8 | type, flags, stream id
 _U32 = struct.Struct(">I")
@@ -385,6 +386,8 @@ class ServerConnection:
             self._fail(ErrorCodes.PROTOCOL_ERROR, "CONTINUATION without HEADERS")
         assert self._continuation is not None
         self._continuation[2].append(payload)
+        if sum(map(len, self._continuation[2])) > MAX_HEADER_BLOCK:
+            self._fail(ErrorCodes.ENHANCE_YOUR_CALM, "header block too long")
         if flags & END_HEADERS:
             sid, end_stream, parts = self._continuation
             self._continuation = None

@@ -281,6 +281,17 @@ def test_protocol_errors_end_the_connection_with_goaway(wire: bytes, error: type
     assert server.state_machine.state is h2.connection.ConnectionState.CLOSED
 
 
+def test_endless_continuation_is_refused() -> None:
+    server, _ = _pair()
+    server.data_to_send()
+    server.receive_data(b"\0\0\0\x01\0\0\0\0\1")  # HEADERS without END_HEADERS
+    chunk = b"\0\x40\0\x09\0\0\0\0\1" + b"\0" * 16384
+    with pytest.raises(h2.exceptions.ProtocolError):
+        for _ in range(100):
+            server.receive_data(chunk)
+    assert server.data_to_send()[3] == 7
+
+
 def test_unknown_frame_types_and_priority_frames_are_ignored() -> None:
     server, _ = _pair()
     assert server.receive_data(b"\0\0\3\x0a\0\0\0\0\0abc") == []
