@@ -49,11 +49,11 @@ class ShimdProcess:
                 self.stop()  # a daemon that came up too late must not outlive the caller's failure
                 raise TimeoutError(f"shimd did not create {self.socket}:\n{self.log_tail()}")
             time.sleep(0.05)
-        self.client = CriClient(self.socket)
         try:
+            self.client = CriClient(self.socket)
             self.client.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
         except BaseException:
-            self.stop()
+            self.stop()  # also when the client cannot even be built (e.g. its protos are missing)
             raise
         return self.client
 
