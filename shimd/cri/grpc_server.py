@@ -61,7 +61,9 @@ class CorkedTransport:
         return getattr(self._transport, name)
 
 
-class _CorkedH2Protocol(H2Protocol):
+class _ServerProtocol(H2Protocol):
+    """grpclib's protocol on h2_server's connection, writing through a CorkedTransport."""
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # grpclib's own set-up, with h2_server's connection in place of h2's; the socket is a unix
         # socket, so grpclib's TCP_NODELAY step has nothing to do.
@@ -99,6 +101,6 @@ class Server(grpclib.server.Server):
         self._mapping = _Methods(self._mapping)
 
     def _protocol_factory(self) -> H2Protocol:
-        # grpclib's own bookkeeping of handlers is kept; only the protocol's transport is wrapped.
+        # grpclib's own bookkeeping of handlers is kept; only the protocol around the handler is ours.
         plain = super()._protocol_factory()
-        return _CorkedH2Protocol(plain.handler, plain.config, plain.h2_config)
+        return _ServerProtocol(plain.handler, plain.config, plain.h2_config)

@@ -157,18 +157,6 @@ class ServerConnection:
         self._stream_recv_window = DEFAULT_WINDOW
         self._highest_stream_id = 0
         self._continuation: tuple[int, bool, list[bytes]] | None = None
-        self._handlers = {
-            DATA: self._on_data,
-            HEADERS: self._on_headers,
-            PRIORITY: self._on_priority,
-            RST_STREAM: self._on_rst_stream,
-            SETTINGS: self._on_settings,
-            PUSH_PROMISE: self._on_push_promise,
-            PING: self._on_ping,
-            GOAWAY: self._on_goaway,
-            WINDOW_UPDATE: self._on_window_update,
-            CONTINUATION: self._on_continuation,
-        }
 
     # --- set-up, as grpclib's protocol does it -------------------------------------------------
     def initiate_connection(self) -> None:
@@ -313,9 +301,9 @@ class ServerConnection:
             pos += 9 + length
             if self._continuation is not None and kind != CONTINUATION:
                 self._fail(ErrorCodes.PROTOCOL_ERROR, "header block interrupted")
-            handler = self._handlers.get(kind)
+            handler = _FRAME_HANDLERS.get(kind)
             if handler is not None:  # frames of unknown types are ignored (RFC 9113 section 4.1)
-                handler(flags, stream_id & MAX_WINDOW, payload, events)
+                handler(self, flags, stream_id & MAX_WINDOW, payload, events)
         self._in = buf[pos:]
         return events
 
@@ -526,6 +514,21 @@ class ServerConnection:
             self._reset(stream_id, ErrorCodes.FLOW_CONTROL_ERROR, events)
             return
         events.append(WindowUpdated(stream_id=stream_id, delta=increment))
+
+
+# A class-level table (not bound methods kept on each connection): no reference cycle per connection.
+_FRAME_HANDLERS = {
+    DATA: ServerConnection._on_data,
+    HEADERS: ServerConnection._on_headers,
+    PRIORITY: ServerConnection._on_priority,
+    RST_STREAM: ServerConnection._on_rst_stream,
+    SETTINGS: ServerConnection._on_settings,
+    PUSH_PROMISE: ServerConnection._on_push_promise,
+    PING: ServerConnection._on_ping,
+    GOAWAY: ServerConnection._on_goaway,
+    WINDOW_UPDATE: ServerConnection._on_window_update,
+    CONTINUATION: ServerConnection._on_continuation,
+}
 
 
 def _error_code(code: int) -> ErrorCodes | int:

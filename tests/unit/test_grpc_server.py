@@ -51,7 +51,7 @@ async def test_writes_of_one_turn_reach_the_socket_as_one() -> None:
 async def test_protocol_factory_wraps_grpclib_protocol() -> None:
     server = grpc_server.Server([])
     proto = server._protocol_factory()
-    assert isinstance(proto, grpc_server._CorkedH2Protocol)
+    assert isinstance(proto, grpc_server._ServerProtocol)
     assert proto.handler in server._handlers  # grpclib still tracks the handler it made
     proto.connection_made(_RecordingTransport())  # type: ignore[arg-type]
     assert isinstance(proto.connection._connection, h2_server.ServerConnection)
