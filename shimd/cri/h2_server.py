@@ -41,6 +41,7 @@ from h2.events import (
 )
 from h2.exceptions import FlowControlError, FrameTooLargeError, ProtocolError, StreamClosedError
 from h2.settings import ChangedSetting, SettingCodes
+from hpack.hpack import encode_integer
 from hpack.table import HeaderTable
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -65,17 +66,18 @@ def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes
     return _HEADER.pack(len(payload) << 8 | kind, flags, stream_id) + payload
 
 
+def _window_update(stream_id: int, increment: int) -> bytes:
+    return _frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(increment))
+
+
+def _rst_stream(stream_id: int, code: int) -> bytes:
+    return _frame(RST_STREAM, 0, stream_id, _U32.pack(code))
+
+
 def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
-    """RFC 7541 section 5.1; `first` holds the bits above the prefix."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((first | value,))
-    out = bytearray((first | limit,))
-    value -= limit
-    while value >= 128:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
+    """hpack's integer (RFC 7541 section 5.1) with `first`, the bits above the prefix, set."""
+    out = encode_integer(value, prefix_bits)
+    out[0] |= first
     return bytes(out)
 
 
@@ -154,7 +156,6 @@ class ServerConnection:
         # Inbound: what we let the peer send, and how much of it was consumed since the last update.
         self._recv_window = DEFAULT_WINDOW
         self._recv_unacked = 0
-        self._stream_recv_window = DEFAULT_WINDOW
         self._highest_stream_id = 0
         self._continuation: tuple[int, bool, list[bytes]] | None = None
 
@@ -168,16 +169,13 @@ class ServerConnection:
     def update_settings(self, new_settings: dict[int, int]) -> None:
         for code, value in new_settings.items():
             if code == SettingCodes.INITIAL_WINDOW_SIZE:
-                self._stream_recv_window = value
                 self.local_settings.initial_window_size = value
         self._out.append(self._settings_frame(new_settings))
 
     def increment_flow_control_window(self, increment: int, stream_id: int | None = None) -> None:
-        if stream_id:
-            self._out.append(_frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(increment)))
-            return
-        self._recv_window += increment
-        self._out.append(_frame(WINDOW_UPDATE, 0, 0, _U32.pack(increment)))
+        if not stream_id:
+            self._recv_window += increment
+        self._out.append(_window_update(stream_id or 0, increment))
 
     @staticmethod
     def _settings_frame(settings: dict[int, int]) -> bytes:
@@ -249,7 +247,7 @@ class ServerConnection:
     def reset_stream(self, stream_id: int, error_code: int = 0) -> None:
         if self.streams.pop(stream_id, None) is None:
             raise StreamClosedError(stream_id)
-        self._out.append(_frame(RST_STREAM, 0, stream_id, _U32.pack(error_code)))
+        self._out.append(_rst_stream(stream_id, error_code))
 
     def ping(self, opaque_data: bytes) -> None:
         self._out.append(_frame(PING, 0, 0, opaque_data))
@@ -264,14 +262,14 @@ class ServerConnection:
         """Data grpclib has consumed: the windows open again once half of one is used."""
         self._recv_unacked += acknowledged_size
         if self._recv_unacked >= self._recv_window // 2:
-            self._out.append(_frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._recv_unacked)))
+            self._out.append(_window_update(0, self._recv_unacked))
             self._recv_unacked = 0
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_closed:
             return  # the peer sends nothing more on it
         stream.unacked += acknowledged_size
-        if stream.unacked >= self._stream_recv_window // 2:
-            self._out.append(_frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(stream.unacked)))
+        if stream.unacked >= self.local_settings.initial_window_size // 2:
+            self._out.append(_window_update(stream_id, stream.unacked))
             stream.unacked = 0
 
     # --- input ---------------------------------------------------------------------------------
@@ -315,24 +313,20 @@ class ServerConnection:
     def _reset(self, stream_id: int, code: ErrorCodes, events: list[Event]) -> None:
         """A stream error: the stream is reset and grpclib told so."""
         self.streams.pop(stream_id, None)
-        self._out.append(_frame(RST_STREAM, 0, stream_id, _U32.pack(code)))
+        self._out.append(_rst_stream(stream_id, code))
         events.append(StreamReset(stream_id=stream_id, error_code=code, remote_reset=False))
 
-    @staticmethod
-    def _unpadded(flags: int, payload: bytes) -> bytes:
+    def _unpadded(self, flags: int, payload: bytes) -> bytes:
         if not flags & PADDED:
             return payload
         if not payload or payload[0] >= len(payload):
-            raise ProtocolError("padding longer than the frame")
+            self._fail(ErrorCodes.PROTOCOL_ERROR, "padding longer than the frame")
         return payload[1 : len(payload) - payload[0]]
 
     def _on_data(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if stream_id == 0:
             self._fail(ErrorCodes.PROTOCOL_ERROR, "DATA on stream 0")
-        try:
-            data = self._unpadded(flags, payload)
-        except ProtocolError as e:
-            self._fail(ErrorCodes.PROTOCOL_ERROR, str(e))
+        data = self._unpadded(flags, payload)
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_closed:
             if stream is None and stream_id > self._highest_stream_id:
@@ -358,10 +352,7 @@ class ServerConnection:
     def _on_headers(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if stream_id == 0 or stream_id % 2 == 0:
             self._fail(ErrorCodes.PROTOCOL_ERROR, f"HEADERS on stream {stream_id}")
-        try:
-            block = self._unpadded(flags, payload)
-        except ProtocolError as e:
-            self._fail(ErrorCodes.PROTOCOL_ERROR, str(e))
+        block = self._unpadded(flags, payload)
         if flags & PRIORITY_FLAG:
             block = block[5:]
         if flags & END_HEADERS:
@@ -393,7 +384,7 @@ class ServerConnection:
                 return  # a stream already closed (or reset by us): ignored
             self._highest_stream_id = stream_id
             if len(self.streams) >= MAX_CONCURRENT_STREAMS:
-                self._out.append(_frame(RST_STREAM, 0, stream_id, _U32.pack(ErrorCodes.REFUSED_STREAM)))
+                self._out.append(_rst_stream(stream_id, ErrorCodes.REFUSED_STREAM))
                 return
             stream = ServerStream(stream_id, self._peer_initial_window)
             self.streams[stream_id] = stream

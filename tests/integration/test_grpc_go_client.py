@@ -18,17 +18,13 @@ import betterproto
 import grpc
 import grpclib.server
 import pytest
+from betterproto.lib.google.protobuf import Empty
 from grpclib.const import Cardinality, Handler
 
 from shimd.cri import grpc_server
 
 CTR = shutil.which("ctr")
 pytestmark = pytest.mark.skipif(CTR is None, reason="ctr (containerd package) is not installed")
-
-
-@dataclass(eq=False, repr=False)
-class Empty(betterproto.Message):
-    pass
 
 
 @dataclass(eq=False, repr=False)
