@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test deps deb-deps py-deps proto lint bench soak clean
+.PHONY: run test deps deb-deps py-deps tools proto lint bench soak clean
 
 deps: deb-deps py-deps
 
@@ -13,6 +13,10 @@ deb-deps:
 	@bash deploy/deps.sh
 
 py-deps: $(STAMP)
+
+# critest, crictl and kubelet, built from their Go modules at pinned versions into .tools/bin.
+tools:
+	@bash tests/tools/install.sh
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +33,7 @@ run: deps
 	@$(VENV)/bin/shimd serve $(SHIMD_ARGS)
 
 # Lint and tests both always run; either failing fails the target.
-test: deps
+test: deps tools
 	@rc=0; $(PY) -m ruff check shimd shims tests || rc=1; $(PY) -m pytest $(PYTEST_ARGS) || rc=1; exit $$rc
 
 proto: py-deps
@@ -50,4 +54,4 @@ soak: deps
 	@$(PY) -m tests.bench.bench_soak --minutes $(SOAK_MINUTES)
 
 clean:
-	rm -rf $(VENV) tests/.generated .pytest_cache .ruff_cache
+	rm -rf $(VENV) .tools tests/.generated .pytest_cache .ruff_cache
