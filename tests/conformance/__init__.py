@@ -1,0 +1,1 @@
+"""Conformance: the real Go clients (critest, crictl, kubelet) against a shimd of their own."""
