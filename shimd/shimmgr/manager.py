@@ -22,6 +22,7 @@ from shimd.api.containerd import types as ctypes
 from shimd.api.containerd.task import v2 as task
 from shimd.config import Config
 from shimd.shimmgr import strays
+from shimd.shimmgr import zygote as zygote_mod
 from shimd.shimmgr.drivers import Driver, make_driver
 from shimd.shimmgr.launcher import spawn_serving, start_shim
 from shimd.shimmgr.task_client import TaskClient
@@ -120,6 +121,9 @@ class ShimManager:
     async def stop_zygote(self) -> None:
         if self._zygote is not None:
             await self._zygote.stop()
+        else:
+            # This shimd forked no shim since it started, but a predecessor's zygote may still be running.
+            await zygote_mod.stop_at(str(self.state_dir / "s" / "zygote"))
 
     async def kill_strays(self, pod_id: str, pod_dir: Path) -> list[int]:
         """Shims of pod_id running in pod_dir that nothing recorded (a RunPodSandbox cut short by a crash)."""

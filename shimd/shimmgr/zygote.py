@@ -101,8 +101,23 @@ class Zygote:
 
     async def stop(self) -> None:
         """Ends the zygote (when no pod is left, and at uninstall); shims it made are not affected."""
-        with contextlib.suppress(OSError, ValueError):
-            await self._call({"op": "exit"}, [])
-        with contextlib.suppress(FileNotFoundError):
-            await asyncio.to_thread(os.unlink, self.socket_path)
+        await stop_at(self.socket_path)
         self._ready = False
+
+
+def _exit_sync(socket_path: str) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(CALL_TIMEOUT)
+        s.connect(socket_path)
+        s.sendall(json.dumps({"op": "exit"}).encode())
+        while s.recv(4096):
+            pass
+
+
+async def stop_at(socket_path: str) -> None:
+    """Ends whatever zygote serves socket_path, also one a previous shimd (killed, never asked for a shim
+    since its restart) started; then removes the socket so no later connect reaches a dead end."""
+    with contextlib.suppress(OSError):
+        await asyncio.to_thread(_exit_sync, socket_path)
+    with contextlib.suppress(FileNotFoundError):
+        await asyncio.to_thread(os.unlink, socket_path)

@@ -76,3 +76,21 @@ def test_zygote_stops_with_the_last_pod(rt: Runtime) -> None:
         time.sleep(0.05)
     assert _zygotes(rt) == []
     rt.proc.start()
+
+
+def test_zygote_stops_with_the_last_pod_after_a_crash_restart(rt: Runtime) -> None:
+    """A shimd that was SIGKILLed and restarted never asked the zygote for a shim itself; it must still end
+    the zygote its predecessor started once the last pod is gone and it stops."""
+    pb = rt.pb
+    pod, _ = rt.run_pod("zyg-crash")
+    assert _zygotes(rt)
+    rt.proc.kill()
+    rt.proc.start()
+    rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod))
+    rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod))
+    rt.proc.stop()
+    deadline = time.monotonic() + 10
+    while _zygotes(rt) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _zygotes(rt) == [], "the zygote outlived the last pod and the daemon"
+    rt.proc.start()
