@@ -6,6 +6,7 @@ stat()ing device nodes, so the merge rules can be unit-tested.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -408,11 +409,24 @@ def resources(res: cri.LinuxContainerResources | None, min_oom: int) -> tuple[di
         mem["swap"] = res.memory_swap_limit_in_bytes
     if mem:
         out["memory"] = mem
-    if res.hugepage_limits:
+    if res.hugepage_limits and _hugetlb_mounted():
         out["hugepageLimits"] = [{"pageSize": h.page_size, "limit": h.limit} for h in res.hugepage_limits]
     if res.unified:
         out["unified"] = dict(res.unified)
     return out, max(res.oom_score_adj, min_oom)
+
+
+@functools.cache
+def _hugetlb_mounted() -> bool:
+    """kubelet sends hugepage limits (0 per page size) for every container; runc fails to start one when the
+    hugetlb controller is not mounted, so they are left out then, as containerd does."""
+    if os.path.isdir("/sys/fs/cgroup/hugetlb"):
+        return True
+    try:
+        with open("/sys/fs/cgroup/cgroup.controllers") as f:  # pure cgroup2
+            return "hugetlb" in f.read().split()
+    except OSError:
+        return False
 
 
 # Sysctls isolated by a namespace, and which namespace (kubelet's list of namespaced sysctls).
