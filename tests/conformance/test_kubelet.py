@@ -142,9 +142,10 @@ class Scenario:
 
 def _free_subnet() -> ipaddress.IPv4Network:
     out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=10).stdout
-    used = {str(ipaddress.ip_interface(f.split()[3]).network) for f in out.splitlines() if len(f.split()) > 3}
-    return ipaddress.IPv4Network(random.choice([f"10.124.{x}.0/24" for x in range(256)
-                                                if f"10.124.{x}.0/24" not in used]))
+    used = [ipaddress.ip_interface(f.split()[3]).network for f in out.splitlines() if len(f.split()) > 3]
+    free = [n for x in range(256) if not any((n := ipaddress.IPv4Network(f"10.124.{x}.0/24")).overlaps(u)
+                                             for u in used)]
+    return random.choice(free)
 
 
 def _shimd_config(registry: Registry, net: CniNetwork) -> str:
