@@ -1,9 +1,10 @@
 """Static pod start through a real kubelet: manifest written -> container running, shimd vs containerd 1.6.
 
-The same standalone kubelet (tests/support/kubelet.py) runs the same print-and-sleep static pods, one
-after the other, first on a shimd, then on a private containerd (never both at once); the image is pulled
-before the first pod, so each time is kubelet's file source, its pod worker and the runtime's sandbox,
-create and start calls. Times are read by polling the runtime's CRI ListContainers every 10 ms.
+Each runtime (shimd, a private containerd) has a standalone kubelet of its own (tests/support/kubelet.py),
+both up at once; the same print-and-sleep static pods are written one at a time, alternating between the
+two. The image is pulled before the first pod, so each time is kubelet's file source, its pod worker and
+the runtime's sandbox, create and start calls. Times are read by polling the runtime's CRI ListContainers
+every 10 ms.
 
     .venv/bin/python -m tests.bench.bench_kubelet_start --pods 5
 """
@@ -15,6 +16,7 @@ import contextlib
 import random
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -47,51 +49,63 @@ def _remove_all(client: CriClient) -> None:
             client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=p.id))
 
 
-def measure(rt: Runtime, image: str, work: Path, pods: int) -> list[float]:
+@dataclass
+class Side:
+    """One runtime with a kubelet of its own."""
+
+    rt: Runtime
+    client: CriClient
+    kubelet: Kubelet
+    cgroup_root: str
+    times: list[float] = field(default_factory=list)
+
+
+def start_side(rt: Runtime, image: str, work: Path, undo: contextlib.ExitStack) -> Side:
     cgroup_root = f"shimd-kubelet-bench-{random.getrandbits(24):06x}"
     client = rt.start()
+    undo.callback(rt.stop)
     socket = rt.proc.socket if isinstance(rt, Shimd) else rt.peer.socket if isinstance(rt, Containerd) else ""
     kubelet = Kubelet(gotools.tool("kubelet"), work / f"kubelet-{rt.name}", socket, cgroup_root)
-    times: list[float] = []
-    try:
-        client.images.PullImage(client.pb.PullImageRequest(image=client.pb.ImageSpec(image=image)))
-        make_cgroup_root(cgroup_root)
-        kubelet.start()
-        kubelet.wait_healthy()
-        for i in range(pods):
-            name = f"bench-{i}"
-            kubelet.write_manifest(name, _manifest(name, image))
-            t0 = time.monotonic()
-            deadline = t0 + 60
-            while not _running(client, f"{name}-{kubelet.node_name}"):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{rt.name}: {name} not running after 60 s\n{kubelet.log_tail()}")
-                time.sleep(0.01)
-            times.append(time.monotonic() - t0)
-    finally:
-        kubelet.stop()
-        _remove_all(client)
-        rt.stop()
-        remove_cgroup_root(cgroup_root)
-    return times
+    undo.callback(remove_cgroup_root, cgroup_root)
+    undo.callback(_remove_all, client)
+    undo.callback(kubelet.stop)
+    client.images.PullImage(client.pb.PullImageRequest(image=client.pb.ImageSpec(image=image)))
+    make_cgroup_root(cgroup_root)
+    kubelet.start()
+    kubelet.wait_healthy()
+    return Side(rt, client, kubelet, cgroup_root)
+
+
+def one_pod(side: Side, name: str, image: str) -> None:
+    side.kubelet.write_manifest(name, _manifest(name, image))
+    t0 = time.monotonic()
+    while not _running(side.client, f"{name}-{side.kubelet.node_name}"):
+        if time.monotonic() > t0 + 60:
+            raise TimeoutError(f"{side.rt.name}: {name} not running after 60 s\n{side.kubelet.log_tail()}")
+        time.sleep(0.01)
+    side.times.append(time.monotonic() - t0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pods", type=int, default=5)
     args = ap.parse_args()
-    with bench_workspace("shimd-bench-kl-") as ws:
+    with bench_workspace("shimd-bench-kl-") as ws, contextlib.ExitStack() as undo:
         ws.net.write(cni_conf("bridge", ws.net))
-        results = {}
         for name in ("shimd", "containerd"):
             (ws.work / name).mkdir()
-            rt = (Shimd(ws.work / name, ws.reg, ws.net.conf_dir) if name == "shimd"
-                  else Containerd(ws.work / name, ws.reg, ws.net.conf_dir, ws.pause))
-            results[name] = measure(rt, ws.image, ws.work, args.pods)
-        print(f"kubelet static pod, manifest written -> container running ({args.pods} pods, one at a time):")
-        for name, times in results.items():
-            print(f"  {name:10s} median {statistics.median(times):.3f} s   "
-                  + " ".join(f"{t:.3f}" for t in times))
+        sides = [start_side(Shimd(ws.work / "shimd", ws.reg, ws.net.conf_dir), ws.image, ws.work, undo),
+                 start_side(Containerd(ws.work / "containerd", ws.reg, ws.net.conf_dir, ws.pause), ws.image, ws.work,
+                            undo)]
+        for i in range(args.pods):
+            # Alternating which goes first keeps the machine's drift out of the comparison.
+            for side in sides if i % 2 == 0 else sides[::-1]:
+                one_pod(side, f"bench-{i}", ws.image)
+        print(f"kubelet static pod, manifest written -> container running ({args.pods} pods per runtime, "
+              "one at a time, runtimes alternating):")
+        for side in sides:
+            print(f"  {side.rt.name:10s} median {statistics.median(side.times):.3f} s   "
+                  + " ".join(f"{t:.3f}" for t in side.times))
 
 
 if __name__ == "__main__":

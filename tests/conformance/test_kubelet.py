@@ -68,7 +68,7 @@ MANIFESTS = {
     "printer": _pod("printer", _container("print", PRINT)),
     "crasher": _pod("crasher", _container("crash", CRASH), empty_dir=True),
     "prober": _pod("prober", _container("probe", PROBE, livenessProbe={
-        "exec": {"command": ["cat", "/tmp/healthy"]}, "initialDelaySeconds": 1, "periodSeconds": 1,
+        "exec": {"command": ["cat", "/tmp/healthy"]}, "initialDelaySeconds": 2, "periodSeconds": 1,
         "timeoutSeconds": 5, "failureThreshold": 1}), empty_dir=True),
 }
 CONTAINER_OF = {"printer": "print", "crasher": "crash", "prober": "probe"}
