@@ -15,6 +15,7 @@ import pytest
 
 from tests.support import images as img
 from tests.support.daemon import ShimdProcess
+from tests.support.network import NetRuntime
 from tests.support.runtime import Runtime, exec_sync, runtime_config
 
 BIDIRECTIONAL, HOST_TO_CONTAINER = 2, 1
@@ -234,3 +235,106 @@ def test_image_volume_privileged_cannot_write(vol_rt: Runtime, volume_registry: 
     rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
     rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
     assert _mounts_under(rt.proc.state / "containers") == []
+
+
+# --- cAdvisor's container metric set ---------------------------------------------------------------
+
+CONTAINER_METRICS = [
+    "container_blkio_device_usage_total", "container_cpu_cfs_periods_total",
+    "container_cpu_cfs_throttled_periods_total", "container_cpu_cfs_throttled_seconds_total",
+    "container_cpu_system_seconds_total", "container_cpu_user_seconds_total", "container_cpu_usage_seconds_total",
+    "container_file_descriptors", "container_fs_inodes_free", "container_fs_limit_bytes",
+    "container_fs_reads_bytes_total", "container_fs_reads_total", "container_fs_writes_bytes_total",
+    "container_fs_writes_total", "container_memory_failcnt", "container_memory_kernel_usage",
+    "container_memory_mapped_file", "container_memory_max_usage_bytes", "container_sockets",
+    "container_spec_cpu_period", "container_spec_cpu_shares", "container_spec_memory_swap_limit_bytes",
+    "container_threads", "container_threads_max",
+]
+POD_METRICS = [
+    "container_network_receive_packets_total", "container_network_receive_packets_dropped_total",
+    "container_network_transmit_packets_total", "container_network_transmit_packets_dropped_total",
+]
+
+
+def _metrics(rt: Runtime) -> tuple[dict[str, list[str]], Any, dict[str, list[Any]]]:
+    """(descriptor labels by name, the one pod's metrics, its and its container's series by name)."""
+    pb = rt.pb
+    descs = {d.name: list(d.label_keys) for d in rt.client.runtime.ListMetricDescriptors(
+        pb.ListMetricDescriptorsRequest()).descriptors}
+    [pm] = rt.client.runtime.ListPodSandboxMetrics(pb.ListPodSandboxMetricsRequest()).pod_metrics
+    by_name: dict[str, list[Any]] = {}
+    for cm in pm.container_metrics:
+        for m in cm.metrics:
+            by_name.setdefault(m.name, []).append(m)
+    for m in pm.metrics:
+        by_name.setdefault(m.name, []).append(m)
+    for name, ms in by_name.items():
+        assert all(len(m.label_values) == len(descs[name]) for m in ms), name
+    return descs, pm, by_name
+
+
+def test_cadvisor_metric_set(net_rt: NetRuntime) -> None:
+    rt, pb = net_rt.rt, net_rt.rt.pb
+    pod_id, pod_cfg = rt.run_pod("metrics")
+    # As kubelet sends them (swap limit = memory limit: no swap).
+    res = pb.LinuxContainerResources(cpu_period=100000, cpu_quota=50000, cpu_shares=512,
+                                     memory_limit_in_bytes=64 * 2**20, memory_swap_limit_in_bytes=64 * 2**20)
+    # A listening socket and a pipe stay open.
+    cid = rt.create(pod_id, pod_cfg, "app", ["sh", "-c", "nc -l -p 7070 & sleep 3600 | cat"],
+                    linux=pb.LinuxContainerConfig(resources=res))
+    rt.start(cid)
+    # Traffic in the pod's netns, so packet counters move (the bridge's gateway answers).
+    code, out, err = exec_sync(rt, cid, ["sh", "-c", f"ping -c 2 -W 2 {net_rt.net.ip(1)} >/dev/null; "
+                                         "until netstat -ln | grep -q 7070; do sleep 0.1; done"])
+    assert code == 0, out + err
+
+    descs, pm, by_name = _metrics(rt)
+    missing = [n for n in CONTAINER_METRICS + POD_METRICS if n not in descs]
+    assert not missing, f"not described: {missing}"
+    assert descs["container_blkio_device_usage_total"][-4:] == ["device", "major", "minor", "operation"]
+    assert descs["container_cpu_usage_seconds_total"][-1] == "cpu"
+    assert descs["container_network_receive_packets_total"][-1] == "interface"
+    assert [cm.container_id for cm in pm.container_metrics] == [cid]
+    missing = [n for n in CONTAINER_METRICS if not any(m.label_values[0] == "app" for m in by_name.get(n, []))]
+    missing += [n for n in POD_METRICS if not any(m.label_values[0] == "POD" for m in by_name.get(n, []))]
+    assert not missing, f"no value: {missing}"
+
+    def value(name: str, **labels: str) -> int:
+        found = [m.value.value for m in by_name[name]
+                 if all(m.label_values[descs[name].index(k)] == v for k, v in labels.items())]
+        assert len(found) == 1, (name, labels, found)
+        return found[0]
+
+    # Values from the container's own cgroups, processes and netns, not placeholders.
+    assert value("container_spec_cpu_period") == 100000
+    assert value("container_spec_cpu_shares") == 512
+    assert value("container_spec_cpu_quota") == 50000
+    assert value("container_spec_memory_swap_limit_bytes") == 64 * 2**20
+    assert value("container_cpu_usage_seconds_total", cpu="total") >= 0
+    assert value("container_memory_max_usage_bytes") >= value("container_memory_usage_bytes") > 0
+    assert value("container_threads") >= 3 and value("container_threads_max") >= 0
+    assert value("container_sockets") >= 1  # nc's listening socket
+    assert value("container_file_descriptors") >= 6
+    assert value("container_ulimits_soft", ulimit="max_open_files") > 0
+    assert value("container_fs_limit_bytes") > value("container_fs_inodes_free") > 0
+    assert value("container_network_transmit_packets_total", interface="eth0") >= 2
+    assert value("container_network_receive_packets_total", interface="eth0") >= 2
+
+    # Linux 5.x+ counts v1 blkio only for cgroups with a throttle rule: give the container's own cgroup
+    # one that never limits, then do direct I/O on its writable layer's device.
+    dev = os.stat(rt.proc.root / "rw" / cid / "upper").st_dev
+    blkio = Path("/sys/fs/cgroup/blkio/shimd") / f"pod{pod_id[:16]}" / cid
+    if blkio.is_dir():
+        for f in ("blkio.throttle.write_bps_device", "blkio.throttle.read_bps_device"):
+            (blkio / f).write_text(f"{os.major(dev)}:{os.minor(dev)} {1 << 40}\n")
+        code, out, err = exec_sync(rt, cid, ["sh", "-c", "dd if=/dev/zero of=/io bs=4096 count=64 oflag=direct && "
+                                             "dd if=/io of=/dev/null bs=4096 iflag=direct"])
+        assert code == 0, out + err
+        _, _, by_name = _metrics(rt)
+        dev_name = f"{os.major(dev)}", f"{os.minor(dev)}"
+        writes = [m.value.value for m in by_name["container_blkio_device_usage_total"]
+                  if tuple(m.label_values[-3:-1]) == dev_name and m.label_values[-1] == "Write"]
+        assert writes and writes[0] >= 64 * 4096
+        assert sum(m.value.value for m in by_name["container_fs_writes_bytes_total"]) >= 64 * 4096
+        assert sum(m.value.value for m in by_name["container_fs_reads_bytes_total"]) >= 64 * 4096
+        assert sum(m.value.value for m in by_name["container_fs_reads_total"]) >= 1
