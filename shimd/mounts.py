@@ -82,8 +82,9 @@ def check_propagation_sync(host_mounts: list[tuple[int, str, int]]) -> None:
             continue
         try:
             point, tags = propagation_sync(host_path)
-        except OSError as e:
-            raise errors.FailedPrecondition(f"mounts[{i}].host_path {host_path!r}: {e.strerror or e}") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+            raise errors.InvalidArgument(f"mounts[{i}].host_path {host_path!r}: "
+                                         f"{getattr(e, 'strerror', None) or e}") from None
         if mode == 2 and "shared" not in tags:
             raise errors.FailedPrecondition(
                 f"mounts[{i}].propagation is BIDIRECTIONAL but {host_path!r} is on mount {point!r}, which is not "
