@@ -18,7 +18,7 @@ from tests.support.daemon import ShimdProcess
 from tests.support.network import NetRuntime
 from tests.support.runtime import Runtime, exec_sync, runtime_config
 
-BIDIRECTIONAL, HOST_TO_CONTAINER = 2, 1
+PRIVATE, HOST_TO_CONTAINER, BIDIRECTIONAL = 0, 1, 2
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -65,15 +65,17 @@ def _volume_ctr(rt: Runtime, pod_id: str, pod_cfg: Any, name: str, mnt: Path, pr
     return cid
 
 
-@pytest.mark.parametrize("propagation", [BIDIRECTIONAL, HOST_TO_CONTAINER], ids=["rshared", "rslave"])
+@pytest.mark.parametrize("propagation", [BIDIRECTIONAL, HOST_TO_CONTAINER, PRIVATE],
+                         ids=["rshared", "rslave", "rprivate"])
 def test_mount_propagation(rt: Runtime, propagation: int) -> None:
+    """critest's "Container Mount Propagation": mounts cross between host and container exactly as asked."""
     pod_id, pod_cfg = _privileged_pod(rt, "prop")
-    with _shared_dir(rt.proc.base / "prop") as (mnt, src):
+    with _shared_dir(rt.proc.base / "prop", shared=propagation != PRIVATE) as (mnt, src):
         cid = _volume_ctr(rt, pod_id, pod_cfg, "vol", mnt, propagation)
-        # Host -> container: a mount made on the host after the container started shows up inside it.
+        # Host -> container: a mount made on the host after the container started.
         subprocess.run(["mount", "--bind", str(src), str(mnt / "propagationMnt")], check=True, timeout=20)
         code, out, err = exec_sync(rt, cid, ["ls", "-A", str(mnt / "propagationMnt")])
-        assert (code, out.split()) == (0, ["flagFile"]), err
+        assert (code, out.split()) == (0, [] if propagation == PRIVATE else ["flagFile"]), err
         # Container -> host: only for Bidirectional.
         code, _, err = exec_sync(rt, cid, ["sh", "-c", f"mkdir -p {mnt}/ctrMnt && mount --bind /etc {mnt}/ctrMnt"])
         assert code == 0, err
