@@ -280,17 +280,40 @@ def _base_mounts(privileged: bool, readonly_rootfs: bool, pod: PodContext) -> li
     return mounts
 
 
-def _user_mounts(config: cri.ContainerConfig) -> list[dict[str, Any]]:
+def is_image_mount(m: cri.Mount) -> bool:
+    """A CRI image volume (kubelet's ImageVolume): the mount names an image instead of a host path."""
+    return betterproto.serialized_on_wire(m.image) and bool(m.image.image)
+
+
+def _user_mounts(config: cri.ContainerConfig, image_sources: dict[int, str]) -> list[dict[str, Any]]:
     out = []
     for i, m in enumerate(config.mounts):
         if not m.container_path.startswith("/"):
             raise errors.InvalidArgument(f"mounts[{i}].container_path must be absolute, got {m.container_path!r}")
+        if is_image_mount(m):
+            if i not in image_sources:
+                raise errors.InvalidArgument(f"mounts[{i}].image {m.image.image!r} has not been prepared")
+            # The image's read-only view, never shared with the host; exec stays allowed (as containerd).
+            out.append({"destination": m.container_path, "type": "bind", "source": image_sources[i],
+                        "options": ["rbind", "rprivate", "ro", "nosuid", "nodev"]})
+            continue
         if not m.host_path.startswith("/"):
             raise errors.InvalidArgument(f"mounts[{i}].host_path must be absolute, got {m.host_path!r}")
         opts = ["rbind", _PROPAGATION.get(m.propagation, "rprivate")]
         opts.append("ro" if m.readonly else "rw")
         out.append({"destination": m.container_path, "type": "bind", "source": m.host_path, "options": opts})
     return out
+
+
+def rootfs_propagation(config: cri.ContainerConfig) -> str | None:
+    """A shared or slave bind mount only propagates if the container's root mount does too: with
+    runc's default (rslave) a mount made inside a Bidirectional volume would never reach the host."""
+    modes = {m.propagation for m in config.mounts if not is_image_mount(m)}
+    if cri.MountPropagation.PROPAGATION_BIDIRECTIONAL in modes:
+        return "rshared"
+    if cri.MountPropagation.PROPAGATION_HOST_TO_CONTAINER in modes:
+        return "rslave"
+    return None
 
 
 def _devices(config: cri.ContainerConfig, privileged: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -625,7 +648,9 @@ def _namespaces(sc: cri.LinuxContainerSecurityContext, pod: PodContext) -> list[
 
 
 def container_spec(container_id: str, config: cri.ContainerConfig, pod: PodContext, image: ImageContext,
-                   rootfs: str, min_oom: int | None = None) -> dict[str, Any]:
+                   rootfs: str, min_oom: int | None = None,
+                   image_sources: dict[int, str] | None = None) -> dict[str, Any]:
+    """image_sources: for each image volume (by index in config.mounts), the host path to bind."""
     linux_cfg = config.linux if betterproto.serialized_on_wire(config.linux) else cri.LinuxContainerConfig()
     # Not `or`: a message whose fields are all defaults is falsy, yet its presence matters (seccomp RuntimeDefault).
     sc = linux_cfg.security_context
@@ -665,7 +690,7 @@ def container_spec(container_id: str, config: cri.ContainerConfig, pod: PodConte
     if apparmor_profile:
         process["apparmorProfile"] = apparmor_profile
     mounts = _base_mounts(privileged, sc.readonly_rootfs, pod)
-    user_mounts = _user_mounts(config)
+    user_mounts = _user_mounts(config, image_sources or {})
     user_dests = {m["destination"] for m in user_mounts}
     mounts = [m for m in mounts if m["destination"] not in user_dests] + user_mounts
     linux: dict[str, Any] = {
@@ -676,6 +701,8 @@ def container_spec(container_id: str, config: cri.ContainerConfig, pod: PodConte
     }
     if pod.sysctls:
         linux["sysctl"] = dict(pod.sysctls)
+    if (propagation := rootfs_propagation(config)) is not None:
+        linux["rootfsPropagation"] = propagation
     if seccomp_profile is not None:
         linux["seccomp"] = seccomp_profile
     if userns is not None:
