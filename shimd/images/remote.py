@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from shimd import config, errors, log
+from shimd.images import digest as digests
 from shimd.images.auth import Auth, Authorizer, lookup
 from shimd.images.follow import Progress
 from shimd.images.reference import DOCKER_HUB, FIELD, Reference
@@ -53,9 +54,11 @@ class Descriptor:
         try:
             desc = cls(str(d.get("mediaType", "")), str(d["digest"]), int(d["size"]), dict(d.get("platform") or {}))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise errors.FailedPrecondition(f"{what}: malformed descriptor") from e
-        if not desc.digest.startswith("sha256:") or len(desc.digest) != 71 or desc.size < 0:
-            raise errors.FailedPrecondition(f"{what}: unsupported digest {desc.digest!r}")
+            raise errors.FailedPrecondition(f"{FIELD}: {what}: malformed descriptor") from e
+        # The digest names a file in the store: nothing else may look at it before it is checked.
+        digests.check(desc.digest, f"{FIELD}: {what}")
+        if desc.size < 0:
+            raise errors.FailedPrecondition(f"{FIELD}: {what}: negative size {desc.size}")
         return desc
 
 
