@@ -108,10 +108,10 @@ class Remote:
                     auth: Auth | None) -> aiohttp.ClientResponse:
         """GET with the auth dance; the caller releases the response. Raises _TryNext or a final error."""
         url = f"{ep.base}/v2/{ref.path}/{path}"
-        creds: Auth | None = None
-        creds_loaded = False
+        # Known before the first request: a cached header is only reused for the same credentials.
+        creds = await self._auth_for(ep, ref, auth)
         for _ in range(3):
-            hdrs = {**headers, **self.authorizer.header(ep.base, ref.path)}
+            hdrs = {**headers, **self.authorizer.header(ep.base, ref.path, creds)}
             try:
                 resp = await self.session.get(url, headers=hdrs, timeout=self.timeout)
             except aiohttp.ClientConnectorError as e:
@@ -124,8 +124,6 @@ class Remote:
             if resp.status == 401:
                 challenge = resp.headers.get("WWW-Authenticate", "")
                 resp.release()
-                if not creds_loaded:
-                    creds, creds_loaded = await self._auth_for(ep, ref, auth), True
                 if challenge and await self.authorizer.answer(ep.base, ref.path, challenge, creds):
                     continue
                 err = errors.FailedPrecondition(
