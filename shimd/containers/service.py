@@ -99,7 +99,9 @@ class ContainerService:
                 img_ctx = ocispec.ImageContext(name=image.repo_tags[0] if image.repo_tags else image.id,
                                                config=dict(image.config.get("config") or {}), layers=image.layers)
                 bundle = Path(ctr.bundle)
-                spec = ocispec.container_spec(cid, config, ctx, img_ctx, str(bundle / "rootfs"))
+                # In a thread: it reads the image's /etc/passwd and /etc/group.
+                spec = await asyncio.to_thread(ocispec.container_spec, cid, config, ctx, img_ctx,
+                                               str(bundle / "rootfs"))
                 if ctx.userns is not None:
                     await mounts.check_idmap(image.layers, pod.namespaces[namespaces.USER])
                 await asyncio.to_thread(self._prepare_dirs, ctr, config, ctx.userns)
