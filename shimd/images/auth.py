@@ -61,6 +61,20 @@ def cache_key(auth: Auth | None) -> str:
     return auth.cache_key() if auth is not None else ""
 
 
+async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body up to `limit` + 1 bytes (one more tells the caller it is too large).
+    StreamReader.read(n) returns whatever is buffered, so a body in several packets needs a loop."""
+    chunks: list[bytes] = []
+    got = 0
+    while got <= limit:
+        chunk = await content.read(limit + 1 - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
 def _host_key(key: str) -> str:
     """'https://index.docker.io/v1/' -> 'docker.io'; 'host:5000' stays."""
     host = urlsplit(key).netloc if "://" in key else key.split("/", 1)[0]
@@ -188,7 +202,7 @@ class Authorizer:
                         f"image.image: authentication to {realm} failed: {resp.status} (permission denied)")
                 if resp.status != 200:
                     raise errors.Unavailable(f"token server {realm} answered {resp.status}")
-                raw = await resp.content.read(MAX_TOKEN_RESPONSE + 1)
+                raw = await read_bounded(resp.content, MAX_TOKEN_RESPONSE)
         except (aiohttp.ClientError, TimeoutError) as e:
             raise errors.Unavailable(f"token server {realm}: {e}") from e
         if len(raw) > MAX_TOKEN_RESPONSE:

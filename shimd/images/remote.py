@@ -20,7 +20,7 @@ import aiohttp
 
 from shimd import config, errors, log
 from shimd.images import digest as digests
-from shimd.images.auth import Auth, Authorizer, lookup
+from shimd.images.auth import Auth, Authorizer, lookup, read_bounded
 from shimd.images.follow import Progress
 from shimd.images.reference import DOCKER_HUB, FIELD, Reference
 
@@ -167,7 +167,7 @@ class Remote:
         async def one(ep: Endpoint) -> tuple[bytes, str]:
             resp = await self._open(ep, ref, f"manifests/{obj}", {"Accept": ACCEPT}, auth)
             try:
-                body = await resp.content.read(MAX_MANIFEST + 1)
+                body = await read_bounded(resp.content, MAX_MANIFEST)
                 ctype = resp.headers.get("Content-Type", "").split(";")[0].strip()
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise _TryNext(errors.Unavailable(f"{FIELD}: reading manifest from {ep.base}: {e}")) from e

@@ -275,3 +275,15 @@ def test_pulled_layers_are_on_disk_when_pull_returns(shimd: ShimdProcess, own_re
     assert len(files) >= 9
     pending = [str(p) for p in files if _delayed(p)]
     assert pending == [], f"pull returned with unwritten snapshot data: {pending[:3]}"
+
+
+def test_manifest_arriving_in_many_pieces(shimd: ShimdProcess, raw_registry: hostile.RawRegistry) -> None:
+    """Bounded reads still read the whole body (aiohttp's read(n) returns what is buffered)."""
+    man = img.busybox_image()
+    doc = json.loads(man.body)
+    doc["annotations"] = {f"pad.{i}": "p" * 1000 for i in range(300)}   # ~300 KB
+    raw_registry.manifests["v1"] = (man.media_type, json.dumps(doc).encode())
+    raw_registry.blobs[man.config_digest] = man.config
+    raw_registry.blobs[man.layers[0].digest] = man.layers[0].blob
+    raw_registry.trickle_manifests = True
+    assert pull(shimd, f"{raw_registry.host}/trickle:v1") == man.config_digest

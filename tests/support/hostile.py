@@ -11,6 +11,7 @@ import json
 import re
 import tarfile
 import threading
+import time
 import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +29,7 @@ class RawRegistry:
     manifests: dict[str, tuple[str, bytes]] = field(default_factory=dict)   # ref -> (media type, body)
     blobs: dict[str, bytes] = field(default_factory=dict)                   # digest -> bytes
     requests: list[str] = field(default_factory=list)
+    trickle_manifests: bool = False    # send manifests in small flushed pieces, as a slow link would
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -43,13 +45,20 @@ class RawRegistry:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-            def _send(self, status: int, body: bytes = b"", ctype: str = "application/json") -> None:
+            def _send(self, status: int, body: bytes = b"", ctype: str = "application/json",
+                      trickle: bool = False) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                if self.command == "GET":
-                    self.wfile.write(body)
+                if self.command != "GET":
+                    return
+                step = 4096 if trickle else len(body) or 1
+                for i in range(0, len(body), step):
+                    self.wfile.write(body[i:i + step])
+                    self.wfile.flush()
+                    if trickle:
+                        time.sleep(0.002)   # lets each piece reach the client on its own
 
             def do_GET(self) -> None:
                 reg.requests.append(self.path)
@@ -59,7 +68,7 @@ class RawRegistry:
                 m = re.fullmatch(r"/v2/(.+)/(manifests|blobs)/(.+)", self.path)
                 if m and m.group(2) == "manifests" and m.group(3) in reg.manifests:
                     mt, body = reg.manifests[m.group(3)]
-                    self._send(200, body, mt)
+                    self._send(200, body, mt, reg.trickle_manifests)
                 elif m and m.group(2) == "blobs" and m.group(3) in reg.blobs:
                     self._send(200, reg.blobs[m.group(3)], "application/octet-stream")
                 else:
