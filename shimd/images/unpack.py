@@ -113,17 +113,19 @@ class _BoundedTarInfo(tarfile.TarInfo):
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type not in _EXTENSION_TYPES:
             return super()._proc_member(tarfile_)
-        if self.size > MAX_HEADER:
-            raise LayerError(f"tar extension header of {self.size} bytes (at most {MAX_HEADER} allowed)")
-        # tarfile recurses into the next header while holding this one: bound the chain.
-        depth: int = getattr(tarfile_, "_shimd_depth", 0)
+        # tarfile recurses into the next header while holding this one: bound the chain, and what
+        # it holds in all, as one header.
+        depth, held = getattr(tarfile_, "_shimd_chain", (0, 0))
+        if self.size > MAX_HEADER or held + self.size > MAX_HEADER:
+            raise LayerError(f"tar extension header of {self.size} bytes (at most {MAX_HEADER} allowed "
+                             "for one entry)")
         if depth >= MAX_EXTENSIONS:
             raise LayerError(f"more than {MAX_EXTENSIONS} tar extension headers before one entry")
-        tarfile_._shimd_depth = depth + 1
+        tarfile_._shimd_chain = (depth + 1, held + self.size)
         try:
             member = super()._proc_member(tarfile_)
         finally:
-            tarfile_._shimd_depth = depth
+            tarfile_._shimd_chain = (depth, held)
         if self.type == tarfile.XGLTYPE and sum(len(k) + len(v) for k, v in tarfile_.pax_headers.items()) > \
                 MAX_GLOBAL_PAX:
             raise LayerError(f"global PAX headers larger than {MAX_GLOBAL_PAX} bytes")
