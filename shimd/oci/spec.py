@@ -119,6 +119,7 @@ def process_args(config: cri.ContainerConfig, image_cfg: dict[str, Any]) -> list
 
 MAX_USER_DB = 4 << 20   # /etc/passwd or /etc/group; the image chooses its size
 _MAX_SYMLINKS = 40      # as the kernel's ELOOP limit
+_MAX_STEPS = 4096       # path components walked in all, so link targets cannot make it long work
 
 
 def _is_whiteout(st: os.stat_result) -> bool:
@@ -169,8 +170,11 @@ def _resolve_in_layers(layers: list[str], rel: str) -> str | None:
     pending.reverse()   # a stack: the next component is last
     cur: list[str] = []
     dirs = list(layers)
-    links = 0
+    links = steps = 0
     while pending:
+        steps += 1
+        if steps > _MAX_STEPS:
+            return None
         name = pending.pop()
         if name == ".":
             continue
