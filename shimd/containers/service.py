@@ -101,8 +101,9 @@ class ContainerService:
                                                config=dict(image.config.get("config") or {}), layers=image.layers)
                 bundle = Path(ctr.bundle)
                 planned = {v.index: str(image_volumes.mount_point(bundle, v.index)) for v in volumes.values()}
-                spec = ocispec.container_spec(cid, config, ctx, img_ctx, str(bundle / "rootfs"),
-                                              image_sources=planned)
+                # In a thread: it reads the image's /etc/passwd and /etc/group.
+                spec = await asyncio.to_thread(ocispec.container_spec, cid, config, ctx, img_ctx,
+                                               str(bundle / "rootfs"), image_sources=planned)
                 if ctx.userns is not None:
                     await mounts.check_idmap(image.layers, pod.namespaces[namespaces.USER])
                 await asyncio.to_thread(self._prepare_dirs, ctr, config, ctx.userns)

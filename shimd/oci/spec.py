@@ -12,7 +12,6 @@ import re
 import resource
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import betterproto
@@ -118,22 +117,131 @@ def process_args(config: cri.ContainerConfig, image_cfg: dict[str, Any]) -> list
     return args
 
 
-def _find_in_layers(layers: list[str], rel: str) -> Path | None:
-    for layer in layers:
-        p = Path(layer) / rel
-        if p.is_file():
-            return p
+MAX_USER_DB = 4 << 20   # /etc/passwd or /etc/group; the image chooses its size
+_MAX_SYMLINKS = 40      # as the kernel's ELOOP limit
+_MAX_STEPS = 4096       # path components walked in all, so link targets cannot make it long work
+
+
+def _is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 0)
+
+
+def _is_opaque(path: str) -> bool:
+    try:
+        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def _child(dirs: list[str], name: str) -> tuple[list[str], os.stat_result] | None:
+    """`name` in the merged directory whose layers are `dirs` (top-most first), as overlayfs sees it:
+    the top-most entry decides; a directory merges with the ones below it down to an opaque one."""
+    for i, d in enumerate(dirs):
+        path = os.path.join(d, name)
+        try:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if _is_whiteout(st):
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            return [path], st
+        merged = [path]
+        if not _is_opaque(path):
+            for lower in dirs[i + 1:]:
+                lpath = os.path.join(lower, name)
+                try:
+                    lst = os.lstat(lpath)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                if not stat.S_ISDIR(lst.st_mode):
+                    break
+                merged.append(lpath)
+                if _is_opaque(lpath):
+                    break
+        return merged, st
     return None
 
 
+def _resolve_in_layers(layers: list[str], rel: str) -> str | None:
+    """Host path of `rel` in the image's merged rootfs, with every symlink resolved inside that
+    rootfs (as openat2's RESOLVE_IN_ROOT: ".." and absolute targets stop at the image's root)."""
+    pending = [p for p in rel.split("/") if p]
+    pending.reverse()   # a stack: the next component is last
+    cur: list[str] = []
+    dirs = list(layers)
+    links = steps = 0
+    while pending:
+        steps += 1
+        if steps > _MAX_STEPS:
+            return None
+        name = pending.pop()
+        if name == ".":
+            continue
+        if name == "..":
+            cur = cur[:-1]
+            dirs = _walk(layers, cur)
+            continue
+        found = _child(dirs, name)
+        if found is None:
+            return None
+        paths, st = found
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > _MAX_SYMLINKS:
+                return None
+            target = os.readlink(paths[0])
+            if target.startswith("/"):
+                cur, dirs = [], list(layers)
+            pending.extend(reversed([p for p in target.split("/") if p]))
+            continue
+        if not pending:
+            return paths[0]
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+        cur.append(name)
+        dirs = paths
+    return None
+
+
+def _walk(layers: list[str], comps: list[str]) -> list[str]:
+    """The merged directory at `comps`, components already known to be directories."""
+    dirs = list(layers)
+    for name in comps:
+        found = _child(dirs, name)
+        if found is None:
+            return []
+        dirs = found[0]
+    return dirs
+
+
 def _read_db(layers: list[str], rel: str) -> list[list[str]]:
-    p = _find_in_layers(layers, rel)
-    if p is None:
-        return []
+    """Lines of the image's /etc/passwd or /etc/group; blocking (callers run the spec build in a thread)."""
     try:
-        return [line.split(":") for line in p.read_text(errors="replace").splitlines() if line and line[0] != "#"]
+        path = _resolve_in_layers(layers, rel)
+        if path is None:
+            return []
+        # O_NONBLOCK: a FIFO must not hang the open; only a regular file is read.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return []
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return []
+        data = b""
+        while len(data) <= MAX_USER_DB:
+            chunk = os.read(fd, MAX_USER_DB + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    if len(data) > MAX_USER_DB:
+        raise errors.InvalidArgument(f"image.image: the image's /{rel} is larger than {MAX_USER_DB} bytes")
+    text = data.decode(errors="replace")
+    return [line.split(":") for line in text.splitlines() if line and line[0] != "#"]
 
 
 def resolve_user(sc: cri.LinuxContainerSecurityContext, image_user: str, layers: list[str]) -> dict[str, Any]:
