@@ -34,8 +34,8 @@ def _cases(report: Path) -> tuple[list[str], list[tuple[str, str]], list[str]]:
     passed, failed, skipped = [], [], []
     for case in ET.parse(report).getroot().iter("testcase"):
         name = case.get("name", "")
-        if case.find("skipped") is not None:
-            skipped.append(name)
+        if (skip := case.find("skipped")) is not None:
+            skipped.append(f"{name}: {(skip.get('message') or '')[:200]}")
         elif (bad := case.find("failure")) is not None or (bad := case.find("error")) is not None:
             failed.append((name, (bad.get("message") or bad.text or "")[:400]))
         else:
@@ -60,6 +60,8 @@ def test_critest(critest_shimd: ShimdProcess, conformance_base: Path) -> None:
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(log, Path(keep) / "critest.log")
         shutil.copy(critest_shimd.log_path, Path(keep) / "shimd.log")
+        for report in reports.glob("*.xml"):
+            shutil.copy(report, Path(keep) / report.name)
     junit = sorted(reports.glob("*.xml"))
     assert junit, f"critest wrote no report (exit {rc}):\n{log.read_text(errors='replace')[-4000:]}"
     passed, failed, skipped = [], [], []

@@ -23,7 +23,7 @@ from tests.support.images import Entry
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".tools" / "images"
 PROGRAMS = Path(__file__).resolve().parent / "programs"
-HOST_PROGRAMS = ("/usr/bin/ipcs",)
+HOST_PROGRAMS = ("/usr/bin/ipcs", "/usr/bin/pgrep")
 
 E2E = "registry.k8s.io/e2e-test-images"
 CRI_TOOLS = "gcr.io/k8s-staging-cri-tools"
@@ -112,7 +112,7 @@ def busybox_layer() -> img.Layer:
     entries.append(Entry("file", "bin/busybox", binary.read_bytes(), mode=0o755))
     entries += [Entry("hardlink", f"bin/{a}", target="bin/busybox") for a in sorted(set(applets))
                 if a != "busybox" and "/" not in a]
-    # Debian's busybox has no ipcs applet (critest's IPC namespace tests run `ipcs -m`): util-linux's.
+    # Debian's busybox has no ipcs or pgrep applet (critest runs `ipcs -m` and `pgrep sleep`): the host's.
     libs = set(_shared_libs(binary))
     for program in HOST_PROGRAMS:
         entries.append(Entry("file", program.lstrip("/"), Path(program).read_bytes(), mode=0o755))
