@@ -17,6 +17,7 @@ import betterproto.lib.google.protobuf as pbany
 
 from shimd import cgroups, errors, events, fsutil, log, mounts
 from shimd.api.runtime import v1 as cri
+from shimd.containers import image_volumes
 from shimd.network import namespaces
 from shimd.oci import spec as ocispec
 from shimd.shimmgr.manager import ExitInfo, ts_ns
@@ -74,12 +75,14 @@ class ContainerService:
     # --- create ------------------------------------------------------------------------------
     async def create(self, pod_id: str, config: cri.ContainerConfig) -> str:
         pod = self.store.pod(pod_id)
+        image_volumes.check_config(config)
         async with self.store.lock(pod.id):
             if pod.state != POD_READY:
                 raise errors.FailedPrecondition(f"pod sandbox {pod.id} is not ready (state {pod.state})")
             image = self.images.get(config.image.image)
             if image is None:
                 raise errors.NotFound(f"image.image {config.image.image!r} not found: pull it first")
+            volumes = self._image_volumes(config)
             log_path = _log_path(config_field(pod.config, "logDirectory", default=""), config.log_path)
             cid = secrets.token_hex(32)
             ctr = ContainerRecord(
@@ -88,9 +91,7 @@ class ContainerService:
                 image_id=image.id, log_path=log_path, bundle=str(self.bundle_dir / cid),
                 labels=dict(config.labels), annotations=dict(config.annotations), tty=config.tty,
                 stdin=config.stdin, fs_dir=str(self.rw_dir / cid),
-                mounts=[{"container_path": m.container_path, "host_path": m.host_path, "readonly": m.readonly,
-                         "selinux_relabel": m.selinux_relabel, "propagation": int(m.propagation)}
-                        for m in config.mounts],
+                mounts=[_mount_record(m, volumes.get(i)) for i, m in enumerate(config.mounts)],
             )
             self.store.reserve_name(ctr.name_key(pod), cid, "container")
             try:
@@ -99,10 +100,18 @@ class ContainerService:
                 img_ctx = ocispec.ImageContext(name=image.repo_tags[0] if image.repo_tags else image.id,
                                                config=dict(image.config.get("config") or {}), layers=image.layers)
                 bundle = Path(ctr.bundle)
-                spec = ocispec.container_spec(cid, config, ctx, img_ctx, str(bundle / "rootfs"))
+                planned = {v.index: str(image_volumes.mount_point(bundle, v.index)) for v in volumes.values()}
+                # In a thread: it reads the image's /etc/passwd and /etc/group.
+                spec = await asyncio.to_thread(ocispec.container_spec, cid, config, ctx, img_ctx,
+                                               str(bundle / "rootfs"), image_sources=planned)
                 if ctx.userns is not None:
                     await mounts.check_idmap(image.layers, pod.namespaces[namespaces.USER])
                 await asyncio.to_thread(self._prepare_dirs, ctr, config, ctx.userns)
+                await asyncio.to_thread(mounts.check_propagation_sync, [
+                    (i, m.host_path, int(m.propagation)) for i, m in enumerate(config.mounts) if i not in volumes])
+                for v in volumes.values():
+                    source = await image_volumes.mount(bundle, v, f"mounts[{v.index}]")
+                    _set_mount_source(spec, planned[v.index], source)
                 await fsutil.write_json(bundle / "config.json", spec)
                 await self.store.save_container(ctr)
             except BaseException:
@@ -112,6 +121,31 @@ class ContainerService:
         self.bus.publish(events.CREATED, cid, pod.id)
         self.log.info("container created", pod_id=pod.id, container_id=cid, name=ctr.name)
         return cid
+
+    def _image_volumes(self, config: cri.ContainerConfig) -> dict[int, image_volumes.Volume]:
+        """The config's image volumes by mount index; each image must have been pulled."""
+        out = {}
+        for i, m in enumerate(config.mounts):
+            if not ocispec.is_image_mount(m):
+                continue
+            img = self.images.get(m.image.image)
+            if img is None:
+                raise errors.NotFound(f"mounts[{i}].image.image {m.image.image!r} not found: pull it first")
+            out[i] = image_volumes.Volume(i, img.id, list(img.layers), m.image_sub_path)
+        return out
+
+    async def _mount_image_volumes(self, ctr: ContainerRecord) -> None:
+        """Mount again what a reboot (or a crash inside CreateContainer) took away; a no-op otherwise."""
+        for i, m in enumerate(ctr.mounts):
+            image_id = m.get("image_id")
+            if not image_id:
+                continue
+            img = self.images.get(image_id)
+            if img is None:
+                raise errors.FailedPrecondition(f"mounts[{i}].image {image_id} of container {ctr.id} was removed")
+            await image_volumes.mount(Path(ctr.bundle), image_volumes.Volume(i, img.id, list(img.layers),
+                                                                              m.get("image_sub_path") or ""),
+                                      f"mounts[{i}]")
 
     @staticmethod
     def _prepare_dirs(ctr: ContainerRecord, config: cri.ContainerConfig, userns: ocispec.IdMappings | None) -> None:
@@ -128,7 +162,7 @@ class ContainerService:
             Path(ctr.log_path).parent.mkdir(parents=True, exist_ok=True)
         for m in config.mounts:
             # As containerd does: a missing host path becomes a directory.
-            if m.host_path and not os.path.exists(m.host_path):
+            if m.host_path and not ocispec.is_image_mount(m) and not os.path.exists(m.host_path):
                 os.makedirs(m.host_path, exist_ok=True)
 
     # --- start -------------------------------------------------------------------------------
@@ -143,6 +177,7 @@ class ContainerService:
             image = self.images.get(ctr.image_id)
             if image is None:
                 raise errors.FailedPrecondition(f"image {ctr.image_id} of container {ctr.id} was removed")
+            await self._mount_image_volumes(ctr)
             lg = self.log.bind(pod_id=pod.id, container_id=ctr.id, handler=pod.handler)
             drv = self.shims.driver(pod.handler)
             stdin_fifo = await asyncio.to_thread(_make_stdin_fifo, Path(ctr.bundle)) if ctr.stdin else ""
@@ -196,6 +231,12 @@ class ContainerService:
             pass
         except (TimeoutError, errors.ShimdError, OSError) as e:
             lg.warning("deleting the exited task failed", error=str(e))
+        if ctr.state == CONTAINER_EXITED:
+            # Nothing uses the image volumes of an exited container any more (it never runs again).
+            try:
+                await image_volumes.unmount_all(Path(ctr.bundle))
+            except (errors.ShimdError, OSError) as e:
+                lg.warning("unmounting image volumes failed", error=str(e))
         self._exit_event(task_id).set()
 
     async def mark_lost(self, ctr: ContainerRecord, reason: str, message: str) -> None:
@@ -272,6 +313,8 @@ class ContainerService:
 
     async def _remove_files(self, ctr: ContainerRecord) -> None:
         rootfs = Path(ctr.bundle) / "rootfs"
+        # Before the tree is removed: never walk into the image store through a volume.
+        await image_volumes.unmount_all(Path(ctr.bundle))
         with contextlib.suppress(errors.ShimdError):
             await mounts.unmount(rootfs)
         await fsutil.remove_tree(Path(ctr.bundle))
@@ -434,3 +477,19 @@ def ctr_cgroup(driver: str, store: Store, ctr: ContainerRecord) -> str:
     pod = store.pods.get(ctr.pod_id)
     parent = pod.cgroup_parent if pod else ""
     return cgroups.relative_path(driver, cgroups.container_path(driver, parent, ctr.id))
+
+
+def _mount_record(m: cri.Mount, vol: image_volumes.Volume | None) -> dict[str, Any]:
+    rec: dict[str, Any] = {"container_path": m.container_path, "host_path": m.host_path, "readonly": m.readonly,
+                           "selinux_relabel": m.selinux_relabel, "propagation": int(m.propagation)}
+    if vol is not None:
+        rec.update(image=m.image.image, user_specified_image=m.image.user_specified_image, image_id=vol.image_id,
+                   image_sub_path=m.image_sub_path)
+    return rec
+
+
+def _set_mount_source(spec: dict[str, Any], planned: str, source: str) -> None:
+    """The image volume's bind source once its sub path is resolved inside the mounted image."""
+    for entry in spec["mounts"]:
+        if entry.get("source") == planned:
+            entry["source"] = source

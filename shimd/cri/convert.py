@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import betterproto
 
@@ -83,10 +84,19 @@ def container_summary(ctr: ContainerRecord) -> cri.Container:
     )
 
 
+def _mount(m: dict[str, Any]) -> cri.Mount:
+    out = cri.Mount(container_path=m["container_path"], host_path=m["host_path"], readonly=m["readonly"],
+                    selinux_relabel=m["selinux_relabel"], propagation=cri.MountPropagation(m["propagation"]))
+    if m.get("image_id"):
+        # As containerd reports an image volume: the image as given and the id it resolved to.
+        out.image = cri.ImageSpec(image=m.get("image", ""), user_specified_image=m.get("user_specified_image", ""),
+                                  image_ref=m["image_id"])
+        out.image_sub_path = m.get("image_sub_path", "")
+    return out
+
+
 def container_status(ctr: ContainerRecord, image_ref: str) -> cri.ContainerStatus:
-    mounts = [cri.Mount(container_path=m["container_path"], host_path=m["host_path"], readonly=m["readonly"],
-                        selinux_relabel=m["selinux_relabel"], propagation=cri.MountPropagation(m["propagation"]))
-              for m in ctr.mounts]
+    mounts = [_mount(m) for m in ctr.mounts]
     return cri.ContainerStatus(
         id=ctr.id, metadata=cri.ContainerMetadata(name=ctr.name, attempt=ctr.attempt), state=container_state(ctr),
         created_at=ctr.created_at, started_at=ctr.started_at, finished_at=ctr.finished_at, exit_code=ctr.exit_code,

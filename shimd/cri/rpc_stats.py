@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
 from shimd.api.runtime import v1 as cri
 from shimd.cri import convert, validate, wire
 from shimd.cri.rpc_base import STREAM_PAGE, RpcBase, pages
-from shimd.stats import cadvisor
+from shimd.stats import cadvisor, detail
 from shimd.stats.collector import StatsCollector, container_cgroup, pod_cgroup
 from shimd.store.records import ContainerRecord, PodRecord
 
@@ -66,13 +67,15 @@ class StatsRpcs(RpcBase):
                 ident = cadvisor.Identity(container=ctr.name, cgroup="/" + rel.strip("/"), image=ctr.image_ref,
                                           name=ctr.id, namespace=pod.namespace, pod=pod.name)
                 sample = snap.sample
+                upper = f"{ctr.fs_dir}/upper" if ctr.fs_dir else ""
+                extra = await asyncio.to_thread(detail.read, collector.layout, rel, upper)
                 cms.append(cadvisor.container_metrics(ident, cst, ctr.started_at, now,
                                                       sample.pids if sample else None,
-                                                      sample.oom_events if sample else None))
+                                                      sample.oom_events if sample else None, extra, upper))
             pod_ident = cadvisor.Identity(container="POD", cgroup="/" + pod_cgroup(collector.driver, pod).strip("/"),
                                           image="", name=pod.id, namespace=pod.namespace, pod=pod.name)
-            out.append(cri.PodSandboxMetrics(pod_sandbox_id=pod.id, metrics=cadvisor.pod_metrics(pod_ident, st),
-                                             container_metrics=cms))
+            pod_ms = cadvisor.pod_metrics(pod_ident, st, collector.interfaces.get(pod.id))
+            out.append(cri.PodSandboxMetrics(pod_sandbox_id=pod.id, metrics=pod_ms, container_metrics=cms))
         return out
 
     async def list_pod_sandbox_metrics(self, request: cri.ListPodSandboxMetricsRequest

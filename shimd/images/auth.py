@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -14,7 +15,10 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from shimd import errors
+from shimd.images.digest import brief
 from shimd.images.reference import DOCKER_HUB
+
+MAX_TOKEN_RESPONSE = 1 << 20   # a token response is a few KiB; the registry chooses the server
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,31 @@ class Auth:
     @property
     def empty(self) -> bool:
         return not (self.username or self.auth or self.identity_token or self.registry_token)
+
+    def cache_key(self) -> str:
+        """Tells credentials apart without keeping them in the key ("" is anonymous)."""
+        if self.empty:
+            return ""
+        fields = (self.username, self.password, self.auth, self.identity_token, self.registry_token)
+        return hashlib.sha256("\0".join(fields).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def cache_key(auth: Auth | None) -> str:
+    return auth.cache_key() if auth is not None else ""
+
+
+async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body up to `limit` + 1 bytes (one more tells the caller it is too large).
+    StreamReader.read(n) returns whatever is buffered, so a body in several packets needs a loop."""
+    chunks: list[bytes] = []
+    got = 0
+    while got <= limit:
+        chunk = await content.read(limit + 1 - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
 
 
 def _host_key(key: str) -> str:
@@ -99,18 +128,33 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
 
 
 class Authorizer:
-    """Authorization headers per (registry endpoint, repository), with cached bearer tokens."""
+    """Authorization headers per (registry endpoint, repository, credentials), with cached bearer tokens.
+
+    The credentials are part of the key: a header or token obtained with one pull's credentials
+    (or an anonymous token) must never serve a pull that carries other credentials, or none.
+    """
+
+    MAX_ENTRIES = 4096
 
     def __init__(self, session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout) -> None:
         self._session = session
         self._timeout = timeout
-        self._headers: dict[tuple[str, str], tuple[str, float]] = {}
+        self._headers: dict[tuple[str, str, str], tuple[str, float]] = {}
 
-    def header(self, endpoint: str, repo: str) -> dict[str, str]:
-        value, expires = self._headers.get((endpoint, repo), ("", 0.0))
+    def header(self, endpoint: str, repo: str, auth: Auth | None) -> dict[str, str]:
+        value, expires = self._headers.get((endpoint, repo, cache_key(auth)), ("", 0.0))
         if value and time.monotonic() < expires:
             return {"Authorization": value}
         return {}
+
+    def _store(self, key: tuple[str, str, str], value: str, expires: float) -> None:
+        now = time.monotonic()
+        if len(self._headers) >= self.MAX_ENTRIES:
+            # Every distinct credential adds an entry: drop the expired ones, then the oldest.
+            self._headers = {k: v for k, v in self._headers.items() if v[1] > now}
+            while len(self._headers) >= self.MAX_ENTRIES:
+                del self._headers[next(iter(self._headers))]
+        self._headers[key] = (value, expires)
 
     async def answer(self, endpoint: str, repo: str, challenge: str, auth: Auth | None) -> bool:
         """Handle a 401 challenge; False when there is nothing new to try (authentication failed)."""
@@ -128,17 +172,18 @@ class Authorizer:
                 token, ttl = await self._fetch_token(params, repo, auth, user_pass)
                 value = f"Bearer {token}"
         else:
-            raise errors.FailedPrecondition(f"registry {endpoint}: unsupported auth scheme {scheme!r}")
-        if self._headers.get((endpoint, repo), ("", 0.0))[0] == value:
+            raise errors.FailedPrecondition(f"registry {endpoint}: unsupported auth scheme {brief(scheme)}")
+        key = (endpoint, repo, cache_key(auth))
+        if self._headers.get(key, ("", 0.0))[0] == value:
             return False  # the same credentials were already refused
-        self._headers[(endpoint, repo)] = (value, time.monotonic() + max(ttl - 10, 10))
+        self._store(key, value, time.monotonic() + max(ttl - 10, 10))
         return True
 
     async def _fetch_token(self, params: dict[str, str], repo: str, auth: Auth | None,
                            user_pass: tuple[str, str] | None) -> tuple[str, float]:
         realm = params.get("realm", "")
         if not realm.startswith(("http://", "https://")):
-            raise errors.FailedPrecondition(f"registry token realm {realm!r} is not an http(s) URL")
+            raise errors.FailedPrecondition(f"registry token realm {brief(realm)} is not an http(s) URL")
         scope = params.get("scope") or f"repository:{repo}:pull"
         query = {"scope": scope}
         if params.get("service"):
@@ -157,10 +202,22 @@ class Authorizer:
                         f"image.image: authentication to {realm} failed: {resp.status} (permission denied)")
                 if resp.status != 200:
                     raise errors.Unavailable(f"token server {realm} answered {resp.status}")
-                body = await resp.json(content_type=None)
-        except aiohttp.ClientError as e:
+                raw = await read_bounded(resp.content, MAX_TOKEN_RESPONSE)
+        except (aiohttp.ClientError, TimeoutError) as e:
             raise errors.Unavailable(f"token server {realm}: {e}") from e
+        if len(raw) > MAX_TOKEN_RESPONSE:
+            raise errors.Unavailable(f"token server {realm}: response larger than {MAX_TOKEN_RESPONSE} bytes")
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise errors.Unavailable(f"token server {realm}: response is not JSON") from e
+        if not isinstance(body, dict):
+            raise errors.Unavailable(f"token server {realm}: response is not a JSON object")
         token = body.get("token") or body.get("access_token")
         if not token:
             raise errors.Unavailable(f"token server {realm} returned no token")
-        return str(token), float(body.get("expires_in") or 60)
+        try:
+            ttl = float(body.get("expires_in") or 60)
+        except (TypeError, ValueError):
+            ttl = 60.0
+        return str(token), ttl

@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 
 from shimd import config, errors, fsutil, log
+from shimd.images import digest as digests
 from shimd.images import reference, store, unpack
 from shimd.images.auth import Auth
 from shimd.images.follow import FollowReader, Progress
@@ -35,6 +36,7 @@ from shimd.images.store import FsUsage, Layout
 __all__ = ["Auth", "FsUsage", "Image", "ImageManager"]
 
 INDEX_VERSION = 1
+MAX_CONFIG = 4 << 20   # as the manifest (remote.MAX_MANIFEST); containers/image allows the same
 UNPACK_TIMEOUT = 1800.0
 UNPACK_THREADS = 4
 
@@ -163,11 +165,12 @@ class ImageManager:
                 try:
                     rec = _Record(**item)
                     configs[rec.id] = json.loads(store.read_verified(self.layout.blob(rec.id), rec.id))
-                    missing = [c for c in rec.chain_ids if not self.layout.snapshot(c).is_dir()]
+                    missing = [c for c in rec.chain_ids if not self.layout.snapshot_ready(c)]
                     if missing:
                         raise errors.FailedPrecondition(f"snapshots missing: {missing}")
                 except (OSError, ValueError, TypeError, errors.ShimdError) as e:
-                    self.log.error("dropping broken image", image=str(item.get("id")), error=str(e))
+                    self.log.error("dropping broken image", image=digests.brief(item.get("id")),
+                                   error=digests.brief(str(e), 512))
                     continue
                 records[rec.id] = rec
             return records, configs
@@ -271,8 +274,12 @@ class ImageManager:
         if doc.get("schemaVersion") == 1:
             raise errors.FailedPrecondition(f"{reference.FIELD}: {r} uses Docker schema 1 manifests (unsupported)")
         if mt not in MANIFEST_TYPES and not ("config" in doc and "layers" in doc):
-            raise errors.FailedPrecondition(f"{reference.FIELD}: {r}: unsupported manifest type {mt!r}")
+            raise errors.FailedPrecondition(f"{reference.FIELD}: {r}: unsupported manifest type {digests.brief(mt)}")
         cfg_desc = Descriptor.of(doc.get("config"), f"manifest {manifest_digests[-1]} config")
+        if cfg_desc.size > MAX_CONFIG:
+            # Read whole and parsed: bounded as the manifest is, before a byte is fetched.
+            raise errors.FailedPrecondition(f"{reference.FIELD}: {r}: image config {cfg_desc.digest} is "
+                                            f"{cfg_desc.size} bytes, more than the {MAX_CONFIG} allowed")
         layers = [Descriptor.of(d, f"manifest {manifest_digests[-1]} layer {i}")
                   for i, d in enumerate(doc.get("layers") or [])]
 
@@ -284,8 +291,8 @@ class ImageManager:
             cfg_bytes = await asyncio.to_thread(store.read_verified, self.layout.blob(cfg_desc.digest),
                                                 cfg_desc.digest)
             image_config = _json(cfg_bytes, f"image config {cfg_desc.digest}")
-            diff_ids = list((image_config.get("rootfs") or {}).get("diff_ids") or [])
-            if len(diff_ids) != len(layers) or not all(isinstance(d, str) for d in diff_ids):
+            diff_ids = _diff_ids(image_config, cfg_desc.digest)
+            if len(diff_ids) != len(layers):
                 raise errors.FailedPrecondition(f"{reference.FIELD}: {r}: config has {len(diff_ids)} diff ids for "
                                                 f"{len(layers)} layers")
             chains = chain_ids(diff_ids)
@@ -318,7 +325,7 @@ class ImageManager:
                 store.commit_file(tmp, final)
 
     def _all_present(self, chains: list[str]) -> bool:
-        return all(self.layout.snapshot(c).is_dir() for c in chains)
+        return all(self.layout.snapshot_ready(c) for c in chains)
 
     def _blob_task(self, r: reference.Reference, desc: Descriptor, auth: Auth | None,
                    endpoints: list[Endpoint]) -> tuple[Awaitable[None], Progress]:
@@ -365,7 +372,7 @@ class ImageManager:
 
     async def _snapshots(self, r: reference.Reference, layers: list[Descriptor], diff_ids: list[str],
                          chains: list[str], auth: Auth | None, endpoints: list[Endpoint]) -> None:
-        present = await asyncio.to_thread(lambda: [self.layout.snapshot(c).is_dir() for c in chains])
+        present = await asyncio.to_thread(lambda: [self.layout.snapshot_ready(c) for c in chains])
         if self._mode == "copy":
             # Each copy snapshot starts from its parent, so unpack in order; downloads still overlap.
             missing = [i for i, ok in enumerate(present) if not ok]
@@ -404,8 +411,7 @@ class ImageManager:
 
     async def _unpack(self, desc: Descriptor, diff_id: str, chain: str, parent: str | None,
                       follow: Progress | None = None, download: Awaitable[None] | None = None) -> None:
-        final = self.layout.snapshot(chain)
-        if await asyncio.to_thread(final.is_dir):
+        if await asyncio.to_thread(self.layout.snapshot_ready, chain):
             return
         tmp = self.layout.snapshot_tmp()
         lg = self.log.bind(layer=desc.digest, chain=chain)
@@ -433,7 +439,7 @@ class ImageManager:
                     raise
             if download is not None:
                 await download   # only a verified blob may become a snapshot
-            await asyncio.to_thread(tmp.rename, final)
+            await asyncio.to_thread(self.layout.commit_snapshot, tmp, chain)
         except BaseException:
             if follow is not None:
                 follow.fail("unpack abandoned")  # never leave the unpack thread waiting for data
@@ -502,6 +508,17 @@ class ImageManager:
 
     async def fs_info(self) -> FsUsage:
         return await asyncio.to_thread(self.layout.usage)
+
+
+def _diff_ids(image_config: dict[str, Any], config_digest: str) -> list[str]:
+    """rootfs.diff_ids, each checked: the first is a chain id, and chain ids name snapshot dirs."""
+    rootfs = image_config.get("rootfs") or {}
+    raw = (rootfs.get("diff_ids") if isinstance(rootfs, dict) else None) or []
+    if not isinstance(raw, list):
+        raise errors.FailedPrecondition(f"{reference.FIELD}: image config {config_digest}: rootfs.diff_ids "
+                                        "is not a list")
+    return [digests.check(d, f"{reference.FIELD}: image config {config_digest} rootfs.diff_ids[{i}]")
+            for i, d in enumerate(raw)]
 
 
 def _json(data: bytes, what: str) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 import aiohttp
 
 from shimd import config, errors, log
-from shimd.images.auth import Auth, Authorizer, lookup
+from shimd.images import digest as digests
+from shimd.images.auth import Auth, Authorizer, lookup, read_bounded
 from shimd.images.follow import Progress
 from shimd.images.reference import DOCKER_HUB, FIELD, Reference
 
@@ -53,9 +54,11 @@ class Descriptor:
         try:
             desc = cls(str(d.get("mediaType", "")), str(d["digest"]), int(d["size"]), dict(d.get("platform") or {}))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise errors.FailedPrecondition(f"{what}: malformed descriptor") from e
-        if not desc.digest.startswith("sha256:") or len(desc.digest) != 71 or desc.size < 0:
-            raise errors.FailedPrecondition(f"{what}: unsupported digest {desc.digest!r}")
+            raise errors.FailedPrecondition(f"{FIELD}: {what}: malformed descriptor") from e
+        # The digest names a file in the store: nothing else may look at it before it is checked.
+        digests.check(desc.digest, f"{FIELD}: {what}")
+        if desc.size < 0:
+            raise errors.FailedPrecondition(f"{FIELD}: {what}: negative size {desc.size}")
         return desc
 
 
@@ -105,10 +108,10 @@ class Remote:
                     auth: Auth | None) -> aiohttp.ClientResponse:
         """GET with the auth dance; the caller releases the response. Raises _TryNext or a final error."""
         url = f"{ep.base}/v2/{ref.path}/{path}"
-        creds: Auth | None = None
-        creds_loaded = False
+        # Known before the first request: a cached header is only reused for the same credentials.
+        creds = await self._auth_for(ep, ref, auth)
         for _ in range(3):
-            hdrs = {**headers, **self.authorizer.header(ep.base, ref.path)}
+            hdrs = {**headers, **self.authorizer.header(ep.base, ref.path, creds)}
             try:
                 resp = await self.session.get(url, headers=hdrs, timeout=self.timeout)
             except aiohttp.ClientConnectorError as e:
@@ -121,8 +124,6 @@ class Remote:
             if resp.status == 401:
                 challenge = resp.headers.get("WWW-Authenticate", "")
                 resp.release()
-                if not creds_loaded:
-                    creds, creds_loaded = await self._auth_for(ep, ref, auth), True
                 if challenge and await self.authorizer.answer(ep.base, ref.path, challenge, creds):
                     continue
                 err = errors.FailedPrecondition(
@@ -166,7 +167,7 @@ class Remote:
         async def one(ep: Endpoint) -> tuple[bytes, str]:
             resp = await self._open(ep, ref, f"manifests/{obj}", {"Accept": ACCEPT}, auth)
             try:
-                body = await resp.content.read(MAX_MANIFEST + 1)
+                body = await read_bounded(resp.content, MAX_MANIFEST)
                 ctype = resp.headers.get("Content-Type", "").split(";")[0].strip()
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise _TryNext(errors.Unavailable(f"{FIELD}: reading manifest from {ep.base}: {e}")) from e

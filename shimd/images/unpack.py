@@ -7,6 +7,11 @@ Two forms:
 
 Nothing is ever written outside `dest`: absolute names and `..` are refused, and no path component
 may be a symlink (a layer could otherwise plant `x -> /etc` and then write `x/passwd`).
+
+tarfile reads a PAX or GNU long-name header whole into memory, and chains of them recursively: a
+small compressed layer could declare gigabytes. Header sizes, chains and sparse maps are bounded
+(Go's archive/tar, which containerd uses, allows 1 MiB per header), and no entry name reaches an
+error message uncut.
 """
 
 from __future__ import annotations
@@ -25,11 +30,22 @@ from typing import IO, Any
 import zstandard
 
 from shimd import errors
+from shimd.images.digest import brief
 from shimd.images.follow import FollowReader
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 CHUNK = 1 << 20
+MAX_HEADER = 1 << 20          # one PAX / GNU long name / long link header
+MAX_EXTENSIONS = 8            # extension headers before one entry (each held until the entry is read)
+MAX_GLOBAL_PAX = 1 << 20      # all global PAX records together (they accumulate over the archive)
+MAX_SPARSE_ENTRIES = 1 << 16  # (offset, size) pairs of one sparse file
+MAX_PATH = 4096               # PATH_MAX: a longer name cannot be created anyway
+# What a bad entry (not the host) causes; anything else keeps its errno (ENOSPC, EIO...).
+_ENTRY_ERRNOS = {errno.ENAMETOOLONG, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.EINVAL,
+                 errno.ELOOP, errno.EMLINK, errno.ENOENT, errno.EXDEV}
+_EXTENSION_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                    tarfile.SOLARIS_XHDTYPE)
 
 
 class LayerError(errors.FailedPrecondition):
@@ -91,6 +107,88 @@ class _Gunzip:
                 return out
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile.TarInfo with bounds on what a header may make tarfile hold in memory."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type not in _EXTENSION_TYPES:
+            return super()._proc_member(tarfile_)
+        # tarfile recurses into the next header while holding this one: bound the chain, and what
+        # it holds in all, as one header.
+        depth, held = getattr(tarfile_, "_shimd_chain", (0, 0))
+        if self.size > MAX_HEADER or held + self.size > MAX_HEADER:
+            raise LayerError(f"tar extension header of {self.size} bytes (at most {MAX_HEADER} allowed "
+                             "for one entry)")
+        if depth >= MAX_EXTENSIONS:
+            raise LayerError(f"more than {MAX_EXTENSIONS} tar extension headers before one entry")
+        tarfile_._shimd_chain = (depth + 1, held + self.size)
+        try:
+            member = super()._proc_member(tarfile_)
+        finally:
+            tarfile_._shimd_chain = (depth, held)
+        if self.type == tarfile.XGLTYPE and sum(len(k) + len(v) for k, v in tarfile_.pax_headers.items()) > \
+                MAX_GLOBAL_PAX:
+            raise LayerError(f"global PAX headers larger than {MAX_GLOBAL_PAX} bytes")
+        if len(member.name) > MAX_PATH or len(member.linkname) > MAX_PATH:
+            raise LayerError(f"entry name {brief(member.name)} or link target longer than {MAX_PATH}")
+        return member
+
+    def _proc_sparse(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        # Old GNU sparse: extension blocks follow while the "extended" flag is set.
+        structs, extended, realsize = self._sparse_structs
+        del self._sparse_structs
+        blocks = 0
+        while extended:
+            blocks += 1
+            if blocks * tarfile.BLOCKSIZE > MAX_HEADER:
+                raise LayerError(f"sparse map of {brief(self.name)} longer than {MAX_HEADER} bytes")
+            buf = tarfile_.fileobj.read(tarfile.BLOCKSIZE)
+            if len(buf) != tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("unexpected end of data in a sparse header")
+            for i in range(21):
+                field = buf[i * 24:(i + 1) * 24]
+                try:
+                    offset, size = tarfile.nti(field[:12]), tarfile.nti(field[12:])
+                except ValueError:
+                    break
+                if offset and size:
+                    structs.append((offset, size))
+            extended = bool(buf[504])
+        self.sparse = structs
+        self.offset_data = tarfile_.fileobj.tell()
+        tarfile_.offset = self.offset_data + self._block(self.size)
+        self.size = realsize
+        return self
+
+    def _proc_gnusparse_10(self, next_: tarfile.TarInfo, pax_headers: dict[str, str],
+                           tarfile_: tarfile.TarFile) -> None:
+        # PAX sparse 1.0: the map is decimal lines at the start of the data, count first.
+        buf = b""
+        read = 0
+
+        def line() -> int:
+            nonlocal buf, read
+            while b"\n" not in buf:
+                if read >= MAX_HEADER:
+                    raise LayerError(f"sparse map longer than {MAX_HEADER} bytes")
+                block = tarfile_.fileobj.read(tarfile.BLOCKSIZE)
+                if len(block) != tarfile.BLOCKSIZE:
+                    raise tarfile.ReadError("unexpected end of data in a sparse map")
+                buf += block
+                read += len(block)
+            text, buf = buf.split(b"\n", 1)
+            if not text.isdigit() or len(text) > 20:
+                raise tarfile.ReadError("malformed sparse map")
+            return int(text)
+
+        count = line()
+        if count > MAX_SPARSE_ENTRIES:
+            raise LayerError(f"sparse map of {count} entries (at most {MAX_SPARSE_ENTRIES})")
+        numbers = [line() for _ in range(2 * count)]
+        next_.offset_data = tarfile_.fileobj.tell()
+        next_.sparse = list(zip(numbers[::2], numbers[1::2], strict=True))
+
+
 def _decompressed(f: IO[bytes] | FollowReader, media_type: str) -> IO[bytes] | Any:
     if media_type.endswith(("gzip", "+gzip")):
         return _Gunzip(f)
@@ -98,15 +196,17 @@ def _decompressed(f: IO[bytes] | FollowReader, media_type: str) -> IO[bytes] | A
         return zstandard.ZstdDecompressor().stream_reader(f, read_size=CHUNK, read_across_frames=True)
     if media_type.endswith((".tar", "layer.v1.tar")):
         return f
-    raise LayerError(f"unsupported layer media type {media_type!r}")
+    raise LayerError(f"unsupported layer media type {brief(media_type)}")
 
 
 def _components(name: str, what: str) -> list[str]:
+    if len(name) > MAX_PATH:
+        raise LayerError(f"{what} {brief(name)} is longer than {MAX_PATH}")
     if name.startswith("/"):
-        raise LayerError(f"{what} {name!r} is an absolute path")
+        raise LayerError(f"{what} {brief(name)} is an absolute path")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise LayerError(f"{what} {name!r} escapes the layer root")
+        raise LayerError(f"{what} {brief(name)} escapes the layer root")
     return parts
 
 
@@ -126,13 +226,13 @@ class _Extractor:
                 st = os.lstat(path)
             except FileNotFoundError:
                 if not create:
-                    raise LayerError(f"link target {'/'.join(parts)!r} does not exist") from None
+                    raise LayerError(f"link target {brief('/'.join(parts))} does not exist") from None
                 os.mkdir(path, 0o755)
                 continue
             if stat.S_ISLNK(st.st_mode):
-                raise LayerError(f"entry path {'/'.join(parts)!r} goes through symlink {p!r}")
+                raise LayerError(f"entry path {brief('/'.join(parts))} goes through symlink {brief(p)}")
             if not stat.S_ISDIR(st.st_mode):
-                raise LayerError(f"entry path {'/'.join(parts)!r}: {p!r} is not a directory")
+                raise LayerError(f"entry path {brief('/'.join(parts))}: {brief(p)} is not a directory")
         return path
 
     @staticmethod
@@ -151,16 +251,27 @@ class _Extractor:
             parts = _components(m.name, "entry")
             if not parts:
                 continue  # the root itself
-            parent = self._dir(parts[:-1], create=True)
-            base = parts[-1]
-            if base == OPAQUE:
-                self._opaque(parent)
-            elif base.startswith(WHITEOUT):
-                if not base.startswith(WHITEOUT + WHITEOUT):   # other .wh..wh.* are aufs bookkeeping
-                    self._whiteout(parent, base[len(WHITEOUT):])
-            else:
-                self._entry(tf, m, os.path.join(parent, base))
+            try:
+                self._member(tf, m, parts)
+            except OSError as e:
+                # The OSError's own text repeats the (layer-chosen) path: report it cut short.
+                if e.errno in _ENTRY_ERRNOS:
+                    raise LayerError(f"entry {brief(m.name)}: {e.strerror}") from None
+                raise OSError(e.errno, f"{e.strerror} unpacking entry {brief(m.name)}") from None
+        self.finish()
 
+    def _member(self, tf: tarfile.TarFile, m: tarfile.TarInfo, parts: list[str]) -> None:
+        parent = self._dir(parts[:-1], create=True)
+        base = parts[-1]
+        if base == OPAQUE:
+            self._opaque(parent)
+        elif base.startswith(WHITEOUT):
+            if not base.startswith(WHITEOUT + WHITEOUT):   # other .wh..wh.* are aufs bookkeeping
+                self._whiteout(parent, base[len(WHITEOUT):])
+        else:
+            self._entry(tf, m, os.path.join(parent, base))
+
+    def finish(self) -> None:
         for path, mtime in reversed(self.dir_times):
             with contextlib.suppress(OSError):
                 os.utime(path, (mtime, mtime), follow_symlinks=False)
@@ -176,7 +287,7 @@ class _Extractor:
 
     def _whiteout(self, parent: str, name: str) -> None:
         if not name or name in (".", "..") or "/" in name:
-            raise LayerError(f"bad whiteout name {name!r}")
+            raise LayerError(f"bad whiteout name {brief(name)}")
         path = os.path.join(parent, name)
         self._remove(path)
         if self.overlay:
@@ -205,7 +316,7 @@ class _Extractor:
             elif m.islnk():
                 tparts = _components(m.linkname, "hard link target")
                 if not tparts:
-                    raise LayerError(f"hard link {m.name!r} to the layer root")
+                    raise LayerError(f"hard link {brief(m.name)} to the layer root")
                 target = os.path.join(self._dir(tparts[:-1], create=False), tparts[-1])
                 os.link(target, path, follow_symlinks=False)
                 self.seen.add(path)
@@ -216,7 +327,7 @@ class _Extractor:
             elif m.isfifo():
                 os.mkfifo(path, m.mode & 0o7777)
             else:
-                raise LayerError(f"entry {m.name!r} has unsupported type {m.type!r}")
+                raise LayerError(f"entry {brief(m.name)} has unsupported type {m.type!r}")
         self.seen.add(path)
         self._metadata(m, path)
 
@@ -248,11 +359,14 @@ def apply_layer(blob: Path | FollowReader, media_type: str, dest: Path, overlay:
     try:
         with open(blob, "rb") if isinstance(blob, Path) else blob as f:
             reader = _HashingReader(_decompressed(f, media_type))
-            with tarfile.open(fileobj=reader, mode="r|", bufsize=CHUNK) as tf:  # type: ignore[call-overload]
+            with tarfile.open(fileobj=reader, mode="r|", bufsize=CHUNK,  # type: ignore[call-overload]
+                              tarinfo=_BoundedTarInfo) as tf:
                 _Extractor(dest, overlay).run(tf)
             reader.drain()
+    except LayerError as e:
+        raise LayerError(f"layer {diff_id}: {e}") from None
     except (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError) as e:
-        raise LayerError(f"layer {diff_id}: corrupt archive: {e}") from e
+        raise LayerError(f"layer {diff_id}: corrupt archive: {brief(str(e), 200)}") from e
     got = "sha256:" + reader.hash.hexdigest()
     if got != diff_id:
         raise LayerError(f"layer {diff_id}: uncompressed content has digest {got} (corrupted)")

@@ -13,7 +13,6 @@ import re
 import resource
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import betterproto
@@ -119,22 +118,131 @@ def process_args(config: cri.ContainerConfig, image_cfg: dict[str, Any]) -> list
     return args
 
 
-def _find_in_layers(layers: list[str], rel: str) -> Path | None:
-    for layer in layers:
-        p = Path(layer) / rel
-        if p.is_file():
-            return p
+MAX_USER_DB = 4 << 20   # /etc/passwd or /etc/group; the image chooses its size
+_MAX_SYMLINKS = 40      # as the kernel's ELOOP limit
+_MAX_STEPS = 4096       # path components walked in all, so link targets cannot make it long work
+
+
+def _is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 0)
+
+
+def _is_opaque(path: str) -> bool:
+    try:
+        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def _child(dirs: list[str], name: str) -> tuple[list[str], os.stat_result] | None:
+    """`name` in the merged directory whose layers are `dirs` (top-most first), as overlayfs sees it:
+    the top-most entry decides; a directory merges with the ones below it down to an opaque one."""
+    for i, d in enumerate(dirs):
+        path = os.path.join(d, name)
+        try:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if _is_whiteout(st):
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            return [path], st
+        merged = [path]
+        if not _is_opaque(path):
+            for lower in dirs[i + 1:]:
+                lpath = os.path.join(lower, name)
+                try:
+                    lst = os.lstat(lpath)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                if not stat.S_ISDIR(lst.st_mode):
+                    break
+                merged.append(lpath)
+                if _is_opaque(lpath):
+                    break
+        return merged, st
     return None
 
 
+def _resolve_in_layers(layers: list[str], rel: str) -> str | None:
+    """Host path of `rel` in the image's merged rootfs, with every symlink resolved inside that
+    rootfs (as openat2's RESOLVE_IN_ROOT: ".." and absolute targets stop at the image's root)."""
+    pending = [p for p in rel.split("/") if p]
+    pending.reverse()   # a stack: the next component is last
+    cur: list[str] = []
+    dirs = list(layers)
+    links = steps = 0
+    while pending:
+        steps += 1
+        if steps > _MAX_STEPS:
+            return None
+        name = pending.pop()
+        if name == ".":
+            continue
+        if name == "..":
+            cur = cur[:-1]
+            dirs = _walk(layers, cur)
+            continue
+        found = _child(dirs, name)
+        if found is None:
+            return None
+        paths, st = found
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > _MAX_SYMLINKS:
+                return None
+            target = os.readlink(paths[0])
+            if target.startswith("/"):
+                cur, dirs = [], list(layers)
+            pending.extend(reversed([p for p in target.split("/") if p]))
+            continue
+        if not pending:
+            return paths[0]
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+        cur.append(name)
+        dirs = paths
+    return None
+
+
+def _walk(layers: list[str], comps: list[str]) -> list[str]:
+    """The merged directory at `comps`, components already known to be directories."""
+    dirs = list(layers)
+    for name in comps:
+        found = _child(dirs, name)
+        if found is None:
+            return []
+        dirs = found[0]
+    return dirs
+
+
 def _read_db(layers: list[str], rel: str) -> list[list[str]]:
-    p = _find_in_layers(layers, rel)
-    if p is None:
-        return []
+    """Lines of the image's /etc/passwd or /etc/group; blocking (callers run the spec build in a thread)."""
     try:
-        return [line.split(":") for line in p.read_text(errors="replace").splitlines() if line and line[0] != "#"]
+        path = _resolve_in_layers(layers, rel)
+        if path is None:
+            return []
+        # O_NONBLOCK: a FIFO must not hang the open; only a regular file is read.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return []
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return []
+        data = b""
+        while len(data) <= MAX_USER_DB:
+            chunk = os.read(fd, MAX_USER_DB + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    if len(data) > MAX_USER_DB:
+        raise errors.InvalidArgument(f"image.image: the image's /{rel} is larger than {MAX_USER_DB} bytes")
+    text = data.decode(errors="replace")
+    return [line.split(":") for line in text.splitlines() if line and line[0] != "#"]
 
 
 def resolve_user(sc: cri.LinuxContainerSecurityContext, image_user: str, layers: list[str]) -> dict[str, Any]:
@@ -281,17 +389,40 @@ def _base_mounts(privileged: bool, readonly_rootfs: bool, pod: PodContext) -> li
     return mounts
 
 
-def _user_mounts(config: cri.ContainerConfig) -> list[dict[str, Any]]:
+def is_image_mount(m: cri.Mount) -> bool:
+    """A CRI image volume (kubelet's ImageVolume): the mount names an image instead of a host path."""
+    return betterproto.serialized_on_wire(m.image) and bool(m.image.image)
+
+
+def _user_mounts(config: cri.ContainerConfig, image_sources: dict[int, str]) -> list[dict[str, Any]]:
     out = []
     for i, m in enumerate(config.mounts):
         if not m.container_path.startswith("/"):
             raise errors.InvalidArgument(f"mounts[{i}].container_path must be absolute, got {m.container_path!r}")
+        if is_image_mount(m):
+            if i not in image_sources:
+                raise errors.InvalidArgument(f"mounts[{i}].image {m.image.image!r} has not been prepared")
+            # The image's read-only view, never shared with the host; exec stays allowed (as containerd).
+            out.append({"destination": m.container_path, "type": "bind", "source": image_sources[i],
+                        "options": ["rbind", "rprivate", "ro", "nosuid", "nodev"]})
+            continue
         if not m.host_path.startswith("/"):
             raise errors.InvalidArgument(f"mounts[{i}].host_path must be absolute, got {m.host_path!r}")
         opts = ["rbind", _PROPAGATION.get(m.propagation, "rprivate")]
         opts.append("ro" if m.readonly else "rw")
         out.append({"destination": m.container_path, "type": "bind", "source": m.host_path, "options": opts})
     return out
+
+
+def rootfs_propagation(config: cri.ContainerConfig) -> str | None:
+    """A shared or slave bind mount only propagates if the container's root mount does too: with
+    runc's default (rslave) a mount made inside a Bidirectional volume would never reach the host."""
+    modes = {m.propagation for m in config.mounts if not is_image_mount(m)}
+    if cri.MountPropagation.PROPAGATION_BIDIRECTIONAL in modes:
+        return "rshared"
+    if cri.MountPropagation.PROPAGATION_HOST_TO_CONTAINER in modes:
+        return "rslave"
+    return None
 
 
 def _devices(config: cri.ContainerConfig, privileged: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -639,7 +770,9 @@ def _namespaces(sc: cri.LinuxContainerSecurityContext, pod: PodContext) -> list[
 
 
 def container_spec(container_id: str, config: cri.ContainerConfig, pod: PodContext, image: ImageContext,
-                   rootfs: str, min_oom: int | None = None) -> dict[str, Any]:
+                   rootfs: str, min_oom: int | None = None,
+                   image_sources: dict[int, str] | None = None) -> dict[str, Any]:
+    """image_sources: for each image volume (by index in config.mounts), the host path to bind."""
     linux_cfg = config.linux if betterproto.serialized_on_wire(config.linux) else cri.LinuxContainerConfig()
     # Not `or`: a message whose fields are all defaults is falsy, yet its presence matters (seccomp RuntimeDefault).
     sc = linux_cfg.security_context
@@ -679,7 +812,7 @@ def container_spec(container_id: str, config: cri.ContainerConfig, pod: PodConte
     if apparmor_profile:
         process["apparmorProfile"] = apparmor_profile
     mounts = _base_mounts(privileged, sc.readonly_rootfs, pod)
-    user_mounts = _user_mounts(config)
+    user_mounts = _user_mounts(config, image_sources or {})
     user_dests = {m["destination"] for m in user_mounts}
     mounts = [m for m in mounts if m["destination"] not in user_dests] + user_mounts
     linux: dict[str, Any] = {
@@ -690,6 +823,8 @@ def container_spec(container_id: str, config: cri.ContainerConfig, pod: PodConte
     }
     if pod.sysctls:
         linux["sysctl"] = dict(pod.sysctls)
+    if (propagation := rootfs_propagation(config)) is not None:
+        linux["rootfsPropagation"] = propagation
     if seccomp_profile is not None:
         linux["seccomp"] = seccomp_profile
     if userns is not None:

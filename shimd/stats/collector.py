@@ -71,6 +71,9 @@ class StatsCollector:
         self.layout = layout or cgroupfs.Layout.detect()
         self._prev: dict[str, _Prev] = {}
         self._du: dict[str, tuple[int, diskusage.Usage]] = {}
+        # The last counters read from each pod's netns: packet counts have no field in the CRI
+        # messages, the cAdvisor metrics take them from here.
+        self.interfaces: dict[str, list[netdev.Interface]] = {}
         self.log = log.get("stats")
 
     # --- raw samples -----------------------------------------------------------------------
@@ -94,6 +97,8 @@ class StatsCollector:
             del self._prev[k]
         for k in [k for k in self._du if k not in live]:
             del self._du[k]
+        for k in [k for k in self.interfaces if k not in live]:
+            del self.interfaces[k]
 
     # --- CRI messages ----------------------------------------------------------------------
     @staticmethod
@@ -172,6 +177,7 @@ class StatsCollector:
         except (OSError, TimeoutError) as e:
             self.log.debug("pod network counters unavailable", pod_id=pod.id, error=str(e))
             return None
+        self.interfaces[pod.id] = ifaces
         usages = [cri.NetworkInterfaceUsage(name=i.name, rx_bytes=_u64(i.rx_bytes), rx_errors=_u64(i.rx_errors),
                                             tx_bytes=_u64(i.tx_bytes), tx_errors=_u64(i.tx_errors))
                   for i in ifaces]

@@ -23,17 +23,22 @@ class Interface:
     rx_errors: int
     tx_bytes: int
     tx_errors: int
+    rx_packets: int = 0
+    rx_dropped: int = 0
+    tx_packets: int = 0
+    tx_dropped: int = 0
 
 
 def parse(text: str) -> list[Interface]:
-    """/proc/net/dev: two header lines, then `name: rx(bytes packets errs ...) tx(bytes packets errs ...)`."""
+    """/proc/net/dev: two header lines, then `name: rx(bytes packets errs drop ...) tx(bytes packets errs drop ...)`."""
     out = []
     for line in text.splitlines()[2:]:
         name, _, rest = line.partition(":")
         f = rest.split()
         if len(f) < 16:
             continue
-        out.append(Interface(name.strip(), int(f[0]), int(f[2]), int(f[8]), int(f[10])))
+        out.append(Interface(name.strip(), int(f[0]), int(f[2]), int(f[8]), int(f[10]),
+                             rx_packets=int(f[1]), rx_dropped=int(f[3]), tx_packets=int(f[9]), tx_dropped=int(f[11])))
     return out
 
 

@@ -118,4 +118,6 @@ class Store:
         self.generation += 1
 
     def image_in_use(self, image_id: str) -> bool:
-        return any(c.image_id == image_id for c in self.containers.values())
+        # An image mounted as a volume (CRI Mount.image) is in use as much as a container's own.
+        return any(c.image_id == image_id or any(m.get("image_id") == image_id for m in c.mounts)
+                   for c in self.containers.values())

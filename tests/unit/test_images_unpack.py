@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
 import stat
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from shimd.images.unpack import LayerError, apply_layer
+from tests.support import hostile
 from tests.support import images as img
 from tests.support.images import Entry
 
@@ -141,3 +144,61 @@ def test_multi_member_gzip_and_big_sparse_file(tmp_path: Path) -> None:
     dest.mkdir()
     apply_layer(blob, img.LAYER_TYPES[("oci", "gzip")], dest, overlay=True, diff_id=img.sha256(raw))
     assert (dest / "zeros").stat().st_size == 8 << 20 and (dest / "tail").read_bytes() == b"t"
+
+
+# --- hostile headers (issue 16 item 5) ----------------------------------------------------------
+
+def _apply_bounded(tmp_path: Path, layer: img.Layer) -> tuple[str, int]:
+    """Apply a hostile layer; (error message, peak bytes Python allocated while doing it)."""
+    import tracemalloc
+
+    blob = tmp_path / "blob"
+    blob.write_bytes(layer.blob)
+    dest = tmp_path / "snap"
+    dest.mkdir()
+    tracemalloc.start()
+    try:
+        with pytest.raises(LayerError) as e:
+            apply_layer(blob, layer.media_type, dest, overlay=True, diff_id=layer.diff_id)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return str(e.value), peak
+
+
+@pytest.mark.parametrize("make", [hostile.pax_bomb_layer, hostile.gnu_longname_layer], ids=["pax", "gnu-longname"])
+def test_huge_extension_header_refused_without_reading_it(tmp_path: Path, make: object) -> None:
+    layer = make(64 << 20)  # type: ignore[operator]
+    msg, peak = _apply_bounded(tmp_path, layer)
+    assert "extension header" in msg and len(msg) < 300, msg
+    assert peak < 16 << 20, f"unpacking allocated {peak} bytes for a header it should refuse"
+
+
+def test_long_name_within_header_bound_is_refused_and_not_echoed(tmp_path: Path) -> None:
+    msg, _ = _apply_bounded(tmp_path, hostile.gnu_longname_layer(900 << 10))
+    assert "longer than 4096" in msg and len(msg) < 300, msg
+
+
+def test_chained_extension_headers_bounded(tmp_path: Path) -> None:
+    # Nine PAX headers in a row: tarfile would recurse through each while holding the previous ones.
+    buf = io.BytesIO()
+    for _ in range(9):
+        ti = tarfile.TarInfo("././@PaxHeader")
+        record = b"16 comment=abcd\n"
+        ti.type, ti.size = tarfile.XHDTYPE, len(record)
+        buf.write(ti.tobuf(format=tarfile.GNU_FORMAT) + record + b"\0" * (512 - len(record)))
+    buf.write(tarfile.TarInfo("f").tobuf(format=tarfile.GNU_FORMAT) + b"\0" * 1024)
+    raw = buf.getvalue()
+    layer = img.Layer(raw, img.sha256(raw), img.LAYER_TYPES[("oci", "none")])
+    msg, _ = _apply_bounded(tmp_path, layer)
+    assert "extension headers" in msg
+
+
+def test_error_from_the_filesystem_does_not_echo_the_name(tmp_path: Path) -> None:
+    # 300 characters: fine for tar and PATH_MAX, too long for one file name (ENAMETOOLONG).
+    blob, mt, diff = write_layer(tmp_path, [Entry("file", "x" * 300, b"x")])
+    dest = tmp_path / "snap"
+    dest.mkdir()
+    with pytest.raises(LayerError) as e:
+        apply_layer(blob, mt, dest, overlay=True, diff_id=diff)
+    assert "File name too long" in str(e.value) and len(str(e.value)) < 300, str(e.value)
