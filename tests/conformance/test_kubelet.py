@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.support import gotools
+from tests.support import critest_images, gotools
 from tests.support import images as img
 from tests.support.daemon import ShimdProcess
 from tests.support.kubelet import Kubelet, cgroups_under, make_cgroup_root, pids_in_cgroups, remove_cgroup_root
@@ -38,9 +38,9 @@ from tests.support.procs import alive, procs_for_pod
 from tests.support.registry import Registry, start_registry
 from tests.support.runtime import kill_strays
 
-# A made-up origin (never resolved): shimd's registry mirror sends it to the test's registry.
-ORIGIN = "images.kubelet-test.invalid"
-IMAGE = f"{ORIGIN}/library/busybox:1.36"
+# As a user writes it: a short name, which kubelet passes on as is and shimd resolves to the public registry,
+# which its mirrors (critest_images.mirrors_toml) send to the test's registry.
+IMAGE = "busybox:1.36"
 NAMESPACE = "default"
 
 PRINT = "i=0; while true; do echo \"seq $i\"; i=$((i+1)); usleep 20000; done"
@@ -149,9 +149,8 @@ def _free_subnet() -> ipaddress.IPv4Network:
 
 
 def _shimd_config(registry: Registry, net: CniNetwork) -> str:
-    return (f'[registries.hosts."{ORIGIN}"]\nmirrors = ["{registry.url}"]\ninsecure = true\n'
-            f'[registries.hosts."{registry.host}"]\ninsecure = true\n'
-            f'[cni]\nconf_dir = "{net.conf_dir}"\nbin_dirs = {json.dumps(CNI_BIN_DIRS)}\n')
+    return (critest_images.mirrors_toml(registry.url)
+            + f'[cni]\nconf_dir = "{net.conf_dir}"\nbin_dirs = {json.dumps(CNI_BIN_DIRS)}\n')
 
 
 def _stop_pods(s: Scenario) -> None:
@@ -196,7 +195,9 @@ def scenario() -> Iterator[Scenario]:
         net.write()
         registry = start_registry(base / "registry")
         undo.callback(registry.stop)
-        registry.client().push_image("library/busybox", "1.36", img.busybox_image())
+        # Where the mirror serves a short name (library/NAME); Debian's busybox-static is enough here.
+        name, tag = IMAGE.split(":")
+        registry.client().push_image(f"library/{name}", tag, img.busybox_image())
         (base / "shimd").mkdir()
         shimd = ShimdProcess(base / "shimd", _shimd_config(registry, net))
         kubelet = Kubelet(binary, base / "kubelet", shimd.socket, cgroup_root)
