@@ -106,8 +106,7 @@ class Daemon:
             await self._build()
             services = [dispatch.Wrapped(RuntimeService(self)), dispatch.Wrapped(ImageService(self))]
             self._server = grpc_server.Server(services)
-            await self._server.start(path=self.cfg.daemon.socket)
-            self._guard.secure()
+            await self._server.start_on(self._guard.bind())
         except BaseException:
             await self._close_components()
             self._guard.release()

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterable
 from typing import Any
 
@@ -99,6 +100,13 @@ class Server(grpclib.server.Server):
     def __init__(self, handlers: Iterable[Any]) -> None:
         super().__init__(list(handlers))
         self._mapping = _Methods(self._mapping)
+
+    async def start_on(self, sock: socket.socket) -> None:
+        """Serve on a unix socket already bound and listening (SocketGuard.bind gives it its mode)."""
+        if self._server is not None:
+            raise RuntimeError("server is already started")
+        self._server = await self._loop.create_unix_server(self._protocol_factory, sock=sock)
+        self._server_closed_fut = self._loop.create_future()
 
     def _protocol_factory(self) -> H2Protocol:
         # grpclib's own bookkeeping of handlers is kept; only the protocol around the handler is ours.

@@ -164,9 +164,6 @@ class PodService:
         if "ipc" in pod.namespaces:
             await self._mount_shm(pdir / "shm")
 
-        if sc.privileged:
-            pod.annotations.setdefault("shimd.io/privileged", "true")
-
         # As containerd does, a pod with a sandbox task starts its shim in that task's bundle: shim v2
         # binaries read config.json there (sandbox id grouping; Kata's sandbox-or-container choice).
         shim_dir = await self._prepare_sandbox_bundle(pod) if sandbox_task else pdir
@@ -232,7 +229,8 @@ class PodService:
             pid_ns_path=f"/proc/{pod.sandbox_pid}/ns/pid" if pod.sandbox_task and pod.sandbox_pid else "",
             files=files, shm_path=str(pdir / "shm") if "ipc" in pod.namespaces else "",
             sysctls=dict(config_field(pod.config, "linux", "sysctls", default={})),
-            privileged_pod=pod.annotations.get("shimd.io/privileged") == "true",
+            # From the sandbox config kubelet sent, never from annotations: the pod's author writes those.
+            privileged_pod=config_field(pod.config, "linux", "securityContext", "privileged", default=False) is True,
             userns=self._userns(pod),
         )
 
