@@ -65,6 +65,11 @@ async def test_descriptors_are_not_inherited(tmp_path: Path) -> None:
 FREEZER = Path("/sys/fs/cgroup/freezer")
 
 
+def _exists(pid: int) -> bool:
+    """A zombie counts: only its parent collecting it removes the /proc entry."""
+    return Path(f"/proc/{pid}").exists()
+
+
 @pytest.mark.skipif(not (FREEZER / "cgroup.procs").exists(), reason="needs the cgroup v1 freezer")
 async def test_helper_stuck_after_sigkill_is_reaped_once_it_exits(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,10 +88,10 @@ async def test_helper_stuck_after_sigkill_is_reaped_once_it_exits(tmp_path: Path
         (cg / "freezer.state").write_text("THAWED")
         # The SIGKILL takes effect on thaw; shimd, its parent, must collect it.
         for _ in range(500):
-            if not os.path.exists(f"/proc/{pid}"):
+            if not _exists(pid):
                 break
             await asyncio.sleep(0.02)
-        assert not os.path.exists(f"/proc/{pid}"), "the killed helper stayed a zombie of its parent"
+        assert not _exists(pid), "the killed helper stayed a zombie of its parent"
         assert pid not in subproc.stuck_helpers()
     finally:
         with contextlib.suppress(OSError):
