@@ -104,7 +104,8 @@ class Daemon:
         self._guard.claim()
         try:
             await self._build()
-            services = [dispatch.Wrapped(RuntimeService(self)), dispatch.Wrapped(ImageService(self))]
+            limit = self.cfg.daemon.max_recv_message_size
+            services = [dispatch.Wrapped(RuntimeService(self), limit), dispatch.Wrapped(ImageService(self), limit)]
             self._server = grpc_server.Server(services)
             await self._server.start_on(self._guard.bind())
         except BaseException:

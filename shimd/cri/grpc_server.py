@@ -23,6 +23,7 @@ import grpclib.server
 from grpclib import GRPCError
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.protocol import Connection, EventsProcessor, H2Protocol
+from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 
 from shimd.cri import h2_server
@@ -80,6 +81,21 @@ class _ServerProtocol(H2Protocol):
         self.connection.flush()
         self.connection.initialize()
         self.processor = EventsProcessor(self.handler, self.connection)
+
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.connection.feed(data)
+        except ProtocolError:
+            # grpclib closes without flushing: the GOAWAY saying why (FLOW_CONTROL_ERROR, ENHANCE_YOUR_CALM)
+            # would never reach the client.
+            self.connection.flush()
+            self.processor.close("Protocol error")
+            return
+        self.connection.flush()
+        for event in events:
+            self.processor.process(event)
+        self.connection.flush()
 
 
 class _Methods(dict[str, Handler]):
