@@ -309,18 +309,37 @@ class PodService:
         self.bus.publish(events.DELETED, pod.id, pod.id)
         lg.info("pod removed")
 
-    async def _adopt_unrecorded_shim(self, pod: PodRecord) -> bool:
-        """Shims write their address to ./address in the directory they were started in."""
+    async def _stand_in(self, pod_id: str) -> None:
+        handler = self.shims.cfg.daemon.default_handler
+        pod = PodRecord(id=pod_id, name=f"unreadable-{pod_id[:12]}", namespace="shimd-recovery", uid=pod_id,
+                        attempt=0, handler=handler, created_at=time.time_ns(), config={}, state=POD_NOTREADY,
+                        initializing=True, cgroup_parent=cgroups.default_pod_parent(self.cgroup_driver, pod_id),
+                        owns_cgroup_parent=True)
+        # Its shim is found through the address file the shim's start wrote, so its containers can be stopped.
+        pod.shim_address = await self._address_file(pod)
+        self.shims.remember(pod.id, pod.shim_address)
+        self.store.reserve_name(pod.name_key, pod.id, "pod sandbox")
+        await self.store.save_pod(pod)
+        self.store.adopt_orphans(pod)
+        self.log.warning("tearing down the pod of an unreadable record", pod_id=pod_id,
+                         containers=len(self.store.pod_containers(pod_id)), shim_address=pod.shim_address)
+
+    async def _address_file(self, pod: PodRecord) -> str:
         for d in (self.pod_dir(pod.id), self.pod_dir(pod.id) / "pause"):
             try:
                 text = await asyncio.to_thread((d / "address").read_text)
             except OSError:
                 continue
-            address = text.strip().removeprefix("unix://")
-            if address:
-                self.shims.remember(pod.id, address)
-                return True
-        return False
+            if text.strip():
+                return text.strip().removeprefix("unix://")
+        return ""
+
+    async def _adopt_unrecorded_shim(self, pod: PodRecord) -> bool:
+        """Shims write their address to ./address in the directory they were started in."""
+        address = await self._address_file(pod)
+        if address:
+            self.shims.remember(pod.id, address)
+        return bool(address)
 
     async def _stop_sandbox_task(self, pod: PodRecord) -> None:
         if pod.shim_dead:
@@ -365,6 +384,12 @@ class PodService:
 
     # --- recovery ----------------------------------------------------------------------------
     async def recover(self) -> None:
+        # A pod whose record could not be parsed still has what it owned (shim, pause task, namespaces, IP,
+        # shm mount, cgroup): everything is found from the pod id, so it is torn down like an interrupted
+        # RunPodSandbox, through a stand-in record that is saved first (a crash meanwhile repeats this).
+        for pod_id in self.store.unreadable_pods:
+            if pod_id not in self.store.pods:
+                await self._stand_in(pod_id)
         # CNI attachments recorded for pods shimd no longer knows (crash between ADD and the pod record).
         for pod_id in self.network.recorded_pods():
             if pod_id not in self.store.pods:
