@@ -39,6 +39,17 @@ def write_atomic_sync(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(dfd)
 
 
+def private_dir_sync(path: Path, group: int | None = None) -> None:
+    """A directory holding a container's or an image's filesystem: no one but root may pass through it
+    (setuid files and devices inside stay out of other users' reach). With group, that group may pass
+    through too (0710): the host gid of a user-namespaced pod's root, which must reach its rootfs and pod
+    files, and nothing more."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if group is not None:
+        os.chown(path, 0, group)
+    os.chmod(path, 0o710 if group is not None else 0o700)
+
+
 async def write_json(path: Path, obj: Any) -> None:
     data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
     await asyncio.to_thread(write_atomic_sync, path, data)

@@ -116,14 +116,19 @@ class ContainerService:
     @staticmethod
     def _prepare_dirs(ctr: ContainerRecord, config: cri.ContainerConfig, userns: ocispec.IdMappings | None) -> None:
         fs = Path(ctr.fs_dir)
-        (fs / "upper").mkdir(parents=True, exist_ok=True)
-        (fs / "work").mkdir(parents=True, exist_ok=True)
+        # overlayfs reaches upper and work with the mounter's (the shim's, root's) credentials: no one else
+        # needs a way into the writable layer, a user-namespaced container included.
+        fsutil.private_dir_sync(fs)
+        (fs / "upper").mkdir(exist_ok=True)
+        (fs / "work").mkdir(exist_ok=True)
         root = userns.host_root() if userns is not None else None
         if root is not None:
             # Only the lower layers are idmapped: the rootfs' own directory is the upper one's, and
             # files the container writes land there as their host ids (as with containerd 2).
             os.chown(fs / "upper", *root)
-        (Path(ctr.bundle) / "rootfs").mkdir(parents=True, exist_ok=True)
+        # The bundle holds the rootfs mount; runc's init, as the pod's mapped root, must pass through it.
+        fsutil.private_dir_sync(Path(ctr.bundle), root[1] if root is not None else None)
+        (Path(ctr.bundle) / "rootfs").mkdir(exist_ok=True)
         if ctr.log_path:
             Path(ctr.log_path).parent.mkdir(parents=True, exist_ok=True)
         for m in config.mounts:
@@ -339,6 +344,7 @@ class ContainerService:
     async def recover(self) -> None:
         """Reattach to every running task; record exits that happened while shimd was down."""
         await self._recover_unreadable()
+        await asyncio.to_thread(self._secure_dirs, list(self.store.containers.values()))
         for ctr in list(self.store.containers.values()):
             if ctr.state == CONTAINER_CREATED:
                 await self._recover_created(ctr)
@@ -399,6 +405,15 @@ class ContainerService:
             await self._remove_files(ctr)
             await fsutil.remove_file(self.store.container_dir / f"{ctr.id}.json")
             del self.store.orphans[ctr.id]
+
+    def _secure_dirs(self, ctrs: list[ContainerRecord]) -> None:
+        """Bundles and writable layers made by a shimd that left them open to everyone (0755) are closed."""
+        for ctr in ctrs:
+            pod = self.store.pods.get(ctr.pod_id)
+            for path, group in ((Path(ctr.bundle), self.pods.mapped_root_gid(pod) if pod else None),
+                                (Path(ctr.fs_dir), None)):
+                if ctr.fs_dir and path.is_dir():
+                    fsutil.private_dir_sync(path, group)
 
     def _stand_in(self, cid: str, pod_id: str) -> ContainerRecord:
         return ContainerRecord(id=cid, pod_id=pod_id, name=f"unreadable-{cid[:12]}", attempt=0,

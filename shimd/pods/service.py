@@ -128,7 +128,9 @@ class PodService:
                      userns: ocispec.IdMappings | None, sandbox_task: bool) -> None:
         ns_opts = sc.namespace_options or cri.NamespaceOption()
         pdir = self.pod_dir(pod.id)
-        await asyncio.to_thread(pdir.mkdir, parents=True, exist_ok=True)
+        # The pause task's rootfs and the pod's files live here; the pod's mapped root must reach them.
+        root = userns.host_root() if userns is not None else None
+        await asyncio.to_thread(fsutil.private_dir_sync, pdir, root[1] if root is not None else None)
         hostname = config.hostname or (os.uname().nodename if pod.host_network else config.metadata.name)
         podfiles.validate_hostname(hostname, "config.hostname")
 
@@ -309,6 +311,21 @@ class PodService:
         self.bus.publish(events.DELETED, pod.id, pod.id)
         lg.info("pod removed")
 
+    def mapped_root_gid(self, pod: PodRecord) -> int | None:
+        """The host gid of the pod's root when it has its own user namespace."""
+        try:
+            userns = self._userns(pod)
+        except errors.ShimdError:
+            return None
+        root = userns.host_root() if userns is not None else None
+        return root[1] if root is not None else None
+
+    def _secure_dirs(self, pods: list[PodRecord]) -> None:
+        for pod in pods:
+            pdir = self.pod_dir(pod.id)
+            if pdir.is_dir():
+                fsutil.private_dir_sync(pdir, self.mapped_root_gid(pod))
+
     async def _stand_in(self, pod_id: str) -> None:
         handler = self.shims.cfg.daemon.default_handler
         pod = PodRecord(id=pod_id, name=f"unreadable-{pod_id[:12]}", namespace="shimd-recovery", uid=pod_id,
@@ -390,6 +407,8 @@ class PodService:
         for pod_id in self.store.unreadable_pods:
             if pod_id not in self.store.pods:
                 await self._stand_in(pod_id)
+        # Pod directories made by a shimd that left them open to everyone (0755) are closed now.
+        await asyncio.to_thread(self._secure_dirs, list(self.store.pods.values()))
         # CNI attachments recorded for pods shimd no longer knows (crash between ADD and the pod record).
         for pod_id in self.network.recorded_pods():
             if pod_id not in self.store.pods:
