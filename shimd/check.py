@@ -245,6 +245,20 @@ def check_socket_file(cfg: config.Config) -> list[Finding]:
     return out
 
 
+def check_records(cfg: config.Config) -> list[Finding]:
+    """Records shimd could not parse at start-up: kept aside for inspection, what they owned cleaned up."""
+    from shimd.store.store import UNREADABLE_SUFFIX
+
+    root = Path(cfg.daemon.root)
+    aside = sorted(str(p) for kind in ("pods", "containers") if (root / kind).is_dir()
+                   for p in (root / kind).glob(f"*.json{UNREADABLE_SUFFIX}"))
+    if not aside:
+        return []
+    return [_warn("records", f"{len(aside)} unreadable record(s) kept aside: {', '.join(aside[:5])}"
+                  + (" ..." if len(aside) > 5 else ""),
+                  "shimd cleaned up what they owned at start-up; inspect them, then delete them")]
+
+
 async def check_running(cfg: config.Config) -> list[Finding]:
     """Version and Status over the CRI socket, as kubelet would call them."""
     if not await asyncio.to_thread(Path(cfg.daemon.socket).is_socket):
@@ -288,6 +302,7 @@ async def run_checks(cfg: config.Config, kubelet_config: Path = KUBELET_CONFIG,
     findings += check_streaming(cfg)
     findings += await asyncio.to_thread(check_storage, cfg)
     findings += await asyncio.to_thread(check_socket_file, cfg)
+    findings += await asyncio.to_thread(check_records, cfg)
     if probe_daemon:
         findings += await check_running(cfg)
     return findings

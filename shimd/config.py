@@ -27,6 +27,10 @@ class ConfigError(Exception):
         self.source, self.key, self.why = source, key, why
 
 
+# Below this kubelet's ordinary requests would be refused; above it the gRPC length prefix cannot say it.
+MIN_RECV_MESSAGE_SIZE, MAX_RECV_MESSAGE_SIZE = 65536, 2**32 - 1
+
+
 @dataclass
 class DaemonConfig:
     socket: str = "/run/shimd/shimd.sock"
@@ -37,6 +41,8 @@ class DaemonConfig:
     default_handler: str = "runc"
     # Upper bound on any single call to a shim or an OCI runtime binary.
     runtime_timeout_seconds: float = 60.0
+    # Largest request message the CRI socket accepts (containerd's default): bigger ones are refused unread.
+    max_recv_message_size: int = 16 * 1024 * 1024
 
 
 @dataclass
@@ -129,6 +135,7 @@ log_level = "info"                     # debug | info | warning | error (JSON li
 cgroup_driver = "cgroupfs"             # cgroupfs | systemd (must match kubelet's cgroupDriver)
 default_handler = "runc"               # handler for pods whose RuntimeClass names none
 runtime_timeout_seconds = 60.0         # upper bound on one shim call or OCI runtime command
+max_recv_message_size = 16777216       # bytes; a larger CRI request is refused (RESOURCE_EXHAUSTED) unread
 
 # One table per runtime handler; the table name is the RuntimeClass `handler`.
 [handlers.runc]
@@ -227,10 +234,14 @@ def _daemon(source: str, raw: Any) -> DaemonConfig:
         cgroup_driver=r.take("cgroup_driver", str, d.cgroup_driver, CGROUP_DRIVERS),
         default_handler=r.take("default_handler", str, d.default_handler),
         runtime_timeout_seconds=float(r.take("runtime_timeout_seconds", (int, float), d.runtime_timeout_seconds)),
+        max_recv_message_size=r.take("max_recv_message_size", int, d.max_recv_message_size),
     )
     r.done()
     if cfg.runtime_timeout_seconds <= 0:
         raise ConfigError(source, "daemon.runtime_timeout_seconds", "must be positive")
+    if not MIN_RECV_MESSAGE_SIZE <= cfg.max_recv_message_size <= MAX_RECV_MESSAGE_SIZE:
+        raise ConfigError(source, "daemon.max_recv_message_size",
+                          f"must be between {MIN_RECV_MESSAGE_SIZE} and {MAX_RECV_MESSAGE_SIZE} bytes")
     return cfg
 
 

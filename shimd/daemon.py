@@ -12,7 +12,7 @@ from pathlib import Path
 import grpclib.server
 import uvloop
 
-from shimd import config, errors, log, malloc_tuning, sdnotify
+from shimd import config, errors, fsutil, log, malloc_tuning, sdnotify
 from shimd.containers.exec import Execs
 from shimd.containers.service import ContainerService
 from shimd.containers.streams import ContainerStreams
@@ -101,13 +101,20 @@ class Daemon:
         for d in (self.root, self.state):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o711)
+        # Image layers and writable layers keep setuid files and device nodes: no user may walk into them
+        # (overlayfs and the shim reach them as root). Bundles and pod directories get their own modes.
+        for d in (self.root / "images", self.root / "rw"):
+            fsutil.private_dir_sync(d)
+        for d in (self.state / "containers", self.state / "pods"):
+            d.mkdir(mode=0o711, exist_ok=True)
+            os.chmod(d, 0o711)
         self._guard.claim()
         try:
             await self._build()
-            services = [dispatch.Wrapped(RuntimeService(self)), dispatch.Wrapped(ImageService(self))]
+            limit = self.cfg.daemon.max_recv_message_size
+            services = [dispatch.Wrapped(RuntimeService(self), limit), dispatch.Wrapped(ImageService(self), limit)]
             self._server = grpc_server.Server(services)
-            await self._server.start(path=self.cfg.daemon.socket)
-            self._guard.secure()
+            await self._server.start_on(self._guard.bind())
         except BaseException:
             await self._close_components()
             self._guard.release()

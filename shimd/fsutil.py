@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,9 @@ from typing import Any
 def write_atomic_sync(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write temp, fsync, rename, fsync the directory: readers see the old or the new file, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    # Unique per write, not per process: two writes of one file at once (two threads) must not share it.
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         try:
             view = memoryview(data)
@@ -35,6 +37,17 @@ def write_atomic_sync(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def private_dir_sync(path: Path, group: int | None = None) -> None:
+    """A directory holding a container's or an image's filesystem: no one but root may pass through it
+    (setuid files and devices inside stay out of other users' reach). With group, that group may pass
+    through too (0710): the host gid of a user-namespaced pod's root, which must reach its rootfs and pod
+    files, and nothing more."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if group is not None:
+        os.chown(path, 0, group)
+    os.chmod(path, 0o710 if group is not None else 0o700)
 
 
 async def write_json(path: Path, obj: Any) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 from shimd.errors import FailedPrecondition
@@ -49,9 +51,26 @@ class SocketGuard:
                 raise FailedPrecondition(f"{self.path} is in use by another process")
             self.path.unlink()
 
-    def secure(self) -> None:
-        """After bind: only root and the socket's group may talk to the runtime."""
-        os.chmod(self.path, 0o660)
+    def bind(self, backlog: int = 128) -> socket.socket:
+        """A listening socket at the path that is never, not for an instant, open to anyone but root and the
+        socket's group: bound in a private (0700) directory beside the path, made 0660 there, then renamed
+        into place. chmod after binding at the path would leave a window with the umask's mode."""
+        private = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.bind(str(private / "s"))
+                os.chmod(private / "s", 0o660)
+                sock.listen(backlog)
+                os.replace(private / "s", self.path)
+            except BaseException:
+                sock.close()
+                raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(private / "s")
+            os.rmdir(private)
+        return sock
 
     def release(self) -> None:
         if self._fd is not None:

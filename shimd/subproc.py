@@ -16,7 +16,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-KILL_GRACE = 5.0  # a SIGKILLed helper is reaped within this, or left to init (never waited on forever)
+KILL_GRACE = 5.0  # a SIGKILLed helper is waited on this long; past it, it is reaped whenever it exits
 _CHUNK = 65536
 
 
@@ -37,28 +37,57 @@ async def run(argv: Sequence[str], *, time_limit: float, stdin: bytes | None = N
         list(argv), stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, env=dict(env) if env is not None else None)
     pidfd = -1
+    handed_off = False
     try:
         pidfd = os.pidfd_open(proc.pid)
         async with asyncio.timeout(time_limit):
             _, out, err = await asyncio.gather(_feed(proc, stdin), _read_all(proc.stdout), _read_all(proc.stderr))
             await _wait_fd(pidfd)
+        proc.poll()  # exited (the pidfd is readable): collects it at once
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         if pidfd >= 0:
             with contextlib.suppress(BaseException):
                 await wait_exit(pidfd, KILL_GRACE)
+            if proc.poll() is None:
+                # Stuck after SIGKILL (D state, a frozen cgroup): shimd is its parent and nobody else can
+                # collect it, so its pidfd reaps it whenever it finally exits instead of leaving a zombie.
+                _reap_later(proc, pidfd)
+                handed_off = True
         raise
     finally:
-        if pidfd >= 0:
+        if pidfd >= 0 and not handed_off:
             os.close(pidfd)
         for f in (proc.stdin, proc.stdout, proc.stderr):
             if f is not None:
                 with contextlib.suppress(OSError):
                     f.close()
-        if proc.poll() is None:
-            proc.returncode = -9  # left to init after KILL_GRACE: keep Popen from waiting on it later
     return Completed(list(argv), proc.returncode, out, err)
+
+
+# Helpers still to be reaped, keyed by pidfd: their Popen objects stay referenced until then.
+_stuck: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _reap_later(proc: subprocess.Popen[bytes], pidfd: int) -> None:
+    """No task waits on it: the event loop calls back once the pidfd turns readable (the process exited)."""
+    loop = asyncio.get_running_loop()
+    _stuck[pidfd] = proc
+
+    def reap() -> None:
+        if proc.poll() is None:
+            return  # not yet collectable; the pidfd stays readable, so this runs again
+        loop.remove_reader(pidfd)
+        _stuck.pop(pidfd, None)
+        os.close(pidfd)
+
+    loop.add_reader(pidfd, reap)
+
+
+def stuck_helpers() -> list[int]:
+    """Pids of helpers killed but not exited yet (for logs and tests)."""
+    return [p.pid for p in _stuck.values()]
 
 
 async def wait_exit(pidfd: int, timeout: float) -> bool:

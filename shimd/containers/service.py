@@ -150,14 +150,19 @@ class ContainerService:
     @staticmethod
     def _prepare_dirs(ctr: ContainerRecord, config: cri.ContainerConfig, userns: ocispec.IdMappings | None) -> None:
         fs = Path(ctr.fs_dir)
-        (fs / "upper").mkdir(parents=True, exist_ok=True)
-        (fs / "work").mkdir(parents=True, exist_ok=True)
+        # overlayfs reaches upper and work with the mounter's (the shim's, root's) credentials: no one else
+        # needs a way into the writable layer, a user-namespaced container included.
+        fsutil.private_dir_sync(fs)
+        (fs / "upper").mkdir(exist_ok=True)
+        (fs / "work").mkdir(exist_ok=True)
         root = userns.host_root() if userns is not None else None
         if root is not None:
             # Only the lower layers are idmapped: the rootfs' own directory is the upper one's, and
             # files the container writes land there as their host ids (as with containerd 2).
             os.chown(fs / "upper", *root)
-        (Path(ctr.bundle) / "rootfs").mkdir(parents=True, exist_ok=True)
+        # The bundle holds the rootfs mount; runc's init, as the pod's mapped root, must pass through it.
+        fsutil.private_dir_sync(Path(ctr.bundle), root[1] if root is not None else None)
+        (Path(ctr.bundle) / "rootfs").mkdir(exist_ok=True)
         if ctr.log_path:
             Path(ctr.log_path).parent.mkdir(parents=True, exist_ok=True)
         for m in config.mounts:
@@ -344,7 +349,12 @@ class ContainerService:
             oci, _ = ocispec.resources(merged, ocispec.host_min_oom_score_adj())
             if ctr.state == CONTAINER_RUNNING:
                 value = json.dumps(oci).encode()
-                await self.shims.update(pod.id, ctr.id, pbany.Any(type_url=OCI_RESOURCES_TYPE, value=value))
+                try:
+                    await self.shims.update(pod.id, ctr.id, pbany.Any(type_url=OCI_RESOURCES_TYPE, value=value))
+                except errors.NotFound:
+                    # The task exited and was deleted while we were on our way: the container is not running.
+                    raise errors.FailedPrecondition(f"container {ctr.id} has exited; only created or running "
+                                                    "containers can be updated") from None
             elif ctr.state == CONTAINER_CREATED:
                 await self._patch_spec_resources(ctr, oci)
             else:
@@ -376,6 +386,8 @@ class ContainerService:
     # --- recovery ----------------------------------------------------------------------------
     async def recover(self) -> None:
         """Reattach to every running task; record exits that happened while shimd was down."""
+        await self._recover_unreadable()
+        await asyncio.to_thread(self._secure_dirs, list(self.store.containers.values()))
         for ctr in list(self.store.containers.values()):
             if ctr.state == CONTAINER_CREATED:
                 await self._recover_created(ctr)
@@ -405,6 +417,52 @@ class ContainerService:
                 await self.on_exit(pod.id, ctr.id, ExitInfo(int(st.exit_status), ts_ns(st.exited_at)))
             else:
                 self.shims.watch(pod.id, ctr.id)
+
+    async def _recover_unreadable(self) -> None:
+        """Containers whose record could not be parsed, or whose pod is gone: their task is stopped and their
+        files removed. The pod comes from the bundle's config.json (the sandbox-id annotation)."""
+        for cid in self.store.unreadable_containers:
+            if cid in self.store.containers:
+                continue
+            bundle = self.bundle_dir / cid
+            pod_id = await asyncio.to_thread(_bundle_pod_id, bundle)
+            pod = self.store.pods.get(pod_id) if pod_id else None
+            lg = self.log.bind(container_id=cid, pod_id=pod_id)
+            if pod is None:
+                lg.warning("removing the files of a container whose record is unreadable and pod unknown")
+                await self._remove_files(self._stand_in(cid, pod_id))
+                continue
+            ctr = self._stand_in(cid, pod.id)
+            ctr.state = CONTAINER_RUNNING if pod.shim_address and not pod.shim_dead else CONTAINER_EXITED
+            try:
+                self.store.reserve_name(ctr.name_key(pod), cid, "container")
+                await self.store.save_container(ctr)
+                async with self.store.lock(pod.id):
+                    await self._remove(ctr)
+                lg.warning("stopped and removed a container whose record is unreadable")
+            except (errors.ShimdError, OSError, TimeoutError) as e:
+                lg.error("cleaning up a container whose record is unreadable failed", error=str(e))
+        for ctr in list(self.store.orphans.values()):
+            # Its pod's record is gone (it is deleted only after its containers): what is left is files.
+            self.log.warning("removing a container record without pod", container_id=ctr.id, pod_id=ctr.pod_id)
+            await self._remove_files(ctr)
+            await fsutil.remove_file(self.store.container_dir / f"{ctr.id}.json")
+            del self.store.orphans[ctr.id]
+
+    def _secure_dirs(self, ctrs: list[ContainerRecord]) -> None:
+        """Bundles and writable layers made by a shimd that left them open to everyone (0755) are closed."""
+        for ctr in ctrs:
+            pod = self.store.pods.get(ctr.pod_id)
+            for path, group in ((Path(ctr.bundle), self.pods.mapped_root_gid(pod) if pod else None),
+                                (Path(ctr.fs_dir), None)):
+                if ctr.fs_dir and path.is_dir():
+                    fsutil.private_dir_sync(path, group)
+
+    def _stand_in(self, cid: str, pod_id: str) -> ContainerRecord:
+        return ContainerRecord(id=cid, pod_id=pod_id, name=f"unreadable-{cid[:12]}", attempt=0,
+                               created_at=time.time_ns(), config={}, image_ref="", image_id="", log_path="",
+                               bundle=str(self.bundle_dir / cid), fs_dir=str(self.rw_dir / cid),
+                               state=CONTAINER_EXITED, reason="Unknown", message="its record was unreadable")
 
     async def _finish_exit(self, ctr: ContainerRecord) -> None:
         """A crash between recording an exit and deleting the task leaves the task (and its rootfs
@@ -453,6 +511,15 @@ class ContainerService:
             await self.on_exit(pod.id, ctr.id, ExitInfo(int(st.exit_status), ts_ns(st.exited_at)))
         else:
             self.shims.watch(pod.id, ctr.id)
+
+
+def _bundle_pod_id(bundle: Path) -> str:
+    try:
+        with open(bundle / "config.json", "rb") as f:
+            spec = json.loads(f.read(4 << 20))
+        return str(spec["annotations"]["io.kubernetes.cri.sandbox-id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _make_stdin_fifo(bundle: Path) -> str:

@@ -49,13 +49,14 @@ def status_for(exc: BaseException) -> tuple[Status, str]:
     return Status.INTERNAL, f"internal error: {exc}"
 
 
-def _wrap(method: str, func: Callable[[grpclib.server.Stream], Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+def _wrap(method: str, func: Callable[[grpclib.server.Stream], Awaitable[None]],
+          max_message: int) -> Callable[..., Awaitable[None]]:
     logger = log.get("cri", method=method)
 
     async def handler(stream: grpclib.server.Stream) -> None:
         start = time.monotonic()
         outcome = "OK"
-        _checked_decoding(stream, method)
+        _checked_decoding(stream, method, max_message)
         try:
             await func(stream)
         except grpclib.GRPCError as e:
@@ -96,9 +97,29 @@ def _wrap(method: str, func: Callable[[grpclib.server.Stream], Awaitable[None]])
     return handler
 
 
-def _checked_decoding(stream: grpclib.server.Stream, method: str) -> None:
-    """A request body that is not a valid message is the caller's error (INVALID_ARGUMENT), not ours."""
-    recv = stream.recv_message
+def _checked_decoding(stream: grpclib.server.Stream, method: str, max_message: int) -> None:
+    """A request body that is not a valid message is the caller's error (INVALID_ARGUMENT), not ours; one
+    longer than max_message is RESOURCE_EXHAUSTED before a byte of it is buffered."""
+
+    async def recv() -> Any:
+        # grpclib's Stream.recv_message, with the length prefix checked before the body is read: grpclib
+        # itself would collect a declared 4 GiB body in memory, handing the window back as it goes.
+        h2_stream = stream._stream
+        meta = await h2_stream.recv_data(5)
+        if not meta:
+            return None
+        if meta[0]:
+            raise grpclib.GRPCError(Status.UNIMPLEMENTED, f"{method}: compressed request messages are not supported")
+        size = int.from_bytes(meta[1:5], "big")
+        if size > max_message:
+            raise grpclib.GRPCError(Status.RESOURCE_EXHAUSTED, f"{method}: request message of {size} bytes is "
+                                    f"larger than the maximum of {max_message} (daemon.max_recv_message_size)")
+        message = stream._codec.decode(await h2_stream.recv_data(size), stream._recv_type)
+        (message,) = await stream._dispatch.recv_message(message)
+        stream._messages_received += 1
+        h2_stream.connection.messages_received += 1
+        h2_stream.connection.last_message_received = time.monotonic()
+        return message
 
     async def recv_message() -> Any:
         try:
@@ -171,11 +192,14 @@ def _scalar_ok(proto_type: str, value: Any) -> bool:
     return isinstance(value, _SCALARS.get(proto_type, int))
 
 
-def mapping(service: Any) -> dict[str, grpclib.const.Handler]:
+DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+
+
+def mapping(service: Any, max_message: int = DEFAULT_MAX_MESSAGE) -> dict[str, grpclib.const.Handler]:
     """The service's own mapping, each handler wrapped."""
     out: dict[str, grpclib.const.Handler] = {}
     for path, h in service.__mapping__().items():
-        out[path] = grpclib.const.Handler(_wrap(path.rsplit("/", 1)[-1], h.func), h.cardinality,
+        out[path] = grpclib.const.Handler(_wrap(path.rsplit("/", 1)[-1], h.func, max_message), h.cardinality,
                                           h.request_type, h.reply_type)
     return out
 
@@ -183,8 +207,8 @@ def mapping(service: Any) -> dict[str, grpclib.const.Handler]:
 class Wrapped:
     """What grpclib.server.Server takes: an object with __mapping__."""
 
-    def __init__(self, service: Any) -> None:
-        self._mapping = mapping(service)
+    def __init__(self, service: Any, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+        self._mapping = mapping(service, max_message)
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         return self._mapping

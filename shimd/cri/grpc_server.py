@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterable
 from typing import Any
 
@@ -22,6 +23,7 @@ import grpclib.server
 from grpclib import GRPCError
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.protocol import Connection, EventsProcessor, H2Protocol
+from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 
 from shimd.cri import h2_server
@@ -81,6 +83,21 @@ class _ServerProtocol(H2Protocol):
         self.processor = EventsProcessor(self.handler, self.connection)
 
 
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.connection.feed(data)
+        except ProtocolError:
+            # grpclib closes without flushing: the GOAWAY saying why (FLOW_CONTROL_ERROR, ENHANCE_YOUR_CALM)
+            # would never reach the client.
+            self.connection.flush()
+            self.processor.close("Protocol error")
+            return
+        self.connection.flush()
+        for event in events:
+            self.processor.process(event)
+        self.connection.flush()
+
+
 class _Methods(dict[str, Handler]):
     """grpclib's method table, answering every path it does not hold as an unimplemented method."""
 
@@ -99,6 +116,13 @@ class Server(grpclib.server.Server):
     def __init__(self, handlers: Iterable[Any]) -> None:
         super().__init__(list(handlers))
         self._mapping = _Methods(self._mapping)
+
+    async def start_on(self, sock: socket.socket) -> None:
+        """Serve on a unix socket already bound and listening (SocketGuard.bind gives it its mode)."""
+        if self._server is not None:
+            raise RuntimeError("server is already started")
+        self._server = await self._loop.create_unix_server(self._protocol_factory, sock=sock)
+        self._server_closed_fut = self._loop.create_future()
 
     def _protocol_factory(self) -> H2Protocol:
         # grpclib's own bookkeeping of handlers is kept; only the protocol around the handler is ours.

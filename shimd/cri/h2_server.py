@@ -11,14 +11,17 @@ priorities).
 Header blocks are decoded with the hpack library, which keeps the client's dynamic table. They
 are encoded without the dynamic table (static-table names, literal values, RFC 7541 section
 6.2.2), so nothing the client does to its table concerns us, and a response's header block depends
-only on the headers: it is cached. Inbound flow control is generous rather than strict: a peer that
-sends past its window is not punished, and consumed data is handed back (WINDOW_UPDATE) once half
-of a window is used, as h2 does.
+only on the headers: it is cached. Inbound flow control is enforced as h2 does: a peer sending past
+the connection's or a stream's window ends the connection with FLOW_CONTROL_ERROR, so what a client
+can make us buffer is bounded by the windows we advertise; consumed data is handed back
+(WINDOW_UPDATE) once half of a window is used. Against rapid reset (CVE-2023-44487), a client that
+resets more than MAX_RESETS streams within RESET_INTERVAL seconds gets GOAWAY ENHANCE_YOUR_CALM.
 """
 
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Iterable
 from typing import Any, NoReturn
 
@@ -55,6 +58,8 @@ MIN_FRAME, MAX_FRAME = 16384, 2**24 - 1
 MAX_CONCURRENT_STREAMS = 100  # what h2 advertised for shimd before
 MAX_HEADER_LIST_SIZE = 65536
 MAX_HEADER_BLOCK = 4 * MAX_HEADER_LIST_SIZE  # encoded, before CONTINUATIONs are joined: bounds memory
+# Rapid reset: kubelet cancels a call now and then; thousands a second is an attack on the handlers it starts.
+MAX_RESETS, RESET_INTERVAL = 200, 1.0
 
 _HEADER = struct.Struct(">IBI")  # length << 8 | type, flags, stream id
 _U32 = struct.Struct(">I")
@@ -118,11 +123,12 @@ class _ConnectionState:
 
 
 class ServerStream:
-    __slots__ = ("local_closed", "remote_closed", "send_window", "stream_id", "unacked")
+    __slots__ = ("local_closed", "recv_window", "remote_closed", "send_window", "stream_id", "unacked")
 
-    def __init__(self, stream_id: int, send_window: int) -> None:
+    def __init__(self, stream_id: int, send_window: int, recv_window: int) -> None:
         self.stream_id = stream_id
         self.send_window = send_window
+        self.recv_window = recv_window  # what the peer may still send on it before our next WINDOW_UPDATE
         self.unacked = 0
         self.local_closed = False
         self.remote_closed = False
@@ -155,7 +161,10 @@ class ServerConnection:
         self.max_outbound_frame_size = MIN_FRAME
         # Inbound: what we let the peer send, and how much of it was consumed since the last update.
         self._recv_window = DEFAULT_WINDOW
+        self._recv_left = DEFAULT_WINDOW  # of it, what the peer may still send before our next WINDOW_UPDATE
         self._recv_unacked = 0
+        self._resets = 0
+        self._resets_since = 0.0
         self._highest_stream_id = 0
         self._continuation: tuple[int, bool, list[bytes]] | None = None
 
@@ -169,12 +178,17 @@ class ServerConnection:
     def update_settings(self, new_settings: dict[int, int]) -> None:
         for code, value in new_settings.items():
             if code == SettingCodes.INITIAL_WINDOW_SIZE:
+                # Sent before any stream opens (grpclib does it at connection set-up), so no open stream's
+                # window needs the difference: streams the peer opens start with the new size.
                 self.local_settings.initial_window_size = value
         self._out.append(self._settings_frame(new_settings))
 
     def increment_flow_control_window(self, increment: int, stream_id: int | None = None) -> None:
         if not stream_id:
             self._recv_window += increment
+            self._recv_left += increment
+        elif (stream := self.streams.get(stream_id)) is not None:
+            stream.recv_window += increment
         self._out.append(_window_update(stream_id or 0, increment))
 
     @staticmethod
@@ -263,6 +277,7 @@ class ServerConnection:
         self._recv_unacked += acknowledged_size
         if self._recv_unacked >= self._recv_window // 2:
             self._out.append(_window_update(0, self._recv_unacked))
+            self._recv_left += self._recv_unacked
             self._recv_unacked = 0
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_closed:
@@ -270,6 +285,7 @@ class ServerConnection:
         stream.unacked += acknowledged_size
         if stream.unacked >= self.local_settings.initial_window_size // 2:
             self._out.append(_window_update(stream_id, stream.unacked))
+            stream.recv_window += stream.unacked
             stream.unacked = 0
 
     # --- input ---------------------------------------------------------------------------------
@@ -327,7 +343,17 @@ class ServerConnection:
         if stream_id == 0:
             self._fail(ErrorCodes.PROTOCOL_ERROR, "DATA on stream 0")
         data = self._unpadded(flags, payload)
+        # Padding counts against the windows too (RFC 9113 section 6.9.1).
+        self._recv_left -= len(payload)
+        if self._recv_left < 0:
+            self._fail(ErrorCodes.FLOW_CONTROL_ERROR, f"DATA of {len(payload)} bytes beyond the connection's "
+                       "receive window", FlowControlError)
         stream = self.streams.get(stream_id)
+        if stream is not None and not stream.remote_closed:
+            stream.recv_window -= len(payload)
+            if stream.recv_window < 0:
+                self._fail(ErrorCodes.FLOW_CONTROL_ERROR, f"DATA of {len(payload)} bytes beyond stream "
+                           f"{stream_id}'s receive window", FlowControlError)
         if stream is None or stream.remote_closed:
             if stream is None and stream_id > self._highest_stream_id:
                 self._fail(ErrorCodes.PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
@@ -386,7 +412,7 @@ class ServerConnection:
             if len(self.streams) >= MAX_CONCURRENT_STREAMS:
                 self._out.append(_rst_stream(stream_id, ErrorCodes.REFUSED_STREAM))
                 return
-            stream = ServerStream(stream_id, self._peer_initial_window)
+            stream = ServerStream(stream_id, self._peer_initial_window, self.local_settings.initial_window_size)
             self.streams[stream_id] = stream
             request = RequestReceived(stream_id=stream_id, headers=headers)  # type: ignore[arg-type]
             events.append(request)
@@ -413,6 +439,13 @@ class ServerConnection:
             self._fail(ErrorCodes.PROTOCOL_ERROR, f"RST_STREAM on stream {stream_id}")
         if len(payload) != 4:
             self._fail(ErrorCodes.FRAME_SIZE_ERROR, "RST_STREAM of wrong length", FrameTooLargeError)
+        now = time.monotonic()
+        if now - self._resets_since > RESET_INTERVAL:
+            self._resets, self._resets_since = 0, now
+        self._resets += 1
+        if self._resets > MAX_RESETS:
+            self._fail(ErrorCodes.ENHANCE_YOUR_CALM, f"more than {MAX_RESETS} streams reset within "
+                       f"{RESET_INTERVAL:g}s")
         if self.streams.pop(stream_id, None) is not None:
             code = _U32.unpack(payload)[0]
             events.append(StreamReset(stream_id=stream_id, error_code=_error_code(code), remote_reset=True))

@@ -128,7 +128,9 @@ class PodService:
                      userns: ocispec.IdMappings | None, sandbox_task: bool) -> None:
         ns_opts = sc.namespace_options or cri.NamespaceOption()
         pdir = self.pod_dir(pod.id)
-        await asyncio.to_thread(pdir.mkdir, parents=True, exist_ok=True)
+        # The pause task's rootfs and the pod's files live here; the pod's mapped root must reach them.
+        root = userns.host_root() if userns is not None else None
+        await asyncio.to_thread(fsutil.private_dir_sync, pdir, root[1] if root is not None else None)
         hostname = config.hostname or (os.uname().nodename if pod.host_network else config.metadata.name)
         podfiles.validate_hostname(hostname, "config.hostname")
 
@@ -163,9 +165,6 @@ class PodService:
         })
         if "ipc" in pod.namespaces:
             await self._mount_shm(pdir / "shm")
-
-        if sc.privileged:
-            pod.annotations.setdefault("shimd.io/privileged", "true")
 
         # As containerd does, a pod with a sandbox task starts its shim in that task's bundle: shim v2
         # binaries read config.json there (sandbox id grouping; Kata's sandbox-or-container choice).
@@ -232,7 +231,8 @@ class PodService:
             pid_ns_path=f"/proc/{pod.sandbox_pid}/ns/pid" if pod.sandbox_task and pod.sandbox_pid else "",
             files=files, shm_path=str(pdir / "shm") if "ipc" in pod.namespaces else "",
             sysctls=dict(config_field(pod.config, "linux", "sysctls", default={})),
-            privileged_pod=pod.annotations.get("shimd.io/privileged") == "true",
+            # From the sandbox config kubelet sent, never from annotations: the pod's author writes those.
+            privileged_pod=config_field(pod.config, "linux", "securityContext", "privileged", default=False) is True,
             userns=self._userns(pod),
         )
 
@@ -311,18 +311,52 @@ class PodService:
         self.bus.publish(events.DELETED, pod.id, pod.id)
         lg.info("pod removed")
 
-    async def _adopt_unrecorded_shim(self, pod: PodRecord) -> bool:
-        """Shims write their address to ./address in the directory they were started in."""
+    def mapped_root_gid(self, pod: PodRecord) -> int | None:
+        """The host gid of the pod's root when it has its own user namespace."""
+        try:
+            userns = self._userns(pod)
+        except errors.ShimdError:
+            return None
+        root = userns.host_root() if userns is not None else None
+        return root[1] if root is not None else None
+
+    def _secure_dirs(self, pods: list[PodRecord]) -> None:
+        for pod in pods:
+            pdir = self.pod_dir(pod.id)
+            if pdir.is_dir():
+                fsutil.private_dir_sync(pdir, self.mapped_root_gid(pod))
+
+    async def _stand_in(self, pod_id: str) -> None:
+        handler = self.shims.cfg.daemon.default_handler
+        pod = PodRecord(id=pod_id, name=f"unreadable-{pod_id[:12]}", namespace="shimd-recovery", uid=pod_id,
+                        attempt=0, handler=handler, created_at=time.time_ns(), config={}, state=POD_NOTREADY,
+                        initializing=True, cgroup_parent=cgroups.default_pod_parent(self.cgroup_driver, pod_id),
+                        owns_cgroup_parent=True)
+        # Its shim is found through the address file the shim's start wrote, so its containers can be stopped.
+        pod.shim_address = await self._address_file(pod)
+        self.shims.remember(pod.id, pod.shim_address)
+        self.store.reserve_name(pod.name_key, pod.id, "pod sandbox")
+        await self.store.save_pod(pod)
+        self.store.adopt_orphans(pod)
+        self.log.warning("tearing down the pod of an unreadable record", pod_id=pod_id,
+                         containers=len(self.store.pod_containers(pod_id)), shim_address=pod.shim_address)
+
+    async def _address_file(self, pod: PodRecord) -> str:
         for d in (self.pod_dir(pod.id), self.pod_dir(pod.id) / "pause"):
             try:
                 text = await asyncio.to_thread((d / "address").read_text)
             except OSError:
                 continue
-            address = text.strip().removeprefix("unix://")
-            if address:
-                self.shims.remember(pod.id, address)
-                return True
-        return False
+            if text.strip():
+                return text.strip().removeprefix("unix://")
+        return ""
+
+    async def _adopt_unrecorded_shim(self, pod: PodRecord) -> bool:
+        """Shims write their address to ./address in the directory they were started in."""
+        address = await self._address_file(pod)
+        if address:
+            self.shims.remember(pod.id, address)
+        return bool(address)
 
     async def _stop_sandbox_task(self, pod: PodRecord) -> None:
         if pod.shim_dead:
@@ -367,6 +401,14 @@ class PodService:
 
     # --- recovery ----------------------------------------------------------------------------
     async def recover(self) -> None:
+        # A pod whose record could not be parsed still has what it owned (shim, pause task, namespaces, IP,
+        # shm mount, cgroup): everything is found from the pod id, so it is torn down like an interrupted
+        # RunPodSandbox, through a stand-in record that is saved first (a crash meanwhile repeats this).
+        for pod_id in self.store.unreadable_pods:
+            if pod_id not in self.store.pods:
+                await self._stand_in(pod_id)
+        # Pod directories made by a shimd that left them open to everyone (0755) are closed now.
+        await asyncio.to_thread(self._secure_dirs, list(self.store.pods.values()))
         # CNI attachments recorded for pods shimd no longer knows (crash between ADD and the pod record).
         for pod_id in self.network.recorded_pods():
             if pod_id not in self.store.pods:

@@ -1,14 +1,24 @@
-"""The pod and container store: lookups, name reservation, per-pod locks, durable writes."""
+"""The pod and container store: lookups, name reservation, per-pod locks, durable writes.
+
+A record that cannot be parsed at start-up is renamed aside (`<id>.json.unreadable`, reported by the log
+and `shimd check`) and its id kept in `unreadable_pods` / `unreadable_containers`, so recovery can clean
+up what it owned instead of forgetting it; containers whose pod is unknown wait in `orphans`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 
 from shimd import errors, fsutil, log
 from shimd.store.records import ContainerRecord, PodRecord
+
+UNREADABLE_SUFFIX = ".unreadable"
+_ID = re.compile(r"[0-9a-f]{64}")
+_DELETED = "_store_deleted"
 
 
 class Store:
@@ -19,14 +29,21 @@ class Store:
         self.containers: dict[str, ContainerRecord] = {}
         self._names: dict[str, str] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # One writer at a time per record file: the last change made is the one that ends up on disk.
+        self._write_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self.unreadable_pods: list[str] = []
+        self.unreadable_containers: list[str] = []
+        self.orphans: dict[str, ContainerRecord] = {}
         # Bumped after every change is visible, so readers can tell a cached view is still current.
         self.generation = 0
         self.log = log.get("store")
 
     # --- loading -------------------------------------------------------------------------
     def _load_sync(self) -> tuple[list[PodRecord], list[ContainerRecord]]:
-        pods, ctrs = [], []
-        for d, cls, out in ((self.pod_dir, PodRecord, pods), (self.container_dir, ContainerRecord, ctrs)):
+        pods: list[PodRecord] = []
+        ctrs: list[ContainerRecord] = []
+        for d, cls, out, bad in ((self.pod_dir, PodRecord, pods, self.unreadable_pods),
+                                 (self.container_dir, ContainerRecord, ctrs, self.unreadable_containers)):
             d.mkdir(parents=True, exist_ok=True)
             for entry in os.scandir(d):
                 if not entry.name.endswith(".json") or entry.name.startswith("."):
@@ -34,9 +51,18 @@ class Store:
                         os.unlink(entry.path)
                     continue
                 try:
-                    out.append(cls.from_dict(fsutil.read_json_sync(Path(entry.path))))
-                except (OSError, ValueError, TypeError) as e:
-                    self.log.error("unreadable record skipped", path=entry.path, error=str(e))
+                    record = cls.from_dict(fsutil.read_json_sync(Path(entry.path)))
+                    if record.id != entry.name.removesuffix(".json"):
+                        raise ValueError(f"record id {str(record.id)[:80]!r} does not match its file name")
+                    out.append(record)  # type: ignore[arg-type]
+                except (OSError, ValueError, TypeError, AttributeError) as e:
+                    aside = entry.path + UNREADABLE_SUFFIX
+                    os.replace(entry.path, aside)
+                    ident = entry.name.removesuffix(".json")
+                    if _ID.fullmatch(ident):
+                        bad.append(ident)
+                    self.log.error("unreadable record kept aside; what it owned is cleaned up", path=aside,
+                                   error=str(e)[:200])
         return pods, ctrs
 
     async def load(self) -> None:
@@ -48,7 +74,15 @@ class Store:
             pod = self.pods.get(c.pod_id)
             if pod is None:
                 self.log.warning("container without pod", container_id=c.id, pod_id=c.pod_id)
+                self.orphans[c.id] = c
                 continue
+            self.containers[c.id] = c
+            self._names[c.name_key(pod)] = c.id
+
+    def adopt_orphans(self, pod: PodRecord) -> None:
+        """A pod put back in place of an unreadable record takes its containers back."""
+        for c in [c for c in self.orphans.values() if c.pod_id == pod.id]:
+            del self.orphans[c.id]
             self.containers[c.id] = c
             self._names[c.name_key(pod)] = c.id
 
@@ -92,25 +126,49 @@ class Store:
 
     # --- durable writes --------------------------------------------------------------------
     # Listed only once durable: a failed first write (disk full) must not leave a listed ghost.
+    async def _write(self, path: Path, record: PodRecord | ContainerRecord, remove: bool = False) -> bool:
+        """Writes (or with remove, deletes) one record file; False when the record was deleted meanwhile."""
+        key = str(path)
+        entry = self._write_locks.get(key)
+        if entry is None:
+            entry = self._write_locks[key] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                if vars(record).get(_DELETED):
+                    return False  # a save that lost the race with the removal must not bring the file back
+                if remove:
+                    vars(record)[_DELETED] = True  # on the object, not a field: never written to disk
+                    await fsutil.remove_file(path)
+                else:
+                    # Serialised inside the lock: a save that waited writes the record as it is now.
+                    await fsutil.write_json(path, record.to_dict())
+                return True
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._write_locks[key]
+
     async def save_pod(self, pod: PodRecord) -> None:
-        await fsutil.write_json(self.pod_dir / f"{pod.id}.json", pod.to_dict())
-        self.pods[pod.id] = pod
-        self.generation += 1
+        if await self._write(self.pod_dir / f"{pod.id}.json", pod):
+            self.pods[pod.id] = pod
+            self.generation += 1
 
     async def save_container(self, ctr: ContainerRecord) -> None:
-        await fsutil.write_json(self.container_dir / f"{ctr.id}.json", ctr.to_dict())
-        self.containers[ctr.id] = ctr
-        self.generation += 1
+        if await self._write(self.container_dir / f"{ctr.id}.json", ctr):
+            self.containers[ctr.id] = ctr
+            self.generation += 1
 
     async def delete_pod(self, pod: PodRecord) -> None:
-        await fsutil.remove_file(self.pod_dir / f"{pod.id}.json")
+        await self._write(self.pod_dir / f"{pod.id}.json", pod, remove=True)
         self.pods.pop(pod.id, None)
         self.release_name(pod.name_key, pod.id)
         self._locks.pop(pod.id, None)
         self.generation += 1
 
     async def delete_container(self, ctr: ContainerRecord) -> None:
-        await fsutil.remove_file(self.container_dir / f"{ctr.id}.json")
+        await self._write(self.container_dir / f"{ctr.id}.json", ctr, remove=True)
         self.containers.pop(ctr.id, None)
         pod = self.pods.get(ctr.pod_id)
         if pod is not None:

@@ -128,6 +128,11 @@ class _Pair:
         self.timer: asyncio.TimerHandle | None = None
 
 
+# Forwards in flight (and pairs still waiting for their other stream) per session: each dial enters the pod's
+# network namespace in a thread, so an unbounded client would start unbounded threads.
+MAX_FORWARDS = 128
+
+
 class SpdyPortForward:
     def __init__(self, request: PortForwardRequest, backend: StreamBackend, log: Any) -> None:
         self._req, self._backend, self._log = request, backend, log
@@ -148,6 +153,11 @@ class SpdyPortForward:
             stream.reset(sf.PROTOCOL_ERROR)
             return
         if pair is None:
+            if len(self._pairs) + len(self._tasks) >= MAX_FORWARDS:
+                self._log.warning("too many port-forward streams in one session; refusing", request_id=request_id,
+                                  limit=MAX_FORWARDS)
+                stream.reset(sf.REFUSED_STREAM)
+                return
             pair = self._pairs[request_id] = _Pair(request_id)
         self.session.reply(stream)
         setattr(pair, kind, stream)

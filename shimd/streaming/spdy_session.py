@@ -23,6 +23,8 @@ FLOW_PROBE_SECONDS = 0.25
 # A peer without flow control can outrun a slow consumer; past this we stop reading the socket.
 INBOUND_HIGH_WATER = 1 << 20
 MAX_DATA_CHUNK = 32 * 1024
+# Open streams per session: each costs buffers and, for port-forward, a dial; a client past this is refused.
+MAX_STREAMS = 512
 # Like kubelet's stream idle timeout: a session with no frames at all for this long is dropped.
 IDLE_TIMEOUT_SECONDS = 4 * 3600.0
 
@@ -181,6 +183,9 @@ class SpdySession:
             self._send(sf.rst_stream(f.stream_id, sf.PROTOCOL_ERROR))
             return
         self._last_peer_stream = f.stream_id
+        if len(self.streams) >= MAX_STREAMS:
+            self._send(sf.rst_stream(f.stream_id, sf.REFUSED_STREAM))
+            return
         stream = SpdyStream(self, f.stream_id, f.headers, bool(f.flags & sf.FLAG_FIN),
                             bool(f.flags & sf.FLAG_UNIDIRECTIONAL))
         self.streams[f.stream_id] = stream

@@ -52,7 +52,11 @@ async def _main(flags: dict[str, str], path: str) -> int:
 def _inherited_listener() -> socket.socket | None:
     """The socket shimd bound for us (direct launch), or None when we bind the path ourselves."""
     fd = os.environ.pop(LISTEN_FD_ENV, "")
-    return socket.socket(fileno=int(fd)) if fd.isdigit() else None
+    if not fd.isdigit():
+        return None
+    # Handed over inheritable (pass_fds, SCM_RIGHTS): runc, runsc and hooks must not get our API socket.
+    os.set_inheritable(int(fd), False)
+    return socket.socket(fileno=int(fd))
 
 
 def _close_stray_fds() -> None:

@@ -43,6 +43,12 @@ def _precondition(what: str) -> TtrpcError:
     return TtrpcError(ttrpc.FAILED_PRECONDITION, what)
 
 
+def _gone(runc_error: str) -> bool:
+    """runc's (and runsc's) ways of saying the container's process is no longer there."""
+    text = runc_error.lower()
+    return any(m in text for m in ("not running", "no such process", "process already finished"))
+
+
 def _timestamp(ns: int) -> dict[str, int] | None:
     return {"seconds": ns // 1_000_000_000, "nanos": ns % 1_000_000_000} if ns else None
 
@@ -320,7 +326,14 @@ class TaskService:
         if p.exited.is_set():
             raise _not_found(f"{p.name}: process already finished")
         if not p.exec_id:
-            await c.runc.kill(c.id, req["signal"], req["all"])
+            try:
+                await c.runc.kill(c.id, req["signal"], req["all"])
+            except RuncError as e:
+                # The init exited between our check and runc's (not reaped yet, runc already sees it
+                # stopped): as containerd's shim does, that is "already finished", not a failure.
+                if p.exited.is_set() or _gone(str(e)):
+                    raise _not_found(f"{p.name}: process already finished") from None
+                raise
         elif not p.pid:
             raise _precondition(f"{p.name} has not been started")
         else:
@@ -406,7 +419,12 @@ class TaskService:
             raise TtrpcError(ttrpc.INVALID_ARGUMENT, "resources: OCI LinuxResources JSON is required")
         if c.init.exited.is_set():
             raise _precondition(f"container {c.id!r} has exited; cannot update it")
-        await c.runc.update(c.id, res["value"])
+        try:
+            await c.runc.update(c.id, res["value"])
+        except RuncError as e:
+            if c.init.exited.is_set() or _gone(str(e)):
+                raise _precondition(f"container {c.id!r} has exited; cannot update it") from None
+            raise
         return {}
 
     async def pids(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -161,3 +161,15 @@ def _some_host_device() -> str:
         if os.path.exists(f"/dev/{name}"):
             return name
     return "null"
+
+
+def test_privileged_annotation_does_not_make_a_privileged_pod(rt: Runtime) -> None:
+    """The pod's author writes its annotations: only the sandbox config kubelet sends says privileged."""
+    pb = rt.pb
+    pod_id, pod_cfg = rt.run_pod("annotated", annotations={"shimd.io/privileged": "true"})
+    with pytest.raises(grpc.RpcError) as e:
+        rt.create(pod_id, pod_cfg, "p", ["true"], linux=pb.LinuxContainerConfig(
+            security_context=pb.LinuxContainerSecurityContext(privileged=True)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert "privileged" in e.value.details()
+    assert _names(rt) == []

@@ -29,6 +29,8 @@ def test_defaults() -> None:
         ({"daemon": {"socket": "relative.sock"}}, "daemon.socket", "absolute"),
         ({"daemon": {"runtime_timeout_seconds": True}}, "daemon.runtime_timeout_seconds", "must be a number"),
         ({"daemon": {"default_handler": "kata"}}, "daemon.default_handler", "not a configured handler"),
+        ({"daemon": {"max_recv_message_size": 1024}}, "daemon.max_recv_message_size", "between 65536"),
+        ({"daemon": {"max_recv_message_size": "16M"}}, "daemon.max_recv_message_size", "must be a int"),
         ({"handlers": {"x": {"driver": "docker"}}}, "handlers.x.driver", "must be one of"),
         ({"handlers": {"x": {"driver": "shimv2"}}}, "handlers.x.binary", "needs a binary"),
         ({"handlers": {"x": {"platfrom": "kvm"}}}, "handlers.x.platfrom", "unknown key"),

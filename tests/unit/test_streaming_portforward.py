@@ -8,9 +8,11 @@ import os
 import struct
 from collections.abc import AsyncIterator
 
+import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from shimd.streaming import spdy_frames as sf
 from shimd.streaming.server import StreamingServer
 from tests.support.spdy_client import SpdyClient
 from tests.support.streaming_fixtures import LocalBackend, eventually
@@ -161,3 +163,45 @@ async def test_spdy_portforward_client_disconnect_closes_pod_connection(streamin
     finally:
         pod.close()
         await pod.wait_closed()
+
+
+async def test_spdy_portforward_bounds_forwards_per_session(streaming_server: StreamingServer,
+                                                            local_backend: LocalBackend,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each forward dials (a thread entering the pod's netns): a client opening pairs without end is refused
+    past the bound instead of starting a dial, and a thread, for each."""
+    from shimd.streaming import spdy_handlers
+
+    limit, extra = 8, 3
+    monkeypatch.setattr(spdy_handlers, "MAX_FORWARDS", limit, raising=False)
+    release = asyncio.Event()
+    inflight = peak = 0
+
+    async def stuck_dial(pod_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        nonlocal inflight, peak
+        inflight += 1
+        peak = max(peak, inflight)
+        try:
+            await release.wait()
+            raise ConnectionRefusedError("test backend")
+        finally:
+            inflight -= 1
+
+    monkeypatch.setattr(local_backend, "port_forward", stuck_dial)
+    client = await SpdyClient.connect(streaming_server.portforward_url("pod-1", []), ["portforward.k8s.io"])
+    try:
+        pairs = []
+        for i in range(limit + extra):
+            headers = {"port": "80", "requestID": str(i)}
+            error = await client.open_stream({"streamType": "error", **headers})
+            data = await client.open_stream({"streamType": "data", **headers})
+            pairs.append((error, data))
+        await eventually(lambda: inflight == limit, 10)
+        refused = [i for i, (error, data) in enumerate(pairs)
+                   if error.reset_status == sf.REFUSED_STREAM and data.reset_status == sf.REFUSED_STREAM]
+        assert refused == list(range(limit, limit + extra))
+        assert peak == limit
+    finally:
+        release.set()
+        await client.close()
+    await eventually(lambda: not streaming_server.live_sessions, 10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -59,3 +60,48 @@ async def test_descriptors_are_not_inherited(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert str(fd) not in done.stdout.decode().split()
+
+
+FREEZER = Path("/sys/fs/cgroup/freezer")
+
+
+def _exists(pid: int) -> bool:
+    """A zombie counts: only its parent collecting it removes the /proc entry."""
+    return Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.skipif(not (FREEZER / "cgroup.procs").exists(), reason="needs the cgroup v1 freezer")
+async def test_helper_stuck_after_sigkill_is_reaped_once_it_exits(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frozen process does not die of SIGKILL until thawed: past KILL_GRACE it must not stay a zombie."""
+    monkeypatch.setattr(subproc, "KILL_GRACE", 0.2)
+    cg = FREEZER / f"shimd-test-{os.getpid()}"
+    cg.mkdir()
+    pidfile = tmp_path / "pid"
+    pid = 0
+    try:
+        script = f"echo $$ > {cg}/cgroup.procs; echo $$ > {pidfile}; echo FROZEN > {cg}/freezer.state; sleep 30"
+        with pytest.raises(TimeoutError):
+            await subproc.run(["sh", "-c", script], time_limit=1.0)
+        pid = int(pidfile.read_text())
+        assert pid in subproc.stuck_helpers()
+        (cg / "freezer.state").write_text("THAWED")
+        # The SIGKILL takes effect on thaw; shimd, its parent, must collect it.
+        for _ in range(500):
+            if not _exists(pid):
+                break
+            await asyncio.sleep(0.02)
+        assert not _exists(pid), "the killed helper stayed a zombie of its parent"
+        assert pid not in subproc.stuck_helpers()
+    finally:
+        with contextlib.suppress(OSError):
+            (cg / "freezer.state").write_text("THAWED")
+        if pid:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222
+        for _ in range(100):
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)

@@ -1,0 +1,115 @@
+"""Issue 16 item 8: concurrent saves of one record, and records that cannot be parsed at start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from shimd import check, config, fsutil
+from shimd.store.records import CONTAINER_EXITED, CONTAINER_RUNNING, ContainerRecord, PodRecord
+from shimd.store.store import Store
+
+POD = "a" * 64
+CTR = "b" * 64
+
+
+def _pod(pod_id: str = POD) -> PodRecord:
+    return PodRecord(id=pod_id, name="p", namespace="ns", uid="u", attempt=0, handler="runc", created_at=1,
+                     config={})
+
+
+def _ctr() -> ContainerRecord:
+    return ContainerRecord(id=CTR, pod_id=POD, name="c", attempt=0, created_at=1, config={}, image_ref="i",
+                           image_id="sha256:x", log_path="", bundle="/nonexistent", state=CONTAINER_RUNNING)
+
+
+def test_two_threads_writing_one_file_do_not_share_a_temp_file(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both writers are held inside their write until the other has written too: with one temp name per
+    process, the second truncates the first's file and one rename finds nothing."""
+    target = tmp_path / "r.json"
+    barrier = threading.Barrier(2, timeout=10)
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.path.isfile(f"/proc/self/fd/{fd}"):
+            barrier.wait()
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    errors: list[BaseException] = []
+
+    def write(data: bytes) -> None:
+        try:
+            fsutil.write_atomic_sync(target, data)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(json.dumps({"n": i}).encode(),)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert not errors, errors
+    assert json.loads(target.read_text()) in ({"n": 0}, {"n": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+async def test_concurrent_saves_of_one_record_end_with_its_last_state(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    await store.load()
+    await store.save_pod(_pod())
+    ctr = _ctr()
+    await store.save_container(ctr)
+
+    async def exit_recorded() -> None:  # what on_exit does
+        ctr.state, ctr.exit_code = CONTAINER_EXITED, 137
+        await store.save_container(ctr)
+
+    async def other_change(i: int) -> None:  # what a racing StopContainer or update does
+        ctr.message = f"change {i}"
+        await store.save_container(ctr)
+
+    await asyncio.gather(exit_recorded(), *(other_change(i) for i in range(20)))
+    on_disk = json.loads((tmp_path / "containers" / f"{CTR}.json").read_text())
+    assert on_disk == ctr.to_dict()
+    assert on_disk["state"] == CONTAINER_EXITED
+    assert sorted(p.name for p in (tmp_path / "containers").iterdir()) == [f"{CTR}.json"]
+
+
+async def test_a_save_racing_the_removal_does_not_bring_the_record_back(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    await store.load()
+    await store.save_pod(_pod())
+    ctr = _ctr()
+    await store.save_container(ctr)
+    await asyncio.gather(store.delete_container(ctr), store.save_container(ctr))
+    assert not (tmp_path / "containers" / f"{CTR}.json").exists()
+    assert CTR not in store.containers
+
+
+async def test_unreadable_records_are_kept_aside_and_reported(tmp_path: Path) -> None:
+    (tmp_path / "pods").mkdir()
+    (tmp_path / "containers").mkdir()
+    (tmp_path / "pods" / f"{POD}.json").write_text('{"id": "' + POD + '", "na')  # cut short
+    (tmp_path / "pods" / f"{'c' * 64}.json").write_text("[1, 2]")  # not a record
+    (tmp_path / "containers" / f"{CTR}.json").write_text(json.dumps(_ctr().to_dict()))
+    store = Store(tmp_path)
+    await store.load()
+    assert store.pods == {} and store.containers == {}
+    assert sorted(store.unreadable_pods) == [POD, "c" * 64]
+    assert list(store.orphans) == [CTR]  # its pod's record was the unreadable one
+    assert sorted(p.name for p in (tmp_path / "pods").iterdir()) == [f"{POD}.json.unreadable",
+                                                                     f"{'c' * 64}.json.unreadable"]
+    # Kept aside, not loaded again (nor renamed again) at the next start.
+    again = Store(tmp_path)
+    await again.load()
+    assert again.unreadable_pods == []
+    cfg = config.parse({"daemon": {"root": str(tmp_path), "state": str(tmp_path / "run")}})
+    findings = check.check_records(cfg)
+    assert len(findings) == 1 and findings[0].level == check.WARN and POD in findings[0].message
