@@ -76,6 +76,7 @@ class ContainerService:
     async def create(self, pod_id: str, config: cri.ContainerConfig) -> str:
         pod = self.store.pod(pod_id)
         image_volumes.check_config(config)
+        self._check_recursive_read_only(config, pod.handler)
         async with self.store.lock(pod.id):
             if pod.state != POD_READY:
                 raise errors.FailedPrecondition(f"pod sandbox {pod.id} is not ready (state {pod.state})")
@@ -120,6 +121,13 @@ class ContainerService:
         self.bus.publish(events.CREATED, cid, pod.id)
         self.log.info("container created", pod_id=pod.id, container_id=cid, name=ctr.name)
         return cid
+
+    def _check_recursive_read_only(self, config: cri.ContainerConfig, handler: str) -> None:
+        """A handler that cannot make submounts read-only must refuse rather than leave them writable."""
+        for i, m in enumerate(config.mounts):
+            if m.recursive_read_only and not self.shims.driver(handler).recursive_read_only_mounts():
+                raise errors.InvalidArgument(f"config.mounts[{i}].recursive_read_only: runtime handler "
+                                             f"{handler or 'default'!r} does not support recursive read-only mounts")
 
     def _image_volumes(self, config: cri.ContainerConfig) -> dict[int, image_volumes.Volume]:
         """The config's image volumes by mount index; each image must have been pulled."""
@@ -480,7 +488,8 @@ def ctr_cgroup(driver: str, store: Store, ctr: ContainerRecord) -> str:
 
 def _mount_record(m: cri.Mount, vol: image_volumes.Volume | None) -> dict[str, Any]:
     rec: dict[str, Any] = {"container_path": m.container_path, "host_path": m.host_path, "readonly": m.readonly,
-                           "selinux_relabel": m.selinux_relabel, "propagation": int(m.propagation)}
+                           "selinux_relabel": m.selinux_relabel, "propagation": int(m.propagation),
+                           "recursive_read_only": m.recursive_read_only}
     if vol is not None:
         rec.update(image=m.image.image, user_specified_image=m.image.user_specified_image, image_id=vol.image_id,
                    image_sub_path=m.image_sub_path)
