@@ -79,6 +79,7 @@ class ContainerService:
         image_volumes.check_config(config)
         self._check_recursive_read_only(config, pod.handler)
         async with self.store.lock(pod.id):
+            phase("lock_wait")
             if pod.state != POD_READY:
                 raise errors.FailedPrecondition(f"pod sandbox {pod.id} is not ready (state {pod.state})")
             image = self.images.get(config.image.image)
@@ -188,6 +189,7 @@ class ContainerService:
         pod = self.store.pod(ctr.pod_id)
         phase_context(pod_id=pod.id, container_id=ctr.id)
         async with self.store.lock(pod.id):
+            phase("lock_wait")
             if ctr.state != CONTAINER_CREATED:
                 raise errors.FailedPrecondition(f"container {ctr.id} is {ctr.state}, not CREATED")
             if pod.state != POD_READY:

@@ -282,6 +282,7 @@ class PodService:
         lg = self.log.bind(pod_id=pod.id, handler=pod.handler)
         assert self.containers is not None
         phase_context(pod_id=pod.id)
+        phase("lock_wait")  # the callers hold the pod's lock
         if pod.state == POD_READY or not pod.stopped:
             pod.state = POD_NOTREADY
             await self.store.save_pod(pod)

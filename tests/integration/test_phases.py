@@ -16,16 +16,21 @@ import pytest
 from tests.support.runtime import Runtime, runtime_config
 
 TIMED = ("RunPodSandbox", "CreateContainer", "StartContainer", "StopPodSandbox", "RemovePodSandbox")
-# Phases each call must show for a runc pod without a pause task on the loopback CNI network.
+# Phases each call must show for a runc pod on the loopback CNI network; the pod shares one PID
+# namespace (the CRI default), so it has a pause task too.
 EXPECTED = {
     "RunPodSandbox": {"validate", "record_write", "namespaces", "cni_prepare", "cni_add:loopback", "cni_record",
-                      "pod_files", "shm_mount", "shim_launch", "other"},
-    "CreateContainer": {"validate", "spec", "dirs", "propagation_check", "bundle_write", "record_write", "other"},
-    "StartContainer": {"image_volumes", "prepare", "runtime_create", "runtime_start", "record_write", "other"},
-    "StopPodSandbox": {"record_write", "stop_containers", "shim_shutdown", "cni_prepare", "cni_del:loopback",
-                       "cni_record", "unmount", "other"},
-    "RemovePodSandbox": {"remove_containers", "namespaces", "cgroups", "unmount", "pod_files", "record_write",
-                         "other"},
+                      "pod_files", "shm_mount", "sandbox_bundle", "shim_launch", "sandbox_create", "sandbox_start",
+                      "other"},
+    "CreateContainer": {"lock_wait", "validate", "spec", "dirs", "propagation_check", "bundle_write",
+                        "record_write", "other"},
+    "StartContainer": {"lock_wait", "image_volumes", "prepare", "runtime_create", "runtime_start", "record_write",
+                       "other"},
+    "StopPodSandbox": {"lock_wait", "record_write", "stop_containers", "sandbox_kill", "sandbox_wait",
+                       "sandbox_delete", "shim_shutdown", "cni_prepare", "cni_del:loopback", "cni_record", "unmount",
+                       "other"},
+    "RemovePodSandbox": {"lock_wait", "remove_containers", "namespaces", "cgroups", "unmount", "pod_files",
+                         "record_write", "other"},
 }
 
 
