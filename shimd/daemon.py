@@ -55,9 +55,9 @@ class Daemon:
         self.stats: StatsCollector = None  # type: ignore[assignment]
         self.metrics: MetricsServer | None = None
 
-    def handler_reports(self) -> list[tuple[str, bool, str, bool]]:
+    def handler_reports(self) -> list[tuple[str, bool, str, bool, bool]]:
         if self.shims is None:
-            return [(name, False, "starting", False) for name in self.cfg.handlers]
+            return [(name, False, "starting", False, False) for name in self.cfg.handlers]
         return list(self.shims.reports())
 
     def network_status(self) -> tuple[bool, str, str]:
@@ -74,6 +74,7 @@ class Daemon:
         # CNI records live with the IPAM store (which survives reboots), so they sit under root, not state.
         self.network = NetworkManager(self.cfg.cni, self.root / "network")
         self.shims = ShimManager(self.cfg, self.state, on_exit=self._on_exit, on_shim_dead=self._on_shim_dead)
+        await self.shims.probe_handlers()
         self.stats = StatsCollector(self.store, self.cfg.daemon.cgroup_driver, sampler_for=self.shims.sampler_for)
         self.metrics = await start_metrics(self.cfg.metrics.address, lambda: self.store)
         self.pods = PodService(cgroup_driver=self.cfg.daemon.cgroup_driver, state_dir=self.state, store=self.store,

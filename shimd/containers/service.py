@@ -20,6 +20,7 @@ from shimd.api.runtime import v1 as cri
 from shimd.containers import image_volumes
 from shimd.network import namespaces
 from shimd.oci import spec as ocispec
+from shimd.phases import phase, phase_context
 from shimd.shimmgr.manager import ExitInfo, ts_ns
 from shimd.store.records import (
     CONTAINER_CREATED,
@@ -76,7 +77,9 @@ class ContainerService:
     async def create(self, pod_id: str, config: cri.ContainerConfig) -> str:
         pod = self.store.pod(pod_id)
         image_volumes.check_config(config)
+        self._check_recursive_read_only(config, pod.handler)
         async with self.store.lock(pod.id):
+            phase("lock_wait")
             if pod.state != POD_READY:
                 raise errors.FailedPrecondition(f"pod sandbox {pod.id} is not ready (state {pod.state})")
             image = self.images.get(config.image.image)
@@ -94,6 +97,8 @@ class ContainerService:
                 mounts=[_mount_record(m, volumes.get(i)) for i, m in enumerate(config.mounts)],
             )
             self.store.reserve_name(ctr.name_key(pod), cid, "container")
+            phase_context(pod_id=pod.id, container_id=cid)
+            phase("validate")
             try:
                 ctx = self.pods.pod_context(pod)
                 ctx.cgroups_path = cgroups.container_path(self.cgroup_driver, pod.cgroup_parent, cid)
@@ -104,16 +109,23 @@ class ContainerService:
                 # In a thread: it reads the image's /etc/passwd and /etc/group.
                 spec = await asyncio.to_thread(ocispec.container_spec, cid, config, ctx, img_ctx,
                                                str(bundle / "rootfs"), image_sources=planned)
+                phase("spec")
                 if ctx.userns is not None:
                     await mounts.check_idmap(image.layers, pod.namespaces[namespaces.USER])
+                    phase("idmap_check")
                 await asyncio.to_thread(self._prepare_dirs, ctr, config, ctx.userns)
+                phase("dirs")
                 await asyncio.to_thread(mounts.check_propagation_sync, [
                     (i, m.host_path, int(m.propagation)) for i, m in enumerate(config.mounts) if i not in volumes])
+                phase("propagation_check")
                 for v in volumes.values():
                     source = await image_volumes.mount(bundle, v, f"mounts[{v.index}]")
                     _set_mount_source(spec, planned[v.index], source)
+                    phase("image_volumes")
                 await fsutil.write_json(bundle / "config.json", spec)
+                phase("bundle_write")
                 await self.store.save_container(ctr)
+                phase("record_write")
             except BaseException:
                 self.store.release_name(ctr.name_key(pod), cid)
                 await self._remove_files(ctr)
@@ -121,6 +133,13 @@ class ContainerService:
         self.bus.publish(events.CREATED, cid, pod.id)
         self.log.info("container created", pod_id=pod.id, container_id=cid, name=ctr.name)
         return cid
+
+    def _check_recursive_read_only(self, config: cri.ContainerConfig, handler: str) -> None:
+        """A handler that cannot make submounts read-only must refuse rather than leave them writable."""
+        for i, m in enumerate(config.mounts):
+            if m.recursive_read_only and not self.shims.driver(handler).recursive_read_only_mounts():
+                raise errors.InvalidArgument(f"config.mounts[{i}].recursive_read_only: runtime handler "
+                                             f"{handler or 'default'!r} does not support recursive read-only mounts")
 
     def _image_volumes(self, config: cri.ContainerConfig) -> dict[int, image_volumes.Volume]:
         """The config's image volumes by mount index; each image must have been pulled."""
@@ -174,7 +193,9 @@ class ContainerService:
     async def start(self, cid: str) -> None:
         ctr = self.store.container(cid)
         pod = self.store.pod(ctr.pod_id)
+        phase_context(pod_id=pod.id, container_id=ctr.id)
         async with self.store.lock(pod.id):
+            phase("lock_wait")
             if ctr.state != CONTAINER_CREATED:
                 raise errors.FailedPrecondition(f"container {ctr.id} is {ctr.state}, not CREATED")
             if pod.state != POD_READY:
@@ -183,6 +204,7 @@ class ContainerService:
             if image is None:
                 raise errors.FailedPrecondition(f"image {ctr.image_id} of container {ctr.id} was removed")
             await self._mount_image_volumes(ctr)
+            phase("image_volumes")
             lg = self.log.bind(pod_id=pod.id, container_id=ctr.id, handler=pod.handler)
             drv = self.shims.driver(pod.handler)
             stdin_fifo = await asyncio.to_thread(_make_stdin_fifo, Path(ctr.bundle)) if ctr.stdin else ""
@@ -194,12 +216,16 @@ class ContainerService:
                 options.append(idmap.USERNS_MOUNT_OPTION + pod.namespaces[namespaces.USER])
             rootfs = [{"type": "overlay", "source": "overlay", "options": options}]
             self._exited.pop(ctr.id, None)
+            phase("prepare")
             try:
                 ctr.pid = await self.shims.create(pod.id, pod.handler, ctr.id, Path(ctr.bundle), rootfs, stdio,
                                                   ctr.tty)
+                # The shim's Create: rootfs mount, then the OCI runtime's create.
+                phase("runtime_create")
                 # Taken before Start: a fast process can exit before Start even returns.
                 started_at = time.time_ns()
                 await self.shims.start(pod.id, ctr.id)
+                phase("runtime_start")
             except errors.ShimdError as e:
                 ctr.state, ctr.reason, ctr.message = CONTAINER_EXITED, "StartError", str(e)
                 ctr.exit_code, ctr.finished_at = 128, time.time_ns()
@@ -210,6 +236,7 @@ class ContainerService:
                 raise
             ctr.state, ctr.started_at = CONTAINER_RUNNING, started_at
             await self.store.save_container(ctr)
+            phase("record_write")
             self.shims.watch(pod.id, ctr.id)
             self.bus.publish(events.STARTED, ctr.id, pod.id)
             lg.info("container started", pid=ctr.pid)
@@ -548,7 +575,8 @@ def ctr_cgroup(driver: str, store: Store, ctr: ContainerRecord) -> str:
 
 def _mount_record(m: cri.Mount, vol: image_volumes.Volume | None) -> dict[str, Any]:
     rec: dict[str, Any] = {"container_path": m.container_path, "host_path": m.host_path, "readonly": m.readonly,
-                           "selinux_relabel": m.selinux_relabel, "propagation": int(m.propagation)}
+                           "selinux_relabel": m.selinux_relabel, "propagation": int(m.propagation),
+                           "recursive_read_only": m.recursive_read_only}
     if vol is not None:
         rec.update(image=m.image.image, user_specified_image=m.image.user_specified_image, image_id=vol.image_id,
                    image_sub_path=m.image_sub_path)

@@ -86,7 +86,8 @@ def container_summary(ctr: ContainerRecord) -> cri.Container:
 
 def _mount(m: dict[str, Any]) -> cri.Mount:
     out = cri.Mount(container_path=m["container_path"], host_path=m["host_path"], readonly=m["readonly"],
-                    selinux_relabel=m["selinux_relabel"], propagation=cri.MountPropagation(m["propagation"]))
+                    selinux_relabel=m["selinux_relabel"], propagation=cri.MountPropagation(m["propagation"]),
+                    recursive_read_only=m.get("recursive_read_only", False))
     if m.get("image_id"):
         # As containerd reports an image volume: the image as given and the id it resolved to.
         out.image = cri.ImageSpec(image=m.get("image", ""), user_specified_image=m.get("user_specified_image", ""),

@@ -19,7 +19,7 @@ import grpclib.exceptions
 import grpclib.server
 from grpclib.const import Status
 
-from shimd import errors, log
+from shimd import errors, log, phases
 
 _STATUS: dict[type[errors.ShimdError], Status] = {
     errors.InvalidArgument: Status.INVALID_ARGUMENT,
@@ -56,6 +56,7 @@ def _wrap(method: str, func: Callable[[grpclib.server.Stream], Awaitable[None]],
     async def handler(stream: grpclib.server.Stream) -> None:
         start = time.monotonic()
         outcome = "OK"
+        timing = phases.begin(method)
         _checked_decoding(stream, method, max_message)
         try:
             await func(stream)
@@ -90,6 +91,7 @@ def _wrap(method: str, func: Callable[[grpclib.server.Stream], Awaitable[None]],
             raise grpclib.GRPCError(Status.INTERNAL, f"{method}: internal error: {e}") from None
         finally:
             elapsed = time.monotonic() - start
+            phases.end(timing, outcome)
             logger.debug("rpc", status=outcome, seconds=round(elapsed, 6))
             for obs in _observers:
                 obs(method, outcome, elapsed)

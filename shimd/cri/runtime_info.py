@@ -6,8 +6,8 @@ from shimd import __version__
 from shimd.api.runtime import v1 as cri
 from shimd.config import Config
 
-# (name, available, reason, user_namespaces) for each configured handler.
-HandlerReport = tuple[str, bool, str, bool]
+# (name, available, reason, user_namespaces, recursive_read_only_mounts) for each configured handler.
+HandlerReport = tuple[str, bool, str, bool, bool]
 NetworkReport = tuple[bool, str, str]  # (ready, reason, message) of the NetworkReady condition
 
 
@@ -19,7 +19,7 @@ def version() -> cri.VersionResponse:
 def status(cfg: Config, handlers: list[HandlerReport], network: NetworkReport, verbose: bool) -> cri.StatusResponse:
     net_ok, net_reason, net_msg = network
     default = cfg.daemon.default_handler
-    default_ok = next((ok for name, ok, _, _ in handlers if name == default), False)
+    default_ok = next((ok for name, ok, *_ in handlers if name == default), False)
     conditions = [
         cri.RuntimeCondition(type="RuntimeReady", status=default_ok,
                              reason="" if default_ok else "DefaultHandlerUnavailable",
@@ -32,10 +32,10 @@ def status(cfg: Config, handlers: list[HandlerReport], network: NetworkReport, v
 
         info["config"] = json.dumps({
             "source": cfg.source, "cgroup_driver": cfg.daemon.cgroup_driver, "default_handler": default,
-            "handlers": {name: {"available": ok, "reason": why} for name, ok, why, _ in handlers},
+            "handlers": {name: {"available": ok, "reason": why} for name, ok, why, *_ in handlers},
         })
-    features = {name: cri.RuntimeHandlerFeatures(recursive_read_only_mounts=False, user_namespaces=userns)
-                for name, _ok, _why, userns in handlers}
+    features = {name: cri.RuntimeHandlerFeatures(recursive_read_only_mounts=rro, user_namespaces=userns)
+                for name, _ok, _why, userns, rro in handlers}
     # kubelet reads the entry with the empty name as the default handler's.
     runtime_handlers = [cri.RuntimeHandler(name="", features=features.get(default, cri.RuntimeHandlerFeatures()))]
     runtime_handlers += [cri.RuntimeHandler(name=name, features=f) for name, f in features.items()]

@@ -67,7 +67,22 @@ def container_config(config: cri.ContainerConfig | None) -> cri.ContainerConfig:
     for i, kv in enumerate(config.envs):
         if not kv.key or "=" in kv.key:
             raise InvalidArgument(f"config.envs[{i}].key {kv.key!r} must be non-empty without '='")
+    recursive_read_only(config.mounts)
     return config
+
+
+def recursive_read_only(mounts: list[cri.Mount]) -> None:
+    """The CRI's rules for Mount.recursive_read_only: it only strengthens a read-only, private mount
+    (a submount that propagates in later could not be made read-only)."""
+    for i, m in enumerate(mounts):
+        if not m.recursive_read_only:
+            continue
+        if not m.readonly:
+            raise InvalidArgument(f"config.mounts[{i}].recursive_read_only needs config.mounts[{i}].readonly "
+                                  "to be true")
+        if m.propagation != cri.MountPropagation.PROPAGATION_PRIVATE:
+            raise InvalidArgument(f"config.mounts[{i}].recursive_read_only needs config.mounts[{i}].propagation "
+                                  f"PROPAGATION_PRIVATE, got {m.propagation.name}")
 
 
 def required_id(value: str, field: str) -> str:

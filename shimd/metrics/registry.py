@@ -14,6 +14,9 @@ from prometheus_client.registry import Collector
 # RPC latency buckets: CRI calls range from sub-millisecond lists to minute-long pulls.
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 PULL_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Phases of a pod start or teardown: from a record write (tens of microseconds) to a slow CNI plugin.
+PHASE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+                 30)
 
 
 class _Objects(Collector):
@@ -46,6 +49,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._phase_children: dict[tuple[str, str], Any] = {}
         self.rpc_total = PromCounter("shimd_cri_requests", "CRI requests served, by method and gRPC status.",
                                      ["method", "code"], registry=r)
         self.rpc_seconds = Histogram("shimd_cri_request_duration_seconds", "CRI request latency, by method.",
@@ -59,6 +63,9 @@ class Metrics:
                                        ["handler"], registry=r)
         self.shim_restarts = PromCounter("shimd_shim_reconnects", "Reconnections to a shim after losing it "
                                          "(daemon restarts included).", ["handler"], registry=r)
+        self.phase_seconds = Histogram("shimd_phase_duration_seconds", "Time spent in each phase of the pod and "
+                                       "container lifecycle calls that succeeded (shimd/phases.py), by call and "
+                                       "phase.", ["rpc", "phase"], buckets=PHASE_BUCKETS, registry=r)
         r.register(_Objects(store_of))
 
     # --- hooks -------------------------------------------------------------------------------
@@ -73,6 +80,14 @@ class Metrics:
         children[1].observe(seconds)
         if method == "PullImage" and code != "OK":
             self.pull_failures.inc()
+
+    def observe_phases(self, rpc: str, steps: dict[str, float]) -> None:
+        """Matches shimd.phases.add_observer's signature."""
+        for phase, seconds in steps.items():
+            child = self._phase_children.get((rpc, phase))
+            if child is None:
+                child = self._phase_children[(rpc, phase)] = self.phase_seconds.labels(rpc, phase)
+            child.observe(seconds)
 
     def record_pull(self, size_bytes: int, seconds: float) -> None:
         self.pull_bytes.inc(max(0, size_bytes))

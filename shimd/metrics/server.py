@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from shimd import errors, log
+from shimd import errors, log, phases
 from shimd.cri import dispatch
 from shimd.metrics.registry import Metrics
 
@@ -57,6 +57,7 @@ async def start_for_daemon(address: str, store_of: Callable[[], Any]) -> Metrics
     """Build the metric set, hook it into every CRI call, and serve it (no-op server when address is "")."""
     metrics = Metrics(store_of)
     dispatch.add_observer(metrics.observe_rpc)
+    phases.add_observer(metrics.observe_phases)
     server = MetricsServer(address, metrics)
     await server.start()
     return server

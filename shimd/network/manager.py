@@ -20,6 +20,7 @@ from shimd.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Shi
 from shimd.network import capabilities, cni, masq
 from shimd.network.model import DnsSettings, PodNetworkRequest, PodNetworkResult, PortMapping
 from shimd.network.namespaces import namespace_alive
+from shimd.phases import phase
 
 __all__ = ["DnsSettings", "NetworkManager", "PodNetworkRequest", "PodNetworkResult", "PortMapping"]
 
@@ -121,6 +122,7 @@ class NetworkManager:
     async def _add(self, net: cni.NetworkList, record: dict[str, Any], path: Path, stop: asyncio.Event,
                    logger: Any) -> dict[str, Any]:
         await fsutil.write_json(path, record)
+        phase("cni_prepare")
         inv = cni.Invocation("ADD", record["pod_id"], record["netns"], IFNAME, record["cni_args"], self.cfg.bin_dirs)
         added = 0
         try:
@@ -131,6 +133,7 @@ class NetworkManager:
                 added += 1  # counted before the call: a failing plugin may hold resources too
                 conf = cni.plugin_config(net, plugin, record["runtime_config"], result)
                 result = await cni.exec_plugin(net, plugin, inv, conf)
+                phase(f"cni_add:{plugin['type']}")
             assert result is not None
             record["result"] = result
             await fsutil.write_json(path, record)
@@ -158,12 +161,14 @@ class NetworkManager:
         # The spec lets DEL run without a namespace when it is gone; plugins then only free what they hold.
         netns = netns_path if netns_path and namespace_alive(netns_path) else ""
         inv = cni.Invocation("DEL", record["pod_id"], netns, record["ifname"], record["cni_args"], self.cfg.bin_dirs)
+        phase("cni_prepare")
         prev = record.get("result") if cni.version_tuple(net.cni_version) >= (0, 4, 0) else None
         errors = []
         for i in reversed(range(len(plugins))):
             conf = cni.plugin_config(net, plugins[i], record["runtime_config"], prev)
             try:
                 await cni.exec_plugin(net, plugins[i], inv, conf)
+                phase(f"cni_del:{plugins[i]['type']}")
             except ShimdError as e:
                 if tolerate_last and i == len(plugins) - 1:
                     self._log.info("DEL of the plugin whose ADD failed failed too", pod_id=record["pod_id"],

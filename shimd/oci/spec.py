@@ -410,6 +410,9 @@ def _user_mounts(config: cri.ContainerConfig, image_sources: dict[int, str]) -> 
             raise errors.InvalidArgument(f"mounts[{i}].host_path must be absolute, got {m.host_path!r}")
         opts = ["rbind", _PROPAGATION.get(m.propagation, "rprivate")]
         opts.append("ro" if m.readonly else "rw")
+        if m.recursive_read_only:
+            # runc makes every submount read-only too (mount_setattr with AT_RECURSIVE).
+            opts.append("rro")
         out.append({"destination": m.container_path, "type": "bind", "source": m.host_path, "options": opts})
     return out
 

@@ -24,6 +24,7 @@ from shimd.network import files as podfiles
 from shimd.network import namespaces
 from shimd.network.model import DnsSettings, PodNetworkRequest, PortMapping
 from shimd.oci import spec as ocispec
+from shimd.phases import phase, phase_context
 from shimd.store.records import CONTAINER_RUNNING, POD_NOTREADY, POD_READY, PodRecord, config_field
 
 if TYPE_CHECKING:
@@ -94,6 +95,8 @@ class PodService:
                                          f"({drv.handler.driver}) does not support user namespaces")
 
         pod_id = secrets.token_hex(32)
+        phase_context(pod_id=pod_id)
+        phase("validate")
         pod = PodRecord(
             id=pod_id, name=md.name, namespace=md.namespace, uid=md.uid, attempt=md.attempt, handler=handler_name,
             created_at=time.time_ns(), config=config.to_dict(), labels=dict(config.labels),
@@ -108,11 +111,13 @@ class PodService:
         lg = self.log.bind(pod_id=pod_id, handler=handler_name)
         try:
             await self.store.save_pod(pod)
+            phase("record_write")
             await self._setup(pod, config, sc, userns, drv.needs_sandbox_task(ns_opts.pid == cri.NamespaceMode.POD))
             given = {name: getattr(linux, name) for name in ("resources", "overhead")
                      if betterproto.serialized_on_wire(getattr(linux, name))}
             if given:
                 await self._apply_limits(pod, given.get("resources"), given.get("overhead"))
+                phase("pod_limits")
         except BaseException as e:
             lg.warning("pod setup failed, undoing", error=repr(e))
             with contextlib.suppress(Exception):
@@ -143,6 +148,7 @@ class PodService:
         if kinds:
             # A user namespace is pinned with the others (namespaces["user"]) and removed with them.
             pod.namespaces = await namespaces.create_pod_namespaces(pod.id, self.ns_dir, kinds, hostname, userns)
+            phase("namespaces")
 
         if not pod.host_network:
             result = await self.network.setup(PodNetworkRequest(
@@ -156,6 +162,7 @@ class PodService:
             ))
             pod.network_attached = True
             pod.ip, pod.additional_ips = result.ip, list(result.additional_ips)
+            phase("cni_record")
 
         dns = self._dns(config)
         await asyncio.to_thread(_write_pod_files, pdir, {
@@ -163,14 +170,18 @@ class PodService:
             "hosts": podfiles.hosts_file(pod.ip or None, hostname, pod.host_network),
             "hostname": podfiles.hostname_file(hostname),
         })
+        phase("pod_files")
         if "ipc" in pod.namespaces:
             await self._mount_shm(pdir / "shm")
+            phase("shm_mount")
 
         # As containerd does, a pod with a sandbox task starts its shim in that task's bundle: shim v2
         # binaries read config.json there (sandbox id grouping; Kata's sandbox-or-container choice).
         shim_dir = await self._prepare_sandbox_bundle(pod) if sandbox_task else pdir
         pod.shim_address = await self.shims.launch(pod.id, pod.handler, shim_dir)
+        phase("shim_launch")
         await self.store.save_pod(pod)
+        phase("record_write")
 
         if sandbox_task:
             await self._start_sandbox_task(pod)
@@ -178,6 +189,7 @@ class PodService:
         pod.initializing = False
         pod.state = POD_READY
         await self.store.save_pod(pod)
+        phase("record_write")
 
     @staticmethod
     def _dns(config: cri.PodSandboxConfig) -> DnsSettings | None:
@@ -209,15 +221,19 @@ class PodService:
         ctx.cgroups_path = cgroups.container_path(self.cgroup_driver, pod.cgroup_parent, pod.id)
         spec = ocispec.pause_spec(ctx, str(rootfs), ["/pause", "-P"])
         await fsutil.write_json(bundle / "config.json", spec)
+        phase("sandbox_bundle")
         return bundle
 
     async def _start_sandbox_task(self, pod: PodRecord) -> None:
         """A pause process (catatonit): owns a shared PID namespace, and is the sandbox for runsc and Kata."""
         bundle = self.pod_dir(pod.id) / "pause"
         pid = await self.shims.create(pod.id, pod.handler, pause_id(pod.id), bundle, [], ("", "", ""), False)
+        phase("sandbox_create")
         await self.shims.start(pod.id, pause_id(pod.id))
+        phase("sandbox_start")
         pod.sandbox_task, pod.sandbox_pid = True, pid
         await self.store.save_pod(pod)
+        phase("record_write")
 
     def pod_context(self, pod: PodRecord) -> ocispec.PodContext:
         pdir = self.pod_dir(pod.id)
@@ -265,16 +281,21 @@ class PodService:
         """Stop (and with remove, delete) everything the pod has; each step tolerates being done already."""
         lg = self.log.bind(pod_id=pod.id, handler=pod.handler)
         assert self.containers is not None
+        phase_context(pod_id=pod.id)
+        phase("lock_wait")  # the callers hold the pod's lock
         if pod.state == POD_READY or not pod.stopped:
             pod.state = POD_NOTREADY
             await self.store.save_pod(pod)
+            phase("record_write")
             await self.containers.stop_all(pod)
+            phase("stop_containers")
             # A crash inside launch: the shim may be up though its address was never recorded.
             has_shim = bool(pod.shim_address) or await self._adopt_unrecorded_shim(pod)
             # An interrupted RunPodSandbox may have made the sandbox task without recording it.
             if pod.sandbox_task or (pod.initializing and has_shim):
                 await self._stop_sandbox_task(pod)
             await self.shims.shutdown(pod.id)
+            phase("shim_shutdown")
             # Also after an interrupted RunPodSandbox: a Create the shim was still running when shimd
             # died can leave a task that no record names; force-deleting by id finds it.
             if pod.initializing:
@@ -285,29 +306,39 @@ class PodService:
                     lg.warning("killed shims left by an interrupted RunPodSandbox", shim_pids=strays)
             if pod.shim_dead or pod.initializing:
                 await self._cleanup_dead_shim(pod)
+                phase("dead_shim_cleanup")
             pod.shim_address = ""
             # Not only when network_attached: a crash between CNI ADD and saving that flag leaves a
             # network record (and an IP) that only this DEL frees; without a record it is a no-op.
             if pod.network_attached or not pod.host_network:
                 await self.network.teardown(pod.id, pod.namespaces.get("network", ""))
                 pod.network_attached = False
+                phase("cni_record")
             shm = self.pod_dir(pod.id) / "shm"
             await mounts.unmount(shm)
+            phase("unmount")
             pod.stopped = True
             await self.store.save_pod(pod)
+            phase("record_write")
             self.bus.publish(events.STOPPED, pod.id, pod.id)
             lg.info("pod stopped")
         if not remove:
             return
         await self.containers.remove_all(pod)
+        phase("remove_containers")
         await namespaces.remove_pod_namespaces(pod.id, self.ns_dir)
+        phase("namespaces")
         if pod.owns_cgroup_parent:
             left = await cgroups.remove(cgroups.relative_path(self.cgroup_driver, pod.cgroup_parent))
             if left:
                 lg.warning("cgroups left behind", paths=left)
+            phase("cgroups")
         await mounts.unmount(self.pod_dir(pod.id) / "shm")
+        phase("unmount")
         await fsutil.remove_tree(self.pod_dir(pod.id))
+        phase("pod_files")
         await self.store.delete_pod(pod)
+        phase("record_write")
         self.bus.publish(events.DELETED, pod.id, pod.id)
         lg.info("pod removed")
 
@@ -363,10 +394,13 @@ class PodService:
             return
         with contextlib.suppress(errors.ShimdError, OSError, asyncio.TimeoutError):
             await self.shims.kill(pod.id, pause_id(pod.id), signal.SIGKILL, all_processes=True)
+        phase("sandbox_kill")
         with contextlib.suppress(errors.ShimdError, OSError, asyncio.TimeoutError):
             await self.shims.wait(pod.id, pause_id(pod.id), timeout=10.0)
+        phase("sandbox_wait")
         with contextlib.suppress(errors.NotFound, errors.ShimdError, OSError, asyncio.TimeoutError):
             await self.shims.delete(pod.id, pause_id(pod.id))
+        phase("sandbox_delete")
         pod.sandbox_task, pod.sandbox_pid = False, 0
 
     async def _cleanup_dead_shim(self, pod: PodRecord) -> None:

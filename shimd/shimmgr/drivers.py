@@ -26,6 +26,8 @@ class Driver(Protocol):
 
     def needs_sandbox_task(self, shared_pid: bool) -> bool: ...
 
+    def recursive_read_only_mounts(self) -> bool: ...
+
     async def cleanup_after_dead_shim(self, container_ids: list[str], bundles: list[Path]) -> None: ...
 
 
@@ -54,6 +56,10 @@ class DriverBase:
     def _probe(self) -> tuple[bool, str]:
         raise NotImplementedError
 
+    def recursive_read_only_mounts(self) -> bool:
+        """Whether the handler can honour CRI Mount.recursive_read_only ("rro"); only runc proves it."""
+        return False
+
 
 class UnavailableDriver:
     """Stands in for a driver whose code is missing, so one bad handler never breaks the others."""
@@ -66,6 +72,9 @@ class UnavailableDriver:
 
     def available(self) -> tuple[bool, str]:
         return False, self.why
+
+    def recursive_read_only_mounts(self) -> bool:
+        return False
 
     def __getattr__(self, name: str) -> Any:
         raise AttributeError(f"driver for handler {self.handler.name!r} is unavailable: {self.why}")

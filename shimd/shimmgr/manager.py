@@ -79,12 +79,17 @@ class ShimManager:
             raise errors.FailedPrecondition(f"runtime handler {name!r} is not usable: {why}")
         return drv
 
-    def reports(self) -> list[tuple[str, bool, str, bool]]:
+    def reports(self) -> list[tuple[str, bool, str, bool, bool]]:
+        """(name, available, reason, user namespaces, recursive read-only mounts) per handler."""
         out = []
         for name, drv in self.drivers.items():
             ok, why = drv.available()
-            out.append((name, ok, why, drv.supports_user_namespaces))
+            out.append((name, ok, why, drv.supports_user_namespaces, ok and drv.recursive_read_only_mounts()))
         return out
+
+    async def probe_handlers(self) -> None:
+        """Runs each handler's one-time probes (runtime version, features) off the event loop."""
+        await asyncio.to_thread(self.reports)
 
     def sampler_for(self, handler: str) -> Any:
         """A driver's own per-container stats sampler (runsc), or None where cgroups tell the story."""

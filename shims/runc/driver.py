@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +27,8 @@ from shims.runc import LISTEN_FD_ENV, socket_path
 from shims.runc.mounts import is_mountpoint, unmount
 
 VERSION_TIMEOUT = 10.0
+# runc applies "rro" with mount_setattr(2) and AT_RECURSIVE, which Linux has since 5.12.
+RRO_MIN_KERNEL = (5, 12)
 PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 _STAMP: list[str] = []
 
@@ -58,6 +63,40 @@ class RuncDriver(DriverBase):
         if out.returncode != 0:
             return False, f"{binary} --version exited {out.returncode}: {out.stderr.strip()[:200]}"
         return True, out.stdout.splitlines()[0] if out.stdout else binary
+
+    _rro: bool | None = None
+
+    def recursive_read_only_mounts(self) -> bool:
+        """True when `runc features` lists the "rro" mount option and the kernel can apply it.
+
+        Asked once and cached (Status asks on every call); a failed probe is retried next time.
+        """
+        if self._rro is None:
+            options = self._mount_options()
+            if options is None:
+                return False
+            self._rro = "rro" in options and kernel_at_least(RRO_MIN_KERNEL)
+        return self._rro
+
+    def _mount_options(self) -> list[str] | None:
+        binary = shutil.which(self.handler.binary)
+        if binary is None:
+            return None
+        try:
+            # Once per handler, like the version probe (shimd warms both in a thread at start-up).
+            out = subprocess.run([binary, "features"], capture_output=True, text=True, timeout=VERSION_TIMEOUT,
+                                 check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            self.log.warning("runtime features probe failed", error=str(e))
+            return None
+        if out.returncode != 0:
+            # Runtimes older than runc 1.1 have no `features`: they cannot do rro either.
+            return []
+        try:
+            options = json.loads(out.stdout).get("mountOptions") or []
+        except (ValueError, AttributeError):
+            return []
+        return [str(o) for o in options]
 
     def shim_argv(self) -> list[str]:
         return [sys.executable, "-m", "shims.runc.shim"]
@@ -123,6 +162,12 @@ class RuncDriver(DriverBase):
         text = done.stderr.decode(errors="replace").strip()
         if done.returncode != 0 and "not exist" not in text:
             lg.warning(f"{name} delete failed", error=text[:500])
+
+
+def kernel_at_least(version: tuple[int, int], release: str | None = None) -> bool:
+    """Whether the running kernel (or the given uname release string) is at least major.minor."""
+    m = re.match(r"(\d+)\.(\d+)", release if release is not None else os.uname().release)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= version
 
 
 async def unmount_rootfs(bundles: list[Path], lg: Any) -> None:

@@ -62,6 +62,10 @@ class RunscDriver(RuncDriver):
                 Path(self.handler.debug_log_dir).mkdir(parents=True, exist_ok=True)
         return True, f"{version} (platform {self.handler.platform}, network {self.handler.network})"
 
+    def recursive_read_only_mounts(self) -> bool:
+        # runsc has no `features` command to show it honours "rro" (its gofer serves the mounts): off.
+        return False
+
     def runtime_argv(self) -> list[str]:
         """runsc with this handler's root and global flags, as the shim runs it."""
         argv = [self.handler.binary, "--root", self.root, *self.flags]

@@ -9,7 +9,9 @@ from a local registry and the same CNI config (loopback-only or a private NAT'ed
   * ListContainers p50 with --containers containers (created, not started) across --list-pods pods
     (one runtime after the other; bench_list times the same with both up and batches interleaved,
     which keeps the machine's drift out of the ratio);
-  * one pod's shim (with one running container): RSS and PSS (/proc/PID/smaps_rollup).
+  * one pod's shim (with one running container): RSS and PSS (/proc/PID/smaps_rollup);
+  * shimd only: per-phase time of the sequential pods' calls (start and teardown), from shimd's
+    shimd_phase_duration_seconds histogram: mean (exact) and p50 (interpolated within a bucket).
 
 containerd needs a sandbox (pause) image: one is built from the static /usr/bin/catatonit
 (entrypoint ["/catatonit", "-P"]) and pushed next to busybox. Everything runs under a private
@@ -31,10 +33,12 @@ import ipaddress
 import json
 import os
 import random
+import socket
 import statistics
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from shimd.network import namespaces
 from tests.bench.containerd_peer import ContainerdPeer
@@ -123,9 +128,11 @@ class Shimd(Runtime):
     name = "shimd"
 
     def __init__(self, base: Path, registry: Registry, conf_dir: Path) -> None:
+        self.metrics_port = free_port()
         self.proc = ShimdProcess(base, f'[registries.hosts."{registry.host}"]\ninsecure = true\n'
                                        f'[cni]\nconf_dir = "{conf_dir}"\n'
-                                       '[streaming]\naddress = "127.0.0.1:0"\n')
+                                       '[streaming]\naddress = "127.0.0.1:0"\n'
+                                       f'[metrics]\naddress = "127.0.0.1:{self.metrics_port}"\n')
         # ShimdProcess logs at debug level for tests; benchmark at the level a node would use.
         text = self.proc.config_path.read_text().replace('log_level = "debug"', 'log_level = "info"')
         self.proc.config_path.write_text(text)
@@ -177,6 +184,8 @@ class Results:
     list_p50_ms: float = 0.0
     list_count: int = 0
     shim_mem: dict[str, int] = field(default_factory=dict)
+    # (rpc, phase, calls, mean ms, p50 ms) of the sequential pods, shimd only
+    phases: list[tuple[str, str, int, float, float]] = field(default_factory=list)
 
 
 class Bench:
@@ -316,6 +325,63 @@ def shim_pids(pod_id: str) -> list[int]:
     return found or support_procs.shim_pids(pod_id)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+PhaseSnapshot = dict[tuple[str, str], tuple[float, float, list[tuple[float, float]]]]
+
+
+def phase_snapshot(rt: Runtime) -> PhaseSnapshot:
+    """shimd's phase histograms: (rpc, phase) -> (count, sum, [(le, cumulative count)]); {} for containerd."""
+    if not isinstance(rt, Shimd):
+        return {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{rt.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: PhaseSnapshot = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "shimd_phase_duration_seconds":
+            continue
+        for s in family.samples:
+            key = (s.labels["rpc"], s.labels["phase"])
+            count, total, buckets = out.get(key, (0.0, 0.0, []))
+            if s.name.endswith("_count"):
+                count = s.value
+            elif s.name.endswith("_sum"):
+                total = s.value
+            elif s.name.endswith("_bucket"):
+                buckets = [*buckets, (float(s.labels["le"]), s.value)]
+            out[key] = (count, total, buckets)
+    return out
+
+
+def bucket_p50(buckets: list[tuple[float, float]], count: float) -> float:
+    """The median, interpolated linearly inside the bucket that holds it (as PromQL's histogram_quantile)."""
+    want, lower, below = count / 2, 0.0, 0.0
+    for le, cum in sorted(buckets):
+        if cum >= want and cum > below:
+            if le == float("inf"):
+                return lower
+            return lower + (le - lower) * (want - below) / (cum - below)
+        lower, below = le, cum
+    return float("nan")
+
+
+def phase_delta(before: PhaseSnapshot, after: PhaseSnapshot) -> list[tuple[str, str, int, float, float]]:
+    rows = []
+    for key, (count, total, buckets) in after.items():
+        c0, t0, b0 = before.get(key, (0.0, 0.0, []))
+        n = count - c0
+        if n <= 0:
+            continue
+        old = dict(b0)
+        diff = [(le, cum - old.get(le, 0.0)) for le, cum in buckets]
+        rows.append((*key, int(n), (total - t0) / n * 1000, bucket_p50(diff, n) * 1000))
+    return rows
+
+
 def machine_cpu_s() -> float:
     """CPU time the whole machine has spent busy (user, nice, system, irq, softirq), in seconds."""
     with open("/proc/stat") as f:
@@ -336,12 +402,14 @@ def measure(rt: Runtime, image: str, pause: str, args: argparse.Namespace, work:
         time.sleep(1)
         res.rss_idle_kb = status_kb(rt.pid)
 
+        phases0 = phase_snapshot(rt)
         cpu0 = machine_cpu_s()
         for i in range(args.pods):
             for k, v in b.one_pod(f"seq-{i}").items():
                 res.seq[k].append(v)
         res.seq_cpu = (machine_cpu_s() - cpu0) / args.pods
         b.remove_all()
+        res.phases = phase_delta(phases0, phase_snapshot(rt))
 
         t0, cpu0 = time.perf_counter(), machine_cpu_s()
         with ThreadPoolExecutor(PARALLEL_WORKERS) as pool:
@@ -439,6 +507,13 @@ def report(results: dict[str, Results], args: argparse.Namespace) -> None:
     for key in ("RSS", "Pss", "Private"):
         row(f"one shim {key} (1 running container)", ours.shim_mem.get(key, 0) / 1024,
             theirs.shim_mem.get(key, 0) / 1024, "MiB")
+    if ours.phases:
+        order = {"RunPodSandbox": 0, "CreateContainer": 1, "StartContainer": 2, "StopPodSandbox": 3,
+                 "RemovePodSandbox": 4}
+        print("\nshimd phases, sequential pods (ms; p50 interpolated within a histogram bucket)")
+        print(f"{'call':<18}{'phase':<22}{'calls':>6}{'mean':>9}{'p50':>9}")
+        for rpc, phase, n, mean, p50 in sorted(ours.phases, key=lambda r: (order.get(r[0], 9), -r[3])):
+            print(f"{rpc:<18}{phase:<22}{n:>6}{mean:>9.2f}{p50:>9.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({k: v.__dict__ for k, v in results.items()}, indent=1))
 
