@@ -56,8 +56,10 @@ def _signal_number(name: str) -> int:
 
 class ContainerService:
     def __init__(self, *, cgroup_driver: str, root_dir: Path, state_dir: Path, store: Store, shims: ShimManager,
-                 images: ImageManager, pods: PodService, bus: events.EventBus) -> None:
+                 images: ImageManager, pods: PodService, bus: events.EventBus, hugetlb: bool = True) -> None:
         self.cgroup_driver = cgroup_driver
+        # Whether hugepage limits can be applied on this host (shimd.cgroups.hugetlb_usable); else left out.
+        self.hugetlb = hugetlb
         self.rw_dir = root_dir / "rw"
         self.bundle_dir = state_dir / "containers"
         self.store = store
@@ -99,7 +101,8 @@ class ContainerService:
                 img_ctx = ocispec.ImageContext(name=image.repo_tags[0] if image.repo_tags else image.id,
                                                config=dict(image.config.get("config") or {}), layers=image.layers)
                 bundle = Path(ctr.bundle)
-                spec = ocispec.container_spec(cid, config, ctx, img_ctx, str(bundle / "rootfs"))
+                spec = ocispec.container_spec(cid, config, ctx, img_ctx, str(bundle / "rootfs"),
+                                              hugetlb=self.hugetlb)
                 if ctx.userns is not None:
                     await mounts.check_idmap(image.layers, pod.namespaces[namespaces.USER])
                 await asyncio.to_thread(self._prepare_dirs, ctr, config, ctx.userns)
@@ -218,7 +221,10 @@ class ContainerService:
 
     # --- stop / remove -----------------------------------------------------------------------
     async def stop(self, cid: str, timeout: int) -> None:
-        ctr = self.store.container(cid)
+        try:
+            ctr = self.store.container(cid)
+        except errors.NotFound:
+            return  # CRI: stopping an unknown (already removed) container is fine, as with RemoveContainer
         await self._stop(ctr, timeout)
 
     async def _stop(self, ctr: ContainerRecord, timeout: float) -> None:
@@ -298,7 +304,7 @@ class ContainerService:
             config = cri.ContainerConfig().from_dict(ctr.config)
             old = config.linux.resources if betterproto.serialized_on_wire(config.linux) else None
             merged = ocispec.merge_resources(old, new)
-            oci, _ = ocispec.resources(merged, ocispec.host_min_oom_score_adj())
+            oci, _ = ocispec.resources(merged, ocispec.host_min_oom_score_adj(), self.hugetlb)
             if ctr.state == CONTAINER_RUNNING:
                 value = json.dumps(oci).encode()
                 await self.shims.update(pod.id, ctr.id, pbany.Any(type_url=OCI_RESOURCES_TYPE, value=value))
