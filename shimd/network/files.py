@@ -39,8 +39,8 @@ def _is_domain(name: str, max_len: int = 253) -> bool:
 
 
 def is_hostname_label(name: str) -> bool:
-    """One lowercase RFC 1123 label, what Kubernetes accepts as a pod hostname."""
-    return bool(_LABEL.match(name)) and name == name.lower()
+    """One RFC 1123 label (at most 63 letters, digits and inner hyphens)."""
+    return bool(_LABEL.match(name))
 
 
 def validate_hostname(hostname: str, field: str = "hostname") -> None:
