@@ -30,6 +30,7 @@ from shimd.store.records import (
     config_field,
 )
 from shims.common import idmap
+from shims.runc import attach_socket_path
 
 if TYPE_CHECKING:
     from shimd.images.manager import ImageManager
@@ -62,6 +63,7 @@ class ContainerService:
         self.hugetlb = hugetlb
         self.rw_dir = root_dir / "rw"
         self.bundle_dir = state_dir / "containers"
+        self.shim_dir = state_dir / "s"  # where shimd's own shims listen (and serve attach sockets)
         self.store = store
         self.shims = shims
         self.images = images
@@ -282,6 +284,9 @@ class ContainerService:
             await mounts.unmount(rootfs)
         await fsutil.remove_tree(Path(ctr.bundle))
         await fsutil.remove_tree(Path(ctr.fs_dir))
+        # The shim removes it when the container exits; one SIGKILLed before could not.
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(os.unlink, attach_socket_path(str(self.shim_dir), ctr.id))
 
     async def stop_all(self, pod: PodRecord) -> None:
         ctrs = [c for c in self.store.pod_containers(pod.id) if c.state == CONTAINER_RUNNING]
