@@ -338,7 +338,11 @@ class ContainerService:
             raise errors.FailedPrecondition(f"container {ctr.id} is not running")
         pod = self.store.pods.get(ctr.pod_id)
         if pod is not None and getattr(self.shims.drivers.get(pod.handler), "follows_log_rotation", False):
-            return  # that handler's log writer notices the rename by itself (shim v2 binaries have no Reopen)
+            # That handler's log writer notices the rename by itself (shim v2 binaries have no Reopen), within
+            # a second; the client expects the file now. The writer reopens by path, so it appends to this one.
+            if ctr.log_path:
+                await asyncio.to_thread(_create_log, ctr.log_path)
+            return
         await self.shims.reopen_log(ctr.pod_id, ctr.id)
 
     # --- recovery ----------------------------------------------------------------------------
@@ -421,6 +425,10 @@ class ContainerService:
             await self.on_exit(pod.id, ctr.id, ExitInfo(int(st.exit_status), ts_ns(st.exited_at)))
         else:
             self.shims.watch(pod.id, ctr.id)
+
+
+def _create_log(path: str) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
 
 
 def _make_stdin_fifo(bundle: Path) -> str:
