@@ -19,6 +19,11 @@ from collections.abc import Callable
 from shims.common import aio
 
 _STOP = object()
+_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+# Queued bytes above which producers are asked to pause (a slow disk must not grow the shim's memory),
+# and below which they are resumed.
+HIGH_WATER = 1 << 20
+LOW_WATER = 256 << 10
 
 
 class _Open:
@@ -40,11 +45,6 @@ class _Open:
             self.done.set_result(None)
         else:
             self.done.set_exception(error)
-_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-# Queued bytes above which producers are asked to pause (a slow disk must not grow the shim's memory),
-# and below which they are resumed.
-HIGH_WATER = 1 << 20
-LOW_WATER = 256 << 10
 
 
 class FileWriter:
