@@ -108,3 +108,32 @@ def oom_killed(rel: str) -> bool:
             except OSError:
                 continue
     return False
+
+
+def hugetlb_usable() -> bool:
+    """Whether runc can set hugepage limits here: a mounted cgroup v1 hugetlb hierarchy, or on a cgroup v2
+    only host the hugetlb controller in the root's cgroup.controllers. (Hybrid hosts: runc uses v1.)"""
+    try:
+        lines = MOUNTINFO.read_text().splitlines()
+    except OSError:
+        return False
+    v1_mounted = False
+    unified: list[str] = []
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = right.split(" ")
+        if not fields:
+            continue
+        if fields[0] == "cgroup":
+            v1_mounted = True
+            if "hugetlb" in fields[-1].split(","):
+                return True
+        elif fields[0] == "cgroup2":
+            unified.append(left.split(" ")[4])
+    if v1_mounted:
+        return False
+    for mount_point in unified:
+        with contextlib.suppress(OSError):
+            if "hugetlb" in (Path(mount_point) / "cgroup.controllers").read_text().split():
+                return True
+    return False

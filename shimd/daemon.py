@@ -12,7 +12,7 @@ from pathlib import Path
 import grpclib.server
 import uvloop
 
-from shimd import config, errors, fsutil, log, malloc_tuning, sdnotify
+from shimd import cgroups, config, errors, fsutil, log, malloc_tuning, sdnotify
 from shimd.containers.exec import Execs
 from shimd.containers.service import ContainerService
 from shimd.containers.streams import ContainerStreams
@@ -79,9 +79,13 @@ class Daemon:
         self.metrics = await start_metrics(self.cfg.metrics.address, lambda: self.store)
         self.pods = PodService(cgroup_driver=self.cfg.daemon.cgroup_driver, state_dir=self.state, store=self.store,
                                shims=self.shims, network=self.network, bus=self.events)
+        hugetlb = await asyncio.to_thread(cgroups.hugetlb_usable)
+        # kubelet sends hugepage limits for every container; runc fails on them without the controller.
+        self.log.info("hugetlb controller probed", usable=hugetlb,
+                      hugepage_limits="applied" if hugetlb else "left out of OCI specs")
         self.containers = ContainerService(cgroup_driver=self.cfg.daemon.cgroup_driver, root_dir=self.root,
                                            state_dir=self.state, store=self.store, shims=self.shims,
-                                           images=self.images, pods=self.pods, bus=self.events)
+                                           images=self.images, pods=self.pods, bus=self.events, hugetlb=hugetlb)
         self.pods.containers = self.containers
         self.execs = Execs(self.store, self.shims, self.state)
         self.streaming = StreamingServer(self.cfg.streaming, ContainerStreams(self.store, self.execs))

@@ -32,6 +32,7 @@ from shimd.store.records import (
     config_field,
 )
 from shims.common import idmap
+from shims.runc import attach_socket_path
 
 if TYPE_CHECKING:
     from shimd.images.manager import ImageManager
@@ -58,10 +59,13 @@ def _signal_number(name: str) -> int:
 
 class ContainerService:
     def __init__(self, *, cgroup_driver: str, root_dir: Path, state_dir: Path, store: Store, shims: ShimManager,
-                 images: ImageManager, pods: PodService, bus: events.EventBus) -> None:
+                 images: ImageManager, pods: PodService, bus: events.EventBus, hugetlb: bool = True) -> None:
         self.cgroup_driver = cgroup_driver
+        # Whether hugepage limits can be applied on this host (shimd.cgroups.hugetlb_usable); else left out.
+        self.hugetlb = hugetlb
         self.rw_dir = root_dir / "rw"
         self.bundle_dir = state_dir / "containers"
+        self.shim_dir = state_dir / "s"  # where shimd's own shims listen (and serve attach sockets)
         self.store = store
         self.shims = shims
         self.images = images
@@ -108,7 +112,7 @@ class ContainerService:
                 planned = {v.index: str(image_volumes.mount_point(bundle, v.index)) for v in volumes.values()}
                 # In a thread: it reads the image's /etc/passwd and /etc/group.
                 spec = await asyncio.to_thread(ocispec.container_spec, cid, config, ctx, img_ctx,
-                                               str(bundle / "rootfs"), image_sources=planned)
+                                               str(bundle / "rootfs"), image_sources=planned, hugetlb=self.hugetlb)
                 phase("spec")
                 if ctx.userns is not None:
                     await mounts.check_idmap(image.layers, pod.namespaces[namespaces.USER])
@@ -291,7 +295,10 @@ class ContainerService:
 
     # --- stop / remove -----------------------------------------------------------------------
     async def stop(self, cid: str, timeout: int) -> None:
-        ctr = self.store.container(cid)
+        try:
+            ctr = self.store.container(cid)
+        except errors.NotFound:
+            return  # CRI: stopping an unknown (already removed) container is fine, as with RemoveContainer
         await self._stop(ctr, timeout)
 
     async def _stop(self, ctr: ContainerRecord, timeout: float) -> None:
@@ -351,6 +358,9 @@ class ContainerService:
             await mounts.unmount(rootfs)
         await fsutil.remove_tree(Path(ctr.bundle))
         await fsutil.remove_tree(Path(ctr.fs_dir))
+        # The shim removes it when the container exits; one SIGKILLed before could not.
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(os.unlink, attach_socket_path(str(self.shim_dir), ctr.id))
 
     async def stop_all(self, pod: PodRecord) -> None:
         ctrs = [c for c in self.store.pod_containers(pod.id) if c.state == CONTAINER_RUNNING]
@@ -373,7 +383,7 @@ class ContainerService:
             config = cri.ContainerConfig().from_dict(ctr.config)
             old = config.linux.resources if betterproto.serialized_on_wire(config.linux) else None
             merged = ocispec.merge_resources(old, new)
-            oci, _ = ocispec.resources(merged, ocispec.host_min_oom_score_adj())
+            oci, _ = ocispec.resources(merged, ocispec.host_min_oom_score_adj(), self.hugetlb)
             if ctr.state == CONTAINER_RUNNING:
                 value = json.dumps(oci).encode()
                 try:
@@ -407,7 +417,11 @@ class ContainerService:
             raise errors.FailedPrecondition(f"container {ctr.id} is not running")
         pod = self.store.pods.get(ctr.pod_id)
         if pod is not None and getattr(self.shims.drivers.get(pod.handler), "follows_log_rotation", False):
-            return  # that handler's log writer notices the rename by itself (shim v2 binaries have no Reopen)
+            # That handler's log writer notices the rename by itself (shim v2 binaries have no Reopen), within
+            # a second; the client expects the file now. The writer reopens by path, so it appends to this one.
+            if ctr.log_path:
+                await asyncio.to_thread(_create_log, ctr.log_path)
+            return
         await self.shims.reopen_log(ctr.pod_id, ctr.id)
 
     # --- recovery ----------------------------------------------------------------------------
@@ -547,6 +561,10 @@ def _bundle_pod_id(bundle: Path) -> str:
         return str(spec["annotations"]["io.kubernetes.cri.sandbox-id"])
     except (OSError, ValueError, KeyError, TypeError):
         return ""
+
+
+def _create_log(path: str) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
 
 
 def _make_stdin_fifo(bundle: Path) -> str:

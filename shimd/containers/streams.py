@@ -14,6 +14,8 @@ from shimd.containers.service import STDIN_FIFO
 from shimd.store.records import CONTAINER_RUNNING, ContainerRecord
 from shimd.streaming.backend import StreamIO
 from shimd.streaming.netns_dial import dial_in_netns
+from shims.common.messages import ATTACH_HEADER_SIZE, ATTACH_STDOUT
+from shims.runc import attach_socket_path
 
 if TYPE_CHECKING:
     from shimd.containers.exec import Execs
@@ -34,12 +36,20 @@ class ContainerStreams:
                                     stderr=io.stderr, resize=io.resize)
 
     async def attach(self, container_id: str, io: StreamIO) -> None:
-        """Output follows the container's CRI log (the shim owns the process's stdio); input goes to the
-        stdin FIFO the shim reads; resizes go to the shim's pty."""
+        """Output comes from the shim's attach socket of the container (the shim owns the process's stdio),
+        or for a shim without one (shim v2 binaries, shims started before it existed) follows the CRI log;
+        input goes to the stdin FIFO the shim reads; resizes go to the shim's pty."""
         ctr = self.store.container(container_id)
-        if not ctr.log_path and (io.stdout or io.stderr):
-            raise errors.FailedPrecondition(f"container {ctr.id} has no log file to attach to")
+        wants_output = bool(io.stdout or io.stderr)
+        output = await self._connect_output(ctr) if wants_output else None
+        if output is None and wants_output and not ctr.log_path:
+            if ctr.state != CONTAINER_RUNNING:
+                return  # exited since the URL was handed out (its shim removed the socket): nothing will come
+            raise errors.FailedPrecondition(f"container {ctr.id}: its shim serves no attach socket and it has "
+                                            "no log file to follow")
         if io.stdin is not None and not ctr.stdin:
+            if output is not None:
+                output[1].close()
             raise errors.FailedPrecondition(f"container {ctr.id} was not created with stdin")
         helpers: list[asyncio.Task[None]] = []
         if io.stdin is not None:
@@ -47,13 +57,29 @@ class ContainerStreams:
         if io.resize is not None and ctr.tty:
             helpers.append(asyncio.create_task(self.execs.follow_resizes(io.resize, ctr.pod_id, ctr.id)))
         try:
-            await self._follow_output(ctr, io)
+            if output is not None:
+                await _relay_output(output[0], io)
+            else:  # the log file; for input only, just until the container exits
+                await self._follow_output(ctr, io)
         finally:
+            if output is not None:
+                output[1].close()
             for t in helpers:
                 t.cancel()
             for t in helpers:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
+
+    async def _connect_output(self, ctr: ContainerRecord
+                              ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        pod = self.store.pods.get(ctr.pod_id)
+        if pod is None or not pod.shim_address:
+            return None
+        path = attach_socket_path(os.path.dirname(pod.shim_address.removeprefix("unix://")), ctr.id)
+        try:
+            return await asyncio.wait_for(asyncio.open_unix_connection(path), DIAL_TIMEOUT)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None  # no attach socket from this shim: the log file is followed instead
 
     async def _follow_output(self, ctr: ContainerRecord, io: StreamIO) -> None:
         pos = await asyncio.to_thread(_size, ctr.log_path) if ctr.log_path else 0
@@ -108,6 +134,19 @@ def _read_from(path: str, pos: int) -> tuple[bytes, int]:
     except FileNotFoundError:
         return b"", 0
     return data, pos + len(data)
+
+
+async def _relay_output(reader: asyncio.StreamReader, io: StreamIO) -> None:
+    """Frames from the shim's attach socket until it closes them at the process's exit."""
+    while True:
+        try:
+            header = await reader.readexactly(ATTACH_HEADER_SIZE)
+            data = await reader.readexactly(int.from_bytes(header[1:], "big"))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        sink = io.stdout if header[0] == ATTACH_STDOUT or io.tty else io.stderr
+        if sink is not None:
+            await sink(data)
 
 
 async def _emit(line: bytes, io: StreamIO) -> None:

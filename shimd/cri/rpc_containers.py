@@ -22,9 +22,11 @@ def _spec_user(bundle: str) -> cri.ContainerUser | None:
     try:
         with open(os.path.join(bundle, "config.json"), "rb") as f:
             user = json.load(f)["process"]["user"]
+        gid = int(user["gid"])
+        # Specs written before the primary gid was listed in additionalGids lack it; newer ones have it first.
+        extra = [int(g) for g in user.get("additionalGids") or [] if int(g) != gid]
         return cri.ContainerUser(linux=cri.LinuxContainerUser(
-            uid=int(user["uid"]), gid=int(user["gid"]),
-            supplemental_groups=[int(user["gid"]), *(int(g) for g in user.get("additionalGids") or [])]))
+            uid=int(user["uid"]), gid=gid, supplemental_groups=[gid, *extra]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -10,6 +10,7 @@ import betterproto
 
 from shimd.api.runtime import v1 as cri
 from shimd.errors import InvalidArgument
+from shimd.network import files as podfiles
 from shimd.oci import spec as ocispec
 
 _NAME = re.compile(r"^[^/\x00]{1,253}$")
@@ -39,6 +40,9 @@ def pod_config(config: cri.PodSandboxConfig | None) -> ValidPod:
     _name(md.name, "config.metadata.name")
     _name(md.namespace, "config.metadata.namespace")
     _name(md.uid, "config.metadata.uid")
+    if config.hostname:
+        # Only a hostname the client sent is checked: without one, shimd picks a valid one itself.
+        podfiles.validate_hostname(config.hostname, "config.hostname")
     if config.log_directory and not os.path.isabs(config.log_directory):
         raise InvalidArgument(f"config.log_directory {config.log_directory!r} must be an absolute path")
     for i, p in enumerate(config.port_mappings):
@@ -68,6 +72,9 @@ def container_config(config: cri.ContainerConfig | None) -> cri.ContainerConfig:
         if not kv.key or "=" in kv.key:
             raise InvalidArgument(f"config.envs[{i}].key {kv.key!r} must be non-empty without '='")
     recursive_read_only(config.mounts)
+    if betterproto.serialized_on_wire(config.linux):
+        sc = config.linux.security_context
+        _group_needs_user(sc.run_as_group, sc.run_as_user, sc.run_as_username, "config.linux.security_context")
     return config
 
 
@@ -85,6 +92,12 @@ def recursive_read_only(mounts: list[cri.Mount]) -> None:
                                   f"PROPAGATION_PRIVATE, got {m.propagation.name}")
 
 
+def _group_needs_user(group: cri.Int64Value, user: cri.Int64Value, username: str, field: str) -> None:
+    """As kubelet, containerd and CRI-O: a group alone would pair it with whatever user the image names."""
+    if betterproto.serialized_on_wire(group) and not betterproto.serialized_on_wire(user) and not username:
+        raise InvalidArgument(f"{field}.run_as_group is set without run_as_user or run_as_username")
+
+
 def required_id(value: str, field: str) -> str:
     if not value:
         raise InvalidArgument(f"{field} must not be empty")
@@ -98,10 +111,13 @@ def timeout(value: int, field: str) -> int:
 
 
 def pod_security(config: cri.PodSandboxConfig) -> None:
-    """Refuse host-wide sysctls, or ones for a namespace the pod shares with the host, before making anything."""
+    """Refuse host-wide sysctls, or ones for a namespace the pod shares with the host, and a group without a
+    user, before making anything."""
     if not betterproto.serialized_on_wire(config.linux):
         return
-    ns = config.linux.security_context.namespace_options
+    sc = config.linux.security_context
+    _group_needs_user(sc.run_as_group, sc.run_as_user, "", "config.linux.security_context")
+    ns = sc.namespace_options
     private = set()
     if ns.network != cri.NamespaceMode.NODE:
         private |= {"network", "uts"}

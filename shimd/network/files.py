@@ -38,6 +38,11 @@ def _is_domain(name: str, max_len: int = 253) -> bool:
     return 0 < len(name) <= max_len and all(_LABEL.match(label) for label in name.split("."))
 
 
+def is_hostname_label(name: str) -> bool:
+    """One RFC 1123 label (at most 63 letters, digits and inner hyphens)."""
+    return bool(_LABEL.match(name))
+
+
 def validate_hostname(hostname: str, field: str = "hostname") -> None:
     """A pod hostname: DNS labels separated by dots, at most 64 bytes (the kernel's UTS limit)."""
     if len(hostname) > HOSTNAME_MAX or not _is_domain(hostname, HOSTNAME_MAX) or hostname.endswith("."):

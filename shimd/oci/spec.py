@@ -6,7 +6,6 @@ stat()ing device nodes, so the merge rules can be unit-tested.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import re
@@ -298,10 +297,10 @@ def resolve_user(sc: cri.LinuxContainerSecurityContext, image_user: str, layers:
         if not 0 <= g < 2**32 - 1:
             raise errors.InvalidArgument(f"linux.security_context.supplemental_groups[{i}] {g} is out of range")
     extra += [int(g) for g in sc.supplemental_groups]
-    additional = sorted({g for g in extra if g != gid})
-    user: dict[str, Any] = {"uid": uid, "gid": gid}
-    if additional:
-        user["additionalGids"] = additional
+    # The primary group is a supplementary group too (as containerd and CRI-O do): setgroups() replaces the
+    # whole list, and without it `id` and access checks on group-owned files miss the primary gid.
+    user: dict[str, Any] = {"uid": uid, "gid": gid,
+                            "additionalGids": [gid, *sorted({g for g in extra if g != gid})]}
     return user
 
 
@@ -517,8 +516,10 @@ def merge_resources(old: cri.LinuxContainerResources | None,
     return out
 
 
-def resources(res: cri.LinuxContainerResources | None, min_oom: int) -> tuple[dict[str, Any], int | None]:
-    """OCI linux.resources and the clamped oom_score_adj."""
+def resources(res: cri.LinuxContainerResources | None, min_oom: int,
+              hugetlb: bool = True) -> tuple[dict[str, Any], int | None]:
+    """OCI linux.resources and the clamped oom_score_adj. hugetlb: whether the host's hugetlb controller is
+    usable; kubelet sends hugepage limits (0 for every page size) either way, and runc fails on them without it."""
     out: dict[str, Any] = {}
     if res is None or not betterproto.serialized_on_wire(res):
         return out, None
@@ -543,24 +544,11 @@ def resources(res: cri.LinuxContainerResources | None, min_oom: int) -> tuple[di
         mem["swap"] = res.memory_swap_limit_in_bytes
     if mem:
         out["memory"] = mem
-    if res.hugepage_limits and _hugetlb_mounted():
+    if res.hugepage_limits and hugetlb:
         out["hugepageLimits"] = [{"pageSize": h.page_size, "limit": h.limit} for h in res.hugepage_limits]
     if res.unified:
         out["unified"] = dict(res.unified)
     return out, max(res.oom_score_adj, min_oom)
-
-
-@functools.cache
-def _hugetlb_mounted() -> bool:
-    """kubelet sends hugepage limits (0 per page size) for every container; runc fails to start one when the
-    hugetlb controller is not mounted, so they are left out then, as containerd does."""
-    if os.path.isdir("/sys/fs/cgroup/hugetlb"):
-        return True
-    try:
-        with open("/sys/fs/cgroup/cgroup.controllers") as f:  # pure cgroup2
-            return "hugetlb" in f.read().split()
-    except OSError:
-        return False
 
 
 # Sysctls isolated by a namespace, and which namespace (kubelet's list of namespaced sysctls).
@@ -774,7 +762,7 @@ def _namespaces(sc: cri.LinuxContainerSecurityContext, pod: PodContext) -> list[
 
 def container_spec(container_id: str, config: cri.ContainerConfig, pod: PodContext, image: ImageContext,
                    rootfs: str, min_oom: int | None = None,
-                   image_sources: dict[int, str] | None = None) -> dict[str, Any]:
+                   image_sources: dict[int, str] | None = None, hugetlb: bool = True) -> dict[str, Any]:
     """image_sources: for each image volume (by index in config.mounts), the host path to bind."""
     linux_cfg = config.linux if betterproto.serialized_on_wire(config.linux) else cri.LinuxContainerConfig()
     # Not `or`: a message whose fields are all defaults is falsy, yet its presence matters (seccomp RuntimeDefault).
@@ -790,7 +778,7 @@ def container_spec(container_id: str, config: cri.ContainerConfig, pod: PodConte
         env.append("TERM=xterm")
     env.append(f"HOSTNAME={pod.hostname}")
     caps = _capabilities(sc)
-    res, oom = resources(linux_cfg.resources, host_min_oom_score_adj() if min_oom is None else min_oom)
+    res, oom = resources(linux_cfg.resources, host_min_oom_score_adj() if min_oom is None else min_oom, hugetlb)
     devices, dev_rules = _devices(config, privileged)
     if privileged:
         user_paths = {d["path"] for d in devices}

@@ -35,11 +35,26 @@ if TYPE_CHECKING:
 
 PAUSE_BINARY = "/usr/bin/catatonit"
 SHM_SIZE = "size=65536k"
+# Characters of the pod id that name a pod whose metadata name is no hostname (CRI-O uses as many).
+HOSTNAME_ID_PREFIX = 12
 _PROTOCOLS = {cri.Protocol.TCP: "tcp", cri.Protocol.UDP: "udp", cri.Protocol.SCTP: "sctp"}
 
 
 def pause_id(pod_id: str) -> str:
     return pod_id
+
+
+def pod_hostname(pod: PodRecord) -> str:
+    """The hostname the client sent (validated then), else one that is always valid: the node's for a pod on
+    the host's network, the pod name when it is a valid hostname, else a prefix of the pod id (as CRI-O)."""
+    sent = config_field(pod.config, "hostname")
+    if sent:
+        return str(sent)
+    if pod.host_network:
+        return os.uname().nodename
+    if podfiles.is_hostname_label(pod.name):
+        return pod.name
+    return pod.id[:HOSTNAME_ID_PREFIX]
 
 
 class PodService:
@@ -136,8 +151,7 @@ class PodService:
         # The pause task's rootfs and the pod's files live here; the pod's mapped root must reach them.
         root = userns.host_root() if userns is not None else None
         await asyncio.to_thread(fsutil.private_dir_sync, pdir, root[1] if root is not None else None)
-        hostname = config.hostname or (os.uname().nodename if pod.host_network else config.metadata.name)
-        podfiles.validate_hostname(hostname, "config.hostname")
+        hostname = pod_hostname(pod)
 
         # Only the first record and the shim's address are saved before the pod is ready: everything else a
         # crash could leave behind is found from the pod id alone (namespace pins, CNI's own records, the
@@ -237,7 +251,7 @@ class PodService:
 
     def pod_context(self, pod: PodRecord) -> ocispec.PodContext:
         pdir = self.pod_dir(pod.id)
-        hostname = config_field(pod.config, "hostname") or (os.uname().nodename if pod.host_network else pod.name)
+        hostname = pod_hostname(pod)
         files = {"/etc/hosts": str(pdir / "hosts"), "/etc/resolv.conf": str(pdir / "resolv.conf")}
         if not pod.host_network:
             files["/etc/hostname"] = str(pdir / "hostname")

@@ -1,8 +1,11 @@
 """Container and pod sandbox stats as CRI messages, from cgroups, writable layers and pod netns.
 
-CPU nano-cores need two samples: the collector remembers the previous cumulative usage of each
-container and pod and reports the rate over the interval since; the first sample reports none
-(kubelet then computes the rate itself, as the CRI allows).
+CPU nano-cores need two samples: as containerd does, the collector remembers the previous cumulative
+usage of each container and pod and reports the rate over the interval since; the first sample
+reports none (kubelet then computes the rate itself, as the CRI allows). kubelet's callers (summary
+API, eviction manager, resource metrics) ask at nearly the same moment: a sample too close to the
+remembered one reports the rate last computed and keeps the remembered sample, so no caller gets a
+missing or zero rate because another one just asked.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from shimd.store.records import CONTAINER_RUNNING, POD_READY, ContainerRecord, P
 if TYPE_CHECKING:
     from shimd.store.store import Store
 
-# A rate over less than this is noise (two calls within the same scrape).
-MIN_INTERVAL_NS = 10_000_000
+# A rate over less than this is noise (two calls within the same scrape): the last rate is reported instead.
+MIN_INTERVAL_NS = 100_000_000
 # Walking a writable layer costs a stat per file; kubelet asks several times per housekeeping round.
 DISK_USAGE_TTL_NS = 5_000_000_000
 
@@ -35,6 +38,7 @@ def _u64(v: int | None) -> cri.UInt64Value | None:
 class _Prev:
     ts: int
     usage: int
+    rate: int | None = None  # the rate computed when this sample was taken
 
 
 @dataclass
@@ -81,10 +85,14 @@ class StatsCollector:
         if s is None or s.cpu_usage_ns is None:
             return None
         prev = self._prev.get(key)
-        self._prev[key] = _Prev(s.timestamp_ns, s.cpu_usage_ns)
-        if prev is None or s.timestamp_ns - prev.ts < MIN_INTERVAL_NS or s.cpu_usage_ns < prev.usage:
-            return None
-        return (s.cpu_usage_ns - prev.usage) * 1_000_000_000 // (s.timestamp_ns - prev.ts)
+        if prev is not None and s.timestamp_ns - prev.ts < MIN_INTERVAL_NS:
+            # Also a sample older than the remembered one: concurrent calls finish their reads in any order.
+            return prev.rate
+        rate = None
+        if prev is not None and s.cpu_usage_ns >= prev.usage:  # lower: a restarted counter, start over
+            rate = (s.cpu_usage_ns - prev.usage) * 1_000_000_000 // (s.timestamp_ns - prev.ts)
+        self._prev[key] = _Prev(s.timestamp_ns, s.cpu_usage_ns, rate)
+        return rate
 
     async def snapshot(self, key: str, rel: str) -> Snapshot:
         s = await asyncio.to_thread(cgroupfs.read, self.layout, rel)

@@ -12,6 +12,12 @@ from shims.common.proto import REPEATED, Schema, repeated
 S, B, U32, I32, I64, BOOL, ENUM = "string", "bytes", "uint32", "int32", "int64", "bool", "enum"
 M = "message"
 
+# --- a container's attach socket (shims.common.stdio.AttachFanout), not protobuf ---------------------
+# Frames: one stream byte, a 4-byte big-endian length, that many bytes of output.
+ATTACH_STDOUT = 1
+ATTACH_STDERR = 2
+ATTACH_HEADER_SIZE = 5
+
 # --- google.protobuf -----------------------------------------------------------------------------
 EMPTY: Schema = {}
 ANY: Schema = {1: ("type_url", S, None), 2: ("value", B, None)}

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import stat
 import time
 from collections.abc import Callable
 
 from shims.common import aio
+from shims.common.messages import ATTACH_STDERR, ATTACH_STDOUT
 from shims.common.writer import FileWriter
 
 CRI_LINE_MAX = 16 * 1024
 _BACKLOG_MAX = 256 * 1024
 _CHUNK = 32 * 1024
+# An attached client this far behind is disconnected (see AttachFanout).
+ATTACH_BACKLOG_MAX = 1 << 20
 
 
 def cri_timestamp(ns: int) -> bytes:
@@ -71,8 +75,13 @@ class CriLogSink:
             buf.clear()
             self.writer.append(self.path, b"".join(out))
 
-    def reopen(self) -> None:
-        self.writer.reopen(self.path)
+    async def reopen(self, timeout: float) -> None:
+        """After the client renamed the file: a new one exists at the path when this returns."""
+        try:
+            async with aio.timeout(timeout):
+                await self.writer.open(self.path, fresh=True)
+        except TimeoutError:
+            raise TimeoutError(f"log file {self.path} was not reopened within {timeout:g}s") from None
 
 
 class FdSink:
@@ -192,6 +201,121 @@ class Pump:
         self.done.set_result(None)
 
 
+class AttachFanout:
+    """A process's output, as it comes, to every client connected to a unix socket (shimd's Attach).
+
+    Independent of any log file: a container without one can be attached to, and clients see partial
+    lines (prompts) at once. Frames: stream byte (1 stdout, 2 stderr), 4-byte big-endian length, bytes.
+    Output nobody is connected for is dropped; a client that falls ATTACH_BACKLOG_MAX behind is
+    disconnected rather than slowing the process down or growing the shim.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._loop = aio.get_running_loop()
+        self._clients: dict[socket.socket, bytearray] = {}
+        self._closing = False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by an earlier task of the same id
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(path)
+            os.chmod(path, 0o600)  # container output: for root (shimd) only
+            sock.listen(8)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock: socket.socket | None = sock
+        self._loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        if self._sock is None:
+            return
+        try:
+            conn, _ = self._sock.accept()
+        except OSError:  # BlockingIOError, or the client gave up already
+            return
+        conn.setblocking(False)
+        self._clients[conn] = bytearray()
+        # Clients send nothing: readable means they hung up.
+        self._loop.add_reader(conn.fileno(), self._hangup, conn)
+
+    def _hangup(self, conn: socket.socket) -> None:
+        try:
+            if conn.recv(4096):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        if self._clients.pop(conn, None) is None:
+            return
+        self._loop.remove_reader(conn.fileno())
+        self._loop.remove_writer(conn.fileno())
+        conn.close()
+
+    def send(self, stream: int, data: bytes) -> None:
+        if not self._clients or not data:
+            return
+        frame = bytes((stream,)) + len(data).to_bytes(4, "big") + data
+        for conn, backlog in list(self._clients.items()):
+            if backlog:
+                backlog += frame
+                if len(backlog) > ATTACH_BACKLOG_MAX:
+                    self._drop(conn)
+                continue
+            try:
+                n = conn.send(frame)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self._drop(conn)
+                continue
+            if n < len(frame):
+                backlog += frame[n:]
+                self._loop.add_writer(conn.fileno(), self._flush, conn)
+
+    def _flush(self, conn: socket.socket) -> None:
+        backlog = self._clients.get(conn)
+        if backlog is None:
+            return
+        try:
+            del backlog[:conn.send(backlog)]
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        if not backlog:
+            self._loop.remove_writer(conn.fileno())
+            if self._closing:
+                self._drop(conn)
+
+    def finish(self) -> None:
+        """The output reached EOF: clients are disconnected once they have what was sent; no new ones."""
+        self._closing = True
+        self._stop_listening()
+        for conn, backlog in list(self._clients.items()):
+            if not backlog:
+                self._drop(conn)
+
+    def _stop_listening(self) -> None:
+        if self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def close(self) -> None:
+        self._stop_listening()
+        for conn in list(self._clients):
+            self._drop(conn)
+
+
 def _is_fifo(path: str) -> bool:
     with contextlib.suppress(OSError):
         return stat.S_ISFIFO(os.stat(path).st_mode)
@@ -214,10 +338,12 @@ def output_target(uri: str) -> tuple[str, str]:
 class ProcessIO:
     """The stdio of one process: descriptors to hand to runc, and the copies the shim runs."""
 
-    def __init__(self, writer: FileWriter, stdin: str, stdout: str, stderr: str, terminal: bool) -> None:
+    def __init__(self, writer: FileWriter, stdin: str, stdout: str, stderr: str, terminal: bool,
+                 attach: AttachFanout | None = None) -> None:
         self.writer = writer
         self.uris = (stdin, stdout, stderr)
         self.terminal = terminal
+        self.attach = attach  # gets the output too (a container's init); owned from here on
         self.child_fds: list[int] = []  # given to runc, closed in the shim once runc has them
         self.stdio: tuple[int, int, int] = (-1, -1, -1)
         self.pumps: list[Pump] = []
@@ -272,7 +398,7 @@ class ProcessIO:
         files: dict[str, int] = {}
         for i, (uri, stream) in enumerate(((stdout, b"stdout"), (stderr, b"stderr")), start=1):
             kind, path = output_target(uri)
-            if kind == "null":
+            if kind == "null" and self.attach is None:
                 fds[i] = self._keep(os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC))
             elif kind == "file":
                 if path not in files:
@@ -307,10 +433,23 @@ class ProcessIO:
             self.stdin_pump = pump
             self._stdin_fifo = -1
 
+    def _teed(self, stream: bytes, sink: Callable[[bytes], bool]) -> Callable[[bytes], bool]:
+        """sink, and the attached clients first (they are never waited for)."""
+        fanout = self.attach
+        if fanout is None:
+            return sink
+        code = ATTACH_STDOUT if stream == b"stdout" else ATTACH_STDERR
+
+        def both(data: bytes) -> bool:
+            fanout.send(code, data)
+            return sink(data)
+
+        return both
+
     def _start_out(self, fd: int, uri: str, stream: bytes, owns_fd: bool) -> None:
         kind, path = output_target(uri)
-        if kind == "null":  # a terminal whose output nobody wants: keep reading so the process never blocks
-            self.pumps.append(Pump(fd, lambda d: True, lambda: None, owns_fd))
+        if kind == "null":  # output nobody logs: keep reading so the process never blocks (and attach sees it)
+            self.pumps.append(Pump(fd, self._teed(stream, lambda d: True), lambda: None, owns_fd))
             return
         if kind == "crilog":
             if self.cri is None:
@@ -325,7 +464,7 @@ class ProcessIO:
                 writer.when_drained(ref[0].resume)
                 return False
 
-            ref.append(Pump(fd, to_cri, lambda: cri.flush(stream), owns_fd))
+            ref.append(Pump(fd, self._teed(stream, to_cri), lambda: cri.flush(stream), owns_fd))
             self.pumps.append(ref[0])
             return
         if kind == "file":
@@ -338,7 +477,7 @@ class ProcessIO:
                 writer.when_drained(fref[0].resume)
                 return False
 
-            fref.append(Pump(fd, to_file, lambda: None, owns_fd))
+            fref.append(Pump(fd, self._teed(stream, to_file), lambda: None, owns_fd))
             self.pumps.append(fref[0])
             return
         # A FIFO: opened read-write so the open never blocks and a missing reader never raises EPIPE.
@@ -346,7 +485,7 @@ class ProcessIO:
         pump_ref: list[Pump] = []
         sink = FdSink(out_fd, lambda: pump_ref and pump_ref[0].resume())
         self.sinks.append(sink)
-        pump = Pump(fd, sink.write, sink.finish, owns_fd)
+        pump = Pump(fd, self._teed(stream, sink.write), sink.finish, owns_fd)
         pump_ref.append(pump)
         self.pumps.append(pump)
 
@@ -357,6 +496,8 @@ class ProcessIO:
             await aio.wait(pending, timeout=timeout)
         for p in self.pumps:
             p.stop()
+        if self.attach is not None:
+            self.attach.finish()
 
     def close_stdin(self) -> None:
         """CloseIO: no more input is coming. Input already queued in the FIFO still reaches the process."""
@@ -376,9 +517,24 @@ class ProcessIO:
             os.close(self._stdin_fifo)
             self._stdin_fifo = -1
 
-    def reopen_log(self) -> None:
+    def log_paths(self) -> list[str]:
+        """The CRI log files this process writes (one at most, whatever the streams)."""
+        uris = self.uris[1:2] if self.terminal else self.uris[1:]
+        return sorted({path for kind, path in map(output_target, uris) if kind == "crilog"})
+
+    async def open_logs(self, timeout: float) -> None:
+        """Create the CRI log file before the process runs: readers open it as soon as the start returns,
+        even when nothing has been written yet."""
+        for path in self.log_paths():
+            try:
+                async with aio.timeout(timeout):
+                    await self.writer.open(path)
+            except TimeoutError:
+                raise TimeoutError(f"log file {path} was not created within {timeout:g}s") from None
+
+    async def reopen_log(self, timeout: float) -> None:
         if self.cri is not None:
-            self.cri.reopen()
+            await self.cri.reopen(timeout)
 
     def close(self) -> None:
         if self._stdin_keeper >= 0:
@@ -404,5 +560,7 @@ class ProcessIO:
             with contextlib.suppress(OSError):
                 os.close(self.console)
             self.console = -1
-        if self.cri is not None:
-            self.writer.close(self.cri.path)
+        for path in self.log_paths():  # opened by open_logs even if the process never ran
+            self.writer.close(path)
+        if self.attach is not None:
+            self.attach.close()

@@ -3,8 +3,10 @@
 Why a single thread rather than aiofiles: aiofiles hands each write to a thread pool (several
 threads, each with its own stack and malloc arena, plus the pool machinery); one thread with a
 SimpleQueue is the smallest resident cost and still keeps blocking writes off the event loop.
-Files stay open between writes and are keyed by path, so `reopen` (after log rotation) simply
-closes the old descriptor; the next write creates the file again.
+Files stay open between writes and are keyed by path. `open` creates a file before anything is
+written to it (readers such as kubelet open a container's log at once), and with `fresh` closes the
+old descriptor first (log rotation: the client renamed the file); queued data keeps its order, so
+what was queued before lands in the old file and nothing is lost.
 """
 
 from __future__ import annotations
@@ -22,6 +24,27 @@ _FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 # and below which they are resumed.
 HIGH_WATER = 1 << 20
 LOW_WATER = 256 << 10
+
+
+class _Open:
+    """A queued request to open a file now; `done` is resolved on the event loop once it is open."""
+
+    __slots__ = ("done", "fresh", "loop")
+
+    def __init__(self, loop: aio.Loop, fresh: bool) -> None:
+        self.loop, self.fresh = loop, fresh
+        self.done: aio.Future[None] = loop.create_future()
+
+    def finish(self, error: OSError | None) -> None:
+        self.loop.call_soon_threadsafe(self._resolve, error)
+
+    def _resolve(self, error: OSError | None) -> None:
+        if self.done.done():
+            return
+        if error is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(error)
 
 
 class FileWriter:
@@ -54,11 +77,15 @@ class FileWriter:
                 return
         self._loop.call_soon(resume)  # never synchronously: the producer has not paused yet
 
-    def reopen(self, path: str) -> None:
-        self._q.put((path, None))
+    def open(self, path: str, fresh: bool = False) -> aio.Future[None]:
+        """Create the file (if missing) and keep it open; fresh: close the current descriptor first, so a
+        renamed file is left behind. The future fails with the OSError of the open."""
+        req = _Open(aio.get_running_loop(), fresh)
+        self._q.put((path, req))
+        return req.done
 
     def close(self, path: str) -> None:
-        self.reopen(path)
+        self._q.put((path, None))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Flush what is queued and stop the thread (called from synchronous shutdown paths)."""
@@ -75,10 +102,19 @@ class FileWriter:
             if item is _STOP:
                 break
             path, data = item  # type: ignore[misc]
-            if data is None:
-                fd = self._fds.pop(path, None)
-                if fd is not None:
-                    os.close(fd)
+            if data is None or isinstance(data, _Open):
+                if data is None or data.fresh:
+                    fd = self._fds.pop(path, None)
+                    if fd is not None:
+                        os.close(fd)
+                if data is not None:
+                    try:
+                        if path not in self._fds:
+                            self._fds[path] = os.open(path, _FLAGS, 0o640)
+                        failed.discard(path)
+                        data.finish(None)
+                    except OSError as e:
+                        data.finish(e)
                 continue
             try:
                 fd = self._fds.get(path)

@@ -17,10 +17,10 @@ from shims.common import messages as m
 from shims.common.jsonlog import Logger
 from shims.common.procs import CommandTimeout, Reaper, trim_memory
 from shims.common.proto import decode, encode
-from shims.common.stdio import ProcessIO
+from shims.common.stdio import AttachFanout, ProcessIO
 from shims.common.ttrpc import TtrpcError
 from shims.common.writer import FileWriter
-from shims.runc import mounts
+from shims.runc import attach_socket_path, mounts
 from shims.runc.runc import Runc, RuncError, RuncOptions
 
 TYPE_CHECKING = False
@@ -32,6 +32,8 @@ def runc_timeout() -> float:
     """Read when used, not at import: a shim forked from the zygote gets its environment after import."""
     return float(os.environ.get("SHIMD_RUNTIME_TIMEOUT", "60"))
 IO_DRAIN_TIMEOUT = 2.0
+# Opening a log file waits behind the writes queued before it (bounded by the writer's high-water mark).
+LOG_OPEN_TIMEOUT = 10.0
 CONSOLE_TIMEOUT = 10.0
 
 
@@ -178,6 +180,16 @@ class TaskService:
         self.log.info("process exited", container_id=proc.cid, exec_id=proc.exec_id, pid=proc.pid,
                       exit_status=status)
 
+    def _attach_fanout(self, cid: str, log: Logger) -> AttachFanout | None:
+        """Where shimd's Attach reads the output of a container (not of the pod's pause task)."""
+        if cid == self.pod_id:
+            return None
+        try:
+            return AttachFanout(attach_socket_path(self.socket_dir, cid))
+        except OSError as e:  # attach then reports it; the container itself is unaffected
+            log.error("cannot serve attach", error=str(e))
+            return None
+
     async def _read_pid(self, path: str) -> int:
         def read() -> int:
             with open(path) as f:
@@ -203,6 +215,7 @@ class TaskService:
         path = ""
         try:
             proc.io.prepare()
+            await proc.io.open_logs(LOG_OPEN_TIMEOUT)
             if proc.terminal:
                 sock, path = self._console_socket()
                 console_task = aio.ensure_future(_receive_console(sock))
@@ -256,7 +269,8 @@ class TaskService:
             if req["rootfs"]:
                 await mounts.mount_all(self.reaper, req["rootfs"], rootfs, runc_timeout())
                 mounted = True
-            io = ProcessIO(self.writer, req["stdin"], req["stdout"], req["stderr"], req["terminal"])
+            io = ProcessIO(self.writer, req["stdin"], req["stdout"], req["stderr"], req["terminal"],
+                           self._attach_fanout(cid, log))
             init = Proc(cid, "", io, req["terminal"])
             pid_file = os.path.join(bundle, "init.pid")
 
@@ -482,7 +496,7 @@ class TaskService:
         c = self._container(req["id"])
         if c.init.io.cri is None:
             raise _precondition(f"container {c.id!r} does not log to a CRI log file")
-        c.init.io.reopen_log()
+        await c.init.io.reopen_log(LOG_OPEN_TIMEOUT)
         return {}
 
     def close(self) -> None:

@@ -1,3 +1,7 @@
+from pathlib import Path
+
+import pytest
+
 from shimd import cgroups
 
 
@@ -24,3 +28,24 @@ def test_hierarchy_roots_on_this_host() -> None:
     roots = cgroups.hierarchy_roots()
     assert roots, "a cgroup hierarchy must be mounted"
     assert all(r.is_dir() for r in roots)
+
+
+def test_hugetlb_usable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    v1 = "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n"
+    hugetlb = "33 31 0:30 / /sys/fs/cgroup/hugetlb rw,relatime - cgroup cgroup rw,hugetlb\n"
+    unified_root = tmp_path / "unified"
+    unified_root.mkdir()
+    unified = f"41 31 0:38 / {unified_root} rw,relatime - cgroup2 cgroup2 rw\n"
+    mountinfo = tmp_path / "mountinfo"
+    monkeypatch.setattr(cgroups, "MOUNTINFO", mountinfo)
+    (unified_root / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids\n")
+    cases = [
+        (v1 + unified, False),  # hybrid, as on this host: runc uses v1, which has no hugetlb hierarchy
+        (v1 + hugetlb + unified, True),
+        (unified, True),  # cgroup v2 only, with the controller
+    ]
+    for text, usable in cases:
+        mountinfo.write_text(text)
+        assert cgroups.hugetlb_usable() is usable, text
+    (unified_root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    assert cgroups.hugetlb_usable() is False

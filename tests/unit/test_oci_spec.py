@@ -63,13 +63,14 @@ def test_env_merge_and_defaults(tmp_path: Path) -> None:
 
 def test_users(tmp_path: Path) -> None:
     img = _image(tmp_path)
-    assert spec.resolve_user(cri.LinuxContainerSecurityContext(), "", img.layers) == {"uid": 0, "gid": 0}
+    assert spec.resolve_user(cri.LinuxContainerSecurityContext(), "", img.layers) == {"uid": 0, "gid": 0,
+                                                                                     "additionalGids": [0]}
     assert spec.resolve_user(cri.LinuxContainerSecurityContext(), "app", img.layers) == {
-        "uid": 1000, "gid": 1000, "additionalGids": [10]}
+        "uid": 1000, "gid": 1000, "additionalGids": [1000, 10]}
     sc = cri.LinuxContainerSecurityContext(run_as_user=cri.Int64Value(value=1000),
                                            run_as_group=cri.Int64Value(value=5), supplemental_groups=[7])
     # Like containerd, the groups the uid belongs to in /etc/group are added too.
-    assert spec.resolve_user(sc, "", img.layers) == {"uid": 1000, "gid": 5, "additionalGids": [7, 10]}
+    assert spec.resolve_user(sc, "", img.layers) == {"uid": 1000, "gid": 5, "additionalGids": [5, 7, 10]}
     sc0 = cri.LinuxContainerSecurityContext(run_as_user=cri.Int64Value(value=0))
     assert spec.resolve_user(sc0, "app", img.layers)["uid"] == 0
     with pytest.raises(errors.InvalidArgument, match="nobody2"):

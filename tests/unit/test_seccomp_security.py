@@ -138,14 +138,14 @@ def test_capabilities_and_users(tmp_path: Path) -> None:
         _build(tmp_path, cri.LinuxContainerSecurityContext(capabilities=cri.Capability(add_capabilities=["FLY"])))
     # Image user "app": its /etc/group memberships merge with the supplemental groups...
     user = _build(tmp_path, cri.LinuxContainerSecurityContext(supplemental_groups=[5000]))["process"]["user"]
-    assert user == {"uid": 1000, "gid": 1000, "additionalGids": [10, 29, 5000]}
+    assert user == {"uid": 1000, "gid": 1000, "additionalGids": [1000, 10, 29, 5000]}
     # ...unless the policy is Strict.
     user = _build(tmp_path, cri.LinuxContainerSecurityContext(
         supplemental_groups=[5000], supplemental_groups_policy=cri.SupplementalGroupsPolicy.Strict))["process"]["user"]
-    assert user == {"uid": 1000, "gid": 1000, "additionalGids": [5000]}
+    assert user == {"uid": 1000, "gid": 1000, "additionalGids": [1000, 5000]}
     user = _build(tmp_path, cri.LinuxContainerSecurityContext(run_as_user=cri.Int64Value(0),
                                                               run_as_group=cri.Int64Value(7)))["process"]["user"]
-    assert user == {"uid": 0, "gid": 7}
+    assert user == {"uid": 0, "gid": 7, "additionalGids": [7]}
     with pytest.raises(errors.InvalidArgument, match=r"run_as_user"):
         _build(tmp_path, cri.LinuxContainerSecurityContext(run_as_user=cri.Int64Value(-3)))
 

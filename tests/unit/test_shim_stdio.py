@@ -40,19 +40,28 @@ def test_cri_sink_splits_lines_and_long_lines(tmp_path: Path) -> None:
 
 
 def test_reopen_after_rename_creates_a_new_file(tmp_path: Path) -> None:
+    aio.run(_reopen_after_rename(tmp_path))
+
+
+async def _reopen_after_rename(tmp_path: Path) -> None:
     w = FileWriter()
     log = tmp_path / "c.log"
+    io = ProcessIO(w, "", f"crilog://{log}", f"crilog://{log}", terminal=False)
+    io.prepare()
+    await io.open_logs(5.0)
+    assert log.exists() and log.read_bytes() == b"", "the log exists before anything is written"
     sink = CriLogSink(w, str(log))
     sink.feed(b"stdout", b"one\n")
-    w.stop()
     os.rename(log, tmp_path / "c.log.1")
-    w = FileWriter()
-    sink = CriLogSink(w, str(log))
     sink.feed(b"stdout", b"before-reopen\n")
-    sink.reopen()
+    await sink.reopen(5.0)
+    assert log.exists(), "reopen returns once the new file exists"
     sink.feed(b"stdout", b"two\n")
     w.stop()
-    assert [c for _, _, c in parse(log)] == [b"before-reopen", b"two"]
+    io.close()
+    # Queued before the reopen: the renamed file; after it: the new one. No line lost.
+    assert [c for _, _, c in parse(tmp_path / "c.log.1")] == [b"one", b"before-reopen"]
+    assert [c for _, _, c in parse(log)] == [b"two"]
 
 
 def test_fifo_output_is_copied_and_crilog_backpressure_resumes(tmp_path: Path, monkeypatch: object) -> None:

@@ -100,3 +100,24 @@ def test_netdev_parse() -> None:
 async def test_netdev_reads_own_namespace() -> None:
     ifaces = await netdev.read_netns("/proc/self/ns/net")
     assert all(i.name != "lo" for i in ifaces)
+
+
+def test_cpu_rate_survives_concurrent_callers() -> None:
+    from shimd.stats.collector import StatsCollector
+
+    c = StatsCollector(store=None, cgroup_driver="cgroupfs", layout=cgroupfs.Layout({}, None))  # type: ignore[arg-type]
+    sec = 1_000_000_000
+
+    def rate(ts: int, usage: int) -> int | None:
+        return c._rate("c/x", cgroupfs.Sample(timestamp_ns=ts, cpu_usage_ns=usage))
+
+    assert rate(10 * sec, 5 * sec) is None  # the first sample has nothing to compare with
+    assert rate(11 * sec, 5 * sec + sec // 2) == sec // 2  # half a core over one second
+    # Callers right after (or with an older read finishing late) get that rate, not none or zero,
+    # and do not move the remembered sample.
+    assert rate(11 * sec + 3_000_000, 5 * sec + sec // 2) == sec // 2
+    assert rate(11 * sec - 2_000_000, 5 * sec + sec // 2 - 1_000_000) == sec // 2
+    assert rate(12 * sec, 5 * sec + sec // 2 + sec // 4) == sec // 4
+    # A counter that went backwards (a container restarted under the same cgroup) starts over.
+    assert rate(13 * sec, sec) is None
+    assert rate(14 * sec, 2 * sec) == sec
