@@ -9,6 +9,7 @@ import os
 import secrets
 import signal
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ import betterproto.lib.google.protobuf as pbany
 
 from shimd import cgroups, errors, events, fsutil, log, mounts
 from shimd.api.runtime import v1 as cri
+from shimd.containers import checkpoint as ckpt
 from shimd.network import namespaces
 from shimd.oci import spec as ocispec
 from shimd.shimmgr.manager import ExitInfo, ts_ns
@@ -60,6 +62,10 @@ class ContainerService:
         self.cgroup_driver = cgroup_driver
         self.rw_dir = root_dir / "rw"
         self.bundle_dir = state_dir / "containers"
+        # Unpacked checkpoint archives of containers to restore (kept until the container is removed),
+        # and scratch space of CheckpointContainer (meaningless after a crash).
+        self.restore_dir = root_dir / "checkpoints"
+        self.checkpoint_work_dir = state_dir / "checkpoints"
         self.store = store
         self.shims = shims
         self.images = images
@@ -77,38 +83,77 @@ class ContainerService:
         async with self.store.lock(pod.id):
             if pod.state != POD_READY:
                 raise errors.FailedPrecondition(f"pod sandbox {pod.id} is not ready (state {pod.state})")
-            image = self.images.get(config.image.image)
-            if image is None:
-                raise errors.NotFound(f"image.image {config.image.image!r} not found: pull it first")
-            log_path = _log_path(config_field(pod.config, "logDirectory", default=""), config.log_path)
             cid = secrets.token_hex(32)
-            ctr = ContainerRecord(
-                id=cid, pod_id=pod.id, name=config.metadata.name, attempt=config.metadata.attempt,
-                created_at=time.time_ns(), config=config.to_dict(), image_ref=config.image.image,
-                image_id=image.id, log_path=log_path, bundle=str(self.bundle_dir / cid),
-                labels=dict(config.labels), annotations=dict(config.annotations), tty=config.tty,
-                stdin=config.stdin, fs_dir=str(self.rw_dir / cid),
-                mounts=[{"container_path": m.container_path, "host_path": m.host_path, "readonly": m.readonly,
-                         "selinux_relabel": m.selinux_relabel, "propagation": int(m.propagation)}
-                        for m in config.mounts],
-            )
-            self.store.reserve_name(ctr.name_key(pod), cid, "container")
+            if not ckpt.is_archive_ref(config.image.image):
+                return await self._create(pod, cid, config, "")
+            restore = self.restore_dir / cid
             try:
-                ctx = self.pods.pod_context(pod)
-                ctx.cgroups_path = cgroups.container_path(self.cgroup_driver, pod.cgroup_parent, cid)
-                img_ctx = ocispec.ImageContext(name=image.repo_tags[0] if image.repo_tags else image.id,
-                                               config=dict(image.config.get("config") or {}), layers=image.layers)
-                bundle = Path(ctr.bundle)
-                spec = ocispec.container_spec(cid, config, ctx, img_ctx, str(bundle / "rootfs"))
-                if ctx.userns is not None:
-                    await mounts.check_idmap(image.layers, pod.namespaces[namespaces.USER])
-                await asyncio.to_thread(self._prepare_dirs, ctr, config, ctx.userns)
-                await fsutil.write_json(bundle / "config.json", spec)
-                await self.store.save_container(ctr)
+                return await self._create_from_checkpoint(pod, cid, config, restore)
             except BaseException:
-                self.store.release_name(ctr.name_key(pod), cid)
-                await self._remove_files(ctr)
+                await fsutil.remove_tree(restore)
                 raise
+
+    async def _create_from_checkpoint(self, pod: PodRecord, cid: str, config: cri.ContainerConfig,
+                                      restore: Path) -> str:
+        """As CRI-O does: the image is a checkpoint archive; the container gets the checkpointed one's
+        image, process and writable layer, this request's metadata, mounts and resources, and is
+        restored from the CRIU images at StartContainer."""
+        archive = config.image.image
+        unpacked = await asyncio.to_thread(ckpt.unpack, Path(archive), restore)
+        refs = unpacked.image_refs()
+        found = next((ref for ref in reversed(refs) if self.images.get(ref) is not None), "")
+        if not found:
+            missing = refs[0] if refs else "(not recorded in config.dump)"
+            raise errors.NotFound(f"config.image.image {archive!r}: the checkpointed container's image "
+                                  f"{missing!r} is not present: pull it first")
+        process = unpacked.spec.get("process") or {}
+        config = cri.ContainerConfig().from_dict(config.to_dict())
+        config.image = cri.ImageSpec(image=found)
+        if isinstance(process.get("args"), list) and process["args"]:
+            config.command, config.args = [str(a) for a in process["args"]], []
+        if process.get("cwd"):
+            config.working_dir = str(process["cwd"])
+        config.tty = bool(process.get("terminal", False))
+        self.log.info("creating container from checkpoint", pod_id=pod.id, container_id=cid, archive=archive,
+                      image=found)
+        return await self._create(pod, cid, config, str(unpacked.images), unpacked=unpacked)
+
+    async def _create(self, pod: PodRecord, cid: str, config: cri.ContainerConfig, restore_from: str,
+                      unpacked: ckpt.Unpacked | None = None) -> str:
+        image = self.images.get(config.image.image)
+        if image is None:
+            raise errors.NotFound(f"image.image {config.image.image!r} not found: pull it first")
+        log_path = _log_path(config_field(pod.config, "logDirectory", default=""), config.log_path)
+        ctr = ContainerRecord(
+            id=cid, pod_id=pod.id, name=config.metadata.name, attempt=config.metadata.attempt,
+            created_at=time.time_ns(), config=config.to_dict(), image_ref=config.image.image,
+            image_id=image.id, log_path=log_path, bundle=str(self.bundle_dir / cid),
+            labels=dict(config.labels), annotations=dict(config.annotations), tty=config.tty,
+            stdin=config.stdin, fs_dir=str(self.rw_dir / cid),
+            mounts=[{"container_path": m.container_path, "host_path": m.host_path, "readonly": m.readonly,
+                     "selinux_relabel": m.selinux_relabel, "propagation": int(m.propagation)}
+                    for m in config.mounts],
+            restore_from=restore_from,
+        )
+        self.store.reserve_name(ctr.name_key(pod), cid, "container")
+        try:
+            ctx = self.pods.pod_context(pod)
+            ctx.cgroups_path = cgroups.container_path(self.cgroup_driver, pod.cgroup_parent, cid)
+            img_ctx = ocispec.ImageContext(name=image.repo_tags[0] if image.repo_tags else image.id,
+                                           config=dict(image.config.get("config") or {}), layers=image.layers)
+            bundle = Path(ctr.bundle)
+            spec = ocispec.container_spec(cid, config, ctx, img_ctx, str(bundle / "rootfs"))
+            if ctx.userns is not None:
+                await mounts.check_idmap(image.layers, pod.namespaces[namespaces.USER])
+            await asyncio.to_thread(self._prepare_dirs, ctr, config, ctx.userns)
+            if unpacked is not None:
+                await asyncio.to_thread(ckpt.apply_rootfs_diff, unpacked, Path(ctr.fs_dir) / "upper")
+            await fsutil.write_json(bundle / "config.json", spec)
+            await self.store.save_container(ctr)
+        except BaseException:
+            self.store.release_name(ctr.name_key(pod), cid)
+            await self._remove_files(ctr)
+            raise
         self.bus.publish(events.CREATED, cid, pod.id)
         self.log.info("container created", pod_id=pod.id, container_id=cid, name=ctr.name)
         return cid
@@ -156,10 +201,12 @@ class ContainerService:
             self._exited.pop(ctr.id, None)
             try:
                 ctr.pid = await self.shims.create(pod.id, pod.handler, ctr.id, Path(ctr.bundle), rootfs, stdio,
-                                                  ctr.tty)
+                                                  ctr.tty, checkpoint=ctr.restore_from)
                 # Taken before Start: a fast process can exit before Start even returns.
                 started_at = time.time_ns()
-                await self.shims.start(pod.id, ctr.id)
+                pid = await self.shims.start(pod.id, ctr.id)
+                if ctr.restore_from:
+                    ctr.pid = pid  # a restored process only exists once Start has run `runc restore`
             except errors.ShimdError as e:
                 ctr.state, ctr.reason, ctr.message = CONTAINER_EXITED, "StartError", str(e)
                 ctr.exit_code, ctr.finished_at = 128, time.time_ns()
@@ -276,6 +323,8 @@ class ContainerService:
             await mounts.unmount(rootfs)
         await fsutil.remove_tree(Path(ctr.bundle))
         await fsutil.remove_tree(Path(ctr.fs_dir))
+        if ctr.restore_from:
+            await fsutil.remove_tree(self.restore_dir / ctr.id)
 
     async def stop_all(self, pod: PodRecord) -> None:
         ctrs = [c for c in self.store.pod_containers(pod.id) if c.state == CONTAINER_RUNNING]
@@ -330,9 +379,55 @@ class ContainerService:
             return  # that handler's log writer notices the rename by itself (shim v2 binaries have no Reopen)
         await self.shims.reopen_log(ctr.pod_id, ctr.id)
 
+    # --- checkpoint --------------------------------------------------------------------------
+    async def checkpoint(self, cid: str, location: str, timeout: int) -> None:
+        """CheckpointContainer: CRIU images through the shim (the container keeps running, as with
+        kubelet's checkpoint API), then the archive at `location` (see shimd/containers/checkpoint.py)."""
+        ctr = self.store.container(cid)
+        pod = self.store.pod(ctr.pod_id)
+        async with self.store.lock(pod.id):
+            if ctr.state != CONTAINER_RUNNING:
+                raise errors.FailedPrecondition(f"container {ctr.id} is {ctr.state}; only a running container "
+                                                "can be checkpointed")
+            lg = self.log.bind(pod_id=pod.id, container_id=ctr.id, location=location)
+            await asyncio.to_thread(ckpt.check_location, location)
+            work = self.checkpoint_work_dir / f"{ctr.id[:12]}-{secrets.token_hex(4)}"
+            images, criu_work = work / ckpt.CHECKPOINT_DIR, work / "work"
+            await asyncio.to_thread(_make_private_dirs, images, criu_work)
+            try:
+                await self.shims.checkpoint(pod.id, ctr.id, images, criu_work, leave_running=True, timeout=timeout)
+                image = self.images.get(ctr.image_id)
+                now = time.time_ns()
+                config_dump = {
+                    "id": ctr.id, "name": ctr.name, "rootfsImage": ctr.image_ref, "rootfsImageRef": ctr.image_id,
+                    "rootfsImageName": image.repo_tags[0] if image and image.repo_tags else ctr.image_ref,
+                    "runtime": pod.handler or "runc", "createdTime": _rfc3339(ctr.created_at),
+                    "checkpointedTime": _rfc3339(now),
+                }
+                await asyncio.to_thread(ckpt.write_archive, location, config_dump=config_dump,
+                                        bundle=Path(ctr.bundle), images=images, work=criu_work,
+                                        upper=Path(ctr.fs_dir) / "upper")
+            finally:
+                await fsutil.remove_tree(work)
+        lg.info("container checkpointed")
+
+    async def _remove_checkpoint_leftovers(self) -> None:
+        """Scratch dirs of checkpoints cut short by a crash, and archives unpacked for containers that
+        never got a record."""
+        await fsutil.remove_tree(self.checkpoint_work_dir)
+
+        def orphans() -> list[Path]:
+            if not self.restore_dir.is_dir():
+                return []
+            return [p for p in self.restore_dir.iterdir() if p.name not in self.store.containers]
+
+        for p in await asyncio.to_thread(orphans):
+            await fsutil.remove_tree(p)
+
     # --- recovery ----------------------------------------------------------------------------
     async def recover(self) -> None:
         """Reattach to every running task; record exits that happened while shimd was down."""
+        await self._remove_checkpoint_leftovers()
         for ctr in list(self.store.containers.values()):
             if ctr.state == CONTAINER_CREATED:
                 await self._recover_created(ctr)
@@ -410,6 +505,15 @@ class ContainerService:
             await self.on_exit(pod.id, ctr.id, ExitInfo(int(st.exit_status), ts_ns(st.exited_at)))
         else:
             self.shims.watch(pod.id, ctr.id)
+
+
+def _make_private_dirs(*paths: Path) -> None:
+    for p in paths:
+        p.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def _rfc3339(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _make_stdin_fifo(bundle: Path) -> str:

@@ -108,3 +108,53 @@ class Runc:
     async def ps(self, cid: str) -> list[int]:
         out = await self._run("ps", "--format", "json", cid)
         return [int(p) for p in (json.loads(out) or [])]
+
+    # --- checkpoint/restore (CRIU) -----------------------------------------------------------------
+    # Set by runtimes that cannot checkpoint one container: the reason, for a FAILED_PRECONDITION.
+    checkpoint_unsupported = ""
+
+    async def checkpoint(self, cid: str, image_path: str, work_path: str, leave_running: bool,
+                         file_locks: bool = False) -> None:
+        args = ["checkpoint", "--image-path", image_path, "--work-path", work_path]
+        if leave_running:
+            args.append("--leave-running")
+        if file_locks:
+            args.append("--file-locks")
+        try:
+            await self._run(*args, cid)
+        except RuncError as e:
+            raise RuncError(_with_criu_log(str(e), os.path.join(work_path, "dump.log"))) from None
+
+    async def restore(self, cid: str, bundle: str, image_path: str, work_path: str, pid_file: str,
+                      stdio: tuple[int, int, int], console_socket: str = "") -> None:
+        """Recreates the container from CRIU images; runc hands its own stdio to the restored
+        process in place of the pipes it had at dump time (descriptors.json in the images)."""
+        args = ["restore", "--detach", "--bundle", bundle, "--image-path", image_path, "--work-path", work_path,
+                "--pid-file", pid_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        if self.opts.no_pivot_root:
+            args.append("--no-pivot")
+        if self.opts.no_new_keyring:
+            args.append("--no-new-keyring")
+        try:
+            await self._run(*args, cid, stdio=stdio)
+        except RuncError as e:
+            raise RuncError(_with_criu_log(str(e), os.path.join(work_path, "restore.log"))) from None
+
+
+def criu_errors(text: str, limit: int = 3) -> str:
+    """The last few `Error (...)` lines of a CRIU log: runc itself only says "criu failed"."""
+    lines = [ln.strip() for ln in text.splitlines() if "Error" in ln]
+    return "; ".join(lines[-limit:])
+
+
+def _with_criu_log(message: str, log_path: str) -> str:
+    with contextlib.suppress(OSError):
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            found = criu_errors(f.read().decode(errors="replace"))
+            if found:
+                return f"{message}; {os.path.basename(log_path)}: {found}"
+    return message

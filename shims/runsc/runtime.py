@@ -135,6 +135,11 @@ class Runsc(Runc):
             self._roots.discard(cid)
 
     # --- what runsc does not do like runc ------------------------------------------------------
+    checkpoint_unsupported = (
+        "runsc cannot checkpoint a single container of a pod: `runsc checkpoint` saves the whole gVisor "
+        "sandbox (every container of the pod) and `runsc restore` can only recreate a sandbox, not one "
+        "container inside a running one; use a runc handler for CheckpointContainer")
+
     async def update(self, cid: str, resources_json: bytes) -> None:
         raise RuncError("runsc cannot update the resources of a running container")
 
