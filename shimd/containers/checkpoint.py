@@ -169,10 +169,9 @@ def unpack(archive: Path, dest: Path) -> Unpacked:
 
 
 def _diff_filter(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
-    """Names must stay inside the layer (tar_filter checks that), but modes, owners and device
-    files are the container's own and are kept as they were."""
-    tarfile.tar_filter(member, path)
-    return member
+    """Names must stay inside the layer (tar_filter strips leading slashes and refuses escapes), but
+    modes, owners and device files are the container's own and are kept as they were."""
+    return tarfile.tar_filter(member, path).replace(mode=member.mode, deep=False)
 
 
 def apply_rootfs_diff(unpacked: Unpacked, upper: Path) -> None:

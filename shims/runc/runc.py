@@ -14,6 +14,10 @@ if TYPE_CHECKING:  # typing is not loaded at run time: every shim would carry it
     from typing import Any
 
 
+# Upper bound of one CRIU dump or restore; the ttrpc deadline of the call normally ends it sooner.
+CRIU_TIMEOUT = 600.0
+
+
 class RuncError(Exception):
     pass
 
@@ -58,9 +62,10 @@ class Runc:
         return ""
 
     async def _run(self, *args: str, stdin_data: bytes | None = None, stdio: tuple[int, int, int] | None = None,
-                   ) -> bytes:
+                   timeout: float = 0) -> bytes:
         try:
-            _, out, _ = await run(self.reaper, self._argv(*args), self.timeout, stdin_data=stdin_data, stdio=stdio)
+            _, out, _ = await run(self.reaper, self._argv(*args), timeout or self.timeout, stdin_data=stdin_data,
+                                  stdio=stdio)
         except CommandError as e:
             detail = self._last_error() or e.stderr.strip() or f"exit status {e.status}"
             raise RuncError(f"runc {args[0]} failed: {detail}") from None
@@ -121,7 +126,9 @@ class Runc:
         if file_locks:
             args.append("--file-locks")
         try:
-            await self._run(*args, cid)
+            # Dumping a large memory takes longer than any other runc command: the caller's deadline
+            # (the CRI request's timeout, carried by the ttrpc call) is the real bound.
+            await self._run(*args, cid, timeout=max(self.timeout, CRIU_TIMEOUT))
         except RuncError as e:
             raise RuncError(_with_criu_log(str(e), os.path.join(work_path, "dump.log"))) from None
 
@@ -138,7 +145,7 @@ class Runc:
         if self.opts.no_new_keyring:
             args.append("--no-new-keyring")
         try:
-            await self._run(*args, cid, stdio=stdio)
+            await self._run(*args, cid, stdio=stdio, timeout=max(self.timeout, CRIU_TIMEOUT))
         except RuncError as e:
             raise RuncError(_with_criu_log(str(e), os.path.join(work_path, "restore.log"))) from None
 
