@@ -163,8 +163,8 @@ def unpack(archive: Path, dest: Path) -> Unpacked:
         raise errors.InvalidArgument(f"{field}: {CONFIG_DUMP} or {SPEC_DUMP} is not JSON: {e}") from None
     if not isinstance(config, dict) or not isinstance(spec, dict):
         raise errors.InvalidArgument(f"{field}: {CONFIG_DUMP} and {SPEC_DUMP} must be JSON objects")
-    if not (dest / CHECKPOINT_DIR).is_dir():
-        raise errors.InvalidArgument(f"{field} has no {CHECKPOINT_DIR}/ directory of CRIU images")
+    if not (dest / CHECKPOINT_DIR / "inventory.img").is_file():
+        raise errors.InvalidArgument(f"{field} has no CRIU images ({CHECKPOINT_DIR}/inventory.img)")
     return Unpacked(dest, config, spec)
 
 

@@ -152,7 +152,7 @@ class Runc:
 
 def criu_errors(text: str, limit: int = 3) -> str:
     """The last few `Error (...)` lines of a CRIU log: runc itself only says "criu failed"."""
-    lines = [ln.strip() for ln in text.splitlines() if "Error" in ln]
+    lines = [ln[ln.index("Error"):].strip() for ln in text.splitlines() if "Error" in ln]
     return "; ".join(lines[-limit:])
 
 

@@ -223,8 +223,8 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _archive(path: Path, image: str, *, config_dump: bool = True, diff: dict[str, bytes] | None = None,
-             deleted: list[str] | None = None) -> Path:
-    """An archive in the checkpoint layout, made by hand (its CRIU images are empty)."""
+             deleted: list[str] | None = None, images: bool = True) -> Path:
+    """An archive in the checkpoint layout, made by hand (its CRIU images are not CRIU's)."""
     with tarfile.open(path, "w") as tar:
         if config_dump:
             _add(tar, "config.dump", json.dumps({"id": "0" * 64, "name": "orig", "rootfsImageName": image}).encode())
@@ -232,6 +232,9 @@ def _archive(path: Path, image: str, *, config_dump: bool = True, diff: dict[str
         d = tarfile.TarInfo("checkpoint")
         d.type, d.mode = tarfile.DIRTYPE, 0o700
         tar.addfile(d)
+        if images:
+            _add(tar, "checkpoint/inventory.img", b"not really CRIU's")
+            _add(tar, "checkpoint/descriptors.json", b'["/dev/null", "pipe:[1]", "pipe:[2]"]')
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as inner:
             for name, data in (diff or {}).items():
@@ -252,6 +255,7 @@ def test_restore_rejects_what_is_not_a_usable_archive(rt: Runtime) -> None:
         (_archive(base / "nodump.tar", rt.image, config_dump=False), grpc.StatusCode.INVALID_ARGUMENT,
          "config.dump"),
         (_archive(base / "noimage.tar", "shimd-test/never-pulled:1"), grpc.StatusCode.NOT_FOUND, "pull it first"),
+        (_archive(base / "nocriu.tar", rt.image, images=False), grpc.StatusCode.INVALID_ARGUMENT, "inventory.img"),
         (_archive(base / "escape.tar", rt.image, deleted=["/../../../etc/passwd"]), grpc.StatusCode.INVALID_ARGUMENT,
          "deleted.files"),
     ]
@@ -280,11 +284,14 @@ def test_restore_creates_the_container_from_the_archive(rt: Runtime) -> None:
     unpacked = rt.proc.root / "checkpoints" / cid
     assert (unpacked / "checkpoint").is_dir()
 
-    # Start is `runc restore`: these CRIU images are empty, so it must fail, as a start error.
+    # Start is `runc restore`: these CRIU images are not real, so it must fail, as a start error.
     err = _rpc_error(lambda: rt.start(cid))
     if criu_problem():
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
         assert "criu" in err.details(), err.details()
+    else:  # CRIU's own complaint reaches the caller, not only runc's "criu failed"
+        assert "runc restore failed" in err.details() and "restore.log: Error (" in err.details(), err.details()
+        assert "inventory.img" in err.details(), err.details()
     st = rt.status(cid)
     assert st.state == pb.CONTAINER_EXITED and st.reason == "StartError", st
     rt.client.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
