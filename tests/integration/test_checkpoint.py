@@ -1,7 +1,8 @@
 """CheckpointContainer (CRIU through runc) and restore by CreateContainer with the archive as the image.
 
-The full checkpoint/restore round trip needs a CRIU that works on this kernel; where `criu check`
-fails the round trip is skipped with criu's own words, and the tests of the error paths run instead.
+The full checkpoint/restore round trip needs a CRIU that works on this kernel: the system's, or the one
+tests/tools/criu.sh (run by `make test`) puts in .tools/criu when the system's fails `criu check`. Without
+either it is skipped with criu's own words. The error paths are tested against the system's criu.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.support.daemon import ShimdProcess
+from tests.support.daemon import REPO, ShimdProcess
 from tests.support.runtime import Runtime, exec_sync, runtime_config
 
 COUNTER = ["sh", "-c", "echo data > /made-here; rm -f /etc/group; i=0; "
@@ -31,10 +32,10 @@ COUNTER = ["sh", "-c", "echo data > /made-here; rm -f /etc/group; i=0; "
 COUNT = re.compile(r" stdout F count (\d+)$", re.M)
 
 
-@cache
-def criu_problem() -> str:
-    """Why CRIU cannot checkpoint here ("" when it can): criu's own error from `criu check`."""
-    criu = shutil.which("criu")
+TOOLS_CRIU = REPO / ".tools" / "criu" / "bin"
+
+
+def _check(criu: str | None) -> str:
     if criu is None:
         return "criu is not installed"
     done = subprocess.run([criu, "check"], capture_output=True, text=True, timeout=60, check=False)
@@ -42,6 +43,45 @@ def criu_problem() -> str:
         return ""
     errors = [ln for ln in (done.stderr + done.stdout).splitlines() if "Error" in ln]
     return "; ".join(errors[-3:]) or f"criu check exited {done.returncode}"
+
+
+@cache
+def criu_problem() -> str:
+    """Why the system's CRIU cannot checkpoint here ("" when it can): criu's own error from `criu check`."""
+    return _check(shutil.which("criu"))
+
+
+@cache
+def working_criu_dir() -> str | None:
+    """A PATH entry for shimd under which `criu` works: "" for the system's own, None for none at all."""
+    if not criu_problem():
+        return ""
+    if (TOOLS_CRIU / "criu").is_file() and not _check(str(TOOLS_CRIU / "criu")):
+        return str(TOOLS_CRIU)
+    return None
+
+
+def _runtime(factory: Callable[..., ShimdProcess], registry: tuple[str, str], cni_dir: Path) -> Iterator[Runtime]:
+    host, ref = registry
+    proc = factory(runtime_config(host, cni_dir))
+    proc.start()
+    runtime = Runtime(proc, ref)
+    runtime.client.images.PullImage(runtime.pb.PullImageRequest(image=runtime.pb.ImageSpec(image=ref)))
+    yield runtime
+    runtime.cleanup()
+
+
+@pytest.fixture
+def rt_criu(shimd_factory: Callable[..., ShimdProcess], busybox_registry: tuple[str, str], cni_loopback_dir: Path,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
+    """A shimd (and so its shims and runc) that finds a working criu first in its PATH."""
+    where = working_criu_dir()
+    if where is None:
+        pytest.skip(f"CRIU cannot checkpoint on this host: {criu_problem()}; and no working criu in {TOOLS_CRIU} "
+                    "(tests/tools/criu.sh fetches one)")
+    if where:
+        monkeypatch.setenv("PATH", f"{where}:{os.environ.get('PATH', os.defpath)}")
+    yield from _runtime(shimd_factory, busybox_registry, cni_loopback_dir)
 
 
 def _counts(log: Path) -> list[int]:
@@ -85,10 +125,8 @@ def _leftover_checkpoint_dirs(rt: Runtime) -> list[str]:
 
 
 # --- the round trip (needs a working CRIU) -----------------------------------------------------------
-def test_checkpoint_and_restore_continue_the_counter(rt: Runtime) -> None:
-    why = criu_problem()
-    if why:
-        pytest.skip(f"CRIU cannot checkpoint on this host: {why}")
+def test_checkpoint_and_restore_continue_the_counter(rt_criu: Runtime) -> None:
+    rt = rt_criu
     pb = rt.pb
     pod_id, pod_cfg = rt.run_pod("ck-src")
     cid = rt.create(pod_id, pod_cfg, "counter", COUNTER)
@@ -168,13 +206,7 @@ def rt_without_criu(shimd_factory: Callable[..., ShimdProcess], busybox_registry
             if name != "criu" and not (sbin / name).exists():
                 (sbin / name).symlink_to(os.path.join(d, name))
     monkeypatch.setenv("PATH", f"{sbin}:/usr/local/bin:/usr/bin")
-    host, ref = busybox_registry
-    proc = shimd_factory(runtime_config(host, cni_loopback_dir))
-    proc.start()
-    runtime = Runtime(proc, ref)
-    runtime.client.images.PullImage(runtime.pb.PullImageRequest(image=runtime.pb.ImageSpec(image=ref)))
-    yield runtime
-    runtime.cleanup()
+    yield from _runtime(shimd_factory, busybox_registry, cni_loopback_dir)
 
 
 def test_checkpoint_without_criu_names_what_is_missing(rt_without_criu: Runtime) -> None:
