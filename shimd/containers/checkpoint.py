@@ -95,7 +95,9 @@ def write_archive(location: str, *, config_dump: dict[str, Any], bundle: Path, i
     tmp = Path(f"{location}.tmp-{secrets.token_hex(4)}")
     try:
         mode = compression(location)
-        with tarfile.open(tmp, f"w:{mode}" if mode else "w", format=tarfile.PAX_FORMAT) as tar:
+        # 0600: the archive holds the process's memory, secrets included.
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb") as f, \
+                tarfile.open(fileobj=f, mode=f"w:{mode}" if mode else "w", format=tarfile.PAX_FORMAT) as tar:
             for name in (CONFIG_DUMP, SPEC_DUMP, DELETED_FILES, ROOTFS_DIFF):
                 if (staging / name).exists():
                     tar.add(staging / name, arcname=name)

@@ -43,6 +43,7 @@ def test_archive_layout_and_round_trip(tmp_path: Path, suffix: str) -> None:
     ckpt.write_archive(location, config_dump={"id": "c1", "name": "app", "rootfsImageName": "busybox:1"},
                        **paths)
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+    assert stat.S_IMODE(os.stat(location).st_mode) == 0o600  # it holds the process's memory
     with tarfile.open(location, "r:*") as tar:
         names = set(tar.getnames())
     assert {"config.dump", "spec.dump", "checkpoint", "checkpoint/inventory.img", "rootfs-diff.tar", "dump.log",
