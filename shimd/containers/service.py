@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 OCI_RESOURCES_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 
 STDIN_FIFO = "stdin"
+# A CRI timeout beyond this is taken as this: the shim bounds a CRIU dump by 10 minutes anyway.
+MAX_CHECKPOINT_SECONDS = 3600
 # After SIGKILL a task normally exits within milliseconds; past this something is badly wrong.
 KILL_GRACE = 10.0
 
@@ -395,7 +397,8 @@ class ContainerService:
             images, criu_work = work / ckpt.CHECKPOINT_DIR, work / "work"
             await asyncio.to_thread(_make_private_dirs, images, criu_work)
             try:
-                await self.shims.checkpoint(pod.id, ctr.id, images, criu_work, leave_running=True, timeout=timeout)
+                await self.shims.checkpoint(pod.id, ctr.id, images, criu_work, leave_running=True,
+                                            timeout=min(timeout, MAX_CHECKPOINT_SECONDS))
                 image = self.images.get(ctr.image_id)
                 now = time.time_ns()
                 config_dump = {

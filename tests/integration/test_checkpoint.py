@@ -246,6 +246,10 @@ def test_checkpoint_request_errors(rt: Runtime) -> None:
         assert word in err.details(), (cid, location, err.details())
     err = _rpc_error(lambda: _checkpoint(rt, running, base / "a.tar", timeout=-1))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "timeout" in err.details()
+    try:  # the largest timeout a client can send is no crash (it succeeds where criu works)
+        _checkpoint(rt, running, base / "a.tar", timeout=2**63 - 1)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e.details()
     assert rt.status(running).state == pb.CONTAINER_RUNNING
     assert _leftover_checkpoint_dirs(rt) == []
 
