@@ -404,7 +404,9 @@ class ContainerService:
                 config_dump = {
                     "id": ctr.id, "name": ctr.name, "rootfsImage": ctr.image_ref, "rootfsImageRef": ctr.image_id,
                     "rootfsImageName": image.repo_tags[0] if image and image.repo_tags else ctr.image_ref,
-                    "runtime": pod.handler or "runc", "createdTime": _rfc3339(ctr.created_at),
+                    # The OCI runtime's name, as CRI-O records it (runc, crun).
+                    "runtime": Path(self.shims.driver(pod.handler).handler.binary).name,
+                    "createdTime": _rfc3339(ctr.created_at),
                     "checkpointedTime": _rfc3339(now),
                 }
                 await asyncio.to_thread(ckpt.write_archive, location, config_dump=config_dump,

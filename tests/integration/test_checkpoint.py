@@ -148,7 +148,7 @@ def test_checkpoint_and_restore_continue_the_counter(rt_criu: Runtime) -> None:
     assert {"config.dump", "spec.dump", "checkpoint", "rootfs-diff.tar", "dump.log"} <= names, names
     assert "checkpoint/inventory.img" in names, names
     assert config["id"] == cid and config["name"] == "counter"
-    assert config["rootfsImageName"] == rt.image
+    assert config["rootfsImageName"] == rt.image and config["runtime"] == "runc"
     assert spec["process"]["args"] == COUNTER
     assert "made-here" in diff.getnames()
     assert deleted == ["/etc/group"]
