@@ -137,9 +137,51 @@ class Unpacked:
         return self.directory / CHECKPOINT_DIR
 
     def image_refs(self) -> list[str]:
-        """The checkpointed container's image, most precise first (id, then the names it was created by)."""
-        return [str(self.config[k]) for k in ("rootfsImageRef", "rootfsImageName", "rootfsImage")
-                if self.config.get(k)]
+        return image_refs(self.config)
+
+
+def image_refs(config_dump: dict[str, Any]) -> list[str]:
+    """The checkpointed container's image, most precise first (id, then the names it was created by)."""
+    return [str(config_dump[k]) for k in ("rootfsImageRef", "rootfsImageName", "rootfsImage") if config_dump.get(k)]
+
+
+def _json_member(tar: tarfile.TarFile, name: str, field: str) -> dict[str, Any]:
+    f = tar.extractfile(name)
+    if f is None:
+        raise errors.InvalidArgument(f"{field}: {name} is not a regular file")
+    try:
+        value = json.loads(f.read(16 << 20))
+    except ValueError as e:
+        raise errors.InvalidArgument(f"{field}: {name} is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise errors.InvalidArgument(f"{field}: {name} must be a JSON object")
+    return value
+
+
+def read_metadata(archive: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """config.dump and spec.dump of an archive, read without unpacking it; INVALID_ARGUMENT (naming
+    config.image.image) for anything that is not a container checkpoint."""
+    field = f"config.image.image {str(archive)!r}"
+    if not archive.is_file():
+        raise errors.NotFound(f"{field}: no such checkpoint archive")
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            names = set(tar.getnames())
+            if CONFIG_DUMP not in names or SPEC_DUMP not in names:
+                raise errors.InvalidArgument(f"{field} is not a container checkpoint archive: it has no "
+                                             f"{CONFIG_DUMP} and {SPEC_DUMP}")
+            if f"{CHECKPOINT_DIR}/inventory.img" not in names:
+                raise errors.InvalidArgument(f"{field} has no CRIU images ({CHECKPOINT_DIR}/inventory.img)")
+            return _json_member(tar, CONFIG_DUMP, field), _json_member(tar, SPEC_DUMP, field)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise errors.InvalidArgument(f"{field} is not a readable checkpoint archive: {e}") from None
+
+
+def unpack_into(archive: Path, dest: Path, upper: Path) -> Unpacked:
+    """The whole archive into dest (CRIU images for the restore), its writable layer into upper."""
+    unpacked = unpack(archive, dest)
+    apply_rootfs_diff(unpacked, upper)
+    return unpacked
 
 
 def unpack(archive: Path, dest: Path) -> Unpacked:

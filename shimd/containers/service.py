@@ -85,30 +85,63 @@ class ContainerService:
         async with self.store.lock(pod.id):
             if pod.state != POD_READY:
                 raise errors.FailedPrecondition(f"pod sandbox {pod.id} is not ready (state {pod.state})")
+            archive = ""
+            if ckpt.is_archive_ref(config.image.image):
+                archive, config = config.image.image, await self._checkpoint_config(config)
+            image = self.images.get(config.image.image)
+            if image is None:
+                raise errors.NotFound(f"image.image {config.image.image!r} not found: pull it first")
+            log_path = _log_path(config_field(pod.config, "logDirectory", default=""), config.log_path)
             cid = secrets.token_hex(32)
-            if not ckpt.is_archive_ref(config.image.image):
-                return await self._create(pod, cid, config, "")
-            restore = self.restore_dir / cid
+            ctr = ContainerRecord(
+                id=cid, pod_id=pod.id, name=config.metadata.name, attempt=config.metadata.attempt,
+                created_at=time.time_ns(), config=config.to_dict(), image_ref=config.image.image,
+                image_id=image.id, log_path=log_path, bundle=str(self.bundle_dir / cid),
+                labels=dict(config.labels), annotations=dict(config.annotations), tty=config.tty,
+                stdin=config.stdin, fs_dir=str(self.rw_dir / cid),
+                mounts=[{"container_path": m.container_path, "host_path": m.host_path, "readonly": m.readonly,
+                         "selinux_relabel": m.selinux_relabel, "propagation": int(m.propagation)}
+                        for m in config.mounts],
+                restore_from=str(self.restore_dir / cid / ckpt.CHECKPOINT_DIR) if archive else "",
+            )
+            self.store.reserve_name(ctr.name_key(pod), cid, "container")
             try:
-                return await self._create_from_checkpoint(pod, cid, config, restore)
+                ctx = self.pods.pod_context(pod)
+                ctx.cgroups_path = cgroups.container_path(self.cgroup_driver, pod.cgroup_parent, cid)
+                img_ctx = ocispec.ImageContext(name=image.repo_tags[0] if image.repo_tags else image.id,
+                                               config=dict(image.config.get("config") or {}), layers=image.layers)
+                bundle = Path(ctr.bundle)
+                spec = ocispec.container_spec(cid, config, ctx, img_ctx, str(bundle / "rootfs"))
+                if ctx.userns is not None:
+                    await mounts.check_idmap(image.layers, pod.namespaces[namespaces.USER])
+                await asyncio.to_thread(self._prepare_dirs, ctr, config, ctx.userns)
+                if archive:
+                    await asyncio.to_thread(ckpt.unpack_into, Path(archive), self.restore_dir / cid,
+                                            Path(ctr.fs_dir) / "upper")
+                await fsutil.write_json(bundle / "config.json", spec)
+                await self.store.save_container(ctr)
             except BaseException:
-                await fsutil.remove_tree(restore)
+                self.store.release_name(ctr.name_key(pod), cid)
+                await self._remove_files(ctr)
                 raise
+        self.bus.publish(events.CREATED, cid, pod.id)
+        self.log.info("container created", pod_id=pod.id, container_id=cid, name=ctr.name)
+        return cid
 
-    async def _create_from_checkpoint(self, pod: PodRecord, cid: str, config: cri.ContainerConfig,
-                                      restore: Path) -> str:
-        """As CRI-O does: the image is a checkpoint archive; the container gets the checkpointed one's
-        image, process and writable layer, this request's metadata, mounts and resources, and is
-        restored from the CRIU images at StartContainer."""
+    async def _checkpoint_config(self, config: cri.ContainerConfig) -> cri.ContainerConfig:
+        """As CRI-O does for an image that is a checkpoint archive: the container gets the checkpointed
+        one's image and process, and this request's metadata, mounts and resources. The archive is
+        unpacked (CRIU images, writable layer) once the container has a record, and StartContainer
+        restores it from the CRIU images."""
         archive = config.image.image
-        unpacked = await asyncio.to_thread(ckpt.unpack, Path(archive), restore)
-        refs = unpacked.image_refs()
+        dump, spec = await asyncio.to_thread(ckpt.read_metadata, Path(archive))
+        refs = ckpt.image_refs(dump)
         found = next((ref for ref in reversed(refs) if self.images.get(ref) is not None), "")
         if not found:
             missing = refs[0] if refs else "(not recorded in config.dump)"
             raise errors.NotFound(f"config.image.image {archive!r}: the checkpointed container's image "
                                   f"{missing!r} is not present: pull it first")
-        process = unpacked.spec.get("process") or {}
+        process = spec.get("process") or {}
         config = cri.ContainerConfig().from_dict(config.to_dict())
         config.image = cri.ImageSpec(image=found)
         if isinstance(process.get("args"), list) and process["args"]:
@@ -116,49 +149,8 @@ class ContainerService:
         if process.get("cwd"):
             config.working_dir = str(process["cwd"])
         config.tty = bool(process.get("terminal", False))
-        self.log.info("creating container from checkpoint", pod_id=pod.id, container_id=cid, archive=archive,
-                      image=found)
-        return await self._create(pod, cid, config, str(unpacked.images), unpacked=unpacked)
-
-    async def _create(self, pod: PodRecord, cid: str, config: cri.ContainerConfig, restore_from: str,
-                      unpacked: ckpt.Unpacked | None = None) -> str:
-        image = self.images.get(config.image.image)
-        if image is None:
-            raise errors.NotFound(f"image.image {config.image.image!r} not found: pull it first")
-        log_path = _log_path(config_field(pod.config, "logDirectory", default=""), config.log_path)
-        ctr = ContainerRecord(
-            id=cid, pod_id=pod.id, name=config.metadata.name, attempt=config.metadata.attempt,
-            created_at=time.time_ns(), config=config.to_dict(), image_ref=config.image.image,
-            image_id=image.id, log_path=log_path, bundle=str(self.bundle_dir / cid),
-            labels=dict(config.labels), annotations=dict(config.annotations), tty=config.tty,
-            stdin=config.stdin, fs_dir=str(self.rw_dir / cid),
-            mounts=[{"container_path": m.container_path, "host_path": m.host_path, "readonly": m.readonly,
-                     "selinux_relabel": m.selinux_relabel, "propagation": int(m.propagation)}
-                    for m in config.mounts],
-            restore_from=restore_from,
-        )
-        self.store.reserve_name(ctr.name_key(pod), cid, "container")
-        try:
-            ctx = self.pods.pod_context(pod)
-            ctx.cgroups_path = cgroups.container_path(self.cgroup_driver, pod.cgroup_parent, cid)
-            img_ctx = ocispec.ImageContext(name=image.repo_tags[0] if image.repo_tags else image.id,
-                                           config=dict(image.config.get("config") or {}), layers=image.layers)
-            bundle = Path(ctr.bundle)
-            spec = ocispec.container_spec(cid, config, ctx, img_ctx, str(bundle / "rootfs"))
-            if ctx.userns is not None:
-                await mounts.check_idmap(image.layers, pod.namespaces[namespaces.USER])
-            await asyncio.to_thread(self._prepare_dirs, ctr, config, ctx.userns)
-            if unpacked is not None:
-                await asyncio.to_thread(ckpt.apply_rootfs_diff, unpacked, Path(ctr.fs_dir) / "upper")
-            await fsutil.write_json(bundle / "config.json", spec)
-            await self.store.save_container(ctr)
-        except BaseException:
-            self.store.release_name(ctr.name_key(pod), cid)
-            await self._remove_files(ctr)
-            raise
-        self.bus.publish(events.CREATED, cid, pod.id)
-        self.log.info("container created", pod_id=pod.id, container_id=cid, name=ctr.name)
-        return cid
+        self.log.info("creating a container from a checkpoint", archive=archive, image=found)
+        return config
 
     @staticmethod
     def _prepare_dirs(ctr: ContainerRecord, config: cri.ContainerConfig, userns: ocispec.IdMappings | None) -> None:
@@ -326,7 +318,7 @@ class ContainerService:
         await fsutil.remove_tree(Path(ctr.bundle))
         await fsutil.remove_tree(Path(ctr.fs_dir))
         if ctr.restore_from:
-            await fsutil.remove_tree(self.restore_dir / ctr.id)
+            await fsutil.remove_tree(Path(ctr.restore_from).parent)
 
     async def stop_all(self, pod: PodRecord) -> None:
         ctrs = [c for c in self.store.pod_containers(pod.id) if c.state == CONTAINER_RUNNING]
