@@ -14,9 +14,11 @@ deb-deps:
 
 py-deps: $(STAMP)
 
-# critest, crictl and kubelet, built from their Go modules at pinned versions into .tools/bin.
+# critest, crictl and kubelet, built from their Go modules at pinned versions into .tools/bin; a criu
+# for the checkpoint tests in .tools/criu when the system's cannot run on this kernel.
 tools:
 	@bash tests/tools/install.sh
+	@bash tests/tools/criu.sh || echo "tools: no criu for the checkpoint round trip (tests/tools/criu.sh failed); it will be skipped" >&2
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

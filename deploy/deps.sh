@@ -5,10 +5,10 @@
 set -euo pipefail
 
 PKGS=(runc crun runsc containernetworking-plugins catatonit busybox-static docker-registry containerd
-      iproute2 iptables util-linux e2fsprogs protobuf-compiler)
+      iproute2 iptables util-linux e2fsprogs protobuf-compiler criu)
 # `deps.sh --runtime`: only what a production node needs to run shimd (deploy/install.sh uses it).
 if [ "${1:-}" = "--runtime" ]; then
-    PKGS=(runc runsc containernetworking-plugins catatonit iproute2 iptables util-linux python3 python3-venv)
+    PKGS=(runc runsc containernetworking-plugins catatonit iproute2 iptables util-linux python3 python3-venv criu)
 fi
 
 missing=()

@@ -9,6 +9,7 @@ import os
 import secrets
 import signal
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ import betterproto.lib.google.protobuf as pbany
 
 from shimd import cgroups, errors, events, fsutil, log, mounts
 from shimd.api.runtime import v1 as cri
+from shimd.containers import checkpoint as ckpt
 from shimd.containers import image_volumes
 from shimd.network import namespaces
 from shimd.oci import spec as ocispec
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
 OCI_RESOURCES_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 
 STDIN_FIFO = "stdin"
+# A CRI timeout beyond this is taken as this: the shim bounds a CRIU dump by 10 minutes anyway.
+MAX_CHECKPOINT_SECONDS = 3600
 # After SIGKILL a task normally exits within milliseconds; past this something is badly wrong.
 KILL_GRACE = 10.0
 
@@ -66,6 +70,10 @@ class ContainerService:
         self.rw_dir = root_dir / "rw"
         self.bundle_dir = state_dir / "containers"
         self.shim_dir = state_dir / "s"  # where shimd's own shims listen (and serve attach sockets)
+        # Unpacked checkpoint archives of containers to restore (kept until the container is removed),
+        # and scratch space of CheckpointContainer (meaningless after a crash).
+        self.restore_dir = root_dir / "checkpoints"
+        self.checkpoint_work_dir = state_dir / "checkpoints"
         self.store = store
         self.shims = shims
         self.images = images
@@ -86,6 +94,9 @@ class ContainerService:
             phase("lock_wait")
             if pod.state != POD_READY:
                 raise errors.FailedPrecondition(f"pod sandbox {pod.id} is not ready (state {pod.state})")
+            archive = ""
+            if ckpt.is_archive_ref(config.image.image):
+                archive, config = config.image.image, await self._checkpoint_config(config)
             image = self.images.get(config.image.image)
             if image is None:
                 raise errors.NotFound(f"image.image {config.image.image!r} not found: pull it first")
@@ -99,6 +110,7 @@ class ContainerService:
                 labels=dict(config.labels), annotations=dict(config.annotations), tty=config.tty,
                 stdin=config.stdin, fs_dir=str(self.rw_dir / cid),
                 mounts=[_mount_record(m, volumes.get(i)) for i, m in enumerate(config.mounts)],
+                restore_from=str(self.restore_dir / cid / ckpt.CHECKPOINT_DIR) if archive else "",
             )
             self.store.reserve_name(ctr.name_key(pod), cid, "container")
             phase_context(pod_id=pod.id, container_id=cid)
@@ -126,6 +138,9 @@ class ContainerService:
                     source = await image_volumes.mount(bundle, v, f"mounts[{v.index}]")
                     _set_mount_source(spec, planned[v.index], source)
                     phase("image_volumes")
+                if archive:
+                    await asyncio.to_thread(ckpt.unpack_into, Path(archive), self.restore_dir / cid,
+                                            Path(ctr.fs_dir) / "upper")
                 await fsutil.write_json(bundle / "config.json", spec)
                 phase("bundle_write")
                 await self.store.save_container(ctr)
@@ -169,6 +184,30 @@ class ContainerService:
             await image_volumes.mount(Path(ctr.bundle), image_volumes.Volume(i, img.id, list(img.layers),
                                                                               m.get("image_sub_path") or ""),
                                       f"mounts[{i}]")
+
+    async def _checkpoint_config(self, config: cri.ContainerConfig) -> cri.ContainerConfig:
+        """As CRI-O does for an image that is a checkpoint archive: the container gets the checkpointed
+        one's image and process, and this request's metadata, mounts and resources. The archive is
+        unpacked (CRIU images, writable layer) once the container has a record, and StartContainer
+        restores it from the CRIU images."""
+        archive = config.image.image
+        dump, spec = await asyncio.to_thread(ckpt.read_metadata, Path(archive))
+        refs = ckpt.image_refs(dump)
+        found = next((ref for ref in reversed(refs) if self.images.get(ref) is not None), "")
+        if not found:
+            missing = refs[0] if refs else "(not recorded in config.dump)"
+            raise errors.NotFound(f"config.image.image {archive!r}: the checkpointed container's image "
+                                  f"{missing!r} is not present: pull it first")
+        process = spec.get("process") or {}
+        config = cri.ContainerConfig().from_dict(config.to_dict())
+        config.image = cri.ImageSpec(image=found)
+        if isinstance(process.get("args"), list) and process["args"]:
+            config.command, config.args = [str(a) for a in process["args"]], []
+        if process.get("cwd"):
+            config.working_dir = str(process["cwd"])
+        config.tty = bool(process.get("terminal", False))
+        self.log.info("creating a container from a checkpoint", archive=archive, image=found)
+        return config
 
     @staticmethod
     def _prepare_dirs(ctr: ContainerRecord, config: cri.ContainerConfig, userns: ocispec.IdMappings | None) -> None:
@@ -223,12 +262,14 @@ class ContainerService:
             phase("prepare")
             try:
                 ctr.pid = await self.shims.create(pod.id, pod.handler, ctr.id, Path(ctr.bundle), rootfs, stdio,
-                                                  ctr.tty)
+                                                  ctr.tty, checkpoint=ctr.restore_from)
                 # The shim's Create: rootfs mount, then the OCI runtime's create.
                 phase("runtime_create")
                 # Taken before Start: a fast process can exit before Start even returns.
                 started_at = time.time_ns()
-                await self.shims.start(pod.id, ctr.id)
+                pid = await self.shims.start(pod.id, ctr.id)
+                if ctr.restore_from:
+                    ctr.pid = pid  # a restored process only exists once Start has run `runc restore`
                 phase("runtime_start")
             except errors.ShimdError as e:
                 ctr.state, ctr.reason, ctr.message = CONTAINER_EXITED, "StartError", str(e)
@@ -361,6 +402,8 @@ class ContainerService:
         # The shim removes it when the container exits; one SIGKILLed before could not.
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(os.unlink, attach_socket_path(str(self.shim_dir), ctr.id))
+        if ctr.restore_from:
+            await fsutil.remove_tree(Path(ctr.restore_from).parent)
 
     async def stop_all(self, pod: PodRecord) -> None:
         ctrs = [c for c in self.store.pod_containers(pod.id) if c.state == CONTAINER_RUNNING]
@@ -424,11 +467,60 @@ class ContainerService:
             return
         await self.shims.reopen_log(ctr.pod_id, ctr.id)
 
+    # --- checkpoint --------------------------------------------------------------------------
+    async def checkpoint(self, cid: str, location: str, timeout: int) -> None:
+        """CheckpointContainer: CRIU images through the shim (the container keeps running, as with
+        kubelet's checkpoint API), then the archive at `location` (see shimd/containers/checkpoint.py)."""
+        ctr = self.store.container(cid)
+        pod = self.store.pod(ctr.pod_id)
+        async with self.store.lock(pod.id):
+            if ctr.state != CONTAINER_RUNNING:
+                raise errors.FailedPrecondition(f"container {ctr.id} is {ctr.state}; only a running container "
+                                                "can be checkpointed")
+            lg = self.log.bind(pod_id=pod.id, container_id=ctr.id, location=location)
+            await asyncio.to_thread(ckpt.check_location, location)
+            work = self.checkpoint_work_dir / f"{ctr.id[:12]}-{secrets.token_hex(4)}"
+            images, criu_work = work / ckpt.CHECKPOINT_DIR, work / "work"
+            await asyncio.to_thread(_make_private_dirs, images, criu_work)
+            try:
+                await self.shims.checkpoint(pod.id, ctr.id, images, criu_work, leave_running=True,
+                                            timeout=min(timeout, MAX_CHECKPOINT_SECONDS))
+                image = self.images.get(ctr.image_id)
+                now = time.time_ns()
+                config_dump = {
+                    "id": ctr.id, "name": ctr.name, "rootfsImage": ctr.image_ref, "rootfsImageRef": ctr.image_id,
+                    "rootfsImageName": image.repo_tags[0] if image and image.repo_tags else ctr.image_ref,
+                    # The OCI runtime's name, as CRI-O records it (runc, crun).
+                    "runtime": Path(self.shims.driver(pod.handler).handler.binary).name,
+                    "createdTime": _rfc3339(ctr.created_at),
+                    "checkpointedTime": _rfc3339(now),
+                }
+                await asyncio.to_thread(ckpt.write_archive, location, config_dump=config_dump,
+                                        bundle=Path(ctr.bundle), images=images, work=criu_work,
+                                        upper=Path(ctr.fs_dir) / "upper")
+            finally:
+                await fsutil.remove_tree(work)
+        lg.info("container checkpointed")
+
+    async def _remove_checkpoint_leftovers(self) -> None:
+        """Scratch dirs of checkpoints cut short by a crash, and archives unpacked for containers that
+        never got a record."""
+        await fsutil.remove_tree(self.checkpoint_work_dir)
+
+        def orphans() -> list[Path]:
+            if not self.restore_dir.is_dir():
+                return []
+            return [p for p in self.restore_dir.iterdir() if p.name not in self.store.containers]
+
+        for p in await asyncio.to_thread(orphans):
+            await fsutil.remove_tree(p)
+
     # --- recovery ----------------------------------------------------------------------------
     async def recover(self) -> None:
         """Reattach to every running task; record exits that happened while shimd was down."""
         await self._recover_unreadable()
         await asyncio.to_thread(self._secure_dirs, list(self.store.containers.values()))
+        await self._remove_checkpoint_leftovers()
         for ctr in list(self.store.containers.values()):
             if ctr.state == CONTAINER_CREATED:
                 await self._recover_created(ctr)
@@ -565,6 +657,15 @@ def _bundle_pod_id(bundle: Path) -> str:
 
 def _create_log(path: str) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
+
+
+def _make_private_dirs(*paths: Path) -> None:
+    for p in paths:
+        p.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def _rfc3339(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _make_stdin_fifo(bundle: Path) -> str:

@@ -85,6 +85,12 @@ class ContainerRpcs(RpcBase):
         for page in pages(self._listed_containers(f)):
             yield cri.StreamContainersResponse(containers=[convert.container_summary(c) for c in page])
 
+    async def checkpoint_container(self, request: cri.CheckpointContainerRequest) -> cri.CheckpointContainerResponse:
+        cid = validate.required_id(request.container_id, "container_id")
+        location = validate.archive_path(request.location, "location")
+        await self.d.containers.checkpoint(cid, location, validate.timeout(request.timeout, "timeout"))
+        return cri.CheckpointContainerResponse()
+
     async def reopen_container_log(self, request: cri.ReopenContainerLogRequest) -> cri.ReopenContainerLogResponse:
         await self.d.containers.reopen_log(validate.required_id(request.container_id, "container_id"))
         return cri.ReopenContainerLogResponse()

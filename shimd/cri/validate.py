@@ -104,6 +104,15 @@ def required_id(value: str, field: str) -> str:
     return value
 
 
+def archive_path(value: str, field: str) -> str:
+    """An absolute file path (a checkpoint archive's); returned normalised."""
+    if not value:
+        raise InvalidArgument(f"{field} must not be empty")
+    if not os.path.isabs(value) or value.endswith("/") or "\x00" in value:
+        raise InvalidArgument(f"{field} {value!r} must be an absolute path of the archive file")
+    return os.path.normpath(value)
+
+
 def timeout(value: int, field: str) -> int:
     if value < 0:
         raise InvalidArgument(f"{field} must not be negative, got {value}")

@@ -17,8 +17,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import betterproto.lib.google.protobuf as pb
+
 from shimd import errors, log, subproc
 from shimd.api.containerd import types as ctypes
+from shimd.api.containerd.runc import v1 as runc_options
 from shimd.api.containerd.task import v2 as task
 from shimd.config import Config
 from shimd.shimmgr import strays
@@ -27,6 +30,8 @@ from shimd.shimmgr.drivers import Driver, make_driver
 from shimd.shimmgr.launcher import spawn_serving, start_shim
 from shimd.shimmgr.task_client import TaskClient
 from shimd.shimmgr.zygote import Zygote
+from shims.common.messages import RUNC_CHECKPOINT_OPTIONS_TYPE_URL
+from shims.common.ttrpc import UNIMPLEMENTED
 
 NAMESPACE = "k8s.io"
 # Wait is re-issued after this long, so no call blocks without a bound.
@@ -190,13 +195,14 @@ class ShimManager:
 
     # --- tasks -------------------------------------------------------------------------------
     async def create(self, pod_id: str, handler: str, task_id: str, bundle: Path, rootfs: list[dict[str, Any]],
-                     stdio: tuple[str, str, str], terminal: bool) -> int:
+                     stdio: tuple[str, str, str], terminal: bool, checkpoint: str = "") -> int:
+        """Creates the task; with `checkpoint` (a directory of CRIU images) Start restores it from there."""
         drv = self.driver(handler)
         c = await self.client(pod_id)
         mounts = [ctypes.Mount(type=m["type"], source=m["source"], target=m.get("target", ""),
                                options=list(m.get("options", []))) for m in rootfs]
         req = task.CreateTaskRequest(id=task_id, bundle=str(bundle), rootfs=mounts, terminal=terminal,
-                                     stdin=stdio[0], stdout=stdio[1], stderr=stdio[2],
+                                     stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], checkpoint=checkpoint,
                                      options=drv.runtime_options())
         resp = await c.create(req, timeout=self.timeout)
         return int(resp.pid)
@@ -220,6 +226,21 @@ class ShimManager:
         c = await self.client(pod_id)
         resp = await c.delete(task.DeleteRequest(id=task_id, exec_id=exec_id), timeout=self.timeout)
         return ExitInfo(int(resp.exit_status), ts_ns(resp.exited_at))
+
+    async def checkpoint(self, pod_id: str, task_id: str, image_path: Path, work_path: Path, *, leave_running: bool,
+                         timeout: float = 0) -> None:
+        """CRIU images of the task into image_path (logs into work_path); a shim that cannot is FailedPrecondition."""
+        c = await self.client(pod_id)
+        opts = runc_options.CheckpointOptions(exit=not leave_running, image_path=str(image_path),
+                                              work_path=str(work_path))
+        req = task.CheckpointTaskRequest(id=task_id, path=str(image_path),
+                                         options=pb.Any(type_url=RUNC_CHECKPOINT_OPTIONS_TYPE_URL, value=bytes(opts)))
+        try:
+            await c.checkpoint(req, timeout=timeout or self.timeout)
+        except errors.ShimdError as e:
+            if getattr(e, "ttrpc_code", None) == UNIMPLEMENTED:
+                raise errors.FailedPrecondition(f"the runtime of pod sandbox {pod_id} cannot checkpoint: {e}") from None
+            raise
 
     async def update(self, pod_id: str, task_id: str, resources: Any) -> None:
         c = await self.client(pod_id)

@@ -100,6 +100,8 @@ class ContainerRecord:
     # Where this container's writable layer lives (upper/work dirs), removed with it.
     fs_dir: str = ""
     mounts: list[dict[str, Any]] = field(default_factory=list)
+    # Created from a checkpoint archive: the directory of its CRIU images, restored at start.
+    restore_from: str = ""
 
     def name_key(self, pod: PodRecord) -> str:
         return f"{self.name}_{pod.name}_{pod.namespace}_{pod.uid}_{self.attempt}"

@@ -46,6 +46,12 @@ RUNC_OPTIONS: Schema = {
 }
 RUNC_PROCESS_DETAILS: Schema = {1: ("exec_id", S, None)}
 RUNC_OPTIONS_TYPE_URL = "containerd.runc.v1.Options"
+RUNC_CHECKPOINT_OPTIONS: Schema = {
+    1: ("exit", BOOL, None), 2: ("open_tcp", BOOL, None), 3: ("external_unix_sockets", BOOL, None),
+    4: ("terminal", BOOL, None), 5: ("file_locks", BOOL, None), 6: ("empty_namespaces", S, REPEATED),
+    7: ("cgroups_mode", S, None), 8: ("image_path", S, None), 9: ("work_path", S, None),
+}
+RUNC_CHECKPOINT_OPTIONS_TYPE_URL = "containerd.runc.v1.CheckpointOptions"
 PROCESS_SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 
 # --- containerd.task.v2 ---------------------------------------------------------------------------

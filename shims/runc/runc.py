@@ -14,6 +14,10 @@ if TYPE_CHECKING:  # typing is not loaded at run time: every shim would carry it
     from typing import Any
 
 
+# Upper bound of one CRIU dump or restore; the ttrpc deadline of the call normally ends it sooner.
+CRIU_TIMEOUT = 600.0
+
+
 class RuncError(Exception):
     pass
 
@@ -58,9 +62,10 @@ class Runc:
         return ""
 
     async def _run(self, *args: str, stdin_data: bytes | None = None, stdio: tuple[int, int, int] | None = None,
-                   ) -> bytes:
+                   timeout: float = 0) -> bytes:
         try:
-            _, out, _ = await run(self.reaper, self._argv(*args), self.timeout, stdin_data=stdin_data, stdio=stdio)
+            _, out, _ = await run(self.reaper, self._argv(*args), timeout or self.timeout, stdin_data=stdin_data,
+                                  stdio=stdio)
         except CommandError as e:
             detail = self._last_error() or e.stderr.strip() or f"exit status {e.status}"
             raise RuncError(f"runc {args[0]} failed: {detail}") from None
@@ -108,3 +113,55 @@ class Runc:
     async def ps(self, cid: str) -> list[int]:
         out = await self._run("ps", "--format", "json", cid)
         return [int(p) for p in (json.loads(out) or [])]
+
+    # --- checkpoint/restore (CRIU) -----------------------------------------------------------------
+    # Set by runtimes that cannot checkpoint one container: the reason, for a FAILED_PRECONDITION.
+    checkpoint_unsupported = ""
+
+    async def checkpoint(self, cid: str, image_path: str, work_path: str, leave_running: bool,
+                         file_locks: bool = False) -> None:
+        args = ["checkpoint", "--image-path", image_path, "--work-path", work_path]
+        if leave_running:
+            args.append("--leave-running")
+        if file_locks:
+            args.append("--file-locks")
+        try:
+            # Dumping a large memory takes longer than any other runc command: the caller's deadline
+            # (the CRI request's timeout, carried by the ttrpc call) is the real bound.
+            await self._run(*args, cid, timeout=max(self.timeout, CRIU_TIMEOUT))
+        except RuncError as e:
+            raise RuncError(_with_criu_log(str(e), os.path.join(work_path, "dump.log"))) from None
+
+    async def restore(self, cid: str, bundle: str, image_path: str, work_path: str, pid_file: str,
+                      stdio: tuple[int, int, int], console_socket: str = "") -> None:
+        """Recreates the container from CRIU images; runc hands its own stdio to the restored
+        process in place of the pipes it had at dump time (descriptors.json in the images)."""
+        args = ["restore", "--detach", "--bundle", bundle, "--image-path", image_path, "--work-path", work_path,
+                "--pid-file", pid_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        if self.opts.no_pivot_root:
+            args.append("--no-pivot")
+        if self.opts.no_new_keyring:
+            args.append("--no-new-keyring")
+        try:
+            await self._run(*args, cid, stdio=stdio, timeout=max(self.timeout, CRIU_TIMEOUT))
+        except RuncError as e:
+            raise RuncError(_with_criu_log(str(e), os.path.join(work_path, "restore.log"))) from None
+
+
+def criu_errors(text: str, limit: int = 3) -> str:
+    """The last few `Error (...)` lines of a CRIU log: runc itself only says "criu failed"."""
+    lines = [ln[ln.index("Error"):].strip() for ln in text.splitlines() if "Error" in ln]
+    return "; ".join(lines[-limit:])
+
+
+def _with_criu_log(message: str, log_path: str) -> str:
+    with contextlib.suppress(OSError):
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            found = criu_errors(f.read().decode(errors="replace"))
+            if found:
+                return f"{message}; {os.path.basename(log_path)}: {found}"
+    return message

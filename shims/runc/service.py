@@ -15,13 +15,13 @@ import socket
 from shims.common import aio, ttrpc
 from shims.common import messages as m
 from shims.common.jsonlog import Logger
-from shims.common.procs import CommandTimeout, Reaper, trim_memory
+from shims.common.procs import CommandError, CommandTimeout, Reaper, run, trim_memory
 from shims.common.proto import decode, encode
 from shims.common.stdio import AttachFanout, ProcessIO
 from shims.common.ttrpc import TtrpcError
 from shims.common.writer import FileWriter
 from shims.runc import attach_socket_path, mounts
-from shims.runc.runc import Runc, RuncError, RuncOptions
+from shims.runc.runc import Runc, RuncError, RuncOptions, criu_errors
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is not loaded at run time: every shim would carry it
@@ -34,6 +34,7 @@ def runc_timeout() -> float:
 IO_DRAIN_TIMEOUT = 2.0
 # Opening a log file waits behind the writes queued before it (bounded by the writer's high-water mark).
 LOG_OPEN_TIMEOUT = 10.0
+CRIU = "criu"
 CONSOLE_TIMEOUT = 10.0
 
 
@@ -80,6 +81,8 @@ class Container:
         self.execs: dict[str, Proc] = {}
         self.paused = False
         self.lock = aio.Lock()
+        # CRIU image directory of a container created from a checkpoint: Start restores from it.
+        self.restore_from = ""
 
 
 def _new_runtime(reaper: Reaper, opts: RuncOptions, log_path: str) -> Runc:
@@ -89,6 +92,15 @@ def _new_runtime(reaper: Reaper, opts: RuncOptions, log_path: str) -> Runc:
 
         return Runsc(reaper, opts, log_path, runc_timeout())
     return Runc(reaper, opts, log_path, runc_timeout())
+
+
+def _find_executable(name: str) -> str:
+    """PATH lookup with os only (shutil would cost every shim its import)."""
+    for d in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(d or ".", name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return ""
 
 
 def _runc_options(any_msg: dict[str, Any] | None, namespace: str) -> RuncOptions:
@@ -131,6 +143,7 @@ class TaskService:
         self.containers: dict[str, Container] = {}
         self._creating: set[str] = set()
         self._console_seq = 0
+        self._criu_checked = False
 
     # -- plumbing ---------------------------------------------------------------------------------
     def services(self) -> list[ttrpc.Service]:
@@ -254,11 +267,15 @@ class TaskService:
         if not bundle or not os.path.isabs(bundle) or not await aio.to_thread(
                 os.path.exists, os.path.join(bundle, "config.json")):
             raise TtrpcError(ttrpc.INVALID_ARGUMENT, f"bundle {bundle!r} has no config.json")
-        if req["checkpoint"]:
-            raise TtrpcError(ttrpc.UNIMPLEMENTED, "restoring from a checkpoint is not supported")
         opts = _runc_options(req["options"], self.namespace)
         log = self.log.bind(container_id=cid)
         runc = _new_runtime(self.reaper, opts, os.path.join(bundle, "log.json"))
+        restore_from = req["checkpoint"]
+        if restore_from:
+            await self._check_checkpoint_support(runc, "restore")
+            if not os.path.isabs(restore_from) or not await aio.to_thread(os.path.isdir, restore_from):
+                raise TtrpcError(ttrpc.INVALID_ARGUMENT, f"checkpoint {restore_from!r} is not a directory of "
+                                 "CRIU images")
         rootfs = os.path.join(bundle, "rootfs")
         self._creating.add(cid)
         mounted = False
@@ -273,6 +290,14 @@ class TaskService:
                            self._attach_fanout(cid, log))
             init = Proc(cid, "", io, req["terminal"])
             pid_file = os.path.join(bundle, "init.pid")
+            if restore_from:
+                # As containerd's shim does: nothing runs until Start, which is `runc restore`.
+                c = Container(cid, bundle, runc, init, mounted)
+                c.restore_from = restore_from
+                self.containers[cid] = c
+                mounted = False
+                log.info("created from checkpoint", checkpoint=restore_from, bundle=bundle)
+                return {"pid": 0}
 
             async def call(stdio: tuple[int, int, int], console: str) -> str:
                 await runc.create(cid, bundle, pid_file, stdio, console)
@@ -301,6 +326,8 @@ class TaskService:
         async with c.lock:
             if proc.status != m.STATUS_CREATED or (proc.exec_id and proc.pid):
                 raise _precondition(f"{proc.name} cannot be started: it is not in the created state")
+            if not proc.exec_id and c.restore_from:
+                return await self._restore(c)
             if not proc.exec_id:
                 await c.runc.start(c.id)
                 if not proc.exited.is_set():
@@ -369,7 +396,8 @@ class TaskService:
                 return {"pid": p.pid, "exit_status": p.exit_status, "exited_at": _timestamp(p.exited_at)}
             if p.status == m.STATUS_RUNNING and not p.exited.is_set():
                 raise _precondition(f"{p.name} is running; it must be stopped before it is deleted")
-            await c.runc.delete(c.id, force=True)
+            if not c.restore_from:  # a never-restored container has nothing in runc to delete
+                await c.runc.delete(c.id, force=True)
             if p.pid and not p.exited.is_set():
                 # A created (never started) init is killed by runc delete; collect its status.
                 with contextlib.suppress(TimeoutError):
@@ -467,7 +495,71 @@ class TaskService:
         return {}
 
     async def checkpoint(self, req: dict[str, Any]) -> dict[str, Any]:
-        raise TtrpcError(ttrpc.UNIMPLEMENTED, "checkpoint is not supported by this shim")
+        c = self._container(req["id"])
+        opts: dict[str, Any] = {}
+        any_opts = req["options"]
+        if any_opts and any_opts["type_url"]:
+            if not any_opts["type_url"].endswith(m.RUNC_CHECKPOINT_OPTIONS_TYPE_URL):
+                raise TtrpcError(ttrpc.INVALID_ARGUMENT, f"options: unsupported type {any_opts['type_url']!r}")
+            opts = decode(m.RUNC_CHECKPOINT_OPTIONS, any_opts["value"])
+        image_path = opts.get("image_path") or req["path"]
+        work_path = opts.get("work_path") or image_path
+        for name, path in (("path", image_path), ("work_path", work_path)):
+            if not path or not os.path.isabs(path):
+                raise TtrpcError(ttrpc.INVALID_ARGUMENT, f"{name} {path!r} must be an absolute directory")
+        await self._check_checkpoint_support(c.runc, "checkpoint")
+        async with c.lock:
+            if c.init.status != m.STATUS_RUNNING or c.init.exited.is_set() or c.paused:
+                raise _precondition(f"container {c.id!r} is not running; only a running container can be "
+                                    "checkpointed")
+            await aio.to_thread(_make_dirs, image_path, work_path)
+            await c.runc.checkpoint(c.id, image_path, work_path, leave_running=not opts.get("exit", False),
+                                    file_locks=bool(opts.get("file_locks", False)))
+        self.log.info("checkpointed", container_id=c.id, image_path=image_path, leave_running=not opts.get("exit"))
+        return {}
+
+    async def _check_checkpoint_support(self, runtime: Runc, what: str) -> None:
+        """FAILED_PRECONDITION naming what is missing, before runc would fail with only "criu failed"."""
+        if runtime.checkpoint_unsupported:
+            raise _precondition(runtime.checkpoint_unsupported)
+        if self._criu_checked:
+            return
+        criu = _find_executable(CRIU)
+        if not criu:
+            raise _precondition(f"{what} needs CRIU: the criu binary is not installed (not found in PATH "
+                                f"{os.environ.get('PATH', os.defpath)!r}); install the criu package")
+        try:
+            _, out, err = await run(self.reaper, [criu, "check"], runc_timeout())
+        except CommandError as e:
+            detail = criu_errors(e.stderr) or e.stderr.strip()[-500:] or f"exit status {e.status}"
+            raise _precondition(f"{what} needs CRIU, and `criu check` fails on this host: {detail}") from None
+        self._criu_checked = True  # only success is kept: criu may be installed or fixed later
+        self.log.info("criu check passed", criu=criu, output=(out + err).decode(errors="replace").strip()[:200])
+
+    async def _restore(self, c: Container) -> dict[str, Any]:
+        """Start of a container created from a checkpoint: `runc restore` with the new stdio."""
+        proc = c.init
+        pid_file = os.path.join(c.bundle, "init.pid")
+        work_path = os.path.join(c.bundle, "criu-work")
+        await aio.to_thread(_make_dirs, work_path)
+
+        async def call(stdio: tuple[int, int, int], console: str) -> str:
+            await c.runc.restore(c.id, c.bundle, c.restore_from, work_path, pid_file, stdio, console)
+            return pid_file
+
+        try:
+            pid = await self._spawn_with_io(proc, call, c.runc)
+        except BaseException:
+            # runc restore may leave a half-made container behind; Delete must remove it.
+            c.restore_from = ""
+            with contextlib.suppress(Exception):
+                await c.runc.delete(c.id, force=True)
+            raise
+        c.restore_from = ""
+        if not proc.exited.is_set():
+            proc.status = m.STATUS_RUNNING
+        self.log.info("restored", container_id=c.id, pid=pid)
+        return {"pid": pid}
 
     async def wait(self, req: dict[str, Any]) -> dict[str, Any]:
         p = self._proc(req["id"], req["exec_id"])
@@ -517,6 +609,11 @@ def _write_bytes(path: str, data: bytes) -> None:
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+def _make_dirs(*paths: str) -> None:
+    for p in paths:
+        os.makedirs(p, mode=0o700, exist_ok=True)
 
 
 def _remove(*paths: str) -> None:

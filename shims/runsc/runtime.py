@@ -135,6 +135,17 @@ class Runsc(Runc):
             self._roots.discard(cid)
 
     # --- what runsc does not do like runc ------------------------------------------------------
+    @property
+    def checkpoint_unsupported(self) -> str:  # type: ignore[override]
+        why = ("runsc cannot checkpoint one container of a pod: `runsc checkpoint` saves the whole gVisor "
+               "sandbox (every container of the pod) and `runsc restore` only recreates a sandbox, not a "
+               "container inside a running one")
+        if "--network=host" in self.extra:
+            # Measured with runsc 20221219: it refuses any checkpoint of a sandbox on the host network.
+            why += ("; with this handler's --network=host it refuses even the sandbox (\"checkpoint not "
+                    "supported when using hostinet\")")
+        return why + "; use a runc handler for CheckpointContainer"
+
     async def update(self, cid: str, resources_json: bytes) -> None:
         raise RuncError("runsc cannot update the resources of a running container")
 
