@@ -76,12 +76,11 @@ class Daemon:
         self.shims = ShimManager(self.cfg, self.state, on_exit=self._on_exit, on_shim_dead=self._on_shim_dead)
         self.stats = StatsCollector(self.store, self.cfg.daemon.cgroup_driver, sampler_for=self.shims.sampler_for)
         self.metrics = await start_metrics(self.cfg.metrics.address, lambda: self.store)
-        self.pods = PodService(cgroup_driver=self.cfg.daemon.cgroup_driver, state_dir=self.state, store=self.store,
-                               shims=self.shims, network=self.network, bus=self.events)
         self.containers = ContainerService(cgroup_driver=self.cfg.daemon.cgroup_driver, root_dir=self.root,
                                            state_dir=self.state, store=self.store, shims=self.shims,
-                                           images=self.images, pods=self.pods, bus=self.events)
-        self.pods.containers = self.containers
+                                           images=self.images, bus=self.events)
+        self.pods = PodService(cgroup_driver=self.cfg.daemon.cgroup_driver, state_dir=self.state, store=self.store,
+                               shims=self.shims, network=self.network, containers=self.containers, bus=self.events)
         self.execs = Execs(self.store, self.shims, self.state)
         self.streaming = StreamingServer(self.cfg.streaming, ContainerStreams(self.store, self.execs))
         await self.streaming.start()

@@ -20,6 +20,7 @@ from shimd.api.runtime import v1 as cri
 from shimd.containers import image_volumes
 from shimd.network import namespaces
 from shimd.oci import spec as ocispec
+from shimd.pods.context import pod_context
 from shimd.shimmgr.manager import ExitInfo, ts_ns
 from shimd.store.records import (
     CONTAINER_CREATED,
@@ -34,7 +35,6 @@ from shims.common import idmap
 
 if TYPE_CHECKING:
     from shimd.images.manager import ImageManager
-    from shimd.pods.service import PodService
     from shimd.shimmgr.manager import ShimManager
     from shimd.store.store import Store
 
@@ -57,14 +57,14 @@ def _signal_number(name: str) -> int:
 
 class ContainerService:
     def __init__(self, *, cgroup_driver: str, root_dir: Path, state_dir: Path, store: Store, shims: ShimManager,
-                 images: ImageManager, pods: PodService, bus: events.EventBus) -> None:
+                 images: ImageManager, bus: events.EventBus) -> None:
         self.cgroup_driver = cgroup_driver
         self.rw_dir = root_dir / "rw"
+        self.state_dir = state_dir
         self.bundle_dir = state_dir / "containers"
         self.store = store
         self.shims = shims
         self.images = images
-        self.pods = pods
         self.bus = bus
         self._exited: dict[str, asyncio.Event] = {}
         self.log = log.get("containers")
@@ -95,7 +95,7 @@ class ContainerService:
             )
             self.store.reserve_name(ctr.name_key(pod), cid, "container")
             try:
-                ctx = self.pods.pod_context(pod)
+                ctx = pod_context(pod, self.state_dir)
                 ctx.cgroups_path = cgroups.container_path(self.cgroup_driver, pod.cgroup_parent, cid)
                 img_ctx = ocispec.ImageContext(name=image.repo_tags[0] if image.repo_tags else image.id,
                                                config=dict(image.config.get("config") or {}), layers=image.layers)

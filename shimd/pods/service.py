@@ -24,7 +24,8 @@ from shimd.network import files as podfiles
 from shimd.network import namespaces
 from shimd.network.model import DnsSettings, PodNetworkRequest, PortMapping
 from shimd.oci import spec as ocispec
-from shimd.store.records import CONTAINER_RUNNING, POD_NOTREADY, POD_READY, PodRecord, config_field
+from shimd.pods.context import pod_context, pod_dir
+from shimd.store.records import CONTAINER_RUNNING, POD_NOTREADY, POD_READY, PodRecord
 
 if TYPE_CHECKING:
     from shimd.containers.service import ContainerService
@@ -43,19 +44,19 @@ def pause_id(pod_id: str) -> str:
 
 class PodService:
     def __init__(self, *, cgroup_driver: str, state_dir: Path, store: Store, shims: ShimManager,
-                 network: NetworkManager, bus: events.EventBus) -> None:
+                 network: NetworkManager, containers: ContainerService, bus: events.EventBus) -> None:
         self.cgroup_driver = cgroup_driver
-        self.pods_dir = state_dir / "pods"
+        self.state_dir = state_dir
         self.ns_dir = state_dir / "ns"
         self.store = store
         self.shims = shims
         self.network = network
         self.bus = bus
-        self.containers: ContainerService | None = None  # set by the daemon (they reference each other)
+        self.containers = containers
         self.log = log.get("pods")
 
     def pod_dir(self, pod_id: str) -> Path:
-        return self.pods_dir / pod_id
+        return pod_dir(self.state_dir, pod_id)
 
     # --- pod-level resources ---------------------------------------------------------------------
     async def update_resources(self, pod_id: str, resources: cri.LinuxContainerResources | None,
@@ -206,7 +207,7 @@ class PodService:
                 shutil.copy2(PAUSE_BINARY, rootfs / "pause")
 
         await asyncio.to_thread(prepare)
-        ctx = self.pod_context(pod)
+        ctx = pod_context(pod, self.state_dir)
         ctx.cgroups_path = cgroups.container_path(self.cgroup_driver, pod.cgroup_parent, pod.id)
         spec = ocispec.pause_spec(ctx, str(rootfs), ["/pause", "-P"])
         await fsutil.write_json(bundle / "config.json", spec)
@@ -219,30 +220,6 @@ class PodService:
         await self.shims.start(pod.id, pause_id(pod.id))
         pod.sandbox_task, pod.sandbox_pid = True, pid
         await self.store.save_pod(pod)
-
-    def pod_context(self, pod: PodRecord) -> ocispec.PodContext:
-        pdir = self.pod_dir(pod.id)
-        hostname = config_field(pod.config, "hostname") or (os.uname().nodename if pod.host_network else pod.name)
-        files = {"/etc/hosts": str(pdir / "hosts"), "/etc/resolv.conf": str(pdir / "resolv.conf")}
-        if not pod.host_network:
-            files["/etc/hostname"] = str(pdir / "hostname")
-        return ocispec.PodContext(
-            pod_id=pod.id, name=pod.name, namespace=pod.namespace, uid=pod.uid, hostname=hostname,
-            namespaces=dict(pod.namespaces),
-            pid_ns_path=f"/proc/{pod.sandbox_pid}/ns/pid" if pod.sandbox_task and pod.sandbox_pid else "",
-            files=files, shm_path=str(pdir / "shm") if "ipc" in pod.namespaces else "",
-            sysctls=dict(config_field(pod.config, "linux", "sysctls", default={})),
-            privileged_pod=pod.annotations.get("shimd.io/privileged") == "true",
-            userns=self._userns(pod),
-        )
-
-    @staticmethod
-    def _userns(pod: PodRecord) -> ocispec.IdMappings | None:
-        """The pod's mappings, from its config as given (validated when the pod was made)."""
-        if namespaces.USER not in pod.namespaces:
-            return None
-        raw = config_field(pod.config, "linux", "securityContext", "namespaceOptions", default={})
-        return ocispec.user_namespace(cri.NamespaceOption().from_dict(raw), ocispec.POD_USERNS_FIELD)
 
     # --- stop / remove -----------------------------------------------------------------------
     async def stop(self, pod_id: str) -> None:
@@ -264,7 +241,6 @@ class PodService:
     async def _teardown(self, pod: PodRecord, remove: bool) -> None:
         """Stop (and with remove, delete) everything the pod has; each step tolerates being done already."""
         lg = self.log.bind(pod_id=pod.id, handler=pod.handler)
-        assert self.containers is not None
         if pod.state == POD_READY or not pod.stopped:
             pod.state = POD_NOTREADY
             await self.store.save_pod(pod)
@@ -337,7 +313,6 @@ class PodService:
 
     async def _cleanup_dead_shim(self, pod: PodRecord) -> None:
         """runc state, mounts and cgroups that a dead shim could not clean up itself."""
-        assert self.containers is not None
         ids = [c.id for c in self.store.pod_containers(pod.id)] + [pause_id(pod.id)]
         bundles = [Path(c.bundle) for c in self.store.pod_containers(pod.id)] + [self.pod_dir(pod.id) / "pause"]
         with contextlib.suppress(errors.ShimdError, AttributeError):
@@ -352,7 +327,6 @@ class PodService:
             pod = self.store.pods.get(pod_id)
             if pod is None or pod.shim_dead:
                 return
-            assert self.containers is not None
             pod.shim_dead = True
             pod.state = POD_NOTREADY
             await self.store.save_pod(pod)
