@@ -17,6 +17,7 @@ from shimd.containers.exec import Execs
 from shimd.containers.service import ContainerService
 from shimd.containers.streams import ContainerStreams
 from shimd.cri import dispatch, grpc_server
+from shimd.cri.deps import CriDeps
 from shimd.cri.image_service import ImageService
 from shimd.cri.runtime_service import RuntimeService
 from shimd.events import EventBus
@@ -55,16 +56,6 @@ class Daemon:
         self.stats: StatsCollector = None  # type: ignore[assignment]
         self.metrics: MetricsServer | None = None
 
-    def handler_reports(self) -> list[tuple[str, bool, str, bool]]:
-        if self.shims is None:
-            return [(name, False, "starting", False) for name in self.cfg.handlers]
-        return list(self.shims.reports())
-
-    def network_status(self) -> tuple[bool, str, str]:
-        if self.network is None:
-            return False, "NetworkPluginNotReady", "networking is not initialised"
-        return self.network.status()
-
     async def _build(self) -> None:
         self.images = ImageManager(self.cfg, self.root / "images")
         await self.images.start()
@@ -87,6 +78,13 @@ class Daemon:
         await self.pods.recover()
         await self.containers.recover()
 
+    def _cri_deps(self) -> CriDeps:
+        assert self.streaming is not None  # made by _build
+        return CriDeps(cfg=self.cfg, store=self.store, pods=self.pods, containers=self.containers, images=self.images,
+                       execs=self.execs, streaming=self.streaming, stats=self.stats, network=self.network,
+                       events=self.events, metrics=self.metrics, handler_reports=self.shims.reports,
+                       network_status=self.network.status)
+
     async def _on_exit(self, pod_id: str, task_id: str, info: ExitInfo) -> None:
         await self.containers.on_exit(pod_id, task_id, info)
 
@@ -103,7 +101,8 @@ class Daemon:
         self._guard.claim()
         try:
             await self._build()
-            services = [dispatch.Wrapped(RuntimeService(self)), dispatch.Wrapped(ImageService(self))]
+            deps = self._cri_deps()
+            services = [dispatch.Wrapped(RuntimeService(deps)), dispatch.Wrapped(ImageService(deps))]
             self._server = grpc_server.Server(services)
             await self._server.start(path=self.cfg.daemon.socket)
             self._guard.secure()
