@@ -369,7 +369,8 @@ class ContainerService:
         if ctr.state != CONTAINER_RUNNING:
             raise errors.FailedPrecondition(f"container {ctr.id} is not running")
         pod = self.store.pods.get(ctr.pod_id)
-        if pod is not None and getattr(self.shims.drivers.get(pod.handler), "follows_log_rotation", False):
+        drv = self.shims.drivers.get(pod.handler) if pod is not None else None
+        if drv is not None and drv.follows_log_rotation:
             return  # that handler's log writer notices the rename by itself (shim v2 binaries have no Reopen)
         await self.shims.reopen_log(ctr.pod_id, ctr.id)
 

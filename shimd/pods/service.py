@@ -315,7 +315,7 @@ class PodService:
         """runc state, mounts and cgroups that a dead shim could not clean up itself."""
         ids = [c.id for c in self.store.pod_containers(pod.id)] + [pause_id(pod.id)]
         bundles = [Path(c.bundle) for c in self.store.pod_containers(pod.id)] + [self.pod_dir(pod.id) / "pause"]
-        with contextlib.suppress(errors.ShimdError, AttributeError):
+        with contextlib.suppress(errors.ShimdError):
             drv = self.shims.drivers[pod.handler]
             await drv.cleanup_after_dead_shim(ids, bundles)
 
