@@ -17,6 +17,7 @@ from shimd.containers.exec import Execs
 from shimd.containers.service import ContainerService
 from shimd.containers.streams import ContainerStreams
 from shimd.cri import dispatch, grpc_server
+from shimd.cri.deps import CriDeps
 from shimd.cri.image_service import ImageService
 from shimd.cri.runtime_service import RuntimeService
 from shimd.events import EventBus
@@ -55,16 +56,6 @@ class Daemon:
         self.stats: StatsCollector = None  # type: ignore[assignment]
         self.metrics: MetricsServer | None = None
 
-    def handler_reports(self) -> list[tuple[str, bool, str, bool, bool]]:
-        if self.shims is None:
-            return [(name, False, "starting", False, False) for name in self.cfg.handlers]
-        return list(self.shims.reports())
-
-    def network_status(self) -> tuple[bool, str, str]:
-        if self.network is None:
-            return False, "NetworkPluginNotReady", "networking is not initialised"
-        return self.network.status()
-
     async def _build(self) -> None:
         self.images = ImageManager(self.cfg, self.root / "images")
         await self.images.start()
@@ -77,21 +68,27 @@ class Daemon:
         await self.shims.probe_handlers()
         self.stats = StatsCollector(self.store, self.cfg.daemon.cgroup_driver, sampler_for=self.shims.sampler_for)
         self.metrics = await start_metrics(self.cfg.metrics.address, lambda: self.store)
-        self.pods = PodService(cgroup_driver=self.cfg.daemon.cgroup_driver, state_dir=self.state, store=self.store,
-                               shims=self.shims, network=self.network, bus=self.events)
         hugetlb = await asyncio.to_thread(cgroups.hugetlb_usable)
         # kubelet sends hugepage limits for every container; runc fails on them without the controller.
         self.log.info("hugetlb controller probed", usable=hugetlb,
                       hugepage_limits="applied" if hugetlb else "left out of OCI specs")
         self.containers = ContainerService(cgroup_driver=self.cfg.daemon.cgroup_driver, root_dir=self.root,
                                            state_dir=self.state, store=self.store, shims=self.shims,
-                                           images=self.images, pods=self.pods, bus=self.events, hugetlb=hugetlb)
-        self.pods.containers = self.containers
+                                           images=self.images, bus=self.events, hugetlb=hugetlb)
+        self.pods = PodService(cgroup_driver=self.cfg.daemon.cgroup_driver, state_dir=self.state, store=self.store,
+                               shims=self.shims, network=self.network, containers=self.containers, bus=self.events)
         self.execs = Execs(self.store, self.shims, self.state)
         self.streaming = StreamingServer(self.cfg.streaming, ContainerStreams(self.store, self.execs))
         await self.streaming.start()
         await self.pods.recover()
         await self.containers.recover()
+
+    def _cri_deps(self) -> CriDeps:
+        assert self.streaming is not None  # made by _build
+        return CriDeps(cfg=self.cfg, store=self.store, pods=self.pods, containers=self.containers, images=self.images,
+                       execs=self.execs, streaming=self.streaming, stats=self.stats, network=self.network,
+                       events=self.events, metrics=self.metrics, handler_reports=self.shims.reports,
+                       network_status=self.network.status)
 
     async def _on_exit(self, pod_id: str, task_id: str, info: ExitInfo) -> None:
         await self.containers.on_exit(pod_id, task_id, info)
@@ -116,8 +113,9 @@ class Daemon:
         self._guard.claim()
         try:
             await self._build()
+            deps = self._cri_deps()
             limit = self.cfg.daemon.max_recv_message_size
-            services = [dispatch.Wrapped(RuntimeService(self), limit), dispatch.Wrapped(ImageService(self), limit)]
+            services = [dispatch.Wrapped(RuntimeService(deps), limit), dispatch.Wrapped(ImageService(deps), limit)]
             self._server = grpc_server.Server(services)
             await self._server.start_on(self._guard.bind())
         except BaseException:

@@ -23,6 +23,7 @@ from shimd.containers import image_volumes
 from shimd.network import namespaces
 from shimd.oci import spec as ocispec
 from shimd.phases import phase, phase_context
+from shimd.pods.context import mapped_root_gid, pod_context
 from shimd.shimmgr.manager import ExitInfo, ts_ns
 from shimd.store.records import (
     CONTAINER_CREATED,
@@ -38,7 +39,6 @@ from shims.runc import attach_socket_path
 
 if TYPE_CHECKING:
     from shimd.images.manager import ImageManager
-    from shimd.pods.service import PodService
     from shimd.shimmgr.manager import ShimManager
     from shimd.store.store import Store
 
@@ -63,11 +63,12 @@ def _signal_number(name: str) -> int:
 
 class ContainerService:
     def __init__(self, *, cgroup_driver: str, root_dir: Path, state_dir: Path, store: Store, shims: ShimManager,
-                 images: ImageManager, pods: PodService, bus: events.EventBus, hugetlb: bool = True) -> None:
+                 images: ImageManager, bus: events.EventBus, hugetlb: bool = True) -> None:
         self.cgroup_driver = cgroup_driver
         # Whether hugepage limits can be applied on this host (shimd.cgroups.hugetlb_usable); else left out.
         self.hugetlb = hugetlb
         self.rw_dir = root_dir / "rw"
+        self.state_dir = state_dir
         self.bundle_dir = state_dir / "containers"
         self.shim_dir = state_dir / "s"  # where shimd's own shims listen (and serve attach sockets)
         # Unpacked checkpoint archives of containers to restore (kept until the container is removed),
@@ -77,7 +78,6 @@ class ContainerService:
         self.store = store
         self.shims = shims
         self.images = images
-        self.pods = pods
         self.bus = bus
         self._exited: dict[str, asyncio.Event] = {}
         self.log = log.get("containers")
@@ -116,7 +116,7 @@ class ContainerService:
             phase_context(pod_id=pod.id, container_id=cid)
             phase("validate")
             try:
-                ctx = self.pods.pod_context(pod)
+                ctx = pod_context(pod, self.state_dir)
                 ctx.cgroups_path = cgroups.container_path(self.cgroup_driver, pod.cgroup_parent, cid)
                 img_ctx = ocispec.ImageContext(name=image.repo_tags[0] if image.repo_tags else image.id,
                                                config=dict(image.config.get("config") or {}), layers=image.layers)
@@ -459,7 +459,8 @@ class ContainerService:
         if ctr.state != CONTAINER_RUNNING:
             raise errors.FailedPrecondition(f"container {ctr.id} is not running")
         pod = self.store.pods.get(ctr.pod_id)
-        if pod is not None and getattr(self.shims.drivers.get(pod.handler), "follows_log_rotation", False):
+        drv = self.shims.drivers.get(pod.handler) if pod is not None else None
+        if drv is not None and drv.follows_log_rotation:
             # That handler's log writer notices the rename by itself (shim v2 binaries have no Reopen), within
             # a second; the client expects the file now. The writer reopens by path, so it appends to this one.
             if ctr.log_path:
@@ -586,7 +587,7 @@ class ContainerService:
         """Bundles and writable layers made by a shimd that left them open to everyone (0755) are closed."""
         for ctr in ctrs:
             pod = self.store.pods.get(ctr.pod_id)
-            for path, group in ((Path(ctr.bundle), self.pods.mapped_root_gid(pod) if pod else None),
+            for path, group in ((Path(ctr.bundle), mapped_root_gid(pod) if pod else None),
                                 (Path(ctr.fs_dir), None)):
                 if ctr.fs_dir and path.is_dir():
                     fsutil.private_dir_sync(path, group)

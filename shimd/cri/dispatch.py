@@ -20,6 +20,7 @@ import grpclib.server
 from grpclib.const import Status
 
 from shimd import errors, log, phases
+from shimd.cri import grpc_server
 
 _STATUS: dict[type[errors.ShimdError], Status] = {
     errors.InvalidArgument: Status.INVALID_ARGUMENT,
@@ -136,7 +137,7 @@ def _checked_decoding(stream: grpclib.server.Stream, method: str, max_message: i
                 raise errors.InvalidArgument(f"{method}: malformed request message: {wrong} has the wrong wire type")
         return message
 
-    stream.recv_message = recv_message  # type: ignore[method-assign]
+    grpc_server.replace_recv_message(stream, recv_message)
 
 
 _SCALARS: dict[str, type | tuple[type, ...]] = {"string": str, "bytes": bytes, "bool": bool, "float": (float, int),

@@ -10,13 +10,23 @@
 * A method shimd does not know is answered UNIMPLEMENTED as an ordinary response. grpclib answers it
   with headers that lack content-type, which grpc-go (kubelet, ctr) turns into UNKNOWN "missing
   content-type field": kubelet tells a method a runtime lacks by UNIMPLEMENTED, for newer CRI calls.
+
+Every place shimd reaches into grpclib below its public API is in this module, and each has a test in
+tests/unit/test_grpclib_hooks.py that fails when grpclib changes what it relies on; grpclib, h2 and
+hpack are pinned in pyproject.toml to the versions those tests passed with. The hooks:
+* Server._protocol_factory (what Server.start gives the event loop) and H2Protocol's handler, config
+  and h2_config attributes;
+* Server._mapping, the method table grpclib's request handler looks paths up in with .get();
+* H2Protocol.connection_made, redone here as grpclib does it, with grpclib's Connection and
+  EventsProcessor; through them grpclib calls h2_server.ServerConnection as it would h2's connection;
+* Stream.recv_message, replaced on one stream (replace_recv_message) to map undecodable requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpclib.server
@@ -128,3 +138,8 @@ class Server(grpclib.server.Server):
         # grpclib's own bookkeeping of handlers is kept; only the protocol around the handler is ours.
         plain = super()._protocol_factory()
         return _ServerProtocol(plain.handler, plain.config, plain.h2_config)
+
+
+def replace_recv_message(stream: grpclib.server.Stream, recv: Callable[[], Awaitable[Any]]) -> None:
+    """Makes recv the stream's recv_message, which the generated service handlers call for the request."""
+    stream.recv_message = recv  # type: ignore[method-assign]

@@ -13,7 +13,7 @@ from shimd.images.auth import Auth
 from shimd.images.manager import Image, ImageManager
 
 if TYPE_CHECKING:
-    from shimd.daemon import Daemon
+    from shimd.cri.deps import CriDeps
 
 STREAM_BATCH = 100
 
@@ -46,8 +46,8 @@ def to_cri(img: Image) -> cri.Image:
 
 
 class ImageService(cri.ImageServiceBase):
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    def __init__(self, deps: CriDeps) -> None:
+        self.d = deps
 
     @property
     def images(self) -> ImageManager:

@@ -1,4 +1,4 @@
-"""What every RPC mixin of the RuntimeService shares: the daemon, caches, and small helpers."""
+"""What every RPC mixin of the RuntimeService shares: its collaborators, caches, and small helpers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, TypeVar
 from shimd.api.runtime import v1 as cri
 
 if TYPE_CHECKING:
+    from shimd.cri.deps import CriDeps
     from shimd.cri.wire import EncodingCache, ListCache
-    from shimd.daemon import Daemon
     from shimd.store.records import ContainerRecord, PodRecord
 
 # Items per message of the Stream* RPCs.
@@ -26,7 +26,7 @@ def pages(items: Sequence[T]) -> list[list[T]]:
 class RpcBase:
     """Attributes the RuntimeService sets up once; the mixins read them."""
 
-    d: Daemon
+    d: CriDeps
     _pod_cache: EncodingCache[PodRecord]
     _container_cache: EncodingCache[ContainerRecord]
     # The unfiltered list responses, reused while the store is unchanged.

@@ -18,12 +18,12 @@ from shimd.cri.rpc_stats import StatsRpcs
 from shimd.cri.rpc_streaming import StreamingRpcs
 
 if TYPE_CHECKING:
-    from shimd.daemon import Daemon
+    from shimd.cri.deps import CriDeps
 
 
 class RuntimeService(PodRpcs, ContainerRpcs, StreamingRpcs, StatsRpcs, EventRpcs, cri.RuntimeServiceBase):
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    def __init__(self, deps: CriDeps) -> None:
+        self.d = deps
         # A summary changes only with its record's state (pod labels and metadata are fixed at creation).
         self._pod_cache = wire.EncodingCache(summary_wire.pod, lambda p: p.state, lambda p: p.id)
         self._container_cache = wire.EncodingCache(summary_wire.container, lambda c: c.state, lambda c: c.id)
@@ -33,7 +33,7 @@ class RuntimeService(PodRpcs, ContainerRpcs, StreamingRpcs, StatsRpcs, EventRpcs
         self._last_pod_status: OrderedDict[str, bytes] = OrderedDict()
         # The user each container's process runs as (from its OCI spec; fixed for the container's life).
         self._users: dict[str, cri.ContainerUser] = {}
-        daemon.events.add_listener(self._remember_pod)
+        deps.events.add_listener(self._remember_pod)
         # kubelet asks for Status every few seconds and it rarely changes: the encoding is kept per inputs.
         self._status: tuple[object, bytes] = (None, b"")
 

@@ -25,7 +25,8 @@ from shimd.network import namespaces
 from shimd.network.model import DnsSettings, PodNetworkRequest, PortMapping
 from shimd.oci import spec as ocispec
 from shimd.phases import phase, phase_context
-from shimd.store.records import CONTAINER_RUNNING, POD_NOTREADY, POD_READY, PodRecord, config_field
+from shimd.pods.context import mapped_root_gid, pod_context, pod_dir, pod_hostname
+from shimd.store.records import CONTAINER_RUNNING, POD_NOTREADY, POD_READY, PodRecord
 
 if TYPE_CHECKING:
     from shimd.containers.service import ContainerService
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 PAUSE_BINARY = "/usr/bin/catatonit"
 SHM_SIZE = "size=65536k"
 # Characters of the pod id that name a pod whose metadata name is no hostname (CRI-O uses as many).
-HOSTNAME_ID_PREFIX = 12
 _PROTOCOLS = {cri.Protocol.TCP: "tcp", cri.Protocol.UDP: "udp", cri.Protocol.SCTP: "sctp"}
 
 
@@ -44,34 +44,21 @@ def pause_id(pod_id: str) -> str:
     return pod_id
 
 
-def pod_hostname(pod: PodRecord) -> str:
-    """The hostname the client sent (validated then), else one that is always valid: the node's for a pod on
-    the host's network, the pod name when it is a valid hostname, else a prefix of the pod id (as CRI-O)."""
-    sent = config_field(pod.config, "hostname")
-    if sent:
-        return str(sent)
-    if pod.host_network:
-        return os.uname().nodename
-    if podfiles.is_hostname_label(pod.name):
-        return pod.name
-    return pod.id[:HOSTNAME_ID_PREFIX]
-
-
 class PodService:
     def __init__(self, *, cgroup_driver: str, state_dir: Path, store: Store, shims: ShimManager,
-                 network: NetworkManager, bus: events.EventBus) -> None:
+                 network: NetworkManager, containers: ContainerService, bus: events.EventBus) -> None:
         self.cgroup_driver = cgroup_driver
-        self.pods_dir = state_dir / "pods"
+        self.state_dir = state_dir
         self.ns_dir = state_dir / "ns"
         self.store = store
         self.shims = shims
         self.network = network
         self.bus = bus
-        self.containers: ContainerService | None = None  # set by the daemon (they reference each other)
+        self.containers = containers
         self.log = log.get("pods")
 
     def pod_dir(self, pod_id: str) -> Path:
-        return self.pods_dir / pod_id
+        return pod_dir(self.state_dir, pod_id)
 
     # --- pod-level resources ---------------------------------------------------------------------
     async def update_resources(self, pod_id: str, resources: cri.LinuxContainerResources | None,
@@ -231,7 +218,7 @@ class PodService:
                 shutil.copy2(PAUSE_BINARY, rootfs / "pause")
 
         await asyncio.to_thread(prepare)
-        ctx = self.pod_context(pod)
+        ctx = pod_context(pod, self.state_dir)
         ctx.cgroups_path = cgroups.container_path(self.cgroup_driver, pod.cgroup_parent, pod.id)
         spec = ocispec.pause_spec(ctx, str(rootfs), ["/pause", "-P"])
         await fsutil.write_json(bundle / "config.json", spec)
@@ -248,31 +235,6 @@ class PodService:
         pod.sandbox_task, pod.sandbox_pid = True, pid
         await self.store.save_pod(pod)
         phase("record_write")
-
-    def pod_context(self, pod: PodRecord) -> ocispec.PodContext:
-        pdir = self.pod_dir(pod.id)
-        hostname = pod_hostname(pod)
-        files = {"/etc/hosts": str(pdir / "hosts"), "/etc/resolv.conf": str(pdir / "resolv.conf")}
-        if not pod.host_network:
-            files["/etc/hostname"] = str(pdir / "hostname")
-        return ocispec.PodContext(
-            pod_id=pod.id, name=pod.name, namespace=pod.namespace, uid=pod.uid, hostname=hostname,
-            namespaces=dict(pod.namespaces),
-            pid_ns_path=f"/proc/{pod.sandbox_pid}/ns/pid" if pod.sandbox_task and pod.sandbox_pid else "",
-            files=files, shm_path=str(pdir / "shm") if "ipc" in pod.namespaces else "",
-            sysctls=dict(config_field(pod.config, "linux", "sysctls", default={})),
-            # From the sandbox config kubelet sent, never from annotations: the pod's author writes those.
-            privileged_pod=config_field(pod.config, "linux", "securityContext", "privileged", default=False) is True,
-            userns=self._userns(pod),
-        )
-
-    @staticmethod
-    def _userns(pod: PodRecord) -> ocispec.IdMappings | None:
-        """The pod's mappings, from its config as given (validated when the pod was made)."""
-        if namespaces.USER not in pod.namespaces:
-            return None
-        raw = config_field(pod.config, "linux", "securityContext", "namespaceOptions", default={})
-        return ocispec.user_namespace(cri.NamespaceOption().from_dict(raw), ocispec.POD_USERNS_FIELD)
 
     # --- stop / remove -----------------------------------------------------------------------
     async def stop(self, pod_id: str) -> None:
@@ -294,7 +256,6 @@ class PodService:
     async def _teardown(self, pod: PodRecord, remove: bool) -> None:
         """Stop (and with remove, delete) everything the pod has; each step tolerates being done already."""
         lg = self.log.bind(pod_id=pod.id, handler=pod.handler)
-        assert self.containers is not None
         phase_context(pod_id=pod.id)
         phase("lock_wait")  # the callers hold the pod's lock
         if pod.state == POD_READY or not pod.stopped:
@@ -356,20 +317,11 @@ class PodService:
         self.bus.publish(events.DELETED, pod.id, pod.id)
         lg.info("pod removed")
 
-    def mapped_root_gid(self, pod: PodRecord) -> int | None:
-        """The host gid of the pod's root when it has its own user namespace."""
-        try:
-            userns = self._userns(pod)
-        except errors.ShimdError:
-            return None
-        root = userns.host_root() if userns is not None else None
-        return root[1] if root is not None else None
-
     def _secure_dirs(self, pods: list[PodRecord]) -> None:
         for pod in pods:
             pdir = self.pod_dir(pod.id)
             if pdir.is_dir():
-                fsutil.private_dir_sync(pdir, self.mapped_root_gid(pod))
+                fsutil.private_dir_sync(pdir, mapped_root_gid(pod))
 
     async def _stand_in(self, pod_id: str) -> None:
         handler = self.shims.cfg.daemon.default_handler
@@ -419,10 +371,9 @@ class PodService:
 
     async def _cleanup_dead_shim(self, pod: PodRecord) -> None:
         """runc state, mounts and cgroups that a dead shim could not clean up itself."""
-        assert self.containers is not None
         ids = [c.id for c in self.store.pod_containers(pod.id)] + [pause_id(pod.id)]
         bundles = [Path(c.bundle) for c in self.store.pod_containers(pod.id)] + [self.pod_dir(pod.id) / "pause"]
-        with contextlib.suppress(errors.ShimdError, AttributeError):
+        with contextlib.suppress(errors.ShimdError):
             drv = self.shims.drivers[pod.handler]
             await drv.cleanup_after_dead_shim(ids, bundles)
 
@@ -434,7 +385,6 @@ class PodService:
             pod = self.store.pods.get(pod_id)
             if pod is None or pod.shim_dead:
                 return
-            assert self.containers is not None
             pod.shim_dead = True
             pod.state = POD_NOTREADY
             await self.store.save_pod(pod)

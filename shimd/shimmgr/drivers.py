@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-from shimd import log
+from shimd import errors, log
 from shimd.config import Config, HandlerConfig
+
+if TYPE_CHECKING:
+    from shimd.shimmgr.launcher import DirectLaunch
+    from shimd.stats.cgroupfs import Sample
+
+
+# (argv, stamp of the shim code, environment) of a shim zygote
+ZygoteSpec = tuple[list[str], str, dict[str, str]]
+# One container's usage as the runtime itself accounts it (container id -> sample, None if unknown)
+Sampler = Callable[[str], Awaitable["Sample | None"]]
 
 
 class Driver(Protocol):
+    """Everything shimd asks of a runtime handler's driver; nothing else is looked up on one."""
+
     handler: HandlerConfig
-    supports_user_namespaces: bool
+    supports_user_namespaces: bool  # pods with their own user namespace can run on it
+    follows_log_rotation: bool  # its log writer notices a renamed log file (ReopenContainerLog has nothing to do)
 
     def available(self) -> tuple[bool, str]: ...
 
@@ -20,21 +34,50 @@ class Driver(Protocol):
 
     def shim_env(self) -> dict[str, str]: ...
 
+    def direct_launch(self, namespace: str, pod_id: str, shimd_address: str, shim_dir: str) -> DirectLaunch | None:
+        """How shimd starts the shim itself on a socket it binds; None: the shim v2 way (shim_argv, `start`)."""
+        ...
+
+    def zygote_argv(self) -> ZygoteSpec | None:
+        """A zygote that forks this driver's direct-launched shims; None: none."""
+        ...
+
     def runtime_options(self) -> Any: ...
 
     def log_stdio(self, log_path: str, stdin_path: str) -> tuple[str, str, str]: ...
 
     def needs_sandbox_task(self, shared_pid: bool) -> bool: ...
 
-    def recursive_read_only_mounts(self) -> bool: ...
+    def recursive_read_only_mounts(self) -> bool:
+        """Whether the handler can honour CRI Mount.recursive_read_only ("rro")."""
+        ...
+
+    def stats_sampler(self) -> Sampler | None:
+        """The runtime's own per-container stats; None: the container's cgroup tells the story."""
+        ...
 
     async def cleanup_after_dead_shim(self, container_ids: list[str], bundles: list[Path]) -> None: ...
 
 
-class DriverBase:
-    """What every concrete driver holds, and the cached availability probe they share."""
+class Defaults:
+    """What a driver has unless it says otherwise: the optional capabilities, all off."""
 
     supports_user_namespaces = False
+    follows_log_rotation = False
+
+    def direct_launch(self, namespace: str, pod_id: str, shimd_address: str, shim_dir: str) -> DirectLaunch | None:
+        return None
+
+    def zygote_argv(self) -> ZygoteSpec | None:
+        return None
+
+    def stats_sampler(self) -> Sampler | None:
+        return None
+
+
+class DriverBase(Defaults):
+    """What every concrete driver holds, and the cached availability probe they share."""
+
     log_name = "driver"
 
     def __init__(self, handler: HandlerConfig, state_dir: Path, systemd_cgroup: bool = False,
@@ -61,14 +104,18 @@ class DriverBase:
         return False
 
 
-class UnavailableDriver:
-    """Stands in for a driver whose code is missing, so one bad handler never breaks the others."""
+class UnavailableDriver(Defaults):
+    """Stands in for a driver whose code is missing, so one bad handler never breaks the others.
 
-    supports_user_namespaces = False
+    Every operation is refused with FAILED_PRECONDITION saying why; the optional capabilities are off.
+    """
 
     def __init__(self, handler: HandlerConfig, why: str) -> None:
         self.handler = handler
         self.why = why
+
+    def _refuse(self) -> NoReturn:
+        raise errors.FailedPrecondition(f"runtime handler {self.handler.name!r} is not usable: {self.why}")
 
     def available(self) -> tuple[bool, str]:
         return False, self.why
@@ -76,8 +123,23 @@ class UnavailableDriver:
     def recursive_read_only_mounts(self) -> bool:
         return False
 
-    def __getattr__(self, name: str) -> Any:
-        raise AttributeError(f"driver for handler {self.handler.name!r} is unavailable: {self.why}")
+    def shim_argv(self) -> list[str]:
+        self._refuse()
+
+    def shim_env(self) -> dict[str, str]:
+        self._refuse()
+
+    def runtime_options(self) -> Any:
+        self._refuse()
+
+    def log_stdio(self, log_path: str, stdin_path: str) -> tuple[str, str, str]:
+        self._refuse()
+
+    def needs_sandbox_task(self, shared_pid: bool) -> bool:
+        self._refuse()
+
+    async def cleanup_after_dead_shim(self, container_ids: list[str], bundles: list[Path]) -> None:
+        self._refuse()
 
 
 _DRIVER_CLASSES = {

@@ -26,7 +26,7 @@ from shimd.api.containerd.task import v2 as task
 from shimd.config import Config
 from shimd.shimmgr import strays
 from shimd.shimmgr import zygote as zygote_mod
-from shimd.shimmgr.drivers import Driver, make_driver
+from shimd.shimmgr.drivers import Driver, Sampler, make_driver
 from shimd.shimmgr.launcher import spawn_serving, start_shim
 from shimd.shimmgr.task_client import TaskClient
 from shimd.shimmgr.zygote import Zygote
@@ -96,19 +96,18 @@ class ShimManager:
         """Runs each handler's one-time probes (runtime version, features) off the event loop."""
         await asyncio.to_thread(self.reports)
 
-    def sampler_for(self, handler: str) -> Any:
+    def sampler_for(self, handler: str) -> Sampler | None:
         """A driver's own per-container stats sampler (runsc), or None where cgroups tell the story."""
         drv = self.drivers.get(handler or self.cfg.daemon.default_handler)
-        return getattr(drv, "container_sample", None)
+        return drv.stats_sampler() if drv is not None else None
 
     # --- shims -------------------------------------------------------------------------------
     async def launch(self, pod_id: str, handler: str, bundle: Path) -> str:
         drv = self.driver(handler)
-        direct = getattr(drv, "direct_launch", None)
+        direct = drv.direct_launch(NAMESPACE, pod_id, self.cfg.daemon.socket, str(self.state_dir / "s"))
         if direct is not None:
             # shimd's own shims skip the shim v2 `start` step: shimd binds their socket itself.
-            address = await spawn_serving(direct(NAMESPACE, pod_id, self.cfg.daemon.socket, str(self.state_dir / "s")),
-                                          bundle=bundle, timeout=self.timeout, zygote=self._zygote_for(drv))
+            address = await spawn_serving(direct, bundle=bundle, timeout=self.timeout, zygote=self._zygote_for(drv))
             self._addresses[pod_id] = address
             return address
         address = await start_shim(drv.shim_argv(), namespace=NAMESPACE, pod_id=pod_id,
@@ -119,11 +118,11 @@ class ShimManager:
 
     def _zygote_for(self, drv: Driver) -> Zygote | None:
         """One zygote serves every handler whose driver offers one (they share the shim's code)."""
-        spec = getattr(drv, "zygote_argv", None)
+        spec = drv.zygote_argv()
         if spec is None:
             return None
         if self._zygote is None:
-            argv, stamp, env = spec()
+            argv, stamp, env = spec
             self._zygote = Zygote(argv, str(self.state_dir / "s" / "zygote"), stamp,
                                   {**env, "SHIMD_ZYGOTE_STAMP": stamp}, self.state_dir / "zygote")
         return self._zygote

@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 from shimd.config import HandlerConfig
+from shimd.shimmgr.drivers import Sampler
 from shimd.stats.cgroupfs import Sample
 from shims.runc.driver import VERSION_TIMEOUT, RuncDriver
 from shims.runsc import stats
@@ -70,6 +71,9 @@ class RunscDriver(RuncDriver):
         """runsc with this handler's root and global flags, as the shim runs it."""
         argv = [self.handler.binary, "--root", self.root, *self.flags]
         return [*argv, "--systemd-cgroup"] if self.systemd_cgroup else argv
+
+    def stats_sampler(self) -> Sampler:
+        return self.container_sample
 
     async def container_sample(self, container_id: str) -> Sample | None:
         """What the sandbox accounts to one container (its own cgroup is empty under gVisor)."""
