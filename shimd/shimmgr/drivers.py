@@ -74,6 +74,10 @@ class Defaults:
     def stats_sampler(self) -> Sampler | None:
         return None
 
+    def recursive_read_only_mounts(self) -> bool:
+        """Only a runtime that proves it (runc's `features` listing "rro") says yes."""
+        return False
+
 
 class DriverBase(Defaults):
     """What every concrete driver holds, and the cached availability probe they share."""
@@ -99,10 +103,6 @@ class DriverBase(Defaults):
     def _probe(self) -> tuple[bool, str]:
         raise NotImplementedError
 
-    def recursive_read_only_mounts(self) -> bool:
-        """Whether the handler can honour CRI Mount.recursive_read_only ("rro"); only runc proves it."""
-        return False
-
 
 class UnavailableDriver(Defaults):
     """Stands in for a driver whose code is missing, so one bad handler never breaks the others.
@@ -119,9 +119,6 @@ class UnavailableDriver(Defaults):
 
     def available(self) -> tuple[bool, str]:
         return False, self.why
-
-    def recursive_read_only_mounts(self) -> bool:
-        return False
 
     def shim_argv(self) -> list[str]:
         self._refuse()

@@ -19,7 +19,8 @@ from shims.runc.driver import RuncDriver
 from shims.runsc.driver import RunscDriver
 
 REPO = Path(__file__).resolve().parents[2]
-OPTIONAL = {"direct_launch", "zygote_argv", "stats_sampler", "supports_user_namespaces", "follows_log_rotation"}
+OPTIONAL = {"direct_launch", "zygote_argv", "stats_sampler", "supports_user_namespaces", "follows_log_rotation",
+            "recursive_read_only_mounts"}
 
 
 def _members() -> set[str]:
