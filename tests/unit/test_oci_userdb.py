@@ -56,7 +56,8 @@ def test_symlink_resolves_in_the_merged_rootfs(tmp_path: Path, host: Path) -> No
     (lower / "data").mkdir()
     (lower / "data/pw").write_bytes(PASSWD)
     (lower / "etc/passwd").write_bytes(HOST_PASSWD)   # hidden by the upper layer's link
-    assert spec.resolve_user(by_name("inimage"), "", [str(upper), str(lower)]) == {"uid": 1000, "gid": 1001, "additionalGids": [1001]}
+    user = spec.resolve_user(by_name("inimage"), "", [str(upper), str(lower)])
+    assert user == {"uid": 1000, "gid": 1001, "additionalGids": [1001]}
 
 
 def test_whiteout_and_opaque_dir_hide_lower_files(tmp_path: Path) -> None:
@@ -73,13 +74,16 @@ def test_whiteout_and_opaque_dir_hide_lower_files(tmp_path: Path) -> None:
     assert spec.resolve_user(by_name("inimage"), "", [str(upper), str(lower)])["uid"] == 1000
 
 
+ROOT = {"uid": 0, "gid": 0, "additionalGids": [0]}
+
+
 def test_fifo_symlink_loop_and_oversized_file(tmp_path: Path) -> None:
     top = layer(tmp_path, "top")
     os.mkfifo(top / "etc/passwd")      # would block a plain open() for ever
-    assert spec.resolve_user(cri.LinuxContainerSecurityContext(), "", [str(top)]) == {"uid": 0, "gid": 0, "additionalGids": [0]}
+    assert spec.resolve_user(cri.LinuxContainerSecurityContext(), "", [str(top)]) == ROOT
     os.unlink(top / "etc/passwd")
     (top / "etc/passwd").symlink_to("passwd")
-    assert spec.resolve_user(cri.LinuxContainerSecurityContext(), "", [str(top)]) == {"uid": 0, "gid": 0, "additionalGids": [0]}
+    assert spec.resolve_user(cri.LinuxContainerSecurityContext(), "", [str(top)]) == ROOT
     os.unlink(top / "etc/passwd")
     with open(top / "etc/passwd", "wb") as f:
         f.truncate(spec.MAX_USER_DB + 1)
