@@ -200,6 +200,7 @@ def _detail_metrics(m: partial[cri.Metric | None], d: Detail, ts: int, fs_dev: s
         m("container_memory_failcnt", ts, d.memory_failcnt),
         m("container_memory_kernel_usage", ts, d.memory_kernel),
         m("container_memory_mapped_file", ts, d.memory_mapped_file),
+        m("container_memory_cache", ts, d.memory_cache),
         m("container_memory_max_usage_bytes", ts, d.memory_max_usage),
         m("container_processes", ts, d.processes),
         m("container_threads", ts, d.threads),

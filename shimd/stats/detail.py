@@ -46,6 +46,7 @@ class Detail:
     memory_failcnt: int | None = None
     memory_kernel: int | None = None
     memory_mapped_file: int | None = None
+    memory_cache: int | None = None
     memory_max_usage: int | None = None
     memory_reservation: int | None = None  # 0: none
     memory_swap_limit: int | None = None  # memory+swap, 0: unlimited
@@ -204,6 +205,7 @@ def _memory(layout: Layout, rel: str, out: Detail) -> None:
         out.memory_kernel = _int(mem / "memory.kmem.usage_in_bytes")
         st = _kv(mem / "memory.stat")
         out.memory_mapped_file = st.get("total_mapped_file", st.get("mapped_file"))
+        out.memory_cache = st.get("total_cache", st.get("cache"))
         out.memory_max_usage = _int(mem / "memory.max_usage_in_bytes")
         out.memory_reservation = _int(mem / "memory.soft_limit_in_bytes", unlimited=0)
         # Without swap accounting (no memsw files) memory+swap is bounded by the memory limit alone.
@@ -217,6 +219,7 @@ def _memory(layout: Layout, rel: str, out: Detail) -> None:
     st = _kv(v2 / "memory.stat")
     out.memory_kernel = st.get("kernel", st.get("kernel_stack"))
     out.memory_mapped_file = st.get("file_mapped")
+    out.memory_cache = st.get("file")  # cAdvisor's cache on cgroup v2
     out.memory_max_usage = _int(v2 / "memory.peak")
     out.memory_reservation = _int(v2 / "memory.low", unlimited=0)
     # v2 limits swap alone; the metric is memory+swap as on v1 (0: unlimited). No swap.max file means

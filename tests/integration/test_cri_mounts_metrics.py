@@ -248,7 +248,7 @@ CONTAINER_METRICS = [
     "container_file_descriptors", "container_fs_inodes_free", "container_fs_limit_bytes",
     "container_fs_reads_bytes_total", "container_fs_reads_total", "container_fs_writes_bytes_total",
     "container_fs_writes_total", "container_memory_failcnt", "container_memory_kernel_usage",
-    "container_memory_mapped_file", "container_memory_max_usage_bytes", "container_sockets",
+    "container_memory_cache", "container_memory_mapped_file", "container_memory_max_usage_bytes", "container_sockets",
     "container_spec_cpu_period", "container_spec_cpu_shares", "container_spec_memory_swap_limit_bytes",
     "container_threads", "container_threads_max",
 ]
