@@ -244,7 +244,7 @@ def test_passwd_symlink_inside_the_image_and_size_bound(rt: Runtime) -> None:
     pod_id, pod_cfg = rt.run_pod("pw-inside")
     cid = _create(rt, pod_id, pod_cfg, ok_ref, "inside", run_as_username="inimage")
     spec = json.loads((rt.proc.state / "containers" / cid / "config.json").read_text())
-    assert spec["process"]["user"] == {"uid": 1234, "gid": 2345}
+    assert spec["process"]["user"] == {"uid": 1234, "gid": 2345, "additionalGids": [2345]}
     with pytest.raises(grpc.RpcError) as e:
         _create(rt, pod_id, pod_cfg, huge_ref, "huge")
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
