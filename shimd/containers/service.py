@@ -34,8 +34,8 @@ from shimd.store.records import (
     PodRecord,
     config_field,
 )
-from shims.common import idmap
-from shims.runc import attach_socket_path
+from shimproto import idmap
+from shimproto.paths import attach_socket_path
 
 if TYPE_CHECKING:
     from shimd.images.manager import ImageManager

@@ -30,8 +30,8 @@ from shimd.shimmgr.drivers import Driver, Sampler, make_driver
 from shimd.shimmgr.launcher import spawn_serving, start_shim
 from shimd.shimmgr.task_client import TaskClient
 from shimd.shimmgr.zygote import Zygote
-from shims.common.messages import RUNC_CHECKPOINT_OPTIONS_TYPE_URL
-from shims.common.ttrpc import UNIMPLEMENTED
+from shimproto.messages import RUNC_CHECKPOINT_OPTIONS_TYPE_URL
+from shimproto.ttrpc import UNIMPLEMENTED
 
 NAMESPACE = "k8s.io"
 # Wait is re-issued after this long, so no call blocks without a bound.

@@ -26,7 +26,7 @@ from shimd.api.containerd.runc import v1 as runc_options
 from shimd.config import HandlerConfig
 from shimd.shimmgr.drivers import DriverBase
 from shimd.shimmgr.launcher import delete_shim
-from shims.common.messages import RUNC_OPTIONS_TYPE_URL
+from shimproto.messages import RUNC_OPTIONS_TYPE_URL
 from shims.runc.driver import unmount_rootfs
 
 # Where containerd's CRI puts the per-runtime config path for shims other than runc's.

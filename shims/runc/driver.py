@@ -22,8 +22,8 @@ from shimd import subproc
 from shimd.api.containerd.runc import v1 as runc_options
 from shimd.shimmgr.drivers import DriverBase
 from shimd.shimmgr.launcher import DirectLaunch
-from shims.common.messages import RUNC_OPTIONS_TYPE_URL
-from shims.runc import LISTEN_FD_ENV, socket_path
+from shimproto.messages import RUNC_OPTIONS_TYPE_URL
+from shimproto.paths import LISTEN_FD_ENV, socket_path
 from shims.runc.mounts import is_mountpoint, unmount
 
 VERSION_TIMEOUT = 10.0
@@ -36,11 +36,12 @@ _STAMP: list[str] = []
 def _code_stamp() -> str:
     """Changes whenever the shim's code does (an upgrade): a zygote with older code is replaced."""
     if not _STAMP:
-        shims_dir = Path(PROJECT_ROOT) / "shims"
+        root = Path(PROJECT_ROOT)
         parts = [sys.executable]
-        for p in sorted(shims_dir.rglob("*.py")):
+        # The shim runs shims/ and the protocol package it shares with shimd.
+        for p in sorted([*(root / "shims").rglob("*.py"), *(root / "shimproto").rglob("*.py")]):
             st = p.stat()
-            parts.append(f"{p.relative_to(shims_dir)}:{st.st_size}:{st.st_mtime_ns}")
+            parts.append(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}")
         _STAMP.append(hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16])
     return _STAMP[0]
 
