@@ -1,6 +1,6 @@
 """Where a pod's shim listens, as shimd and the shim both work it out."""
 
-# Set by a direct launch (shimd's runc driver): the descriptor number of the socket shimd already bound.
+# Set by a direct launch (shimd's runc runtime): the descriptor number of the socket shimd already bound.
 LISTEN_FD_ENV = "SHIMD_LISTEN_FD"
 
 
