@@ -36,13 +36,13 @@ run: deps
 
 # Lint and tests both always run; either failing fails the target.
 test: deps tools
-	@rc=0; $(PY) -m ruff check shimd shims tests || rc=1; $(PY) -m pytest $(PYTEST_ARGS) || rc=1; exit $$rc
+	@rc=0; $(PY) -m ruff check shimd shims shimproto tests || rc=1; $(PY) -m pytest $(PYTEST_ARGS) || rc=1; exit $$rc
 
 proto: py-deps
 	@$(PY) shimd/api/generate.py
 
 lint: py-deps
-	@$(PY) -m ruff check shimd shims tests
+	@$(PY) -m ruff check shimd shims shimproto tests
 
 bench: deps
 	@$(PY) -m tests.bench $(BENCH_ARGS)

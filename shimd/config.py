@@ -111,9 +111,6 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<defaults>"
 
-    def handler(self, name: str) -> HandlerConfig | None:
-        return self.handlers.get(name or self.daemon.default_handler)
-
 
 def default_handlers(state: str) -> dict[str, HandlerConfig]:
     return {

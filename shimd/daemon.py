@@ -26,6 +26,7 @@ from shimd.metrics.server import MetricsServer
 from shimd.metrics.server import start_for_daemon as start_metrics
 from shimd.network.manager import NetworkManager
 from shimd.pods.service import PodService
+from shimd.runtimes.registry import Runtimes
 from shimd.shimmgr.manager import ExitInfo, ShimManager
 from shimd.socket_guard import SocketGuard
 from shimd.stats.collector import StatsCollector
@@ -64,9 +65,11 @@ class Daemon:
         self.images.set_in_use_check(self.store.image_in_use)
         # CNI records live with the IPAM store (which survives reboots), so they sit under root, not state.
         self.network = NetworkManager(self.cfg.cni, self.root / "network")
-        self.shims = ShimManager(self.cfg, self.state, on_exit=self._on_exit, on_shim_dead=self._on_shim_dead)
-        await self.shims.probe_handlers()
-        self.stats = StatsCollector(self.store, self.cfg.daemon.cgroup_driver, sampler_for=self.shims.sampler_for)
+        self.runtimes = Runtimes(self.cfg, self.state)
+        self.shims = ShimManager(self.cfg, self.state, self.runtimes, on_exit=self._on_exit,
+                                 on_shim_dead=self._on_shim_dead)
+        await self.runtimes.probe()
+        self.stats = StatsCollector(self.store, self.cfg.daemon.cgroup_driver, sampler_for=self.runtimes.sampler_for)
         self.metrics = await start_metrics(self.cfg.metrics.address, lambda: self.store)
         hugetlb = await asyncio.to_thread(cgroups.hugetlb_usable)
         # kubelet sends hugepage limits for every container; runc fails on them without the controller.
@@ -87,7 +90,7 @@ class Daemon:
         assert self.streaming is not None  # made by _build
         return CriDeps(cfg=self.cfg, store=self.store, pods=self.pods, containers=self.containers, images=self.images,
                        execs=self.execs, streaming=self.streaming, stats=self.stats, network=self.network,
-                       events=self.events, metrics=self.metrics, handler_reports=self.shims.reports,
+                       events=self.events, metrics=self.metrics, handler_reports=self.runtimes.reports,
                        network_status=self.network.status)
 
     async def _on_exit(self, pod_id: str, task_id: str, info: ExitInfo) -> None:
@@ -141,7 +144,7 @@ class Daemon:
         if self.shims is not None:
             await self.shims.close()
         if self.shims is not None and self.store is not None and not self.store.pods:
-            await self.shims.stop_zygote()  # no pod left: nothing to fork shims for until the next start
+            await self.runtimes.stop_zygote()  # no pod left: nothing to fork shims for until the next start
         if self.store is not None and not any(p.namespaces for p in self.store.pods.values()):
             # No pod pins a namespace: drop the shared bind mount of the pin directory too.
             from shimd.network.namespaces import release_base_dir

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from shimd import errors, subproc
-from shims.common import idmap
+from shimproto import idmap
 
 
 async def run(*argv: str, timeout: float = 30.0) -> None:

@@ -34,8 +34,8 @@ from shimd.store.records import (
     PodRecord,
     config_field,
 )
-from shims.common import idmap
-from shims.runc import attach_socket_path
+from shimproto import idmap
+from shimproto.paths import attach_socket_path
 
 if TYPE_CHECKING:
     from shimd.images.manager import ImageManager
@@ -156,7 +156,7 @@ class ContainerService:
     def _check_recursive_read_only(self, config: cri.ContainerConfig, handler: str) -> None:
         """A handler that cannot make submounts read-only must refuse rather than leave them writable."""
         for i, m in enumerate(config.mounts):
-            if m.recursive_read_only and not self.shims.driver(handler).recursive_read_only_mounts():
+            if m.recursive_read_only and not self.shims.runtimes.get(handler).recursive_read_only_mounts():
                 raise errors.InvalidArgument(f"config.mounts[{i}].recursive_read_only: runtime handler "
                                              f"{handler or 'default'!r} does not support recursive read-only mounts")
 
@@ -249,7 +249,7 @@ class ContainerService:
             await self._mount_image_volumes(ctr)
             phase("image_volumes")
             lg = self.log.bind(pod_id=pod.id, container_id=ctr.id, handler=pod.handler)
-            drv = self.shims.driver(pod.handler)
+            drv = self.shims.runtimes.get(pod.handler)
             stdin_fifo = await asyncio.to_thread(_make_stdin_fifo, Path(ctr.bundle)) if ctr.stdin else ""
             stdio = drv.log_stdio(ctr.log_path, stdin_fifo)
             options = [f"lowerdir={':'.join(image.layers)}", f"upperdir={ctr.fs_dir}/upper",
@@ -459,7 +459,7 @@ class ContainerService:
         if ctr.state != CONTAINER_RUNNING:
             raise errors.FailedPrecondition(f"container {ctr.id} is not running")
         pod = self.store.pods.get(ctr.pod_id)
-        drv = self.shims.drivers.get(pod.handler) if pod is not None else None
+        drv = self.shims.runtimes.configured(pod.handler) if pod is not None else None
         if drv is not None and drv.follows_log_rotation:
             # That handler's log writer notices the rename by itself (shim v2 binaries have no Reopen), within
             # a second; the client expects the file now. The writer reopens by path, so it appends to this one.
@@ -492,7 +492,7 @@ class ContainerService:
                     "id": ctr.id, "name": ctr.name, "rootfsImage": ctr.image_ref, "rootfsImageRef": ctr.image_id,
                     "rootfsImageName": image.repo_tags[0] if image and image.repo_tags else ctr.image_ref,
                     # The OCI runtime's name, as CRI-O records it (runc, crun).
-                    "runtime": Path(self.shims.driver(pod.handler).handler.binary).name,
+                    "runtime": Path(self.shims.runtimes.get(pod.handler).handler.binary).name,
                     "createdTime": _rfc3339(ctr.created_at),
                     "checkpointedTime": _rfc3339(now),
                 }

@@ -14,8 +14,8 @@ from shimd.containers.service import STDIN_FIFO
 from shimd.store.records import CONTAINER_RUNNING, ContainerRecord
 from shimd.streaming.backend import StreamIO
 from shimd.streaming.netns_dial import dial_in_netns
-from shims.common.messages import ATTACH_HEADER_SIZE, ATTACH_STDOUT
-from shims.runc import attach_socket_path
+from shimproto.messages import ATTACH_HEADER_SIZE, ATTACH_STDOUT
+from shimproto.paths import attach_socket_path
 
 if TYPE_CHECKING:
     from shimd.containers.exec import Execs

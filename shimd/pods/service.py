@@ -90,8 +90,8 @@ class PodService:
         sc = linux.security_context or cri.LinuxSandboxSecurityContext()
         ns_opts = sc.namespace_options or cri.NamespaceOption()
         host_network = ns_opts.network == cri.NamespaceMode.NODE
-        handler_name = handler or self.shims.cfg.daemon.default_handler
-        drv = self.shims.driver(handler_name)  # unknown/unusable handler fails before anything is made
+        handler_name = self.shims.runtimes.name(handler)
+        drv = self.shims.runtimes.get(handler_name)  # unknown/unusable handler fails before anything is made
         if userns is not None and not drv.supports_user_namespaces:
             raise errors.InvalidArgument(f"{ocispec.POD_USERNS_FIELD}: runtime handler {handler_name!r} "
                                          f"({drv.handler.driver}) does not support user namespaces")
@@ -324,7 +324,7 @@ class PodService:
                 fsutil.private_dir_sync(pdir, mapped_root_gid(pod))
 
     async def _stand_in(self, pod_id: str) -> None:
-        handler = self.shims.cfg.daemon.default_handler
+        handler = self.shims.runtimes.name("")
         pod = PodRecord(id=pod_id, name=f"unreadable-{pod_id[:12]}", namespace="shimd-recovery", uid=pod_id,
                         attempt=0, handler=handler, created_at=time.time_ns(), config={}, state=POD_NOTREADY,
                         initializing=True, cgroup_parent=cgroups.default_pod_parent(self.cgroup_driver, pod_id),
@@ -374,7 +374,7 @@ class PodService:
         ids = [c.id for c in self.store.pod_containers(pod.id)] + [pause_id(pod.id)]
         bundles = [Path(c.bundle) for c in self.store.pod_containers(pod.id)] + [self.pod_dir(pod.id) / "pause"]
         with contextlib.suppress(errors.ShimdError):
-            drv = self.shims.drivers[pod.handler]
+            drv = self.shims.runtimes.configured(pod.handler)
             await drv.cleanup_after_dead_shim(ids, bundles)
 
     # --- shim death --------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The shim manager: one shim per pod, reached over the shim v2 task API.
 
-It maps a runtime handler to its driver, launches the pod's shim, keeps one TaskClient per pod,
+It keeps one TaskClient per pod (the shim itself is started by the pod's runtime, shimd/runtimes/)
 and owns one exit watcher per running task. Exits are reported through `on_exit`; a shim that
 cannot be reached any more is reported through `on_shim_dead`. Nothing here knows about CRI.
 """
@@ -24,16 +24,12 @@ from shimd.api.containerd import types as ctypes
 from shimd.api.containerd.runc import v1 as runc_options
 from shimd.api.containerd.task import v2 as task
 from shimd.config import Config
+from shimd.runtimes.registry import Runtimes
 from shimd.shimmgr import strays
-from shimd.shimmgr import zygote as zygote_mod
-from shimd.shimmgr.drivers import Driver, Sampler, make_driver
-from shimd.shimmgr.launcher import spawn_serving, start_shim
 from shimd.shimmgr.task_client import TaskClient
-from shimd.shimmgr.zygote import Zygote
-from shims.common.messages import RUNC_CHECKPOINT_OPTIONS_TYPE_URL
-from shims.common.ttrpc import UNIMPLEMENTED
+from shimproto.messages import RUNC_CHECKPOINT_OPTIONS_TYPE_URL
+from shimproto.ttrpc import UNIMPLEMENTED
 
-NAMESPACE = "k8s.io"
 # Wait is re-issued after this long, so no call blocks without a bound.
 WAIT_SLICE = 300.0
 
@@ -58,81 +54,26 @@ def ts_ns(ts: datetime | None) -> int:
 
 
 class ShimManager:
-    def __init__(self, cfg: Config, state_dir: Path, on_exit: ExitCallback, on_shim_dead: DeadCallback) -> None:
+    def __init__(self, cfg: Config, state_dir: Path, runtimes: Runtimes, on_exit: ExitCallback,
+                 on_shim_dead: DeadCallback) -> None:
         self.cfg = cfg
         self.state_dir = state_dir
+        self.runtimes = runtimes
         self.timeout = cfg.daemon.runtime_timeout_seconds
         self.on_exit = on_exit
         self.on_shim_dead = on_shim_dead
-        self.drivers: dict[str, Driver] = {name: make_driver(h, cfg, state_dir) for name, h in cfg.handlers.items()}
         self._clients: dict[str, TaskClient] = {}
         self._addresses: dict[str, str] = {}
         self._watchers: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._connect_lock: dict[str, asyncio.Lock] = {}
-        self._zygote: Zygote | None = None
         self.log = log.get("shimmgr")
-
-    # --- drivers -----------------------------------------------------------------------------
-    def driver(self, handler: str) -> Driver:
-        name = handler or self.cfg.daemon.default_handler
-        drv = self.drivers.get(name)
-        if drv is None:
-            known = ", ".join(sorted(self.drivers))
-            raise errors.InvalidArgument(f"runtime_handler {name!r} is not configured; known handlers: {known}")
-        ok, why = drv.available()
-        if not ok:
-            raise errors.FailedPrecondition(f"runtime handler {name!r} is not usable: {why}")
-        return drv
-
-    def reports(self) -> list[tuple[str, bool, str, bool, bool]]:
-        """(name, available, reason, user namespaces, recursive read-only mounts) per handler."""
-        out = []
-        for name, drv in self.drivers.items():
-            ok, why = drv.available()
-            out.append((name, ok, why, drv.supports_user_namespaces, ok and drv.recursive_read_only_mounts()))
-        return out
-
-    async def probe_handlers(self) -> None:
-        """Runs each handler's one-time probes (runtime version, features) off the event loop."""
-        await asyncio.to_thread(self.reports)
-
-    def sampler_for(self, handler: str) -> Sampler | None:
-        """A driver's own per-container stats sampler (runsc), or None where cgroups tell the story."""
-        drv = self.drivers.get(handler or self.cfg.daemon.default_handler)
-        return drv.stats_sampler() if drv is not None else None
 
     # --- shims -------------------------------------------------------------------------------
     async def launch(self, pod_id: str, handler: str, bundle: Path) -> str:
-        drv = self.driver(handler)
-        direct = drv.direct_launch(NAMESPACE, pod_id, self.cfg.daemon.socket, str(self.state_dir / "s"))
-        if direct is not None:
-            # shimd's own shims skip the shim v2 `start` step: shimd binds their socket itself.
-            address = await spawn_serving(direct, bundle=bundle, timeout=self.timeout, zygote=self._zygote_for(drv))
-            self._addresses[pod_id] = address
-            return address
-        address = await start_shim(drv.shim_argv(), namespace=NAMESPACE, pod_id=pod_id,
-                                   shimd_address=self.cfg.daemon.socket, bundle=bundle, env=drv.shim_env(),
-                                   timeout=self.timeout)
+        """Start the pod's shim the way its runtime does it; its address is kept for client()."""
+        address = await self.runtimes.get(handler).launch(pod_id, bundle)
         self._addresses[pod_id] = address
         return address
-
-    def _zygote_for(self, drv: Driver) -> Zygote | None:
-        """One zygote serves every handler whose driver offers one (they share the shim's code)."""
-        spec = drv.zygote_argv()
-        if spec is None:
-            return None
-        if self._zygote is None:
-            argv, stamp, env = spec
-            self._zygote = Zygote(argv, str(self.state_dir / "s" / "zygote"), stamp,
-                                  {**env, "SHIMD_ZYGOTE_STAMP": stamp}, self.state_dir / "zygote")
-        return self._zygote
-
-    async def stop_zygote(self) -> None:
-        if self._zygote is not None:
-            await self._zygote.stop()
-        else:
-            # This shimd forked no shim since it started, but a predecessor's zygote may still be running.
-            await zygote_mod.stop_at(str(self.state_dir / "s" / "zygote"))
 
     async def kill_strays(self, pod_id: str, pod_dir: Path) -> list[int]:
         """Shims of pod_id running in pod_dir that nothing recorded (a RunPodSandbox cut short by a crash)."""
@@ -196,13 +137,13 @@ class ShimManager:
     async def create(self, pod_id: str, handler: str, task_id: str, bundle: Path, rootfs: list[dict[str, Any]],
                      stdio: tuple[str, str, str], terminal: bool, checkpoint: str = "") -> int:
         """Creates the task; with `checkpoint` (a directory of CRIU images) Start restores it from there."""
-        drv = self.driver(handler)
+        rt = self.runtimes.get(handler)
         c = await self.client(pod_id)
         mounts = [ctypes.Mount(type=m["type"], source=m["source"], target=m.get("target", ""),
                                options=list(m.get("options", []))) for m in rootfs]
         req = task.CreateTaskRequest(id=task_id, bundle=str(bundle), rootfs=mounts, terminal=terminal,
                                      stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], checkpoint=checkpoint,
-                                     options=drv.runtime_options())
+                                     options=rt.runtime_options())
         resp = await c.create(req, timeout=self.timeout)
         return int(resp.pid)
 

@@ -16,8 +16,8 @@ import betterproto.lib.google.protobuf as pb
 
 from shimd import errors, log
 from shimd.api.containerd.task import v2 as task
-from shims.common import messages as wire
-from shims.common import ttrpc
+from shimproto import messages as wire
+from shimproto import ttrpc
 
 M = TypeVar("M", bound=betterproto.Message)
 

@@ -121,3 +121,26 @@ async def stop_at(socket_path: str) -> None:
         await asyncio.to_thread(_exit_sync, socket_path)
     with contextlib.suppress(FileNotFoundError):
         await asyncio.to_thread(os.unlink, socket_path)
+
+
+class ZygoteSlot:
+    """The one zygote of this shimd, made on first use: every handler whose runtime forks its shims from a
+    zygote (runc, runsc) shares it, since they run the same shim code."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.socket_path = str(state_dir / "s" / "zygote")
+        self._zygote: Zygote | None = None
+
+    def get(self, argv: list[str], stamp: str, env: dict[str, str]) -> Zygote:
+        if self._zygote is None:
+            self._zygote = Zygote(argv, self.socket_path, stamp, {**env, "SHIMD_ZYGOTE_STAMP": stamp},
+                                  self.state_dir / "zygote")
+        return self._zygote
+
+    async def stop(self) -> None:
+        if self._zygote is not None:
+            await self._zygote.stop()
+        else:
+            # This shimd forked no shim since it started, but a predecessor's zygote may still be running.
+            await stop_at(self.socket_path)

@@ -61,7 +61,7 @@ def pod_cgroup(driver: str, pod: PodRecord) -> str:
 
 
 # For handlers whose containers' cgroups stay empty (gVisor accounts everything to its sandbox): the
-# handler's driver samples a container itself. Maps a handler name to its sampler, or None for cgroups.
+# handler's runtime samples a container itself. Maps a handler name to its sampler, or None for cgroups.
 Sampler = Callable[[str], Awaitable[cgroupfs.Sample | None]]
 SamplerFor = Callable[[str], Sampler | None]
 

@@ -16,8 +16,8 @@ import stat
 import time
 from collections.abc import Callable
 
+from shimproto.messages import ATTACH_STDERR, ATTACH_STDOUT
 from shims.common import aio
-from shims.common.messages import ATTACH_STDERR, ATTACH_STDOUT
 from shims.common.writer import FileWriter
 
 CRI_LINE_MAX = 16 * 1024

@@ -7,10 +7,9 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 
-from shims.common import aio
-from shims.common import messages as m
-from shims.common.proto import DecodeError, decode, encode
-from shims.common.ttrpc import (
+from shimproto import messages as m
+from shimproto.proto import DecodeError, decode, encode
+from shimproto.ttrpc import (
     DEADLINE_EXCEEDED,
     INVALID_ARGUMENT,
     RESOURCE_EXHAUSTED,
@@ -25,6 +24,7 @@ from shims.common.ttrpc import (
     pack_frame,
     read_frame,
 )
+from shims.common import aio
 
 
 class Server:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import ctypes
 import os
 
-from shims.common import aio, idmap
+from shimproto import idmap
+from shims.common import aio
 from shims.common.procs import CommandError, Reaper, run
 
 TYPE_CHECKING = False

@@ -7,12 +7,12 @@ import os
 import signal
 import socket
 
+from shimproto.paths import LISTEN_FD_ENV
 from shims.common import aio
 from shims.common.jsonlog import Logger
 from shims.common.procs import Reaper, set_subreaper, trim_memory
 from shims.common.ttrpc_server import Server
 from shims.common.writer import FileWriter
-from shims.runc import LISTEN_FD_ENV
 from shims.runc.service import TaskService
 
 

@@ -12,15 +12,17 @@ import json
 import os
 import socket
 
-from shims.common import aio, ttrpc
-from shims.common import messages as m
+from shimproto import messages as m
+from shimproto import ttrpc
+from shimproto.paths import attach_socket_path
+from shimproto.proto import decode, encode
+from shimproto.ttrpc import TtrpcError
+from shims.common import aio
 from shims.common.jsonlog import Logger
 from shims.common.procs import CommandError, CommandTimeout, Reaper, run, trim_memory
-from shims.common.proto import decode, encode
 from shims.common.stdio import AttachFanout, ProcessIO
-from shims.common.ttrpc import TtrpcError
 from shims.common.writer import FileWriter
-from shims.runc import attach_socket_path, mounts
+from shims.runc import mounts
 from shims.runc.runc import Runc, RuncError, RuncOptions, criu_errors
 
 TYPE_CHECKING = False

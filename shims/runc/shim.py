@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 
-from shims.runc import socket_path as shim_socket_path
+from shimproto.paths import socket_path as shim_socket_path
 
 USAGE = "usage: shim -namespace NS -address ADDR [-publish-binary P] -id ID [-bundle DIR] [-debug] start|delete"
 
@@ -125,8 +125,8 @@ def cmd_delete(flags: dict[str, str]) -> int:
     import json
     import subprocess
 
-    from shims.common import messages as m
-    from shims.common.proto import encode
+    from shimproto import messages as m
+    from shimproto.proto import encode
     from shims.runc.mounts import unmount
 
     bundle = flags.get("bundle") or os.getcwd()

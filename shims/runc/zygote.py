@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 
-from shims.runc import LISTEN_FD_ENV
+from shimproto.paths import LISTEN_FD_ENV
 from shims.runc import server as shim_server  # imported here so every fork has it
 from shims.runsc import runtime as _runsc_runtime  # noqa: F401  # gVisor handlers use the same shim
 

@@ -41,7 +41,7 @@ import grpc
 
 from shimd.config import HandlerConfig
 from shimd.network import namespaces
-from shims.runsc.driver import global_flags
+from shimd.runtimes.runsc import global_flags
 from tests.bench.bench_pod_start import (
     Bench,
     bench_workspace,

@@ -321,7 +321,7 @@ async def test_shim_outlives_its_launcher_reconnect_reopen_and_shutdown(shim_env
 
 async def test_driver_cleanup_after_dead_shim(shim: Shim) -> None:
     from shimd.config import HandlerConfig
-    from shims.runc.driver import RuncDriver
+    from shimd.runtimes.runc import RuncRuntime
 
     bundle, _ = await shim.create("d1", ["sleep", "1000"])
     await shim.c.start(task.StartRequest(id="d1"), timeout=T)
@@ -329,7 +329,7 @@ async def test_driver_cleanup_after_dead_shim(shim: Shim) -> None:
     assert await wait_gone(shim.pid)
     with pytest.raises(errors.Unavailable):
         await shim.c.state(task.StateRequest(id="d1"), timeout=5)
-    drv = RuncDriver(HandlerConfig(name="runc", binary="runc", root=str(shim.env.runc_root)), shim.env.base)
+    drv = RuncRuntime(HandlerConfig(name="runc", binary="runc", root=str(shim.env.runc_root)), shim.env.base)
     assert drv.available()[0]
     await drv.cleanup_after_dead_shim(["d1"], [bundle])
     assert "d1" not in shim.env.runc_containers()

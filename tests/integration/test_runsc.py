@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from shimd.config import HandlerConfig
-from shims.runsc.driver import RunscDriver
+from shimd.runtimes.runsc import RunscRuntime
 from tests.integration.test_pod_lifecycle import CRI_LINE, assert_no_leftovers
 from tests.support.runtime import Runtime
 from tests.support.runtime import exec_sync as _exec
@@ -67,7 +67,7 @@ def test_runsc_pod_lifecycle(rt: Runtime) -> None:
     assert len(_sandboxes_of(pod_id)) == 1
 
     # Stats come from the sandbox: the container's own cgroup is empty under gVisor.
-    drv = RunscDriver(HandlerConfig(name="runsc", driver="runsc", binary="runsc", root=str(rt.proc.state / "runsc")),
+    drv = RunscRuntime(HandlerConfig(name="runsc", driver="runsc", binary="runsc", root=str(rt.proc.state / "runsc")),
                       rt.proc.state)
     sample = asyncio.run(drv.container_sample(cid))
     assert sample is not None and sample.cpu_usage_ns and sample.memory_usage and sample.pids

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from shims.kata.driver import REPO_ROOT, logger_script
+from shimd.runtimes.shimv2 import REPO_ROOT, logger_script
 
 LINE = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z (stdout|stderr) ([FP]) (.*)$")
 

@@ -1,4 +1,5 @@
-"""No import cycles between the modules of shimd/ and shims/ (issue 17, item 3).
+"""No import cycles between the modules of shimd/, shims/ and shimproto/ (issue 17, item 3), and one-way
+packages (item 2): shimd and shims never import each other; both may import shimproto, which imports neither.
 
 The graph is read from the source with ast, not by importing anything. Rules:
 - every `import` / `from ... import` counts: at module level, inside functions, and under `if TYPE_CHECKING:`
@@ -6,7 +7,7 @@ The graph is read from the source with ast, not by importing anything. Rules:
 - `from pkg import name` is an edge to pkg.name when that is a module, else to pkg itself;
 - importing a.b.c is an edge to a.b.c only, not to the a and a.b package __init__s Python also runs
   (a package __init__ re-exporting its own submodules is not a design cycle);
-- strings given to importlib (the handler -> driver table) are not imports here.
+- strings given to importlib are not imports here (shimd/runtimes/registry.py uses none).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("shimd", "shims")
+PACKAGES = ("shimd", "shims", "shimproto")
+# Which top-level package may import which (besides itself).
+MAY_IMPORT = {"shimd": {"shimproto"}, "shims": {"shimproto"}, "shimproto": set()}
+
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,21 @@ def find_cycles(graph: dict[str, list[Edge]]) -> list[str]:
     return reports
 
 
+def crossings(graph: dict[str, list[Edge]], may_import: dict[str, set[str]],
+              exempt: frozenset[str] = frozenset()) -> list[str]:
+    """Every import from one top-level package into another that may_import does not allow."""
+    out = []
+    for module, edges in sorted(graph.items()):
+        src = module.split(".")[0]
+        if module in exempt:
+            continue
+        for edge in edges:
+            dst = edge.target.split(".")[0]
+            if dst != src and dst not in may_import.get(src, set()):
+                out.append(f"{module} -> {edge.target}  (line {edge.line}, {edge.kind} import)")
+    return out
+
+
 @functools.cache
 def _repo_graph() -> dict[str, list[Edge]]:
     return build_graph(REPO)
@@ -207,10 +226,16 @@ def test_no_import_cycles_in_shimd_and_shims() -> None:
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
+def test_shimd_and_shims_meet_only_in_shimproto() -> None:
+    bad = crossings(_repo_graph(), MAY_IMPORT)
+    assert not bad, "imports across the package boundary:\n" + "\n".join(bad)
+
+
 def test_graph_sees_every_package() -> None:
-    # A walker that silently found nothing would pass the test above.
+    # A walker that silently found nothing would pass the tests above.
     graph = _repo_graph()
-    assert "shimd.daemon" in graph and "shims.runc.service" in graph
+    assert "shimd.daemon" in graph and "shims.runc.service" in graph and "shimproto.ttrpc" in graph
+    assert any(e.target == "shimproto.ttrpc" for e in graph["shimd.shimmgr.task_client"])
     assert any(e.target == "shimd.store.store" for e in graph["shimd.daemon"])
 
 
@@ -234,3 +259,17 @@ def test_walker_finds_a_cycle_whatever_the_import_kind(tmp_path: Path, where: st
     assert "['pkg.a', 'pkg.sub.b', 'pkg.sub.c']" in cycles[0]
     assert f"pkg.sub.c -> pkg.a  (line {back.count(chr(10))}, {where} import)" in cycles[0]
     assert "pkg.d" not in cycles[0]
+
+
+def test_boundary_rule_reports_each_crossing_whatever_the_import_kind(tmp_path: Path) -> None:
+    for pkg in ("d", "s", "leaf"):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "leaf" / "wire.py").write_text("")
+    (tmp_path / "d" / "ok.py").write_text("from leaf import wire\n")
+    (tmp_path / "s" / "ok.py").write_text("import leaf.wire\n")
+    (tmp_path / "s" / "bad.py").write_text("def f():\n    from d import ok\n")
+    (tmp_path / "leaf" / "bad.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import s.ok\n")
+    graph = build_graph(tmp_path, ("d", "s", "leaf"))
+    found = crossings(graph, {"d": {"leaf"}, "s": {"leaf"}, "leaf": set()})
+    assert found == ["leaf.bad -> s.ok  (line 3, type-checking import)", "s.bad -> d.ok  (line 2, function import)"]

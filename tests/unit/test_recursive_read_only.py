@@ -11,9 +11,9 @@ from shimd.config import HandlerConfig, parse
 from shimd.cri import runtime_info, validate
 from shimd.errors import InvalidArgument
 from shimd.oci import spec
-from shims.kata.driver import ShimV2Driver
-from shims.runc import driver as runc_driver
-from shims.runsc.driver import RunscDriver
+from shimd.runtimes import runc as runc_driver
+from shimd.runtimes.runsc import RunscRuntime
+from shimd.runtimes.shimv2 import ShimV2Runtime
 
 
 def _cfg(*mounts: cri.Mount) -> cri.ContainerConfig:
@@ -82,7 +82,7 @@ def test_runc_driver_asks_runc_features(tmp_path: Path, monkeypatch: pytest.Monk
                                         want: bool) -> None:
     monkeypatch.setattr(runc_driver, "kernel_at_least", lambda version, release=None: True)
     binary = _fake_runtime(tmp_path, features, code)
-    drv = runc_driver.RuncDriver(HandlerConfig(name="r", driver="runc", binary=binary), tmp_path)
+    drv = runc_driver.RuncRuntime(HandlerConfig(name="r", driver="runc", binary=binary), tmp_path)
     assert drv.recursive_read_only_mounts() is want
     # Cached: a runtime that stops answering does not change the answer.
     Path(binary).unlink()
@@ -90,7 +90,7 @@ def test_runc_driver_asks_runc_features(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_runc_driver_without_a_binary_says_no_and_asks_again(tmp_path: Path) -> None:
-    drv = runc_driver.RuncDriver(HandlerConfig(name="r", driver="runc", binary=str(tmp_path / "runc")), tmp_path)
+    drv = runc_driver.RuncRuntime(HandlerConfig(name="r", driver="runc", binary=str(tmp_path / "runc")), tmp_path)
     assert drv.recursive_read_only_mounts() is False
     # Installed later: a failed probe is not cached.
     Path(_fake_runtime(tmp_path, '{"mountOptions": ["rro"]}')).rename(tmp_path / "runc")
@@ -98,11 +98,11 @@ def test_runc_driver_without_a_binary_says_no_and_asks_again(tmp_path: Path) -> 
 
 
 def test_sandboxed_handlers_do_not_claim_rro(tmp_path: Path) -> None:
-    assert RunscDriver(HandlerConfig(name="gv", driver="runsc", binary="runc"), tmp_path) \
+    assert RunscRuntime(HandlerConfig(name="gv", driver="runsc", binary="runc"), tmp_path) \
         .recursive_read_only_mounts() is False
     h = HandlerConfig(name="v2", driver="shimv2", binary="containerd-shim-runc-v2",
                       runtime_type="io.containerd.runc.v2")
-    assert ShimV2Driver(h, tmp_path).recursive_read_only_mounts() is False
+    assert ShimV2Runtime(h, tmp_path).recursive_read_only_mounts() is False
 
 
 def test_status_reports_rro_per_handler_and_for_the_default() -> None:

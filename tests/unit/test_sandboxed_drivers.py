@@ -8,9 +8,8 @@ from urllib.parse import parse_qs, urlparse
 
 from shimd.api.containerd.runc import v1 as runc_v1
 from shimd.config import HandlerConfig, parse
-from shims.kata.driver import RUNTIME_OPTIONS_TYPE_URL, RuntimeOptions, ShimV2Driver, shim_binary_name
-from shims.runsc.driver import RunscDriver, global_flags
-from shims.runsc.stats import parse_events
+from shimd.runtimes.runsc import RunscRuntime, global_flags, parse_events
+from shimd.runtimes.shimv2 import RUNTIME_OPTIONS_TYPE_URL, RuntimeOptions, ShimV2Runtime, shim_binary_name
 
 
 def test_runsc_global_flags_follow_the_handler_config() -> None:
@@ -27,7 +26,7 @@ def test_default_runsc_handler_uses_a_platform_every_runsc_has() -> None:
 
 
 def test_runsc_driver_env_and_sandbox_task(tmp_path: Path) -> None:
-    drv = RunscDriver(HandlerConfig(name="gv", driver="runsc", binary="runsc", root="/run/x"), tmp_path)
+    drv = RunscRuntime(HandlerConfig(name="gv", driver="runsc", binary="runsc", root="/run/x"), tmp_path)
     env = drv.shim_env()
     assert env["SHIMD_RUNTIME_FLAVOR"] == "runsc"
     assert json.loads(env["SHIMD_RUNTIME_ARGS"]) == drv.flags
@@ -56,7 +55,7 @@ def test_shim_binary_name() -> None:
 def test_shimv2_runc_options_and_binary_log_uri(tmp_path: Path) -> None:
     h = HandlerConfig(name="v2", driver="shimv2", binary="containerd-shim-runc-v2",
                       runtime_type="io.containerd.runc.v2", root="/run/v2")
-    drv = ShimV2Driver(h, tmp_path)
+    drv = ShimV2Runtime(h, tmp_path)
     opts = drv.runtime_options()
     assert opts is not None and opts.type_url == "containerd.runc.v1.Options"
     assert runc_v1.Options().parse(opts.value).root == "/run/v2"
@@ -74,7 +73,7 @@ def test_shimv2_kata_options_carry_the_config_path(tmp_path: Path) -> None:
     conf.write_text("")
     h = HandlerConfig(name="kata", driver="shimv2", binary="containerd-shim-kata-v2",
                       runtime_type="io.containerd.kata.v2", config_path=str(conf))
-    drv = ShimV2Driver(h, tmp_path)
+    drv = ShimV2Runtime(h, tmp_path)
     opts = drv.runtime_options()
     assert opts is not None and opts.type_url == RUNTIME_OPTIONS_TYPE_URL
     assert RuntimeOptions().parse(opts.value).config_path == str(conf)
@@ -83,7 +82,7 @@ def test_shimv2_kata_options_carry_the_config_path(tmp_path: Path) -> None:
 
 def test_shimv2_missing_binary_is_reported(tmp_path: Path) -> None:
     h = HandlerConfig(name="nope", driver="shimv2", binary="containerd-shim-nosuch-v2")
-    ok, why = ShimV2Driver(h, tmp_path).available()
+    ok, why = ShimV2Runtime(h, tmp_path).available()
     assert not ok and "containerd-shim-nosuch-v2" in why
 
 
@@ -102,8 +101,8 @@ def test_runsc_platform_this_runsc_lacks_is_reported(tmp_path: Path) -> None:
 
     if shutil.which("runsc") is None:
         pytest.skip("runsc is not installed")
-    drv = RunscDriver(HandlerConfig(name="gv", driver="runsc", binary="runsc", platform="nosuch"), tmp_path)
+    drv = RunscRuntime(HandlerConfig(name="gv", driver="runsc", binary="runsc", platform="nosuch"), tmp_path)
     ok, why = drv.available()
     assert not ok and "'nosuch'" in why and "ptrace" in why
-    ok, why = RunscDriver(HandlerConfig(name="gv", driver="runsc", binary="runsc"), tmp_path).available()
+    ok, why = RunscRuntime(HandlerConfig(name="gv", driver="runsc", binary="runsc"), tmp_path).available()
     assert ok and "platform ptrace" in why

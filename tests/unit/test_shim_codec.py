@@ -16,8 +16,8 @@ from shimd.api.containerd import types as ctypes
 from shimd.api.containerd.runc import v1 as runc_v1
 from shimd.api.containerd.task import v2 as task
 from shimd.api.containerd.v1 import types as v1types
-from shims.common import messages as m
-from shims.common.proto import DecodeError, decode, encode
+from shimproto import messages as m
+from shimproto.proto import DecodeError, decode, encode
 
 WHEN = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
 WHEN_DICT = {"seconds": int(WHEN.timestamp()), "nanos": 123456000}
@@ -144,14 +144,16 @@ def test_state_response_round_trips(id: str, exec_id: str, pid: int, status: int
 
 
 def test_shim_process_imports_stay_light() -> None:
-    """The codec exists so the shim never loads betterproto; nor may it load shimd, structlog, grpclib or ssl,
-    and its own event loop (aio.py) exists so it never loads asyncio (nor typing or logging with it)."""
+    """The codec exists so the shim never loads betterproto (nor does shimproto, the package both sides share);
+    nor may it load shimd, structlog, grpclib or ssl, and its own event loop (aio.py) exists so it never loads
+    asyncio (nor typing or logging with it)."""
     import subprocess
     import sys
     from pathlib import Path
 
     code = ("import sys\n"
             "import shims.runc.zygote, shims.runc.shim, shims.runc.server, shims.runc.service\n"
+            "import shimproto, shimproto.proto, shimproto.messages, shimproto.ttrpc, shimproto.idmap, shimproto.paths\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
             "('betterproto', 'shimd', 'structlog', 'grpclib', 'grpc', 'google', 'hashlib', 'dataclasses', 'ssl', "
             "'asyncio', 'typing', 'logging', 'concurrent', 'inspect', 'subprocess'))\n"

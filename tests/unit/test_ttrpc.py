@@ -17,9 +17,10 @@ import pytest
 from shimd import errors
 from shimd.api.containerd.task import v2 as task
 from shimd.shimmgr.task_client import CallTimeout, TaskClient
-from shims.common import aio, ttrpc
-from shims.common import messages as m
-from shims.common.proto import decode, encode
+from shimproto import messages as m
+from shimproto import ttrpc
+from shimproto.proto import decode, encode
+from shims.common import aio
 from shims.common.ttrpc_server import Server
 
 ECHO = {1: ("text", "string", None), 2: ("delay_ms", "uint32", None)}

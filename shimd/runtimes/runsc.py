@@ -1,4 +1,4 @@
-"""shimd's driver for gVisor (runsc) handlers.
+"""The runsc runtime: gVisor handlers (driver = "runsc").
 
 The shim is the runc shim running runsc (SHIMD_RUNTIME_FLAVOR=runsc) with the handler's global
 flags. Every pod is one gVisor sandbox: the pause task creates it (container-type "sandbox"), each
@@ -10,17 +10,19 @@ own netns (runsc joins the netns path of the spec), so the pod keeps its CNI add
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 from shimd.config import HandlerConfig
-from shimd.shimmgr.drivers import Sampler
+from shimd.runtimes.base import Sampler
+from shimd.runtimes.runc import VERSION_TIMEOUT, RuncRuntime
 from shimd.stats.cgroupfs import Sample
-from shims.runc.driver import VERSION_TIMEOUT, RuncDriver
-from shims.runsc import stats
 
 
 def global_flags(handler: HandlerConfig) -> list[str]:
@@ -33,15 +35,17 @@ def global_flags(handler: HandlerConfig) -> list[str]:
     return flags + list(handler.extra_args)
 
 
-class RunscDriver(RuncDriver):
-    log_name = "runsc_driver"
-    # gVisor has no support for a host user namespace around its sandbox here: such pods are refused.
-    supports_user_namespaces = False
+class RunscRuntime(RuncRuntime):
+    log_name = "runsc_runtime"
 
-    def __init__(self, handler: HandlerConfig, state_dir: Path, systemd_cgroup: bool = False,
-                 runtime_timeout: float = 60.0) -> None:
-        super().__init__(handler, state_dir, systemd_cgroup, runtime_timeout)
+    def __init__(self, handler: HandlerConfig, state_dir: Path, **kwargs: Any) -> None:
+        super().__init__(handler, state_dir, **kwargs)
         self.flags = global_flags(handler)
+
+    @property
+    def supports_user_namespaces(self) -> bool:
+        # gVisor has no support for a host user namespace around its sandbox here: such pods are refused.
+        return False
 
     def _probe(self) -> tuple[bool, str]:
         ok, version = super()._probe()
@@ -77,7 +81,7 @@ class RunscDriver(RuncDriver):
 
     async def container_sample(self, container_id: str) -> Sample | None:
         """What the sandbox accounts to one container (its own cgroup is empty under gVisor)."""
-        return await stats.sample(self.runtime_argv(), container_id, min(self.runtime_timeout, 10.0))
+        return await sample(self.runtime_argv(), container_id, min(self.runtime_timeout, 10.0))
 
     def shim_env(self) -> dict[str, str]:
         return {"SHIMD_RUNTIME_FLAVOR": "runsc", "SHIMD_RUNTIME_ARGS": json.dumps(self.flags)}
@@ -85,3 +89,61 @@ class RunscDriver(RuncDriver):
     def needs_sandbox_task(self, shared_pid: bool) -> bool:
         # The pause task is the gVisor sandbox itself; containers join it.
         return True
+
+
+# --- stats: with gVisor, the whole sandbox sits in the pod's sandbox cgroup and a container's own cgroup
+# stays empty, so only the sandbox (`runsc events --stats`) can say what a container uses.
+
+def _int(d: Any, *path: str) -> int | None:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return int(d) if isinstance(d, int | float) and not isinstance(d, bool) else None
+
+
+def parse_events(raw: bytes, now_ns: int | None = None) -> Sample | None:
+    """One JSON event line of `runsc events --stats` as a Sample; None when it carries no stats."""
+    line = raw.strip().splitlines()[0] if raw.strip() else b""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    data = event.get("data") if isinstance(event, dict) else None
+    if event.get("type") != "stats" or not isinstance(data, dict):
+        return None
+    usage = _int(data, "memory", "usage", "usage")
+    limit = _int(data, "memory", "usage", "limit")
+    cache = _int(data, "memory", "cache")
+    working_set = None if usage is None else max(0, usage - (_int(data, "memory", "raw", "total_inactive_file") or 0))
+    return Sample(
+        timestamp_ns=now_ns or time.time_ns(),
+        cpu_usage_ns=_int(data, "cpu", "usage", "total"),
+        memory_usage=usage,
+        working_set=working_set,
+        rss=_int(data, "memory", "raw", "total_rss") or _int(data, "memory", "raw", "rss"),
+        cache=cache,
+        memory_limit=limit if limit else None,  # runsc reports 0 for "no limit"
+        swap_usage=_int(data, "memory", "swap", "usage"),
+        pids=_int(data, "pids", "current"),
+    )
+
+
+async def sample(argv: list[str], container_id: str, timeout: float) -> Sample | None:
+    """Run `<runsc and global flags> events --stats <id>`; None when the container is gone or runsc fails."""
+    try:
+        proc = await asyncio.create_subprocess_exec(*argv, "events", "--stats", container_id,
+                                                    stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.DEVNULL)
+    except OSError:
+        return None
+    try:
+        async with asyncio.timeout(timeout):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        return None
+    return parse_events(out) if proc.returncode == 0 and out else None

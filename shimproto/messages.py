@@ -1,4 +1,4 @@
-"""Schemas of the messages a shim speaks, for shims.common.proto.
+"""Schemas of the messages a shim speaks, for shimproto.proto.
 
 Field names and numbers are those of the containerd shim v2 task API (containerd v1.6.20,
 runtime/v2/task/shim.proto and the types it imports), the runc options (runtime/v2/runc/options),
@@ -7,7 +7,7 @@ and the ttrpc envelope (containerd/ttrpc). Only the wire facts are restated here
 
 from __future__ import annotations
 
-from shims.common.proto import REPEATED, Schema, repeated
+from shimproto.proto import REPEATED, Schema, repeated
 
 S, B, U32, I32, I64, BOOL, ENUM = "string", "bytes", "uint32", "int32", "int64", "bool", "enum"
 M = "message"

@@ -12,8 +12,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Awaitable, Callable
 
-from shims.common import messages as m
-from shims.common.proto import Schema, decode, encode
+from shimproto import messages as m
+from shimproto.proto import Schema, decode, encode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing itself is not imported at run time: each shim would carry it

@@ -1,4 +1,5 @@
-"""shimd's driver for the runc handler: how to launch the runc shim and what to tell it.
+"""The runc runtime (handlers with driver = "runc", runc or crun): shimd's own shim (shims/runc), spawned on a
+socket shimd binds, forked by the shim zygote when it answers.
 
 Runs inside shimd (so it may use betterproto); the shim process itself never imports this.
 """
@@ -18,13 +19,13 @@ from typing import Any
 
 import betterproto.lib.google.protobuf as pb
 
-from shimd import subproc
+from shimd import errors, subproc
 from shimd.api.containerd.runc import v1 as runc_options
-from shimd.shimmgr.drivers import DriverBase
-from shimd.shimmgr.launcher import DirectLaunch
-from shims.common.messages import RUNC_OPTIONS_TYPE_URL
-from shims.runc import LISTEN_FD_ENV, socket_path
-from shims.runc.mounts import is_mountpoint, unmount
+from shimd.mounts import is_mount_sync, unmount
+from shimd.runtimes.base import NAMESPACE, RuntimeBase, Sampler
+from shimd.shimmgr.launcher import DirectLaunch, spawn_serving
+from shimproto.messages import RUNC_OPTIONS_TYPE_URL
+from shimproto.paths import LISTEN_FD_ENV, socket_path
 
 VERSION_TIMEOUT = 10.0
 # runc applies "rro" with mount_setattr(2) and AT_RECURSIVE, which Linux has since 5.12.
@@ -36,19 +37,31 @@ _STAMP: list[str] = []
 def _code_stamp() -> str:
     """Changes whenever the shim's code does (an upgrade): a zygote with older code is replaced."""
     if not _STAMP:
-        shims_dir = Path(PROJECT_ROOT) / "shims"
+        root = Path(PROJECT_ROOT)
         parts = [sys.executable]
-        for p in sorted(shims_dir.rglob("*.py")):
+        # The shim runs shims/ and the protocol package it shares with shimd.
+        for p in sorted([*(root / "shims").rglob("*.py"), *(root / "shimproto").rglob("*.py")]):
             st = p.stat()
-            parts.append(f"{p.relative_to(shims_dir)}:{st.st_size}:{st.st_mtime_ns}")
+            parts.append(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}")
         _STAMP.append(hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16])
     return _STAMP[0]
 
 
-class RuncDriver(DriverBase):
-    log_name = "runc_driver"
-    # Pods with hostUsers: false: pinned user namespace, idmapped image layers (see shims/runc/mounts.py).
-    supports_user_namespaces = True
+class RuncRuntime(RuntimeBase):
+    log_name = "runc_runtime"
+
+    @property
+    def supports_user_namespaces(self) -> bool:
+        # Pods with hostUsers: false: pinned user namespace, idmapped image layers (see shims/runc/mounts.py).
+        return True
+
+    @property
+    def follows_log_rotation(self) -> bool:
+        # The shim's log writer keeps its file open: ReopenContainerLog asks it to reopen.
+        return False
+
+    def stats_sampler(self) -> Sampler | None:
+        return None
 
     def _probe(self) -> tuple[bool, str]:
         binary = shutil.which(self.handler.binary)
@@ -98,8 +111,11 @@ class RuncDriver(DriverBase):
             return []
         return [str(o) for o in options]
 
-    def shim_argv(self) -> list[str]:
-        return [sys.executable, "-m", "shims.runc.shim"]
+    async def launch(self, pod_id: str, bundle: Path) -> str:
+        # shimd's own shims skip the shim v2 `start` step: shimd binds their socket itself.
+        zygote = self.zygote.get(*self.zygote_argv()) if self.zygote is not None else None
+        return await spawn_serving(self.direct_launch(NAMESPACE, pod_id, self.shimd_address, self.shim_dir),
+                                   bundle=bundle, timeout=self.runtime_timeout, zygote=zygote)
 
     def direct_launch(self, namespace: str, pod_id: str, shimd_address: str, shim_dir: str) -> DirectLaunch:
         """How shimd starts this shim itself, skipping the shim v2 `start` step (an interpreter start-up)."""
@@ -111,7 +127,7 @@ class RuncDriver(DriverBase):
                             flags={"namespace": namespace, "address": shimd_address, "id": pod_id})
 
     def zygote_argv(self) -> tuple[list[str], str, dict[str, str]]:
-        """How to start the shim zygote (argv, environment) and the stamp of the shim code it must run.
+        """How to start the shim zygote: argv, the stamp of the shim code it must run, environment.
 
         Nothing handler-specific goes into its environment: each shim gets its own with the request.
         """
@@ -173,9 +189,9 @@ def kernel_at_least(version: tuple[int, int], release: str | None = None) -> boo
 async def unmount_rootfs(bundles: list[Path], lg: Any) -> None:
     """Unmount what a dead shim left mounted at each bundle's rootfs."""
     for bundle in bundles:
-        rootfs = str(bundle / "rootfs")
+        rootfs = bundle / "rootfs"
         try:
-            if await asyncio.to_thread(is_mountpoint, rootfs):
-                await asyncio.to_thread(unmount, rootfs)
-        except OSError as e:
+            if await asyncio.to_thread(is_mount_sync, rootfs):
+                await unmount(rootfs)
+        except (OSError, errors.ShimdError) as e:
             lg.warning("unmounting rootfs failed", path=rootfs, error=str(e))

@@ -1,4 +1,4 @@
-"""shimd's driver for any containerd shim v2 binary (Kata's containerd-shim-kata-v2, containerd-shim-runc-v2).
+"""The shim v2 runtime: any containerd shim v2 binary (Kata's containerd-shim-kata-v2, containerd-shim-runc-v2).
 
 The shim is started the containerd way (shimd/shimmgr/launcher.py) once per pod, with the pod id as
 its id, so every container of the pod lands in the same shim (and, for Kata, the same VM): the
@@ -16,6 +16,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import betterproto
@@ -24,14 +25,13 @@ import betterproto.lib.google.protobuf as pb
 from shimd import errors
 from shimd.api.containerd.runc import v1 as runc_options
 from shimd.config import HandlerConfig
-from shimd.shimmgr.drivers import DriverBase
-from shimd.shimmgr.launcher import delete_shim
-from shims.common.messages import RUNC_OPTIONS_TYPE_URL
-from shims.runc.driver import unmount_rootfs
+from shimd.runtimes.base import NAMESPACE, RuntimeBase, Sampler
+from shimd.runtimes.runc import unmount_rootfs
+from shimd.shimmgr.launcher import delete_shim, start_shim
+from shimproto.messages import RUNC_OPTIONS_TYPE_URL
 
 # Where containerd's CRI puts the per-runtime config path for shims other than runc's.
 RUNTIME_OPTIONS_TYPE_URL = "runtimeoptions.v1.Options"
-NAMESPACE = "k8s.io"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOGGER_NAME = "shimd-crilogger"
 
@@ -69,15 +69,29 @@ def _link(link: Path, target: str) -> None:
     link.symlink_to(target)
 
 
-class ShimV2Driver(DriverBase):
-    log_name = "shimv2_driver"
-    # crilogger reopens a renamed log file by itself; these shims have no Reopen call.
-    follows_log_rotation = True
+class ShimV2Runtime(RuntimeBase):
+    log_name = "shimv2_runtime"
 
-    def __init__(self, handler: HandlerConfig, state_dir: Path, systemd_cgroup: bool = False,
-                 runtime_timeout: float = 60.0) -> None:
-        super().__init__(handler, state_dir, systemd_cgroup, runtime_timeout)
+    def __init__(self, handler: HandlerConfig, state_dir: Path, **kwargs: Any) -> None:
+        super().__init__(handler, state_dir, **kwargs)
         self.logger = state_dir / "bin" / LOGGER_NAME
+
+    @property
+    def supports_user_namespaces(self) -> bool:
+        # Not wired: shimd would have to hand the shim a user namespace the containerd way.
+        return False
+
+    @property
+    def follows_log_rotation(self) -> bool:
+        # crilogger reopens a renamed log file by itself; these shims have no Reopen call.
+        return True
+
+    def recursive_read_only_mounts(self) -> bool:
+        # Only a runtime that proves it (runc's `features` listing "rro") says yes; a shim v2 binary cannot.
+        return False
+
+    def stats_sampler(self) -> Sampler | None:
+        return None
 
     # --- identity ----------------------------------------------------------------------------
     @property
@@ -119,7 +133,12 @@ class ShimV2Driver(DriverBase):
         os.chmod(tmp, 0o755)
         os.replace(tmp, self.logger)
 
-    # --- what shimd asks of a driver -----------------------------------------------------------
+    # --- what shimd asks of a runtime ----------------------------------------------------------
+    async def launch(self, pod_id: str, bundle: Path) -> str:
+        """The containerd way: `<shim> -namespace N -address A -id POD start`, which prints the address."""
+        return await start_shim(self.shim_argv(), namespace=NAMESPACE, pod_id=pod_id, shimd_address=self.shimd_address,
+                                bundle=bundle, env=self.shim_env(), timeout=self.runtime_timeout)
+
     def shim_argv(self) -> list[str]:
         binary = self._binary()
         if binary is None:
