@@ -27,7 +27,7 @@ if ! up_to_date crictl "$CRI_TOOLS" || ! up_to_date critest "$CRI_TOOLS"; then
     built critest "$CRI_TOOLS"
 fi
 
-kubelet_pin=$(sha256sum "$KUBELET_MOD/go.mod" "$KUBELET_MOD/go.sum" | sha256sum | cut -c1-16)
+kubelet_pin=$(cat "$KUBELET_MOD/go.mod" "$KUBELET_MOD/go.sum" | sha256sum | cut -c1-16)  # contents only, not where the clone is
 if ! up_to_date kubelet "$kubelet_pin"; then
     (cd "$KUBELET_MOD" && go build -o "$BIN/kubelet" k8s.io/kubernetes/cmd/kubelet)
     built kubelet "$kubelet_pin"
