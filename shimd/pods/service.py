@@ -13,8 +13,9 @@ import secrets
 import shutil
 import signal
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import betterproto
 
@@ -24,7 +25,7 @@ from shimd.network import files as podfiles
 from shimd.network import namespaces
 from shimd.network.model import DnsSettings, PodNetworkRequest, PortMapping
 from shimd.oci import spec as ocispec
-from shimd.phases import phase, phase_context
+from shimd.phases import phase, phase_context, side_branch
 from shimd.store.records import CONTAINER_RUNNING, POD_NOTREADY, POD_READY, PodRecord, config_field
 
 if TYPE_CHECKING:
@@ -40,6 +41,34 @@ _PROTOCOLS = {cri.Protocol.TCP: "tcp", cri.Protocol.UDP: "udp", cri.Protocol.SCT
 
 def pause_id(pod_id: str) -> str:
     return pod_id
+
+
+async def _concurrently(*steps: Coroutine[Any, Any, None]) -> None:
+    """Runs the steps at once and returns when all have ended, raising the first failure.
+
+    Each step bounds its own waits. Cancelled, it cancels the steps and still waits for them (what
+    they shield, a CNI chain, runs to its end), so nothing of the pod's teardown outlives the call
+    that holds the pod's lock.
+    """
+    tasks = [asyncio.ensure_future(s) for s in steps]
+    try:
+        await asyncio.wait(tasks)
+    except asyncio.CancelledError:
+        for t in tasks:
+            t.cancel()
+        while not all(t.done() for t in tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait(tasks)
+        for t in tasks:
+            if not t.cancelled():
+                t.exception()  # retrieved: asyncio would log it as never retrieved
+        raise
+    for t in tasks:
+        if t.exception() is not None:
+            for other in tasks:
+                if not other.cancelled():
+                    other.exception()
+            raise t.exception()  # type: ignore[misc]
 
 
 class PodService:
@@ -287,33 +316,11 @@ class PodService:
             pod.state = POD_NOTREADY
             await self.store.save_pod(pod)
             phase("record_write")
-            await self.containers.stop_all(pod)
-            phase("stop_containers")
-            # A crash inside launch: the shim may be up though its address was never recorded.
-            has_shim = bool(pod.shim_address) or await self._adopt_unrecorded_shim(pod)
-            # An interrupted RunPodSandbox may have made the sandbox task without recording it.
-            if pod.sandbox_task or (pod.initializing and has_shim):
-                await self._stop_sandbox_task(pod)
-            await self.shims.shutdown(pod.id)
-            phase("shim_shutdown")
-            # Also after an interrupted RunPodSandbox: a Create the shim was still running when shimd
-            # died can leave a task that no record names; force-deleting by id finds it.
-            if pod.initializing:
-                # A shim forked for this pod that no record and no address file names cannot be asked to
-                # stop; it would outlive the pod.
-                strays = await self.shims.kill_strays(pod.id, self.pod_dir(pod.id))
-                if strays:
-                    lg.warning("killed shims left by an interrupted RunPodSandbox", shim_pids=strays)
-            if pod.shim_dead or pod.initializing:
-                await self._cleanup_dead_shim(pod)
-                phase("dead_shim_cleanup")
-            pod.shim_address = ""
-            # Not only when network_attached: a crash between CNI ADD and saving that flag leaves a
-            # network record (and an IP) that only this DEL frees; without a record it is a no-op.
-            if pod.network_attached or not pod.host_network:
-                await self.network.teardown(pod.id, pod.namespaces.get("network", ""))
-                pod.network_attached = False
-                phase("cni_record")
+            # The CNI DEL needs nothing from the tasks and they nothing from it (the containers are
+            # SIGKILLed), so it runs alongside; the pod counts as stopped only once both are done, and
+            # a crash in between leaves it NOTREADY and not stopped: the next Stop/Remove redoes both.
+            await _concurrently(self._stop_tasks(pod, lg), self._teardown_network(pod))
+            phase("cni_wait")
             shm = self.pod_dir(pod.id) / "shm"
             await mounts.unmount(shm)
             phase("unmount")
@@ -341,6 +348,41 @@ class PodService:
         phase("record_write")
         self.bus.publish(events.DELETED, pod.id, pod.id)
         lg.info("pod removed")
+
+    async def _stop_tasks(self, pod: PodRecord, lg: Any) -> None:
+        """The pod's containers, its sandbox task and its shim, stopped."""
+        assert self.containers is not None
+        await self.containers.stop_all(pod)
+        phase("stop_containers")
+        # A crash inside launch: the shim may be up though its address was never recorded.
+        has_shim = bool(pod.shim_address) or await self._adopt_unrecorded_shim(pod)
+        # An interrupted RunPodSandbox may have made the sandbox task without recording it.
+        if pod.sandbox_task or (pod.initializing and has_shim):
+            await self._stop_sandbox_task(pod)
+        await self.shims.shutdown(pod.id)
+        phase("shim_shutdown")
+        # Also after an interrupted RunPodSandbox: a Create the shim was still running when shimd
+        # died can leave a task that no record names; force-deleting by id finds it.
+        if pod.initializing:
+            # A shim forked for this pod that no record and no address file names cannot be asked to
+            # stop; it would outlive the pod.
+            strays = await self.shims.kill_strays(pod.id, self.pod_dir(pod.id))
+            if strays:
+                lg.warning("killed shims left by an interrupted RunPodSandbox", shim_pids=strays)
+        if pod.shim_dead or pod.initializing:
+            await self._cleanup_dead_shim(pod)
+            phase("dead_shim_cleanup")
+        pod.shim_address = ""
+
+    async def _teardown_network(self, pod: PodRecord) -> None:
+        # Not only when network_attached: a crash between CNI ADD and saving that flag leaves a
+        # network record (and an IP) that only this DEL frees; without a record it is a no-op.
+        if not (pod.network_attached or not pod.host_network):
+            return
+        with side_branch():
+            await self.network.teardown(pod.id, pod.namespaces.get("network", ""))
+            pod.network_attached = False
+            phase("cni_record")
 
     def mapped_root_gid(self, pod: PodRecord) -> int | None:
         """The host gid of the pod's root when it has its own user namespace."""
