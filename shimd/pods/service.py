@@ -168,9 +168,10 @@ class PodService:
         hostname = config.hostname or (os.uname().nodename if pod.host_network else config.metadata.name)
         podfiles.validate_hostname(hostname, "config.hostname")
 
-        # Only the first record and the shim's address are saved before the pod is ready: everything else a
-        # crash could leave behind is found from the pod id alone (namespace pins, CNI's own records, the
-        # cgroup parent set in run()), and each save costs an fsync on the pod start path.
+        # Only the first record is saved before the pod is ready: everything else a crash could leave
+        # behind is found from the pod id alone (namespace pins, CNI's own records, the cgroup parent set
+        # in run(), the shim's ./address file written before it is forked), and each save costs an fsync
+        # on the pod start path.
         kinds = [] if pod.host_network else ["network", "uts"]
         if ns_opts.ipc != cri.NamespaceMode.NODE:
             kinds.append("ipc")
@@ -179,7 +180,41 @@ class PodService:
             pod.namespaces = await namespaces.create_pod_namespaces(pod.id, self.ns_dir, kinds, hostname, userns)
             phase("namespaces")
 
-        if not pod.host_network:
+        async def start_shim() -> None:
+            if "ipc" in pod.namespaces:
+                await self._mount_shm(pdir / "shm")
+                phase("shm_mount")
+            # As containerd does, a pod with a sandbox task starts its shim in that task's bundle: shim v2
+            # binaries read config.json there (sandbox id grouping; Kata's sandbox-or-container choice).
+            shim_dir = await self._prepare_sandbox_bundle(pod) if sandbox_task else pdir
+            pod.shim_address = await self.shims.launch(pod.id, pod.handler, shim_dir)
+            phase("shim_launch")
+
+        # CNI ADD and the shim's launch need nothing from each other (the netns exists already), so they
+        # run at once; a failure of either still lets the other finish, and run() then undoes both.
+        await _concurrently(start_shim(), self._setup_network(pod, config))
+        phase("cni_wait")
+
+        dns = self._dns(config)
+        await asyncio.to_thread(_write_pod_files, pdir, {
+            "resolv.conf": podfiles.resolv_conf(dns, pod.host_network),
+            "hosts": podfiles.hosts_file(pod.ip or None, hostname, pod.host_network),
+            "hostname": podfiles.hostname_file(hostname),
+        })
+        phase("pod_files")
+
+        if sandbox_task:
+            await self._start_sandbox_task(pod)
+
+        pod.initializing = False
+        pod.state = POD_READY
+        await self.store.save_pod(pod)
+        phase("record_write")
+
+    async def _setup_network(self, pod: PodRecord, config: cri.PodSandboxConfig) -> None:
+        if pod.host_network:
+            return
+        with side_branch():
             result = await self.network.setup(PodNetworkRequest(
                 pod_id=pod.id, name=pod.name, namespace=pod.namespace, uid=pod.uid,
                 netns_path=pod.namespaces["network"],
@@ -192,33 +227,6 @@ class PodService:
             pod.network_attached = True
             pod.ip, pod.additional_ips = result.ip, list(result.additional_ips)
             phase("cni_record")
-
-        dns = self._dns(config)
-        await asyncio.to_thread(_write_pod_files, pdir, {
-            "resolv.conf": podfiles.resolv_conf(dns, pod.host_network),
-            "hosts": podfiles.hosts_file(pod.ip or None, hostname, pod.host_network),
-            "hostname": podfiles.hostname_file(hostname),
-        })
-        phase("pod_files")
-        if "ipc" in pod.namespaces:
-            await self._mount_shm(pdir / "shm")
-            phase("shm_mount")
-
-        # As containerd does, a pod with a sandbox task starts its shim in that task's bundle: shim v2
-        # binaries read config.json there (sandbox id grouping; Kata's sandbox-or-container choice).
-        shim_dir = await self._prepare_sandbox_bundle(pod) if sandbox_task else pdir
-        pod.shim_address = await self.shims.launch(pod.id, pod.handler, shim_dir)
-        phase("shim_launch")
-        await self.store.save_pod(pod)
-        phase("record_write")
-
-        if sandbox_task:
-            await self._start_sandbox_task(pod)
-
-        pod.initializing = False
-        pod.state = POD_READY
-        await self.store.save_pod(pod)
-        phase("record_write")
 
     @staticmethod
     def _dns(config: cri.PodSandboxConfig) -> DnsSettings | None:
@@ -260,9 +268,9 @@ class PodService:
         phase("sandbox_create")
         await self.shims.start(pod.id, pause_id(pod.id))
         phase("sandbox_start")
+        # Recorded with the pod's ready state: recovery tears an initializing pod down with its
+        # unrecorded pause task anyway, so a save of its own would only cost an fsync.
         pod.sandbox_task, pod.sandbox_pid = True, pid
-        await self.store.save_pod(pod)
-        phase("record_write")
 
     def pod_context(self, pod: PodRecord) -> ocispec.PodContext:
         pdir = self.pod_dir(pod.id)

@@ -229,15 +229,38 @@ def test_sigkill_during_random_operations(rt: Runtime) -> None:
 STOP_KILLS = int(os.environ.get("SHIMD_CHAOS_STOP_KILLS", "6"))
 
 
-def test_sigkill_inside_the_concurrent_pod_stop(net_rt: NetRuntime) -> None:
-    """StopPodSandbox stops the pod's tasks and runs its CNI DEL at the same time: SIGKILL lands inside
-    that window at random points (a real bridge network, a running container). After each restart
-    every invariant holds, and the repeated Stop/Remove frees everything: IP lease, NAT rules, veth."""
+def test_sigkill_inside_the_concurrent_pod_start_and_stop(net_rt: NetRuntime) -> None:
+    """RunPodSandbox runs CNI ADD while the shim is launched, StopPodSandbox stops the pod's tasks while
+    its CNI DEL runs: SIGKILL lands inside those windows at random points (a real bridge network, a
+    running container). After each restart every invariant holds, an interrupted start is undone, and
+    the repeated Stop/Remove frees everything: IP lease, NAT rules, veth."""
     rt, net, pb = net_rt.rt, net_rt.net, net_rt.rt.pb
     rng = random.Random(SEED)
     checker = Checker(rt)
     ports = {ln.split(":")[1].strip() for ln in _bridge_links(net.bridge)}
+
+    def clean(what: str) -> None:
+        problems = checker.check()
+        assert not problems, f"{what} (seed {SEED}):\n" + explain(rt, problems)
+        assert net.allocations() == [], f"IP leases left {what}: {net.allocations()}"
+        assert rules_of(net.name, nat_rules())[0] == [], f"NAT rules left {what}"
+        left = {ln.split(":")[1].strip() for ln in _bridge_links(net.bridge)} - ports
+        assert not left, f"bridge ports left {what}: {left}"
+
     for i in range(STOP_KILLS):
+        fut = rt.client.runtime.RunPodSandbox.future(pb.RunPodSandboxRequest(config=rt.pod_config(f"startkill{i}")),
+                                                     timeout=60)
+        time.sleep(rng.uniform(0.0, 0.1))
+        rt.proc.kill()
+        with contextlib.suppress(grpc.RpcError, grpc.FutureTimeoutError):
+            fut.result(timeout=10)
+        checker.note_disk()
+        rt.proc.start(timeout=60)
+        for p in checker.listed()[0]:  # the start may have finished before the kill
+            rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=p))
+            rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=p))
+        clean(f"after start kill {i}")
+
         pod_id, cfg = rt.run_pod(f"stopkill{i}")
         cid = rt.create(pod_id, cfg, "c", ["sleep", "1000"])
         rt.start(cid)
@@ -257,12 +280,7 @@ def test_sigkill_inside_the_concurrent_pod_stop(net_rt: NetRuntime) -> None:
         st = rt.client.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status
         assert st.state == pb.SANDBOX_NOTREADY
         rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
-        problems = checker.check()
-        assert not problems, f"after removing pod {i} (seed {SEED}):\n" + explain(rt, problems)
-        assert net.allocations() == [], f"IP leases left after pod {i}: {net.allocations()}"
-        assert rules_of(net.name, nat_rules())[0] == [], f"NAT rules left after pod {i}"
-        left = {ln.split(":")[1].strip() for ln in _bridge_links(net.bridge)} - ports
-        assert not left, f"bridge ports left after pod {i}: {left}"
+        clean(f"after stop kill {i}")
     assert not (rt.proc.root / "network").exists() or not list((rt.proc.root / "network").glob("*.json"))
 
 
