@@ -1,8 +1,11 @@
-"""Mount helpers (mount(8)/umount(8) run through shimd.subproc, never through a shell)."""
+"""Mount helpers: tmpfs mounts and unmounts are syscalls (in a worker thread), other mounts run
+mount(8) through shimd.subproc, never through a shell."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import os
 import re
 from pathlib import Path
@@ -29,15 +32,47 @@ def is_mount_sync(path: Path) -> bool:
         return False
 
 
+_MNT_DETACH = 2
+_UMOUNT_NOFOLLOW = 8
+# mount(8)'s names of the flags a tmpfs mount takes as flags, not as data.
+_FLAGS = {"ro": 0x1, "nosuid": 0x2, "nodev": 0x4, "noexec": 0x8, "noatime": 0x400}
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _mount_tmpfs_sync(path: Path, options: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    flags, data = 0, []
+    for opt in options.split(","):
+        if opt in _FLAGS:
+            flags |= _FLAGS[opt]
+        elif opt:
+            data.append(opt)
+    if _libc.mount(b"shm", os.fsencode(path), b"tmpfs", ctypes.c_ulong(flags), ",".join(data).encode()) != 0:
+        e = ctypes.get_errno()
+        raise errors.ShimdError(f"mount -t tmpfs -o {options} shm {path} failed: {os.strerror(e)}")
+
+
 async def mount_tmpfs(path: Path, options: str) -> None:
-    await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
-    await run("mount", "-t", "tmpfs", "-o", options, "shm", str(path))
+    # A syscall rather than mount(8): one helper process less on the pod start path.
+    await asyncio.to_thread(_mount_tmpfs_sync, path, options)
+
+
+def unmount_sync(path: Path) -> None:
+    """Lazy unmount of every mount stacked on path; a path that is no mount point (or none) is fine."""
+    target = os.fsencode(path)
+    for _ in range(64):  # a bound, not an expected depth: each round removes one stacked mount
+        if _libc.umount2(target, _MNT_DETACH | _UMOUNT_NOFOLLOW) != 0:
+            e = ctypes.get_errno()
+            if e in (errno.EINVAL, errno.ENOENT, errno.ENOTDIR):  # not (or no longer) a mount point
+                return
+            raise errors.ShimdError(f"umount -l {path} failed: {os.strerror(e)}")
+    raise errors.ShimdError(f"umount -l {path}: still a mount point after 64 unmounts")
 
 
 async def unmount(path: Path) -> None:
     """Lazy unmount of every mount stacked on path; a path that is no mount point is fine."""
-    while await asyncio.to_thread(is_mount_sync, path):
-        await run("umount", "-l", str(path))
+    # umount2 directly: umount(8) cost a process spawn plus a mountinfo read per call.
+    await asyncio.to_thread(unmount_sync, path)
 
 
 async def check_idmap(paths: list[str], userns_path: str) -> None:

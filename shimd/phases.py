@@ -8,14 +8,21 @@ and may mark too (the CNI chain runs in one); once the call has ended its marks 
 long-lived task started by it (an exit watcher) never touches it again. Steps that run concurrently
 within one call should be marked once, after they are all done.
 
+A step that runs alongside the call's main line (CNI DEL while the pod's tasks are stopped) runs
+under `side_branch()`: its marks time its own steps from the branch's start and go to the call's
+`overlapped` phases, which do not add up with the others; the main line marks once after joining it
+(`*_wait`: how long the branch kept the call waiting).
+
 At the end of a call its breakdown goes to one debug log line and, for calls that succeeded, to the
-observers (the Prometheus histogram shimd_phase_duration_seconds{rpc,phase}).
+observers (the Prometheus histogram shimd_phase_duration_seconds{rpc,phase}; overlapped phases
+included, so a call's phases there may add up to more than its duration).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar, Token
 
 from shimd import log
@@ -33,20 +40,23 @@ _log = log.get("phases")
 class Phases:
     """The phases of one call, in the order they first ended; a phase marked twice adds up."""
 
-    __slots__ = ("_last", "closed", "context", "rpc", "started", "steps")
+    __slots__ = ("_last", "_parent", "closed", "context", "overlapped", "rpc", "started", "steps")
 
-    def __init__(self, rpc: str) -> None:
+    def __init__(self, rpc: str, parent: Phases | None = None) -> None:
         self.rpc = rpc
         self.started = self._last = time.perf_counter()
         self.steps: dict[str, float] = {}
+        self.overlapped: dict[str, float] = {}
         self.context: dict[str, str] = {}
         self.closed = False
+        self._parent = parent
 
     def mark(self, name: str) -> None:
-        if self.closed:
+        if self.closed or (self._parent is not None and self._parent.closed):
             return
         now = time.perf_counter()
-        self.steps[name] = self.steps.get(name, 0.0) + (now - self._last)
+        into = self.steps if self._parent is None else self._parent.overlapped
+        into[name] = into.get(name, 0.0) + (now - self._last)
         self._last = now
 
     def finish(self) -> float:
@@ -76,11 +86,17 @@ def end(token: Token[Phases | None] | None, status: str) -> None:
     if p is None:
         return
     total = p.finish()
+    extra = {"overlapped": {name: round(s * 1000, 3) for name, s in p.overlapped.items()}} if p.overlapped else {}
     _log.debug("rpc phases", rpc=p.rpc, status=status, total_ms=round(total * 1000, 3),
-               phases={name: round(s * 1000, 3) for name, s in p.steps.items()}, **p.context)
+               phases={name: round(s * 1000, 3) for name, s in p.steps.items()}, **extra, **p.context)
     if status == "OK":
+        steps = p.steps
+        if p.overlapped:
+            steps = dict(steps)
+            for name, s in p.overlapped.items():
+                steps[name] = steps.get(name, 0.0) + s
         for obs in _observers:
-            obs(p.rpc, p.steps)
+            obs(p.rpc, steps)
 
 
 def phase(name: str) -> None:
@@ -88,6 +104,17 @@ def phase(name: str) -> None:
     p = _current.get()
     if p is not None:
         p.mark(name)
+
+
+@contextlib.contextmanager
+def side_branch() -> Iterator[None]:
+    """Marks made inside (in a task of their own) time a step that runs alongside the call's main line."""
+    p = _current.get()
+    token = _current.set(Phases(p.rpc, parent=p) if p is not None else None)
+    try:
+        yield
+    finally:
+        _current.reset(token)
 
 
 def phase_context(**ids: str) -> None:

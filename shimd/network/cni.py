@@ -205,6 +205,28 @@ def plugin_config(net: NetworkList, plugin: dict[str, Any], runtime_config: dict
     return conf
 
 
+_BANDWIDTH_KEYS = ("ingressRate", "ingressBurst", "egressRate", "egressBurst")
+
+
+def does_nothing(plugin_type: str, conf: dict[str, Any]) -> bool:
+    """True for a reference meta plugin that, given this stdin document, neither changes anything on
+    ADD (it passes prevResult on) nor has anything to undo on DEL, so running it is only a process
+    spawn on the pod's critical path: portmap without port mappings, bandwidth without a limit.
+    Both ADD and DEL decide from the same recorded document, so a skipped ADD means a skipped DEL."""
+    rc = conf.get("runtimeConfig")
+    rc = rc if isinstance(rc, dict) else {}
+    if plugin_type == "portmap":
+        return not rc.get("portMappings")
+    if plugin_type == "bandwidth":
+        # As the plugin reads it: any entry key of its own config wins over the runtime config's entry.
+        own = {"unshapedSubnets", "shapedSubnets", *_BANDWIDTH_KEYS} & conf.keys()
+        entry = {k: conf[k] for k in own} if own else rc.get("bandwidth")
+        if entry is None:
+            return True
+        return isinstance(entry, dict) and all(entry.get(k) in (None, 0) for k in _BANDWIDTH_KEYS)
+    return False
+
+
 @dataclass
 class Invocation:
     """What stays the same for every plugin of one ADD or DEL run."""

@@ -132,6 +132,8 @@ class NetworkManager:
                     raise asyncio.CancelledError
                 added += 1  # counted before the call: a failing plugin may hold resources too
                 conf = cni.plugin_config(net, plugin, record["runtime_config"], result)
+                if result is not None and cni.does_nothing(plugin["type"], conf):
+                    continue  # its result would be prevResult unchanged
                 result = await cni.exec_plugin(net, plugin, inv, conf)
                 phase(f"cni_add:{plugin['type']}")
             assert result is not None
@@ -166,6 +168,8 @@ class NetworkManager:
         errors = []
         for i in reversed(range(len(plugins))):
             conf = cni.plugin_config(net, plugins[i], record["runtime_config"], prev)
+            if i > 0 and cni.does_nothing(plugins[i]["type"], conf):
+                continue  # skipped at ADD for the same reason: it holds nothing
             try:
                 await cni.exec_plugin(net, plugins[i], inv, conf)
                 phase(f"cni_del:{plugins[i]['type']}")

@@ -13,8 +13,9 @@ import secrets
 import shutil
 import signal
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import betterproto
 
@@ -24,7 +25,7 @@ from shimd.network import files as podfiles
 from shimd.network import namespaces
 from shimd.network.model import DnsSettings, PodNetworkRequest, PortMapping
 from shimd.oci import spec as ocispec
-from shimd.phases import phase, phase_context
+from shimd.phases import phase, phase_context, side_branch
 from shimd.pods.context import mapped_root_gid, pod_context, pod_dir, pod_hostname
 from shimd.store.records import CONTAINER_RUNNING, POD_NOTREADY, POD_READY, PodRecord
 
@@ -42,6 +43,34 @@ _PROTOCOLS = {cri.Protocol.TCP: "tcp", cri.Protocol.UDP: "udp", cri.Protocol.SCT
 
 def pause_id(pod_id: str) -> str:
     return pod_id
+
+
+async def _concurrently(*steps: Coroutine[Any, Any, None]) -> None:
+    """Runs the steps at once and returns when all have ended, raising the first failure.
+
+    Each step bounds its own waits. Cancelled, it cancels the steps and still waits for them (what
+    they shield, a CNI chain, runs to its end), so nothing of the pod's teardown outlives the call
+    that holds the pod's lock.
+    """
+    tasks = [asyncio.ensure_future(s) for s in steps]
+    try:
+        await asyncio.wait(tasks)
+    except asyncio.CancelledError:
+        for t in tasks:
+            t.cancel()
+        while not all(t.done() for t in tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait(tasks)
+        for t in tasks:
+            if not t.cancelled():
+                t.exception()  # retrieved: asyncio would log it as never retrieved
+        raise
+    for t in tasks:
+        if t.exception() is not None:
+            for other in tasks:
+                if not other.cancelled():
+                    other.exception()
+            raise t.exception()  # type: ignore[misc]
 
 
 class PodService:
@@ -140,9 +169,10 @@ class PodService:
         await asyncio.to_thread(fsutil.private_dir_sync, pdir, root[1] if root is not None else None)
         hostname = pod_hostname(pod)
 
-        # Only the first record and the shim's address are saved before the pod is ready: everything else a
-        # crash could leave behind is found from the pod id alone (namespace pins, CNI's own records, the
-        # cgroup parent set in run()), and each save costs an fsync on the pod start path.
+        # Only the first record is saved before the pod is ready: everything else a crash could leave
+        # behind is found from the pod id alone (namespace pins, CNI's own records, the cgroup parent set
+        # in run(), the shim's ./address file written before it is forked), and each save costs an fsync
+        # on the pod start path.
         kinds = [] if pod.host_network else ["network", "uts"]
         if ns_opts.ipc != cri.NamespaceMode.NODE:
             kinds.append("ipc")
@@ -151,7 +181,41 @@ class PodService:
             pod.namespaces = await namespaces.create_pod_namespaces(pod.id, self.ns_dir, kinds, hostname, userns)
             phase("namespaces")
 
-        if not pod.host_network:
+        async def start_shim() -> None:
+            if "ipc" in pod.namespaces:
+                await self._mount_shm(pdir / "shm")
+                phase("shm_mount")
+            # As containerd does, a pod with a sandbox task starts its shim in that task's bundle: shim v2
+            # binaries read config.json there (sandbox id grouping; Kata's sandbox-or-container choice).
+            shim_dir = await self._prepare_sandbox_bundle(pod) if sandbox_task else pdir
+            pod.shim_address = await self.shims.launch(pod.id, pod.handler, shim_dir)
+            phase("shim_launch")
+
+        # CNI ADD and the shim's launch need nothing from each other (the netns exists already), so they
+        # run at once; a failure of either still lets the other finish, and run() then undoes both.
+        await _concurrently(start_shim(), self._setup_network(pod, config))
+        phase("cni_wait")
+
+        dns = self._dns(config)
+        await asyncio.to_thread(_write_pod_files, pdir, {
+            "resolv.conf": podfiles.resolv_conf(dns, pod.host_network),
+            "hosts": podfiles.hosts_file(pod.ip or None, hostname, pod.host_network),
+            "hostname": podfiles.hostname_file(hostname),
+        })
+        phase("pod_files")
+
+        if sandbox_task:
+            await self._start_sandbox_task(pod)
+
+        pod.initializing = False
+        pod.state = POD_READY
+        await self.store.save_pod(pod)
+        phase("record_write")
+
+    async def _setup_network(self, pod: PodRecord, config: cri.PodSandboxConfig) -> None:
+        if pod.host_network:
+            return
+        with side_branch():
             result = await self.network.setup(PodNetworkRequest(
                 pod_id=pod.id, name=pod.name, namespace=pod.namespace, uid=pod.uid,
                 netns_path=pod.namespaces["network"],
@@ -164,33 +228,6 @@ class PodService:
             pod.network_attached = True
             pod.ip, pod.additional_ips = result.ip, list(result.additional_ips)
             phase("cni_record")
-
-        dns = self._dns(config)
-        await asyncio.to_thread(_write_pod_files, pdir, {
-            "resolv.conf": podfiles.resolv_conf(dns, pod.host_network),
-            "hosts": podfiles.hosts_file(pod.ip or None, hostname, pod.host_network),
-            "hostname": podfiles.hostname_file(hostname),
-        })
-        phase("pod_files")
-        if "ipc" in pod.namespaces:
-            await self._mount_shm(pdir / "shm")
-            phase("shm_mount")
-
-        # As containerd does, a pod with a sandbox task starts its shim in that task's bundle: shim v2
-        # binaries read config.json there (sandbox id grouping; Kata's sandbox-or-container choice).
-        shim_dir = await self._prepare_sandbox_bundle(pod) if sandbox_task else pdir
-        pod.shim_address = await self.shims.launch(pod.id, pod.handler, shim_dir)
-        phase("shim_launch")
-        await self.store.save_pod(pod)
-        phase("record_write")
-
-        if sandbox_task:
-            await self._start_sandbox_task(pod)
-
-        pod.initializing = False
-        pod.state = POD_READY
-        await self.store.save_pod(pod)
-        phase("record_write")
 
     @staticmethod
     def _dns(config: cri.PodSandboxConfig) -> DnsSettings | None:
@@ -232,9 +269,9 @@ class PodService:
         phase("sandbox_create")
         await self.shims.start(pod.id, pause_id(pod.id))
         phase("sandbox_start")
+        # Recorded with the pod's ready state: recovery tears an initializing pod down with its
+        # unrecorded pause task anyway, so a save of its own would only cost an fsync.
         pod.sandbox_task, pod.sandbox_pid = True, pid
-        await self.store.save_pod(pod)
-        phase("record_write")
 
     # --- stop / remove -----------------------------------------------------------------------
     async def stop(self, pod_id: str) -> None:
@@ -262,33 +299,11 @@ class PodService:
             pod.state = POD_NOTREADY
             await self.store.save_pod(pod)
             phase("record_write")
-            await self.containers.stop_all(pod)
-            phase("stop_containers")
-            # A crash inside launch: the shim may be up though its address was never recorded.
-            has_shim = bool(pod.shim_address) or await self._adopt_unrecorded_shim(pod)
-            # An interrupted RunPodSandbox may have made the sandbox task without recording it.
-            if pod.sandbox_task or (pod.initializing and has_shim):
-                await self._stop_sandbox_task(pod)
-            await self.shims.shutdown(pod.id)
-            phase("shim_shutdown")
-            # Also after an interrupted RunPodSandbox: a Create the shim was still running when shimd
-            # died can leave a task that no record names; force-deleting by id finds it.
-            if pod.initializing:
-                # A shim forked for this pod that no record and no address file names cannot be asked to
-                # stop; it would outlive the pod.
-                strays = await self.shims.kill_strays(pod.id, self.pod_dir(pod.id))
-                if strays:
-                    lg.warning("killed shims left by an interrupted RunPodSandbox", shim_pids=strays)
-            if pod.shim_dead or pod.initializing:
-                await self._cleanup_dead_shim(pod)
-                phase("dead_shim_cleanup")
-            pod.shim_address = ""
-            # Not only when network_attached: a crash between CNI ADD and saving that flag leaves a
-            # network record (and an IP) that only this DEL frees; without a record it is a no-op.
-            if pod.network_attached or not pod.host_network:
-                await self.network.teardown(pod.id, pod.namespaces.get("network", ""))
-                pod.network_attached = False
-                phase("cni_record")
+            # The CNI DEL needs nothing from the tasks and they nothing from it (the containers are
+            # SIGKILLed), so it runs alongside; the pod counts as stopped only once both are done, and
+            # a crash in between leaves it NOTREADY and not stopped: the next Stop/Remove redoes both.
+            await _concurrently(self._stop_tasks(pod, lg), self._teardown_network(pod))
+            phase("cni_wait")
             shm = self.pod_dir(pod.id) / "shm"
             await mounts.unmount(shm)
             phase("unmount")
@@ -316,6 +331,40 @@ class PodService:
         phase("record_write")
         self.bus.publish(events.DELETED, pod.id, pod.id)
         lg.info("pod removed")
+
+    async def _stop_tasks(self, pod: PodRecord, lg: Any) -> None:
+        """The pod's containers, its sandbox task and its shim, stopped."""
+        await self.containers.stop_all(pod)
+        phase("stop_containers")
+        # A crash inside launch: the shim may be up though its address was never recorded.
+        has_shim = bool(pod.shim_address) or await self._adopt_unrecorded_shim(pod)
+        # An interrupted RunPodSandbox may have made the sandbox task without recording it.
+        if pod.sandbox_task or (pod.initializing and has_shim):
+            await self._stop_sandbox_task(pod)
+        await self.shims.shutdown(pod.id)
+        phase("shim_shutdown")
+        # Also after an interrupted RunPodSandbox: a Create the shim was still running when shimd
+        # died can leave a task that no record names; force-deleting by id finds it.
+        if pod.initializing:
+            # A shim forked for this pod that no record and no address file names cannot be asked to
+            # stop; it would outlive the pod.
+            strays = await self.shims.kill_strays(pod.id, self.pod_dir(pod.id))
+            if strays:
+                lg.warning("killed shims left by an interrupted RunPodSandbox", shim_pids=strays)
+        if pod.shim_dead or pod.initializing:
+            await self._cleanup_dead_shim(pod)
+            phase("dead_shim_cleanup")
+        pod.shim_address = ""
+
+    async def _teardown_network(self, pod: PodRecord) -> None:
+        # Not only when network_attached: a crash between CNI ADD and saving that flag leaves a
+        # network record (and an IP) that only this DEL frees; without a record it is a no-op.
+        if not (pod.network_attached or not pod.host_network):
+            return
+        with side_branch():
+            await self.network.teardown(pod.id, pod.namespaces.get("network", ""))
+            pod.network_attached = False
+            phase("cni_record")
 
     def _secure_dirs(self, pods: list[PodRecord]) -> None:
         for pod in pods:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # typing is not loaded at run time: every shim would carry it
     from typing import Any
 
 MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
 IDMAP_OPTION = idmap.USERNS_MOUNT_OPTION
 _libc: Any = None
 
@@ -57,8 +58,33 @@ async def mount_all(reaper: Reaper, mounts: list[dict[str, Any]], rootfs: str, t
         raise OSError(f"mounting the rootfs at {rootfs} failed: {why}") from None
 
 
+# mount(8)'s names of the flags an overlay mount takes as mount(2) flags rather than as data.
+_FLAGS = {"ro": 0x1, "nosuid": 0x2, "nodev": 0x4, "noexec": 0x8, "sync": 0x10, "dirsync": 0x80,
+          "noatime": 0x400, "nodiratime": 0x800, "relatime": 0x200000, "strictatime": 0x1000000}
+
+
+def _overlay_syscall_args(options: list[str]) -> tuple[int, str] | None:
+    """(flags, data) for mount(2), or None when only mount(8) knows what an option means."""
+    flags, data = 0, []
+    for o in options:
+        if o in _FLAGS:
+            flags |= _FLAGS[o]
+        elif o in ("rw", "defaults") or o.lower().startswith("x-"):  # mount(8) drops these too
+            continue
+        elif "=" in o or o.isidentifier():
+            data.append(o)
+        else:
+            return None
+    return flags, ",".join(data)
+
+
 async def _mount(reaper: Reaper, mnt: dict[str, Any], options: list[str], target: str, timeout: float) -> None:
     options, cwd = _shorten_lowerdirs(options) if mnt["type"] == "overlay" else (options, "")
+    direct = _overlay_syscall_args(options) if mnt["type"] == "overlay" and not cwd else None
+    if direct is not None:
+        # mount(2) itself: a container's rootfs is on StartContainer's path, and mount(8) is a fork+exec.
+        await aio.to_thread(_mount_syscall, mnt["source"] or "overlay", target, "overlay", direct[1], direct[0])
+        return
     # The kernel reads relative lowerdirs from the mounting process's cwd (env -C, no shell).
     argv = ["env", "-C", cwd, "mount"] if cwd else ["mount"]
     argv += ["-t", mnt["type"] or "none"]
@@ -100,8 +126,8 @@ def _libc_handle() -> Any:
     return _libc
 
 
-def _mount_syscall(source: str, target: str, fstype: str, data: str) -> None:
-    if _libc_handle().mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(0),
+def _mount_syscall(source: str, target: str, fstype: str, data: str, flags: int = 0) -> None:
+    if _libc_handle().mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags),
                             data.encode()) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"mount {fstype} on {target}: {os.strerror(e)}")
@@ -129,11 +155,13 @@ def _shorten_lowerdirs(options: list[str]) -> tuple[list[str], str]:
 
 def unmount(target: str) -> None:
     """Unmount everything stacked at target; lazily if it is busy."""
+    # umount2 until it says "not a mount point": reading mountinfo first would cost a read of every
+    # mount of the node per layer (thousands of lines with hundreds of pods).
     for _ in range(32):
-        if not is_mountpoint(target):
-            return
-        err = _umount2(target, 0)
+        err = _umount2(target, UMOUNT_NOFOLLOW)
         if err == 16:  # EBUSY
-            err = _umount2(target, MNT_DETACH)
-        if err not in (0, 22):  # EINVAL: not a mount point any more
+            err = _umount2(target, MNT_DETACH | UMOUNT_NOFOLLOW)
+        if err in (22, 2, 20):  # EINVAL: not (or no longer) a mount point; ENOENT, ENOTDIR: no such path
+            return
+        if err:
             raise OSError(err, f"unmount {target}: {os.strerror(err)}")

@@ -59,7 +59,11 @@ from tests.support.registry import Registry, start_registry
 from tests.support.runtime import LOOPBACK_CONFLIST, kill_strays
 
 CATATONIT = "/usr/bin/catatonit"
+nan = float("nan")
 CALLS = ("RunPodSandbox", "CreateContainer", "StartContainer", "end-to-end")
+# Sequential teardown of running pods: StopPodSandbox alone (then RemovePodSandbox), and the four
+# calls kubelet makes (StopContainer, RemoveContainer, StopPodSandbox, RemovePodSandbox).
+TEARDOWN = ("StopPodSandbox", "RemovePodSandbox", "teardown-4")
 PARALLEL_WORKERS = 20
 SETUP_WORKERS = 8
 
@@ -177,6 +181,9 @@ class Results:
     seq: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CALLS})
     par: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CALLS})
     par_wall: float = 0.0
+    par_walls: list[float] = field(default_factory=list)  # one per round
+    down: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in TEARDOWN})
+    list_pods_ms: list[float] = field(default_factory=list)  # ListPodSandbox with the sequential pods up
     seq_cpu: float = 0.0  # machine-wide CPU seconds per pod (daemon, shims, runc, CNI plugins and this client)
     par_cpu: float = 0.0
     rss_idle_kb: int = 0
@@ -184,8 +191,23 @@ class Results:
     list_p50_ms: float = 0.0
     list_count: int = 0
     shim_mem: dict[str, int] = field(default_factory=dict)
-    # (rpc, phase, calls, mean ms, p50 ms) of the sequential pods, shimd only
-    phases: list[tuple[str, str, int, float, float]] = field(default_factory=list)
+    # shimd only, the sequential pods' calls: (rpc, phase) -> (calls, seconds, [(le, calls in bucket or below)])
+    phases: PhaseSnapshot = field(default_factory=dict)
+
+    def merge(self, other: Results) -> None:
+        """Adds another round's samples (the scalar figures keep the last round's)."""
+        for mine, theirs in ((self.seq, other.seq), (self.par, other.par), (self.down, other.down)):
+            for k, v in theirs.items():
+                mine.setdefault(k, []).extend(v)
+        self.par_walls += other.par_walls
+        self.list_pods_ms += other.list_pods_ms
+        for key, (n, total, buckets) in other.phases.items():
+            n0, t0, b0 = self.phases.get(key, (0.0, 0.0, []))
+            old = dict(b0)
+            self.phases[key] = (n0 + n, t0 + total, [(le, c + old.get(le, 0.0)) for le, c in buckets])
+        for name in ("seq_cpu", "par_cpu", "rss_idle_kb", "rss_pods_kb", "list_p50_ms", "list_count", "shim_mem"):
+            if getattr(other, name):
+                setattr(self, name, getattr(other, name))
 
 
 class Bench:
@@ -246,6 +268,42 @@ class Bench:
 
         with ThreadPoolExecutor(SETUP_WORKERS) as pool:
             list(pool.map(make, range(containers)))
+
+    def one_pod_ids(self, name: str) -> tuple[str, str]:
+        pod_id, cfg = self.run_pod(name)
+        cid = self.create(pod_id, cfg, "main", ["sleep", "3600"])
+        self.start(cid)
+        return pod_id, cid
+
+    def stop_remove(self, pod_id: str) -> tuple[float, float]:
+        """StopPodSandbox of a pod with a running container, then RemovePodSandbox: seconds of each."""
+        rt, pb = self.c.runtime, self.pb
+        t0 = time.perf_counter()
+        rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+        t1 = time.perf_counter()
+        rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+        return t1 - t0, time.perf_counter() - t1
+
+    def teardown_four(self, pod_id: str, cid: str) -> float:
+        """kubelet's order for a pod going away (grace period 0: SIGKILL straight away on both runtimes)."""
+        rt, pb = self.c.runtime, self.pb
+        t0 = time.perf_counter()
+        rt.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=0), timeout=120)
+        rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=120)
+        rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+        rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+        return time.perf_counter() - t0
+
+    def list_pods(self, runs: int) -> list[float]:
+        req = self.pb.ListPodSandboxRequest()
+        for _ in range(20):  # the same warm-up as ListContainers below
+            self.c.runtime.ListPodSandbox(req, timeout=60)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            self.c.runtime.ListPodSandbox(req, timeout=60)
+            times.append(time.perf_counter() - t0)
+        return times
 
     def remove_all(self) -> None:
         pb = self.pb
@@ -369,17 +427,21 @@ def bucket_p50(buckets: list[tuple[float, float]], count: float) -> float:
     return float("nan")
 
 
-def phase_delta(before: PhaseSnapshot, after: PhaseSnapshot) -> list[tuple[str, str, int, float, float]]:
-    rows = []
+def phase_delta(before: PhaseSnapshot, after: PhaseSnapshot) -> PhaseSnapshot:
+    out: PhaseSnapshot = {}
     for key, (count, total, buckets) in after.items():
         c0, t0, b0 = before.get(key, (0.0, 0.0, []))
-        n = count - c0
-        if n <= 0:
+        if count - c0 <= 0:
             continue
         old = dict(b0)
-        diff = [(le, cum - old.get(le, 0.0)) for le, cum in buckets]
-        rows.append((*key, int(n), (total - t0) / n * 1000, bucket_p50(diff, n) * 1000))
-    return rows
+        out[key] = (count - c0, total - t0, [(le, cum - old.get(le, 0.0)) for le, cum in buckets])
+    return out
+
+
+def phase_rows(snap: PhaseSnapshot) -> list[tuple[str, str, int, float, float]]:
+    """(rpc, phase, calls, mean ms, p50 ms)."""
+    return [(*key, int(n), total / n * 1000, bucket_p50(buckets, n) * 1000)
+            for key, (n, total, buckets) in snap.items()]
 
 
 def machine_cpu_s() -> float:
@@ -408,8 +470,14 @@ def measure(rt: Runtime, image: str, pause: str, args: argparse.Namespace, work:
             for k, v in b.one_pod(f"seq-{i}").items():
                 res.seq[k].append(v)
         res.seq_cpu = (machine_cpu_s() - cpu0) / args.pods
-        b.remove_all()
+        res.list_pods_ms = [t * 1000 for t in b.list_pods(args.list_runs)]
+        for p in b.c.runtime.ListPodSandbox(b.pb.ListPodSandboxRequest(), timeout=60).items:
+            stop, remove = b.stop_remove(p.id)
+            res.down["StopPodSandbox"].append(stop)
+            res.down["RemovePodSandbox"].append(remove)
         res.phases = phase_delta(phases0, phase_snapshot(rt))
+        for i in range(args.pods):
+            res.down["teardown-4"].append(b.teardown_four(*b.one_pod_ids(f"down-{i}")))
 
         t0, cpu0 = time.perf_counter(), machine_cpu_s()
         with ThreadPoolExecutor(PARALLEL_WORKERS) as pool:
@@ -417,6 +485,7 @@ def measure(rt: Runtime, image: str, pause: str, args: argparse.Namespace, work:
                 for k, v in one.items():
                     res.par[k].append(v)
         res.par_wall = time.perf_counter() - t0
+        res.par_walls = [res.par_wall]
         res.par_cpu = (machine_cpu_s() - cpu0) / args.pods
         b.remove_all()
 
@@ -487,8 +556,17 @@ def report(results: dict[str, Results], args: argparse.Namespace) -> None:
             a50, a95, b50, b95 = (pct(v, q) * 1000 for v, q in ((a, .5), (a, .95), (b, .5), (b, .95)))
             print(f"{phase:<10}{call:<17}{a50:>10.0f}{a95:>8.0f}{b50:>10.0f}{b95:>8.0f}{ratio(a50, b50):>11}"
                   f"{ratio(a95, b95):>11}")
-    print(f"{'par':<10}{'wall (all pods)':<17}{ours.par_wall * 1000:>10.0f}{'':>8}{theirs.par_wall * 1000:>10.0f}"
-          f"{'':>8}{ratio(ours.par_wall, theirs.par_wall):>11}")
+    for call in TEARDOWN:
+        a, b = ours.down[call], theirs.down[call]
+        a50, a95, b50, b95 = (pct(v, q) * 1000 for v, q in ((a, .5), (a, .95), (b, .5), (b, .95)))
+        print(f"{'down':<10}{call:<17}{a50:>10.1f}{a95:>8.1f}{b50:>10.1f}{b95:>8.1f}{ratio(a50, b50):>11}"
+              f"{ratio(a95, b95):>11}")
+    wa, wb = statistics.median(ours.par_walls or [nan]), statistics.median(theirs.par_walls or [nan])
+    print(f"{'par':<10}{'wall (all pods)':<17}{wa * 1000:>10.0f}{'':>8}{wb * 1000:>10.0f}"
+          f"{'':>8}{ratio(wa, wb):>11}   (median of {len(ours.par_walls)}/{len(theirs.par_walls)} rounds:"
+          f" {[round(w * 1000) for w in ours.par_walls]} / {[round(w * 1000) for w in theirs.par_walls]})")
+    la, lb = pct(ours.list_pods_ms, .5), pct(theirs.list_pods_ms, .5)
+    print(f"{'list':<10}{f'ListPodSandbox {args.pods}':<17}{la:>10.2f}{'':>8}{lb:>10.2f}{'':>8}{ratio(la, lb):>11}")
 
     def row(label: str, a: float, b: float, unit: str) -> None:
         print(f"{label:<40}{a:>12.1f}{b:>14.1f}{ratio(a, b):>8}  {unit}")
@@ -512,10 +590,11 @@ def report(results: dict[str, Results], args: argparse.Namespace) -> None:
                  "RemovePodSandbox": 4}
         print("\nshimd phases, sequential pods (ms; p50 interpolated within a histogram bucket)")
         print(f"{'call':<18}{'phase':<22}{'calls':>6}{'mean':>9}{'p50':>9}")
-        for rpc, phase, n, mean, p50 in sorted(ours.phases, key=lambda r: (order.get(r[0], 9), -r[3])):
+        for rpc, phase, n, mean, p50 in sorted(phase_rows(ours.phases), key=lambda r: (order.get(r[0], 9), -r[3])):
             print(f"{rpc:<18}{phase:<22}{n:>6}{mean:>9.2f}{p50:>9.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({k: v.__dict__ for k, v in results.items()}, indent=1))
+        raw = {k: {**v.__dict__, "phases": phase_rows(v.phases)} for k, v in results.items()}
+        Path(args.json).write_text(json.dumps(raw, indent=1))
 
 
 def main() -> None:
@@ -530,6 +609,8 @@ def main() -> None:
     ap.add_argument("--list-warmup", type=int, default=20, help="untimed ListContainers calls first")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds before reading memory")
     ap.add_argument("--only", choices=("shimd", "containerd"), default="", help="measure one runtime only")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure each runtime this many times, alternating which goes first; samples pooled")
     ap.add_argument("--json", default="", help="also write raw results here")
     args = ap.parse_args()
 
@@ -537,25 +618,28 @@ def main() -> None:
     with bench_workspace("bench-pods-") as ws:
         work, net, reg, image, pause = ws.work, ws.net, ws.reg, ws.image, ws.pause
         conf = cni_conf(args.network, net)
-        makers: list[tuple[str, Callable[[Path], Runtime]]] = [
-            ("shimd", lambda d: Shimd(work / "shimd", reg, d)),
-            ("containerd", lambda d: Containerd(work / "containerd", reg, d, pause)),
+        makers: list[tuple[str, Callable[[Path, Path], Runtime]]] = [
+            ("shimd", lambda base, d: Shimd(base, reg, d)),
+            ("containerd", lambda base, d: Containerd(base, reg, d, pause)),
         ]
-        for name, make in makers:
-            if args.only and name != args.only:
-                results[name] = Results()
-                continue
-            (work / name).mkdir()
-            conf_dir = work / f"net.d-{name}"
-            conf_dir.mkdir()
-            (conf_dir / "10-bench.conflist").write_text(json.dumps(conf))
-            print(f"measuring {name} ...", flush=True)
-            try:
-                results[name] = measure(make(conf_dir), image, pause, args, work)
-            except grpc.RpcError as e:
-                # containerd 1.6 insists on an address for eth0, which a loopback-only network never gives.
-                print(f"[{name}] cannot run this benchmark: {e.code().name}: {e.details()}")
-                results[name] = Results()
+        for r in range(args.rounds):
+            # Alternate which runtime goes first, so the machine's drift over a run hits both alike.
+            for name, make in (makers if r % 2 == 0 else makers[::-1]):
+                if args.only and name != args.only:
+                    results.setdefault(name, Results())
+                    continue
+                (work / f"{name}-{r}").mkdir()
+                conf_dir = work / f"net.d-{name}-{r}"
+                conf_dir.mkdir()
+                (conf_dir / "10-bench.conflist").write_text(json.dumps(conf))
+                print(f"round {r}: measuring {name} ...", flush=True)
+                try:
+                    res = measure(make(work / f"{name}-{r}", conf_dir), image, pause, args, work / f"{name}-{r}")
+                except grpc.RpcError as e:
+                    # containerd 1.6 insists on an address for eth0, which a loopback-only network never gives.
+                    print(f"[{name}] cannot run this benchmark: {e.code().name}: {e.details()}")
+                    res = Results()
+                results.setdefault(name, Results()).merge(res)
     report(results, args)
 
 

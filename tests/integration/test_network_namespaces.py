@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import subprocess
 from pathlib import Path
@@ -68,9 +69,15 @@ async def test_invalid_arguments(ns_base: Path, pod_id: str, kinds: list[str], h
 
 
 async def test_failure_leaves_nothing(ns_base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Fault injection: the step run inside the new namespaces fails after the pins were mounted.
-    real_which = ns.proc.which
-    monkeypatch.setattr(ns.proc, "which", lambda name: "/bin/false" if name == "ip" else real_which(name))
+    # Fault injection: pinning the second namespace fails after the first pin was mounted.
+    real_mount = ns._mount
+
+    def failing_mount(source: str, target: str, flags: int) -> None:
+        if target.endswith("/uts"):
+            raise OSError(errno.EIO, "injected")
+        real_mount(source, target, flags)
+
+    monkeypatch.setattr(ns, "_mount", failing_mount)
     with pytest.raises(ShimdError, match="pod-f"):
         await ns.create_pod_namespaces("pod-f", ns_base, ["network", "uts"], "h")
     assert not (ns_base / "pod-f").exists()

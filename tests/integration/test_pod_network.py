@@ -356,6 +356,46 @@ def test_capability_args_reach_the_plugins(net_rt: NetRuntime) -> None:
     assert our_rules(nr)[0] == [] and nr.net.allocations() == []
 
 
+def _cni_phases(nr: NetRuntime, pod_id: str, rpc: str) -> set[str]:
+    """The CNI plugins shimd ran for one call, from its `rpc phases` debug line (main line and overlapped)."""
+    deadline = time.monotonic() + 10
+    while True:
+        for line in nr.rt.proc.log_path.read_text().splitlines():
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(e, dict) and e.get("event") == "rpc phases" and e.get("rpc") == rpc \
+                    and e.get("pod_id") == pod_id:
+                return {p for p in [*e["phases"], *e.get("overlapped", {})] if p.startswith("cni_")}
+        assert time.monotonic() < deadline, f"no phases line for {rpc} of {pod_id}"
+        time.sleep(0.05)  # the line is written as the handler returns, just after the reply
+
+
+def test_plugins_with_nothing_to_do_are_not_run(net_rt: NetRuntime) -> None:
+    """portmap without port mappings and bandwidth without a limit pass prevResult on and hold nothing:
+    neither their ADD nor their DEL is executed; with mappings and a limit both are."""
+    nr, rt, pb = net_rt, net_rt.rt, net_rt.rt.pb
+    plain, _ = rt.run_pod("plain")
+    assert pod_ip(nr, plain)[0]
+    ran = _cni_phases(nr, plain, "RunPodSandbox")
+    assert {"cni_add:bridge", "cni_add:loopback"} <= ran and not {"cni_add:portmap", "cni_add:bandwidth"} & ran, ran
+    stop_remove(nr, plain)
+    ran = _cni_phases(nr, plain, "StopPodSandbox")
+    assert {"cni_del:bridge", "cni_del:loopback"} <= ran and not {"cni_del:portmap", "cni_del:bandwidth"} & ran, ran
+    assert nr.net.allocations() == []
+
+    shaped, _ = rt.run_pod("shaped", annotations={"kubernetes.io/egress-bandwidth": "1M"},
+                           port_mappings=[pb.PortMapping(protocol=pb.TCP, container_port=80, host_port=free_port())])
+    assert {"cni_add:portmap", "cni_add:bandwidth"} <= _cni_phases(nr, shaped, "RunPodSandbox")
+    assert our_rules(nr)[0], "portmap made no rule"
+    stop_remove(nr, shaped)
+    assert {"cni_del:portmap", "cni_del:bandwidth"} <= _cni_phases(nr, shaped, "StopPodSandbox")
+    links = subprocess.run(["ip", "-o", "link", "show", "type", "ifb"], capture_output=True, text=True,
+                           timeout=10).stdout
+    assert our_rules(nr)[0] == [] and nr.net.allocations() == [] and "bwp" not in links, links
+
+
 # --- churn and restarts ----------------------------------------------------------------------------------
 
 CHURN_PODS = 50

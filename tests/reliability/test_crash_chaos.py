@@ -6,8 +6,10 @@ SHIMD_CHAOS_OPS (40 / 200), SHIMD_CHAOS_KILL_P (chance of a kill per operation),
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from tests.support.network import NetRuntime, nat_rules, rules_of
 from tests.support.reliability import Checker, Expect, explain, fd_count
 from tests.support.runtime import Runtime
 
@@ -221,3 +224,66 @@ def test_sigkill_during_random_operations(rt: Runtime) -> None:
         rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pid))
     problems = chaos.checker.check_empty(shimd_fds_baseline=baseline)
     assert not problems, f"seed {SEED}, {chaos.kills} kills, ops {chaos.log}:\n" + explain(rt, problems)
+
+
+STOP_KILLS = int(os.environ.get("SHIMD_CHAOS_STOP_KILLS", "6"))
+
+
+def test_sigkill_inside_the_concurrent_pod_start_and_stop(net_rt: NetRuntime) -> None:
+    """RunPodSandbox runs CNI ADD while the shim is launched, StopPodSandbox stops the pod's tasks while
+    its CNI DEL runs: SIGKILL lands inside those windows at random points (a real bridge network, a
+    running container). After each restart every invariant holds, an interrupted start is undone, and
+    the repeated Stop/Remove frees everything: IP lease, NAT rules, veth."""
+    rt, net, pb = net_rt.rt, net_rt.net, net_rt.rt.pb
+    rng = random.Random(SEED)
+    checker = Checker(rt)
+    ports = {ln.split(":")[1].strip() for ln in _bridge_links(net.bridge)}
+
+    def clean(what: str) -> None:
+        problems = checker.check()
+        assert not problems, f"{what} (seed {SEED}):\n" + explain(rt, problems)
+        assert net.allocations() == [], f"IP leases left {what}: {net.allocations()}"
+        assert rules_of(net.name, nat_rules())[0] == [], f"NAT rules left {what}"
+        left = {ln.split(":")[1].strip() for ln in _bridge_links(net.bridge)} - ports
+        assert not left, f"bridge ports left {what}: {left}"
+
+    for i in range(STOP_KILLS):
+        fut = rt.client.runtime.RunPodSandbox.future(pb.RunPodSandboxRequest(config=rt.pod_config(f"startkill{i}")),
+                                                     timeout=60)
+        time.sleep(rng.uniform(0.0, 0.1))
+        rt.proc.kill()
+        with contextlib.suppress(grpc.RpcError, grpc.FutureTimeoutError):
+            fut.result(timeout=10)
+        checker.note_disk()
+        rt.proc.start(timeout=60)
+        for p in checker.listed()[0]:  # the start may have finished before the kill
+            rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=p))
+            rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=p))
+        clean(f"after start kill {i}")
+
+        pod_id, cfg = rt.run_pod(f"stopkill{i}")
+        cid = rt.create(pod_id, cfg, "c", ["sleep", "1000"])
+        rt.start(cid)
+        fut = rt.client.runtime.StopPodSandbox.future(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=60)
+        time.sleep(rng.uniform(0.0, 0.12))
+        rt.proc.kill()
+        with contextlib.suppress(grpc.RpcError, grpc.FutureTimeoutError):
+            fut.result(timeout=10)
+        checker.note_disk()
+        rt.proc.start(timeout=60)
+        problems = checker.check({cid: Expect(pod_id, None)})
+        assert not problems, f"kill {i} (seed {SEED}):\n" + explain(rt, problems)
+        pods, _ = checker.listed()
+        assert pod_id in pods, "a pod whose StopPodSandbox was cut short is still listed"
+        # kubelet repeats the stop; then the pod and its network are gone for good.
+        rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+        st = rt.client.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status
+        assert st.state == pb.SANDBOX_NOTREADY
+        rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+        clean(f"after stop kill {i}")
+    assert not (rt.proc.root / "network").exists() or not list((rt.proc.root / "network").glob("*.json"))
+
+
+def _bridge_links(bridge: str) -> list[str]:
+    return subprocess.run(["ip", "-o", "link", "show", "master", bridge], capture_output=True, text=True,
+                          timeout=10).stdout.splitlines()

@@ -117,6 +117,24 @@ def test_plugin_config_injects_only_declared_capabilities() -> None:
     assert "runtimeConfig" not in br and "prevResult" not in br
 
 
+@pytest.mark.parametrize(("ptype", "conf", "idle"), [
+    ("portmap", {}, True),
+    ("portmap", {"runtimeConfig": {"portMappings": []}}, True),
+    ("portmap", {"runtimeConfig": {"portMappings": [{"hostPort": 80}]}}, False),
+    ("bandwidth", {}, True),
+    ("bandwidth", {"runtimeConfig": {"bandwidth": {"ingressRate": 0, "egressRate": 0}}}, True),
+    ("bandwidth", {"runtimeConfig": {"bandwidth": {"egressRate": 8000, "egressBurst": 80}}}, False),
+    ("bandwidth", {"ingressRate": 8000, "ingressBurst": 80}, False),
+    # The plugin's own entry wins over the runtime config's, even with no rate in it.
+    ("bandwidth", {"shapedSubnets": ["10.0.0.0/8"], "runtimeConfig": {"bandwidth": {"ingressRate": 1}}}, True),
+    ("bandwidth", {"runtimeConfig": {"bandwidth": "bogus"}}, False),
+    ("bridge", {}, False),
+    ("tuning", {}, False),
+])
+def test_plugins_that_would_do_nothing(ptype: str, conf: dict[str, object], idle: bool) -> None:
+    assert cni.does_nothing(ptype, {"type": ptype, **conf}) is idle
+
+
 def test_invocation_env() -> None:
     inv = cni.Invocation("ADD", "cid", "/ns", "eth0", "IgnoreUnknown=1", ["/a", "/b"])
     env = inv.env()
