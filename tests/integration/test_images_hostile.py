@@ -21,20 +21,13 @@ from tests.support import hostile
 from tests.support import images as img
 from tests.support.daemon import ShimdProcess
 from tests.support.images import Entry
-from tests.support.registry import PASSWORD, USER, Registry, insecure_toml, start_registry
+from tests.support.registry import PASSWORD, USER, Registry, insecure_toml
 from tests.support.runtime import Runtime
 
 
 @pytest.fixture
 def raw_registry() -> Iterator[hostile.RawRegistry]:
     reg = hostile.RawRegistry().start()
-    yield reg
-    reg.stop()
-
-
-@pytest.fixture
-def own_registry(tmp_path: Path) -> Iterator[Registry]:
-    reg = start_registry(tmp_path / "reg")
     yield reg
     reg.stop()
 
