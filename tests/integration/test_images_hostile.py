@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.integration.test_images_auth import started
 from tests.integration.test_images_errors import assert_store_consistent, expect
 from tests.integration.test_images_pull import listed, pull, remove, snapshots
 from tests.support import hostile
@@ -34,10 +35,7 @@ def raw_registry() -> Iterator[hostile.RawRegistry]:
 
 @pytest.fixture
 def shimd(tmp_path: Path, raw_registry: hostile.RawRegistry, own_registry: Registry) -> Iterator[ShimdProcess]:
-    base = tmp_path / "sd"
-    base.mkdir()
-    proc = ShimdProcess(base, insecure_toml(own_registry, raw_registry.host))
-    proc.start()
+    proc = started(tmp_path, insecure_toml(own_registry, raw_registry.host))
     yield proc
     proc.stop()
 
@@ -129,10 +127,7 @@ def test_credentials_not_reused_by_a_pull_without_them(tmp_path: Path, kind: str
                                                        token_registry: Registry) -> None:
     reg = auth_registry if kind == "basic" else token_registry
     ref = reg.client().push_image("tenant-a", "v1", img.busybox_image())
-    base = tmp_path / "sd"
-    base.mkdir()
-    proc = ShimdProcess(base, insecure_toml(reg))
-    proc.start()
+    proc = started(tmp_path, insecure_toml(reg))
     try:
         assert pull(proc, ref, username=USER, password=PASSWORD)
         remove(proc, ref)
