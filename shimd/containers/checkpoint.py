@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from shimd import errors
+from shimd.fsutil import fsync_dir
 
 CONFIG_DUMP = "config.dump"
 SPEC_DUMP = "spec.dump"
@@ -109,19 +110,11 @@ def write_archive(location: str, *, config_dump: dict[str, Any], bundle: Path, i
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, location)
-        _fsync_dir(os.path.dirname(location))
+        fsync_dir(os.path.dirname(location))
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
