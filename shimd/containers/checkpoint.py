@@ -61,10 +61,6 @@ def check_location(location: str) -> None:
         raise errors.InvalidArgument(f"location {location!r} is a directory; it must name the archive file")
 
 
-def _whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
 def _rootfs_diff(upper: Path, dest: Path) -> list[str]:
     """Tar of the upper dir without overlay whiteouts; returns the whiteouts as deleted paths."""
     deleted: list[str] = []
