@@ -24,21 +24,28 @@ def default_pod_parent(driver: str, pod_id: str) -> str:
     return f"/shimd/pod{pod_id[:16]}"
 
 
-def hierarchy_roots() -> list[Path]:
-    """Mount points of every cgroup v1 hierarchy and of cgroup2 (hybrid hosts have both)."""
-    roots: list[Path] = []
+def _cgroup_mounts() -> list[tuple[str, Path, str]]:
+    """(fstype, mount point, the text after " - ") of each cgroup and cgroup2 mount; none when unreadable."""
     try:
         lines = MOUNTINFO.read_text().splitlines()
     except OSError:
-        return roots
+        return []
+    mounts: list[tuple[str, Path, str]] = []
     for line in lines:
         left, _, right = line.partition(" - ")
         fstype = right.split(" ", 1)[0]
         if fstype in ("cgroup", "cgroup2"):
-            mount_point = left.split(" ")[4]
-            if fstype == "cgroup" and "name=" in right and "name=systemd" not in right:
-                continue
-            roots.append(Path(mount_point))
+            mounts.append((fstype, Path(left.split(" ")[4]), right))
+    return mounts
+
+
+def hierarchy_roots() -> list[Path]:
+    """Mount points of every cgroup v1 hierarchy and of cgroup2 (hybrid hosts have both)."""
+    roots: list[Path] = []
+    for fstype, mount_point, right in _cgroup_mounts():
+        if fstype == "cgroup" and "name=" in right and "name=systemd" not in right:
+            continue
+        roots.append(mount_point)
     return roots
 
 
@@ -113,27 +120,18 @@ def oom_killed(rel: str) -> bool:
 def hugetlb_usable() -> bool:
     """Whether runc can set hugepage limits here: a mounted cgroup v1 hugetlb hierarchy, or on a cgroup v2
     only host the hugetlb controller in the root's cgroup.controllers. (Hybrid hosts: runc uses v1.)"""
-    try:
-        lines = MOUNTINFO.read_text().splitlines()
-    except OSError:
-        return False
+    mounts = _cgroup_mounts()
     v1_mounted = False
-    unified: list[str] = []
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fields = right.split(" ")
-        if not fields:
-            continue
-        if fields[0] == "cgroup":
+    for fstype, _, right in mounts:
+        if fstype == "cgroup":
             v1_mounted = True
-            if "hugetlb" in fields[-1].split(","):
+            if "hugetlb" in right.split(" ")[-1].split(","):
                 return True
-        elif fields[0] == "cgroup2":
-            unified.append(left.split(" ")[4])
     if v1_mounted:
         return False
-    for mount_point in unified:
-        with contextlib.suppress(OSError):
-            if "hugetlb" in (Path(mount_point) / "cgroup.controllers").read_text().split():
-                return True
+    for fstype, mount_point, _ in mounts:
+        if fstype == "cgroup2":
+            with contextlib.suppress(OSError):
+                if "hugetlb" in (mount_point / "cgroup.controllers").read_text().split():
+                    return True
     return False

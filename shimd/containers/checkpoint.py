@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from shimd import errors
+from shimd.fsutil import fsync_dir
 
 CONFIG_DUMP = "config.dump"
 SPEC_DUMP = "spec.dump"
@@ -58,10 +59,6 @@ def check_location(location: str) -> None:
         raise errors.InvalidArgument(f"location {location!r}: directory {parent!r} does not exist")
     if os.path.isdir(location):
         raise errors.InvalidArgument(f"location {location!r} is a directory; it must name the archive file")
-
-
-def _whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 def _rootfs_diff(upper: Path, dest: Path) -> list[str]:
@@ -109,19 +106,11 @@ def write_archive(location: str, *, config_dump: dict[str, Any], bundle: Path, i
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, location)
-        _fsync_dir(os.path.dirname(location))
+        fsync_dir(os.path.dirname(location))
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -158,18 +147,30 @@ def _json_member(tar: tarfile.TarFile, name: str, field: str) -> dict[str, Any]:
     return value
 
 
-def read_metadata(archive: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """config.dump and spec.dump of an archive, read without unpacking it; INVALID_ARGUMENT (naming
-    config.image.image) for anything that is not a container checkpoint."""
+def _archive_field(archive: Path) -> str:
+    """How errors about `archive` name it; NOT_FOUND when there is no such file."""
     field = f"config.image.image {str(archive)!r}"
     if not archive.is_file():
         raise errors.NotFound(f"{field}: no such checkpoint archive")
+    return field
+
+
+def _dump_names(tar: tarfile.TarFile, field: str) -> set[str]:
+    """The archive's member names; INVALID_ARGUMENT unless it has both dumps of a container checkpoint."""
+    names = set(tar.getnames())
+    if CONFIG_DUMP not in names or SPEC_DUMP not in names:
+        raise errors.InvalidArgument(f"{field} is not a container checkpoint archive: it has no "
+                                     f"{CONFIG_DUMP} and {SPEC_DUMP}")
+    return names
+
+
+def read_metadata(archive: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """config.dump and spec.dump of an archive, read without unpacking it; INVALID_ARGUMENT (naming
+    config.image.image) for anything that is not a container checkpoint."""
+    field = _archive_field(archive)
     try:
         with tarfile.open(archive, "r:*") as tar:
-            names = set(tar.getnames())
-            if CONFIG_DUMP not in names or SPEC_DUMP not in names:
-                raise errors.InvalidArgument(f"{field} is not a container checkpoint archive: it has no "
-                                             f"{CONFIG_DUMP} and {SPEC_DUMP}")
+            names = _dump_names(tar, field)
             if f"{CHECKPOINT_DIR}/inventory.img" not in names:
                 raise errors.InvalidArgument(f"{field} has no CRIU images ({CHECKPOINT_DIR}/inventory.img)")
             return _json_member(tar, CONFIG_DUMP, field), _json_member(tar, SPEC_DUMP, field)
@@ -186,15 +187,10 @@ def unpack_into(archive: Path, dest: Path, upper: Path) -> Unpacked:
 
 def unpack(archive: Path, dest: Path) -> Unpacked:
     """Extracts a checkpoint archive; INVALID_ARGUMENT (naming config.image.image) for anything that is not one."""
-    field = f"config.image.image {str(archive)!r}"
-    if not archive.is_file():
-        raise errors.NotFound(f"{field}: no such checkpoint archive")
+    field = _archive_field(archive)
     try:
         with tarfile.open(archive, "r:*") as tar:
-            names = set(tar.getnames())
-            if CONFIG_DUMP not in names or SPEC_DUMP not in names:
-                raise errors.InvalidArgument(f"{field} is not a container checkpoint archive: it has no "
-                                             f"{CONFIG_DUMP} and {SPEC_DUMP}")
+            _dump_names(tar, field)
             dest.mkdir(parents=True, exist_ok=True)
             # The data filter refuses absolute names, '..', links out of dest and device files.
             tar.extractall(dest, filter="data")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shimd import errors
+from shimd.fsutil import fsync_dir
 from shimd.images.digest import hex_of
 
 
@@ -70,7 +71,7 @@ class Layout:
             for p in self.snapshots.iterdir():
                 if _is_hex_dir(p):
                     _write_marker(self.committed / p.name)
-            _fsync_dir(self.committed)
+            fsync_dir(self.committed)
         for p in self.ingest.iterdir():
             _rm(p)
         for p in self.snapshots.iterdir():
@@ -101,9 +102,9 @@ class Layout:
         if final.exists() or final.is_symlink():
             _rm(final)   # a rename that crashed before its marker was written
         os.rename(tmp, final)
-        _fsync_dir(self.snapshots)
+        fsync_dir(self.snapshots)
         _write_marker(self.committed / final.name)
-        _fsync_dir(self.committed)
+        fsync_dir(self.committed)
 
     def gc(self, live_blobs: set[str], live_chains: set[str]) -> tuple[int, int]:
         """Remove blobs and snapshots nothing references; returns how many of each went."""
@@ -154,14 +155,6 @@ def _write_marker(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
@@ -200,8 +193,4 @@ def commit_file(tmp: Path, final: Path) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, final)
-    dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(final.parent)

@@ -76,7 +76,8 @@ def _read_int(p: Path) -> int | None:
         return None
 
 
-def _read_kv(p: Path) -> dict[str, int]:
+def read_kv(p: Path) -> dict[str, int]:
+    """A flat keyed file ("key value" lines, as memory.stat); unreadable lines and files count nothing."""
     out: dict[str, int] = {}
     try:
         text = p.read_text()
@@ -102,7 +103,7 @@ def _v1(layout: Layout, rel: str, s: Sample) -> bool:
         found = True
         d = mem_root / rel
         s.memory_usage = _read_int(d / "memory.usage_in_bytes")
-        stat = _read_kv(d / "memory.stat")
+        stat = read_kv(d / "memory.stat")
         # total_* include child cgroups, which matters for pod-level cgroups.
         inactive = stat.get("total_inactive_file", stat.get("inactive_file", 0))
         if s.memory_usage is not None:
@@ -116,7 +117,7 @@ def _v1(layout: Layout, rel: str, s: Sample) -> bool:
         memsw = _read_int(d / "memory.memsw.usage_in_bytes")
         if memsw is not None and s.memory_usage is not None:
             s.swap_usage = max(0, memsw - s.memory_usage)
-        oom = _read_kv(d / "memory.oom_control")
+        oom = read_kv(d / "memory.oom_control")
         s.oom_events = oom.get("oom_kill")
     pids_root = layout.v1.get("pids")
     if pids_root is not None and (pids_root / rel).is_dir():
@@ -133,14 +134,14 @@ def _v2(layout: Layout, rel: str, s: Sample) -> bool:
         return False
     found = False
     if s.cpu_usage_ns is None:
-        cpu = _read_kv(d / "cpu.stat")
+        cpu = read_kv(d / "cpu.stat")
         if "usage_usec" in cpu:
             s.cpu_usage_ns = cpu["usage_usec"] * 1000
             found = True
     if s.memory_usage is None and (d / "memory.current").exists():
         found = True
         s.memory_usage = _read_int(d / "memory.current")
-        stat = _read_kv(d / "memory.stat")
+        stat = read_kv(d / "memory.stat")
         if s.memory_usage is not None:
             s.working_set = max(0, s.memory_usage - stat.get("inactive_file", 0))
         s.rss = stat.get("anon")
@@ -149,7 +150,7 @@ def _v2(layout: Layout, rel: str, s: Sample) -> bool:
         s.major_page_faults = stat.get("pgmajfault")
         s.memory_limit = _read_int(d / "memory.max")
         s.swap_usage = _read_int(d / "memory.swap.current")
-        s.oom_events = _read_kv(d / "memory.events").get("oom_kill")
+        s.oom_events = read_kv(d / "memory.events").get("oom_kill")
     if s.pids is None and (d / "pids.current").exists():
         s.pids = _read_int(d / "pids.current")
         found = True

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shimd.stats.cgroupfs import Layout
+from shimd.stats.cgroupfs import Layout, read_kv
 
 # cgroup v1 reports "no limit" as a page-aligned LONG_MAX.
 _V1_UNLIMITED = 1 << 62
@@ -81,17 +81,6 @@ def _int(p: Path, unlimited: int | None = None) -> int | None:
     except ValueError:
         return None
     return unlimited if value >= _V1_UNLIMITED else value
-
-
-def _kv(p: Path) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for line in (_text(p) or "").splitlines():
-        k, _, v = line.partition(" ")
-        try:
-            out[k] = int(v.strip())
-        except ValueError:
-            continue
-    return out
 
 
 def _dir(layout: Layout, controller: str, rel: str) -> Path | None:
@@ -165,14 +154,14 @@ def _weight_to_shares(weight: int) -> int:
 def _cpu(layout: Layout, rel: str, out: Detail) -> None:
     acct = _dir(layout, "cpuacct", rel)
     if acct is not None:
-        st = _kv(acct / "cpuacct.stat")
+        st = read_kv(acct / "cpuacct.stat")
         if "user" in st:
             out.cpu_user_ns = st["user"] * 1_000_000_000 // _TICKS
         if "system" in st:
             out.cpu_system_ns = st["system"] * 1_000_000_000 // _TICKS
     cpu = _dir(layout, "cpu", rel)
     if cpu is not None:
-        st = _kv(cpu / "cpu.stat")
+        st = read_kv(cpu / "cpu.stat")
         out.cfs_periods, out.cfs_throttled_periods = st.get("nr_periods"), st.get("nr_throttled")
         out.cfs_throttled_ns = st.get("throttled_time")
         out.cpu_period = _int(cpu / "cpu.cfs_period_us")
@@ -182,7 +171,7 @@ def _cpu(layout: Layout, rel: str, out: Detail) -> None:
     v2 = _v2_dir(layout, rel, "cpu.stat")
     if v2 is None:
         return
-    st = _kv(v2 / "cpu.stat")
+    st = read_kv(v2 / "cpu.stat")
     if out.cpu_user_ns is None and "user_usec" in st:
         out.cpu_user_ns, out.cpu_system_ns = st["user_usec"] * 1000, st.get("system_usec", 0) * 1000
     if cpu is None:
@@ -203,7 +192,7 @@ def _memory(layout: Layout, rel: str, out: Detail) -> None:
     if mem is not None:
         out.memory_failcnt = _int(mem / "memory.failcnt")
         out.memory_kernel = _int(mem / "memory.kmem.usage_in_bytes")
-        st = _kv(mem / "memory.stat")
+        st = read_kv(mem / "memory.stat")
         out.memory_mapped_file = st.get("total_mapped_file", st.get("mapped_file"))
         out.memory_cache = st.get("total_cache", st.get("cache"))
         out.memory_max_usage = _int(mem / "memory.max_usage_in_bytes")
@@ -215,8 +204,8 @@ def _memory(layout: Layout, rel: str, out: Detail) -> None:
     v2 = _v2_dir(layout, rel, "memory.current")
     if v2 is None:
         return
-    out.memory_failcnt = _kv(v2 / "memory.events").get("max")
-    st = _kv(v2 / "memory.stat")
+    out.memory_failcnt = read_kv(v2 / "memory.events").get("max")
+    st = read_kv(v2 / "memory.stat")
     out.memory_kernel = st.get("kernel", st.get("kernel_stack"))
     out.memory_mapped_file = st.get("file_mapped")
     out.memory_cache = st.get("file")  # cAdvisor's cache on cgroup v2

@@ -73,14 +73,19 @@ class Runc:
 
     async def create(self, cid: str, bundle: str, pid_file: str, stdio: tuple[int, int, int],
                      console_socket: str = "") -> None:
-        args = ["create", "--bundle", bundle, "--pid-file", pid_file]
+        args = ["create", "--bundle", bundle, "--pid-file", pid_file, *self._init_flags(console_socket)]
+        await self._run(*args, cid, stdio=stdio)
+
+    def _init_flags(self, console_socket: str) -> list[str]:
+        """The flags create and restore share: both set up a container's init process from its bundle."""
+        args: list[str] = []
         if console_socket:
             args += ["--console-socket", console_socket]
         if self.opts.no_pivot_root:
             args.append("--no-pivot")
         if self.opts.no_new_keyring:
             args.append("--no-new-keyring")
-        await self._run(*args, cid, stdio=stdio)
+        return args
 
     async def start(self, cid: str) -> None:
         await self._run("start", cid)
@@ -137,13 +142,7 @@ class Runc:
         """Recreates the container from CRIU images; runc hands its own stdio to the restored
         process in place of the pipes it had at dump time (descriptors.json in the images)."""
         args = ["restore", "--detach", "--bundle", bundle, "--image-path", image_path, "--work-path", work_path,
-                "--pid-file", pid_file]
-        if console_socket:
-            args += ["--console-socket", console_socket]
-        if self.opts.no_pivot_root:
-            args.append("--no-pivot")
-        if self.opts.no_new_keyring:
-            args.append("--no-new-keyring")
+                "--pid-file", pid_file, *self._init_flags(console_socket)]
         try:
             await self._run(*args, cid, stdio=stdio, timeout=max(self.timeout, CRIU_TIMEOUT))
         except RuncError as e:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 from tests.support.cri_client import CriClient
+from tests.support.procs import terminate
 
 NETNS_DIR = "/var/run/netns"
 CONTAINERD = "/usr/bin/containerd"
@@ -120,12 +120,7 @@ class ContainerdPeer:
             self.client.close()
             self.client = None
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+            terminate(self.proc, 15, 5)
         self.unmount_all()
         self.remove_netns_pins()
         if wipe:

@@ -25,7 +25,7 @@ import grpc
 import pytest
 
 from tests.support.daemon import REPO, ShimdProcess
-from tests.support.runtime import Runtime, exec_sync, runtime_config
+from tests.support.runtime import Runtime, exec_sync, started_runtime
 
 COUNTER = ["sh", "-c", "echo data > /made-here; rm -f /etc/group; i=0; "
            "while true; do i=$((i+1)); echo \"count $i\"; sleep 0.2; done"]
@@ -61,16 +61,6 @@ def working_criu_dir() -> str | None:
     return None
 
 
-def _runtime(factory: Callable[..., ShimdProcess], registry: tuple[str, str], cni_dir: Path) -> Iterator[Runtime]:
-    host, ref = registry
-    proc = factory(runtime_config(host, cni_dir))
-    proc.start()
-    runtime = Runtime(proc, ref)
-    runtime.client.images.PullImage(runtime.pb.PullImageRequest(image=runtime.pb.ImageSpec(image=ref)))
-    yield runtime
-    runtime.cleanup()
-
-
 @pytest.fixture
 def rt_criu(shimd_factory: Callable[..., ShimdProcess], busybox_registry: tuple[str, str], cni_loopback_dir: Path,
             monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
@@ -81,7 +71,8 @@ def rt_criu(shimd_factory: Callable[..., ShimdProcess], busybox_registry: tuple[
                     "(tests/tools/criu.sh fetches one)")
     if where:
         monkeypatch.setenv("PATH", f"{where}:{os.environ.get('PATH', os.defpath)}")
-    yield from _runtime(shimd_factory, busybox_registry, cni_loopback_dir)
+    with started_runtime(shimd_factory, busybox_registry, cni_loopback_dir) as runtime:
+        yield runtime
 
 
 def _counts(log: Path) -> list[int]:
@@ -209,7 +200,8 @@ def rt_without_criu(shimd_factory: Callable[..., ShimdProcess], busybox_registry
             if name != "criu" and not (sbin / name).exists():
                 (sbin / name).symlink_to(os.path.join(d, name))
     monkeypatch.setenv("PATH", f"{sbin}:/usr/local/bin:/usr/bin")
-    yield from _runtime(shimd_factory, busybox_registry, cni_loopback_dir)
+    with started_runtime(shimd_factory, busybox_registry, cni_loopback_dir) as runtime:
+        yield runtime
 
 
 def test_checkpoint_without_criu_names_what_is_missing(rt_without_criu: Runtime) -> None:

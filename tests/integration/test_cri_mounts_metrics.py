@@ -16,7 +16,7 @@ import pytest
 from tests.support import images as img
 from tests.support.daemon import ShimdProcess
 from tests.support.network import NetRuntime
-from tests.support.runtime import Runtime, exec_sync, runtime_config
+from tests.support.runtime import Runtime, exec_sync, started_runtime
 
 PRIVATE, HOST_TO_CONTAINER, BIDIRECTIONAL = 0, 1, 2
 
@@ -139,14 +139,8 @@ def volume_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
 def vol_rt(shimd_factory: Callable[..., ShimdProcess], volume_registry: tuple[str, str, str],
            cni_loopback_dir: Path) -> Iterator[Runtime]:
     host, busybox, _ = volume_registry
-    proc = shimd_factory(runtime_config(host, cni_loopback_dir))
-    runtime = Runtime(proc, busybox)
-    try:
-        proc.start()
-        runtime.client.images.PullImage(runtime.pb.PullImageRequest(image=runtime.pb.ImageSpec(image=busybox)))
+    with started_runtime(shimd_factory, (host, busybox), cni_loopback_dir) as runtime:
         yield runtime
-    finally:
-        runtime.cleanup()
 
 
 def _image_mount(pb: Any, image_ref: str, user: str, path: str = "/mnt/vol", sub: str = "",

@@ -14,15 +14,7 @@ from tests.integration.test_images_pull import listed, pull
 from tests.support import images as img
 from tests.support.daemon import ShimdProcess
 from tests.support.images import Entry
-from tests.support.registry import Registry, free_port, insecure_toml, start_registry
-
-
-@pytest.fixture
-def own_registry(tmp_path: Path) -> Iterator[Registry]:
-    """A registry this test may corrupt."""
-    reg = start_registry(tmp_path / "reg")
-    yield reg
-    reg.stop()
+from tests.support.registry import Registry, free_port, insecure_toml
 
 
 @pytest.fixture

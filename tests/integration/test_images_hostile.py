@@ -15,13 +15,14 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.integration.test_images_auth import started
 from tests.integration.test_images_errors import assert_store_consistent, expect
 from tests.integration.test_images_pull import listed, pull, remove, snapshots
 from tests.support import hostile
 from tests.support import images as img
 from tests.support.daemon import ShimdProcess
 from tests.support.images import Entry
-from tests.support.registry import PASSWORD, USER, Registry, insecure_toml, start_registry
+from tests.support.registry import PASSWORD, USER, Registry, insecure_toml
 from tests.support.runtime import Runtime
 
 
@@ -33,18 +34,8 @@ def raw_registry() -> Iterator[hostile.RawRegistry]:
 
 
 @pytest.fixture
-def own_registry(tmp_path: Path) -> Iterator[Registry]:
-    reg = start_registry(tmp_path / "reg")
-    yield reg
-    reg.stop()
-
-
-@pytest.fixture
 def shimd(tmp_path: Path, raw_registry: hostile.RawRegistry, own_registry: Registry) -> Iterator[ShimdProcess]:
-    base = tmp_path / "sd"
-    base.mkdir()
-    proc = ShimdProcess(base, insecure_toml(own_registry, raw_registry.host))
-    proc.start()
+    proc = started(tmp_path, insecure_toml(own_registry, raw_registry.host))
     yield proc
     proc.stop()
 
@@ -136,10 +127,7 @@ def test_credentials_not_reused_by_a_pull_without_them(tmp_path: Path, kind: str
                                                        token_registry: Registry) -> None:
     reg = auth_registry if kind == "basic" else token_registry
     ref = reg.client().push_image("tenant-a", "v1", img.busybox_image())
-    base = tmp_path / "sd"
-    base.mkdir()
-    proc = ShimdProcess(base, insecure_toml(reg))
-    proc.start()
+    proc = started(tmp_path, insecure_toml(reg))
     try:
         assert pull(proc, ref, username=USER, password=PASSWORD)
         remove(proc, ref)

@@ -4,16 +4,15 @@ real daemon (real runc, CNI, registry) driven through the grpcio client."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.runtime import Runtime, runtime_config
+from tests.support.runtime import Runtime
 
 TIMED = ("RunPodSandbox", "CreateContainer", "StartContainer", "StopPodSandbox", "RemovePodSandbox")
 # Phases each call must show for a runc pod on the loopback CNI network; the pod shares one PID
@@ -35,27 +34,6 @@ EXPECTED = {
 # Phases of steps that run alongside the call's main line: in the log line's `overlapped`, not `phases`.
 OVERLAPPED = {"RunPodSandbox": {"cni_prepare", "cni_add:loopback", "cni_record"},
               "StopPodSandbox": {"cni_prepare", "cni_del:loopback", "cni_record"}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def phases_rt(shimd_factory: Callable[..., Any], busybox_registry: tuple[str, str],
-              cni_loopback_dir: Path) -> Iterator[tuple[Runtime, str]]:
-    host, ref = busybox_registry
-    port = _free_port()
-    proc = shimd_factory(runtime_config(host, cni_loopback_dir) + f'[metrics]\naddress = "127.0.0.1:{port}"\n')
-    proc.start()
-    rt = Runtime(proc, ref)
-    try:
-        rt.client.images.PullImage(rt.pb.PullImageRequest(image=rt.pb.ImageSpec(image=ref)))
-        yield rt, f"http://127.0.0.1:{port}/metrics"
-    finally:
-        rt.cleanup()
 
 
 def _scrape(url: str) -> str:
@@ -87,8 +65,8 @@ def _until(fn: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
         time.sleep(0.05)
 
 
-def test_pod_and_container_phases_on_metrics_and_in_the_log(phases_rt: tuple[Runtime, str]) -> None:
-    rt, url = phases_rt
+def test_pod_and_container_phases_on_metrics_and_in_the_log(metrics_rt: tuple[Runtime, str]) -> None:
+    rt, url = metrics_rt
     pb = rt.pb
     pod_id, pod_cfg = rt.run_pod("ph")
     cid = rt.create(pod_id, pod_cfg, "c", ["sleep", "3600"])
@@ -134,8 +112,8 @@ def test_pod_and_container_phases_on_metrics_and_in_the_log(phases_rt: tuple[Run
     assert by_rpc["CreateContainer"]["container_id"] == cid and by_rpc["StartContainer"]["container_id"] == cid
 
 
-def test_failed_call_is_logged_not_observed(phases_rt: tuple[Runtime, str]) -> None:
-    rt, url = phases_rt
+def test_failed_call_is_logged_not_observed(metrics_rt: tuple[Runtime, str]) -> None:
+    rt, url = metrics_rt
     pb = rt.pb
     pod_id, pod_cfg = rt.run_pod("bad")
     with pytest.raises(Exception):  # noqa: B017 - any gRPC error: the image is not there

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from tests.support.daemon import ShimdProcess
-from tests.support.runtime import Runtime, exec_sync, runtime_config
+from tests.support.runtime import Runtime, exec_sync, started_runtime
 
 # A runc that hides its `features` (as runc before 1.1 has none): shimd cannot prove rro there.
 NO_FEATURES_RUNC = '#!/bin/sh\n[ "$1" = features ] && exit 1\nexec runc "$@"\n'
@@ -21,17 +21,12 @@ NO_FEATURES_RUNC = '#!/bin/sh\n[ "$1" = features ] && exit 1\nexec runc "$@"\n'
 @pytest.fixture
 def rt_rro(shimd_factory: Callable[..., ShimdProcess], busybox_registry: tuple[str, str],
            cni_loopback_dir: Path, tmp_base: Path) -> Iterator[Runtime]:
-    host, ref = busybox_registry
     old = tmp_base / "old-runc"
     old.write_text(NO_FEATURES_RUNC)
     old.chmod(0o755)
-    proc = shimd_factory(runtime_config(host, cni_loopback_dir)
-                         + f'[handlers.oldrunc]\ndriver = "runc"\nbinary = "{old}"\n')
-    proc.start()
-    runtime = Runtime(proc, ref)
-    runtime.client.images.PullImage(runtime.pb.PullImageRequest(image=runtime.pb.ImageSpec(image=ref)))
-    yield runtime
-    runtime.cleanup()
+    with started_runtime(shimd_factory, busybox_registry, cni_loopback_dir,
+                         f'[handlers.oldrunc]\ndriver = "runc"\nbinary = "{old}"\n') as runtime:
+        yield runtime
 
 
 @contextmanager

@@ -2,38 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.support.runtime import Runtime, runtime_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def metrics_rt(shimd_factory: Callable[..., Any], busybox_registry: tuple[str, str],
-               cni_loopback_dir: Path) -> Iterator[tuple[Runtime, str]]:
-    host, ref = busybox_registry
-    port = _free_port()
-    proc = shimd_factory(runtime_config(host, cni_loopback_dir) + f'[metrics]\naddress = "127.0.0.1:{port}"\n')
-    proc.start()
-    rt = Runtime(proc, ref)
-    try:
-        rt.client.images.PullImage(rt.pb.PullImageRequest(image=rt.pb.ImageSpec(image=ref)))
-        yield rt, f"http://127.0.0.1:{port}/metrics"
-    finally:
-        rt.cleanup()
+from tests.support.runtime import Runtime
 
 
 def _scrape(url: str) -> str:

@@ -27,6 +27,18 @@ def _zygotes(rt: Runtime) -> list[int]:
     return found
 
 
+def _zygotes_after_last_pod(rt: Runtime, pod: str, timeout: float) -> list[int]:
+    """Removes the last pod and stops shimd; the zygotes still there once they are gone or `timeout` passed."""
+    pb = rt.pb
+    rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod))
+    rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod))
+    rt.proc.stop()
+    deadline = time.monotonic() + timeout
+    while _zygotes(rt) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _zygotes(rt)
+
+
 def _comm(pid: int) -> str:
     with open(f"/proc/{pid}/comm") as f:
         return f.read().strip()
@@ -65,32 +77,18 @@ def test_shims_come_from_the_zygote_and_survive_its_loss(rt: Runtime) -> None:
 
 
 def test_zygote_stops_with_the_last_pod(rt: Runtime) -> None:
-    pb = rt.pb
     pod, _ = rt.run_pod("zyg-last")
     assert _zygotes(rt)
-    rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod))
-    rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod))
-    rt.proc.stop()
-    deadline = time.monotonic() + 5
-    while _zygotes(rt) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _zygotes(rt) == []
+    assert _zygotes_after_last_pod(rt, pod, 5) == []
     rt.proc.start()
 
 
 def test_zygote_stops_with_the_last_pod_after_a_crash_restart(rt: Runtime) -> None:
     """A shimd that was SIGKILLed and restarted never asked the zygote for a shim itself; it must still end
     the zygote its predecessor started once the last pod is gone and it stops."""
-    pb = rt.pb
     pod, _ = rt.run_pod("zyg-crash")
     assert _zygotes(rt)
     rt.proc.kill()
     rt.proc.start()
-    rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod))
-    rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod))
-    rt.proc.stop()
-    deadline = time.monotonic() + 10
-    while _zygotes(rt) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _zygotes(rt) == [], "the zygote outlived the last pod and the daemon"
+    assert _zygotes_after_last_pod(rt, pod, 10) == [], "the zygote outlived the last pod and the daemon"
     rt.proc.start()

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from tests.support.cri_client import CriClient
+from tests.support.procs import terminate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,12 +72,7 @@ class ShimdProcess:
             self.client.close()
             self.client = None
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+            terminate(self.proc, 15, 5)
 
     def log_tail(self, lines: int = 40) -> str:
         try:

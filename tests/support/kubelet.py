@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from tests.support.procs import terminate
 from tests.support.registry import free_port
 
 # What kubelet's setupKernelTunables wants to read (pkg/util/sysctl's constants).
@@ -190,12 +191,7 @@ class Kubelet:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        terminate(self.proc, 20, 10)
 
     def log_text(self) -> str:
         try:

@@ -1,9 +1,23 @@
 """Finding a pod's processes: shims started directly name their pod on their command line; shims forked
-by the zygote share its command line and carry `shim-<first 10 chars of the pod id>` as their name."""
+by the zygote share its command line and carry `shim-<first 10 chars of the pod id>` as their name.
+Also how the tests stop the daemons they start."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+from typing import Any
+
+
+def terminate(proc: subprocess.Popen[Any], grace: float, kill_wait: float) -> None:
+    """SIGTERM, and SIGKILL if it has not exited after `grace` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=kill_wait)
 
 
 def _read(pid: str, name: str) -> bytes:

@@ -263,6 +263,14 @@ def registry_base() -> Iterator[Path]:
     shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture
+def own_registry(tmp_path: Path) -> Iterator[Registry]:
+    """A registry of the test's own, which it may corrupt."""
+    reg = start_registry(tmp_path / "reg")
+    yield reg
+    reg.stop()
+
+
 @pytest.fixture(scope="session")
 def registry(registry_base: Path) -> Iterator[Registry]:
     reg = start_registry(registry_base / "plain")

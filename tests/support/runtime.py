@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import grpc
 import pytest
 
 from tests.support.daemon import ShimdProcess
+from tests.support.registry import free_port
 
 LOOPBACK_CONFLIST = {"cniVersion": "0.4.0", "name": "shimd-test-lo", "plugins": [{"type": "loopback"}]}
 
@@ -44,16 +46,36 @@ def runtime_config(registry_host: str, cni_dir: Path) -> str:
             f'[cni]\nconf_dir = "{cni_dir}"\n')
 
 
+@contextlib.contextmanager
+def started_runtime(factory: Callable[..., ShimdProcess], registry: tuple[str, str], cni_dir: Path,
+                    extra_config: str = "") -> Iterator[Runtime]:
+    """A started shimd with the registry's busybox pulled, cleaned up on leaving (even after a failure)."""
+    host, ref = registry
+    proc = factory(runtime_config(host, cni_dir) + extra_config)
+    runtime = Runtime(proc, ref)
+    try:
+        proc.start()
+        runtime.client.images.PullImage(runtime.pb.PullImageRequest(image=runtime.pb.ImageSpec(image=ref)))
+        yield runtime
+    finally:
+        runtime.cleanup()
+
+
 @pytest.fixture
 def rt(shimd_factory: Callable[..., ShimdProcess], busybox_registry: tuple[str, str],
        cni_loopback_dir: Path) -> Iterator[Runtime]:
-    host, ref = busybox_registry
-    proc = shimd_factory(runtime_config(host, cni_loopback_dir))
-    proc.start()
-    runtime = Runtime(proc, ref)
-    runtime.client.images.PullImage(runtime.pb.PullImageRequest(image=runtime.pb.ImageSpec(image=ref)))
-    yield runtime
-    runtime.cleanup()
+    with started_runtime(shimd_factory, busybox_registry, cni_loopback_dir) as runtime:
+        yield runtime
+
+
+@pytest.fixture
+def metrics_rt(shimd_factory: Callable[..., ShimdProcess], busybox_registry: tuple[str, str],
+               cni_loopback_dir: Path) -> Iterator[tuple[Runtime, str]]:
+    """Like rt, with the Prometheus endpoint on a free loopback port: (runtime, its /metrics URL)."""
+    port = free_port()
+    with started_runtime(shimd_factory, busybox_registry, cni_loopback_dir,
+                         f'[metrics]\naddress = "127.0.0.1:{port}"\n') as runtime:
+        yield runtime, f"http://127.0.0.1:{port}/metrics"
 
 
 class Runtime:

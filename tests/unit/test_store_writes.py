@@ -28,6 +28,16 @@ def _ctr() -> ContainerRecord:
                            image_id="sha256:x", log_path="", bundle="/nonexistent", state=CONTAINER_RUNNING)
 
 
+async def _store_with_container(root: Path) -> tuple[Store, ContainerRecord]:
+    """A loaded store holding one pod and its container, both saved."""
+    store = Store(root)
+    await store.load()
+    await store.save_pod(_pod())
+    ctr = _ctr()
+    await store.save_container(ctr)
+    return store, ctr
+
+
 def test_two_threads_writing_one_file_do_not_share_a_temp_file(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Both writers are held inside their write until the other has written too: with one temp name per
@@ -61,11 +71,7 @@ def test_two_threads_writing_one_file_do_not_share_a_temp_file(tmp_path: Path,
 
 
 async def test_concurrent_saves_of_one_record_end_with_its_last_state(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    await store.load()
-    await store.save_pod(_pod())
-    ctr = _ctr()
-    await store.save_container(ctr)
+    store, ctr = await _store_with_container(tmp_path)
 
     async def exit_recorded() -> None:  # what on_exit does
         ctr.state, ctr.exit_code = CONTAINER_EXITED, 137
@@ -83,11 +89,7 @@ async def test_concurrent_saves_of_one_record_end_with_its_last_state(tmp_path: 
 
 
 async def test_a_save_racing_the_removal_does_not_bring_the_record_back(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    await store.load()
-    await store.save_pod(_pod())
-    ctr = _ctr()
-    await store.save_container(ctr)
+    store, ctr = await _store_with_container(tmp_path)
     await asyncio.gather(store.delete_container(ctr), store.save_container(ctr))
     assert not (tmp_path / "containers" / f"{CTR}.json").exists()
     assert CTR not in store.containers
