@@ -129,6 +129,9 @@ def parse_events(raw: bytes, now_ns: int | None = None) -> Sample | None:
     )
 
 
+KILL_WAIT_SECONDS = 5.0
+
+
 async def sample(argv: list[str], container_id: str, timeout: float) -> Sample | None:
     """Run `<runsc and global flags> events --stats <id>`; None when the container is gone or runsc fails."""
     try:
@@ -144,6 +147,9 @@ async def sample(argv: list[str], container_id: str, timeout: float) -> Sample |
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
-        await proc.wait()
+        # Bounded too: a runsc stuck in the kernel is reaped by the loop's child watcher when it exits.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(KILL_WAIT_SECONDS):
+                await proc.wait()
         return None
     return parse_events(out) if proc.returncode == 0 and out else None
