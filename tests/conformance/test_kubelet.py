@@ -32,7 +32,15 @@ import pytest
 from tests.support import critest_images, gotools
 from tests.support import images as img
 from tests.support.daemon import ShimdProcess
-from tests.support.kubelet import Kubelet, cgroups_under, make_cgroup_root, pids_in_cgroups, remove_cgroup_root
+from tests.support.kubelet import (
+    Kubelet,
+    cgroups_under,
+    kubelet_iptables_chains,
+    make_cgroup_root,
+    pids_in_cgroups,
+    remove_cgroup_root,
+    remove_kubelet_iptables,
+)
 from tests.support.network import CNI_BIN_DIRS, CniNetwork
 from tests.support.procs import alive, procs_for_pod
 from tests.support.registry import Registry, start_registry
@@ -200,6 +208,7 @@ def scenario() -> Iterator[Scenario]:
         (base / "shimd").mkdir()
         shimd = ShimdProcess(base / "shimd", _shimd_config(registry, net))
         kubelet = Kubelet(binary, base / "kubelet", shimd.socket, cgroup_root)
+        undo.callback(remove_kubelet_iptables, kubelet_iptables_chains())
         undo.callback(_remove_links, kubelet.pod_logs)
         undo.callback(remove_cgroup_root, cgroup_root)
         undo.callback(release_base_dir, shimd.state / "ns")

@@ -78,6 +78,38 @@ def pids_in_cgroups(name: str) -> set[int]:
     return pids
 
 
+IPTABLES = ("iptables", "ip6tables")
+IPTABLES_TABLES = ("filter", "nat", "mangle")
+
+
+def kubelet_iptables_chains() -> set[tuple[str, str, str]]:
+    """(tool, table, chain) of every KUBE-* chain in the host's network namespace."""
+    found = set()
+    for tool in IPTABLES:
+        for table in IPTABLES_TABLES:
+            out = subprocess.run([f"{tool}-save", "-t", table], capture_output=True, text=True, timeout=20).stdout
+            found |= {(tool, table, line[1:].split()[0]) for line in out.splitlines() if line.startswith(":KUBE-")}
+    return found
+
+
+def remove_kubelet_iptables(before: set[tuple[str, str, str]]) -> None:
+    """kubelet adds KUBE-* chains (and KUBE-FIREWALL rules in INPUT/OUTPUT) to the host: take out those that
+    were not there before it started, the rules that jump to them first."""
+    added = kubelet_iptables_chains() - before
+    for tool, table in {(t, tb) for t, tb, _ in added}:
+        chains = {c for t, tb, c in added if (t, tb) == (tool, table)}
+        out = subprocess.run([f"{tool}-save", "-t", table], capture_output=True, text=True, timeout=20).stdout
+        for rule in out.splitlines():
+            parts = rule.split()
+            if rule.startswith("-A ") and "-j" in parts and parts[parts.index("-j") + 1] in chains \
+                    and parts[1] not in chains:
+                subprocess.run([tool, "-w", "-t", table, "-D", *parts[1:]], capture_output=True, timeout=20)
+        for chain in chains:
+            subprocess.run([tool, "-w", "-t", table, "-F", chain], capture_output=True, timeout=20)
+        for chain in chains:
+            subprocess.run([tool, "-w", "-t", table, "-X", chain], capture_output=True, timeout=20)
+
+
 def remove_cgroup_root(name: str) -> None:
     """Kill what is left inside, then rmdir bottom-up (cgroupfs directories cannot be removed recursively)."""
     for pid in pids_in_cgroups(name):
