@@ -88,6 +88,16 @@ def _wait_count(log: Path, at_least: int, timeout: float = 30.0) -> list[int]:
         time.sleep(0.1)
 
 
+def _running_counter(rt: Runtime, pod_name: str, at_least: int) -> tuple[str, Path]:
+    """(container id, log) of a COUNTER container in a new pod, once it has counted to `at_least`."""
+    pod_id, pod_cfg = rt.run_pod(pod_name)
+    cid = rt.create(pod_id, pod_cfg, "counter", COUNTER)
+    rt.start(cid)
+    log = rt.log_dir / pod_name / "counter" / "0.log"
+    assert _wait_count(log, at_least)[-1] >= at_least
+    return cid, log
+
+
 def _rpc_error(call: Callable[[], Any]) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         call()
@@ -119,11 +129,7 @@ def _leftover_checkpoint_dirs(rt: Runtime) -> list[str]:
 def test_checkpoint_and_restore_continue_the_counter(rt_criu: Runtime) -> None:
     rt = rt_criu
     pb = rt.pb
-    pod_id, pod_cfg = rt.run_pod("ck-src")
-    cid = rt.create(pod_id, pod_cfg, "counter", COUNTER)
-    rt.start(cid)
-    src_log = rt.log_dir / "ck-src" / "counter" / "0.log"
-    assert _wait_count(src_log, 5)[-1] >= 5
+    cid, src_log = _running_counter(rt, "ck-src", 5)
 
     archive = rt.proc.base / "counter.tar"
     _checkpoint(rt, cid, archive)
@@ -172,11 +178,7 @@ def test_checkpoint_fails_cleanly_where_criu_check_fails(rt: Runtime) -> None:
     if not why or not shutil.which("criu"):
         pytest.skip("criu is installed and works here: the round trip test covers checkpointing")
     pb = rt.pb
-    pod_id, pod_cfg = rt.run_pod("ck-nocriu")
-    cid = rt.create(pod_id, pod_cfg, "counter", COUNTER)
-    rt.start(cid)
-    log = rt.log_dir / "ck-nocriu" / "counter" / "0.log"
-    assert _wait_count(log, 2)[-1] >= 2
+    cid, log = _running_counter(rt, "ck-nocriu", 2)
     archive = rt.proc.base / "never.tar"
     err = _rpc_error(lambda: _checkpoint(rt, cid, archive))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()

@@ -239,6 +239,15 @@ def test_sigkill_inside_the_concurrent_pod_start_and_stop(net_rt: NetRuntime) ->
     checker = Checker(rt)
     ports = {ln.split(":")[1].strip() for ln in _bridge_links(net.bridge)}
 
+    def kill_inside(call: Any, latest: float) -> None:
+        """SIGKILL shimd at a random point of the call under way (up to `latest` s in), then restart it."""
+        time.sleep(rng.uniform(0.0, latest))
+        rt.proc.kill()
+        with contextlib.suppress(grpc.RpcError, grpc.FutureTimeoutError):
+            call.result(timeout=10)
+        checker.note_disk()
+        rt.proc.start(timeout=60)
+
     def clean(what: str) -> None:
         problems = checker.check()
         assert not problems, f"{what} (seed {SEED}):\n" + explain(rt, problems)
@@ -248,14 +257,8 @@ def test_sigkill_inside_the_concurrent_pod_start_and_stop(net_rt: NetRuntime) ->
         assert not left, f"bridge ports left {what}: {left}"
 
     for i in range(STOP_KILLS):
-        fut = rt.client.runtime.RunPodSandbox.future(pb.RunPodSandboxRequest(config=rt.pod_config(f"startkill{i}")),
-                                                     timeout=60)
-        time.sleep(rng.uniform(0.0, 0.1))
-        rt.proc.kill()
-        with contextlib.suppress(grpc.RpcError, grpc.FutureTimeoutError):
-            fut.result(timeout=10)
-        checker.note_disk()
-        rt.proc.start(timeout=60)
+        kill_inside(rt.client.runtime.RunPodSandbox.future(
+            pb.RunPodSandboxRequest(config=rt.pod_config(f"startkill{i}")), timeout=60), 0.1)
         for p in checker.listed()[0]:  # the start may have finished before the kill
             rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=p))
             rt.client.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=p))
@@ -264,13 +267,8 @@ def test_sigkill_inside_the_concurrent_pod_start_and_stop(net_rt: NetRuntime) ->
         pod_id, cfg = rt.run_pod(f"stopkill{i}")
         cid = rt.create(pod_id, cfg, "c", ["sleep", "1000"])
         rt.start(cid)
-        fut = rt.client.runtime.StopPodSandbox.future(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=60)
-        time.sleep(rng.uniform(0.0, 0.12))
-        rt.proc.kill()
-        with contextlib.suppress(grpc.RpcError, grpc.FutureTimeoutError):
-            fut.result(timeout=10)
-        checker.note_disk()
-        rt.proc.start(timeout=60)
+        kill_inside(rt.client.runtime.StopPodSandbox.future(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id),
+                                                            timeout=60), 0.12)
         problems = checker.check({cid: Expect(pod_id, None)})
         assert not problems, f"kill {i} (seed {SEED}):\n" + explain(rt, problems)
         pods, _ = checker.listed()
