@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
 import signal
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +31,6 @@ from shimd.store.records import (
     CONTAINER_CREATED,
     CONTAINER_EXITED,
     CONTAINER_RUNNING,
-    POD_READY,
     ContainerRecord,
     PodRecord,
     config_field,
@@ -92,7 +93,8 @@ class ContainerService:
         self._check_recursive_read_only(config, pod.handler)
         async with self.store.lock(pod.id):
             phase("lock_wait")
-            if pod.state != POD_READY:
+            pod = self.store.pod(pod.id)
+            if not pod.ready:
                 raise errors.FailedPrecondition(f"pod sandbox {pod.id} is not ready (state {pod.state})")
             archive = ""
             if ckpt.is_archive_ref(config.image.image):
@@ -103,6 +105,7 @@ class ContainerService:
             volumes = self._image_volumes(config)
             log_path = _log_path(config_field(pod.config, "logDirectory", default=""), config.log_path)
             cid = secrets.token_hex(32)
+            # Its user (from the spec below) is kept on the record: ContainerStatus reports it.
             ctr = ContainerRecord(
                 id=cid, pod_id=pod.id, name=config.metadata.name, attempt=config.metadata.attempt,
                 created_at=time.time_ns(), config=config.to_dict(), image_ref=config.image.image,
@@ -143,7 +146,8 @@ class ContainerService:
                                             Path(ctr.fs_dir) / "upper")
                 await fsutil.write_json(bundle / "config.json", spec)
                 phase("bundle_write")
-                await self.store.save_container(ctr)
+                ctr = dataclasses.replace(ctr, user=spec_user(spec))
+                await self.store.add_container(ctr)
                 phase("record_write")
             except BaseException:
                 self.store.release_name(ctr.name_key(pod), cid)
@@ -239,9 +243,10 @@ class ContainerService:
         phase_context(pod_id=pod.id, container_id=ctr.id)
         async with self.store.lock(pod.id):
             phase("lock_wait")
+            ctr, pod = self.store.container(ctr.id), self.store.pod(pod.id)
             if ctr.state != CONTAINER_CREATED:
                 raise errors.FailedPrecondition(f"container {ctr.id} is {ctr.state}, not CREATED")
-            if pod.state != POD_READY:
+            if not pod.ready:
                 raise errors.FailedPrecondition(f"pod sandbox {pod.id} is not ready")
             image = self.images.get(ctr.image_id)
             if image is None:
@@ -261,30 +266,28 @@ class ContainerService:
             self._exited.pop(ctr.id, None)
             phase("prepare")
             try:
-                ctr.pid = await self.shims.create(pod.id, pod.handler, ctr.id, Path(ctr.bundle), rootfs, stdio,
-                                                  ctr.tty, checkpoint=ctr.restore_from)
+                pid = await self.shims.create(pod.id, pod.handler, ctr.id, Path(ctr.bundle), rootfs, stdio,
+                                              ctr.tty, checkpoint=ctr.restore_from)
                 # The shim's Create: rootfs mount, then the OCI runtime's create.
                 phase("runtime_create")
                 # Taken before Start: a fast process can exit before Start even returns.
                 started_at = time.time_ns()
-                pid = await self.shims.start(pod.id, ctr.id)
+                started_pid = await self.shims.start(pod.id, ctr.id)
                 if ctr.restore_from:
-                    ctr.pid = pid  # a restored process only exists once Start has run `runc restore`
+                    pid = started_pid  # a restored process only exists once Start has run `runc restore`
                 phase("runtime_start")
             except errors.ShimdError as e:
-                ctr.state, ctr.reason, ctr.message = CONTAINER_EXITED, "StartError", str(e)
-                ctr.exit_code, ctr.finished_at = 128, time.time_ns()
-                await self.store.save_container(ctr)
+                await self.store.update_container(ctr.id, state=CONTAINER_EXITED, reason="StartError",
+                                                  message=str(e), exit_code=128, finished_at=time.time_ns())
                 with contextlib.suppress(errors.ShimdError, OSError, asyncio.TimeoutError):
                     await self.shims.delete(pod.id, ctr.id)
                 lg.warning("container failed to start", error=str(e))
                 raise
-            ctr.state, ctr.started_at = CONTAINER_RUNNING, started_at
-            await self.store.save_container(ctr)
+            await self.store.update_container(ctr.id, state=CONTAINER_RUNNING, pid=pid, started_at=started_at)
             phase("record_write")
             self.shims.watch(pod.id, ctr.id)
             self.bus.publish(events.STARTED, ctr.id, pod.id)
-            lg.info("container started", pid=ctr.pid)
+            lg.info("container started", pid=pid)
 
     # --- exits -------------------------------------------------------------------------------
     async def on_exit(self, pod_id: str, task_id: str, info: ExitInfo) -> None:
@@ -295,13 +298,17 @@ class ContainerService:
         lg = self.log.bind(pod_id=pod_id, container_id=task_id)
         if ctr.state == CONTAINER_RUNNING:
             oom = await asyncio.to_thread(cgroups.oom_killed, ctr_cgroup(self.cgroup_driver, self.store, ctr))
-            ctr.state = CONTAINER_EXITED
-            ctr.exit_code = info.exit_status
-            ctr.finished_at = max(info.exited_at_ns or time.time_ns(), ctr.started_at)
-            ctr.reason = "OOMKilled" if oom else ("Completed" if info.exit_status == 0 else "Error")
-            await self.store.save_container(ctr)
-            self.bus.publish(events.STOPPED, ctr.id, pod_id)
-            lg.info("container exited", exit_code=info.exit_status, reason=ctr.reason)
+            reason = "OOMKilled" if oom else ("Completed" if info.exit_status == 0 else "Error")
+
+            def exited(c: ContainerRecord) -> dict[str, Any] | None:
+                if c.state != CONTAINER_RUNNING:
+                    return None  # recorded meanwhile (by a racing stop that found the shim dead)
+                return {"state": CONTAINER_EXITED, "exit_code": info.exit_status, "reason": reason,
+                        "finished_at": max(info.exited_at_ns or time.time_ns(), c.started_at)}
+
+            if await self._record_exit(task_id, exited):
+                lg.info("container exited", exit_code=info.exit_status, reason=reason)
+        ctr = self.store.containers.get(task_id) or ctr
         try:
             await self.shims.delete(pod_id, task_id)
         except errors.NotFound:
@@ -316,23 +323,45 @@ class ContainerService:
                 lg.warning("unmounting image volumes failed", error=str(e))
         self._exit_event(task_id).set()
 
-    async def mark_lost(self, ctr: ContainerRecord, reason: str, message: str) -> None:
-        if ctr.state != CONTAINER_RUNNING:
-            return
-        ctr.state, ctr.reason, ctr.message = CONTAINER_EXITED, reason, message
-        ctr.exit_code, ctr.finished_at = 255, time.time_ns()
-        await self.store.save_container(ctr)
-        self.bus.publish(events.STOPPED, ctr.id, ctr.pod_id)
-        self._exit_event(ctr.id).set()
+    async def _record_exit(self, cid: str, change: Callable[[ContainerRecord], dict[str, Any] | None]) -> bool:
+        """Records a running container's end (once: the first of the exit watcher, a stop that found the shim
+        dead, recovery); True when this call recorded it."""
+        recorded = False
 
-    async def _wait_exit(self, ctr: ContainerRecord, timeout: float) -> bool:
-        if ctr.state != CONTAINER_RUNNING:
+        def once(c: ContainerRecord) -> dict[str, Any] | None:
+            nonlocal recorded
+            fields = change(c)
+            recorded = fields is not None
+            return fields
+
+        new = await self.store.update_container(cid, once)
+        if recorded and new is not None:
+            self.bus.publish(events.STOPPED, cid, new.pod_id)
+        return recorded
+
+    async def mark_lost(self, cid: str, reason: str, message: str) -> None:
+        """A running container whose task cannot be found or reached is recorded as exited (255)."""
+        def lost(c: ContainerRecord) -> dict[str, Any] | None:
+            if c.state != CONTAINER_RUNNING:
+                return None
+            return {"state": CONTAINER_EXITED, "reason": reason, "message": message, "exit_code": 255,
+                    "finished_at": time.time_ns()}
+
+        if await self._record_exit(cid, lost):
+            self._exit_event(cid).set()
+
+    def _running(self, cid: str) -> bool:
+        ctr = self.store.containers.get(cid)
+        return ctr is not None and ctr.state == CONTAINER_RUNNING
+
+    async def _wait_exit(self, cid: str, timeout: float) -> bool:
+        if not self._running(cid):
             return True
         try:
-            await asyncio.wait_for(self._exit_event(ctr.id).wait(), timeout)
+            await asyncio.wait_for(self._exit_event(cid).wait(), timeout)
             return True
         except TimeoutError:
-            return ctr.state != CONTAINER_RUNNING
+            return not self._running(cid)
 
     # --- stop / remove -----------------------------------------------------------------------
     async def stop(self, cid: str, timeout: int) -> None:
@@ -343,11 +372,11 @@ class ContainerService:
         await self._stop(ctr, timeout)
 
     async def _stop(self, ctr: ContainerRecord, timeout: float) -> None:
-        if ctr.state != CONTAINER_RUNNING:
+        if not self._running(ctr.id):
             return
         pod = self.store.pod(ctr.pod_id)
         if pod.shim_dead:
-            await self.mark_lost(ctr, "ShimDied", f"the shim of pod sandbox {pod.id} exited")
+            await self.mark_lost(ctr.id, "ShimDied", f"the shim of pod sandbox {pod.id} exited")
             return
         self.shims.watch(pod.id, ctr.id)
         lg = self.log.bind(pod_id=pod.id, container_id=ctr.id)
@@ -356,12 +385,12 @@ class ContainerService:
             sig = self._stop_signal(ctr, config)
             with contextlib.suppress(errors.NotFound, errors.FailedPrecondition):
                 await self.shims.kill(pod.id, ctr.id, sig)
-            if await self._wait_exit(ctr, timeout):
+            if await self._wait_exit(ctr.id, timeout):
                 return
             lg.info("stop timeout passed, killing", timeout=timeout)
         with contextlib.suppress(errors.NotFound, errors.FailedPrecondition):
             await self.shims.kill(pod.id, ctr.id, signal.SIGKILL, all_processes=True)
-        if not await self._wait_exit(ctr, KILL_GRACE):
+        if not await self._wait_exit(ctr.id, KILL_GRACE):
             raise errors.DeadlineExceeded(f"container {ctr.id} did not exit {KILL_GRACE}s after SIGKILL")
 
     def _stop_signal(self, ctr: ContainerRecord, config: cri.ContainerConfig) -> int:
@@ -386,7 +415,7 @@ class ContainerService:
     async def _remove(self, ctr: ContainerRecord) -> None:
         await self._stop(ctr, 0)
         await self._remove_files(ctr)
-        await self.store.delete_container(ctr)
+        await self.store.delete_container(ctr.id)
         self._exited.pop(ctr.id, None)
         self.bus.publish(events.DELETED, ctr.id, ctr.pod_id)
         self.log.info("container removed", pod_id=ctr.pod_id, container_id=ctr.id)
@@ -411,7 +440,7 @@ class ContainerService:
         for c, r in zip(ctrs, results, strict=True):
             if isinstance(r, BaseException):
                 self.log.warning("stopping container failed", pod_id=pod.id, container_id=c.id, error=str(r))
-                await self.mark_lost(c, "Unknown", f"could not be stopped: {r}")
+                await self.mark_lost(c.id, "Unknown", f"could not be stopped: {r}")
 
     async def remove_all(self, pod: PodRecord) -> None:
         for c in self.store.pod_containers(pod.id):
@@ -423,6 +452,7 @@ class ContainerService:
         ctr = self.store.container(cid)
         pod = self.store.pod(ctr.pod_id)
         async with self.store.lock(pod.id):
+            ctr = self.store.container(ctr.id)
             config = cri.ContainerConfig().from_dict(ctr.config)
             old = config.linux.resources if betterproto.serialized_on_wire(config.linux) else None
             merged = ocispec.merge_resources(old, new)
@@ -441,8 +471,7 @@ class ContainerService:
                 raise errors.FailedPrecondition(f"container {ctr.id} is {ctr.state}; only created or running "
                                                 "containers can be updated")
             config.linux.resources = merged
-            ctr.config = config.to_dict()
-            await self.store.save_container(ctr)
+            await self.store.update_container(ctr.id, config=config.to_dict())
         self.log.info("container resources updated", pod_id=pod.id, container_id=ctr.id, resources=oci)
 
     @staticmethod
@@ -475,6 +504,7 @@ class ContainerService:
         ctr = self.store.container(cid)
         pod = self.store.pod(ctr.pod_id)
         async with self.store.lock(pod.id):
+            ctr = self.store.container(ctr.id)
             if ctr.state != CONTAINER_RUNNING:
                 raise errors.FailedPrecondition(f"container {ctr.id} is {ctr.state}; only a running container "
                                                 "can be checkpointed")
@@ -522,6 +552,7 @@ class ContainerService:
         await self._recover_unreadable()
         await asyncio.to_thread(self._secure_dirs, list(self.store.containers.values()))
         await self._remove_checkpoint_leftovers()
+        await self._record_users()
         for ctr in list(self.store.containers.values()):
             if ctr.state == CONTAINER_CREATED:
                 await self._recover_created(ctr)
@@ -535,12 +566,12 @@ class ContainerService:
             if pod is None:
                 continue
             if pod.shim_dead:
-                await self.mark_lost(ctr, "ShimDied", f"the shim of pod sandbox {pod.id} exited")
+                await self.mark_lost(ctr.id, "ShimDied", f"the shim of pod sandbox {pod.id} exited")
                 continue
             try:
                 st = await self.shims.state(pod.id, ctr.id)
             except errors.NotFound:
-                await self.mark_lost(ctr, "Unknown", "the task is gone from its shim")
+                await self.mark_lost(ctr.id, "Unknown", "the task is gone from its shim")
                 continue
             except (TimeoutError, errors.ShimdError, OSError) as e:
                 self.log.warning("cannot reach shim during recovery", pod_id=pod.id, error=str(e))
@@ -551,6 +582,13 @@ class ContainerService:
                 await self.on_exit(pod.id, ctr.id, ExitInfo(int(st.exit_status), ts_ns(st.exited_at)))
             else:
                 self.shims.watch(pod.id, ctr.id)
+
+    async def _record_users(self) -> None:
+        """Records of a shimd that read each container's user from its bundle at every status get it once."""
+        for ctr in [c for c in self.store.containers.values() if not c.user and c.bundle]:
+            user = await asyncio.to_thread(_bundle_user, Path(ctr.bundle))
+            if user:
+                await self.store.update_container(ctr.id, user=user)
 
     async def _recover_unreadable(self) -> None:
         """Containers whose record could not be parsed, or whose pod is gone: their task is stopped and their
@@ -566,11 +604,10 @@ class ContainerService:
                 lg.warning("removing the files of a container whose record is unreadable and pod unknown")
                 await self._remove_files(self._stand_in(cid, pod_id))
                 continue
-            ctr = self._stand_in(cid, pod.id)
-            ctr.state = CONTAINER_RUNNING if pod.shim_address and not pod.shim_dead else CONTAINER_EXITED
+            ctr = self._stand_in(cid, pod.id, running=bool(pod.shim_address and not pod.shim_dead))
             try:
                 self.store.reserve_name(ctr.name_key(pod), cid, "container")
-                await self.store.save_container(ctr)
+                await self.store.add_container(ctr)
                 async with self.store.lock(pod.id):
                     await self._remove(ctr)
                 lg.warning("stopped and removed a container whose record is unreadable")
@@ -592,11 +629,13 @@ class ContainerService:
                 if ctr.fs_dir and path.is_dir():
                     fsutil.private_dir_sync(path, group)
 
-    def _stand_in(self, cid: str, pod_id: str) -> ContainerRecord:
+    def _stand_in(self, cid: str, pod_id: str, running: bool = False) -> ContainerRecord:
+        """running: its shim may still run its task, which removal then stops."""
         return ContainerRecord(id=cid, pod_id=pod_id, name=f"unreadable-{cid[:12]}", attempt=0,
                                created_at=time.time_ns(), config={}, image_ref="", image_id="", log_path="",
                                bundle=str(self.bundle_dir / cid), fs_dir=str(self.rw_dir / cid),
-                               state=CONTAINER_EXITED, reason="Unknown", message="its record was unreadable")
+                               state=CONTAINER_RUNNING if running else CONTAINER_EXITED, reason="Unknown",
+                               message="its record was unreadable")
 
     async def _finish_exit(self, ctr: ContainerRecord) -> None:
         """A crash between recording an exit and deleting the task leaves the task (and its rootfs
@@ -639,12 +678,32 @@ class ContainerService:
                 await self.shims.delete(pod.id, ctr.id)
             return
         lg.warning("adopting the task of an interrupted StartContainer", status=status)
-        ctr.state, ctr.pid, ctr.started_at = CONTAINER_RUNNING, int(st.pid), time.time_ns()
-        await self.store.save_container(ctr)
+        await self.store.update_container(ctr.id, state=CONTAINER_RUNNING, pid=int(st.pid), started_at=time.time_ns())
         if status == 3:
             await self.on_exit(pod.id, ctr.id, ExitInfo(int(st.exit_status), ts_ns(st.exited_at)))
         else:
             self.shims.watch(pod.id, ctr.id)
+
+
+def spec_user(spec: dict[str, Any]) -> dict[str, Any]:
+    """process.user of an OCI spec as the record keeps it: uid, gid, and groups with the primary gid first
+    (what kubelet reports as the effective user). Empty when the spec has none."""
+    try:
+        user = spec["process"]["user"]
+        gid = int(user["gid"])
+        # Specs written before the primary gid was listed in additionalGids lack it; newer ones have it first.
+        extra = [int(g) for g in user.get("additionalGids") or [] if int(g) != gid]
+        return {"uid": int(user["uid"]), "gid": gid, "groups": [gid, *extra]}
+    except (KeyError, TypeError, ValueError):
+        return {}
+
+
+def _bundle_user(bundle: Path) -> dict[str, Any]:
+    try:
+        with open(bundle / "config.json", "rb") as f:
+            return spec_user(json.loads(f.read(4 << 20)))
+    except (OSError, ValueError):
+        return {}
 
 
 def _bundle_pod_id(bundle: Path) -> str:

@@ -103,8 +103,15 @@ def container_status(ctr: ContainerRecord, image_ref: str) -> cri.ContainerStatu
         created_at=ctr.created_at, started_at=ctr.started_at, finished_at=ctr.finished_at, exit_code=ctr.exit_code,
         image=_image_spec(ctr), image_ref=image_ref or ctr.image_id, reason=ctr.reason, message=ctr.message,
         labels=dict(ctr.labels), annotations=dict(ctr.annotations), mounts=mounts, log_path=ctr.log_path,
-        image_id=ctr.image_id,
+        image_id=ctr.image_id, user=_user(ctr.user),
     )
+
+
+def _user(user: dict[str, Any]) -> cri.ContainerUser | None:
+    if not user:
+        return None
+    return cri.ContainerUser(linux=cri.LinuxContainerUser(uid=user["uid"], gid=user["gid"],
+                                                          supplemental_groups=list(user["groups"])))
 
 
 def container_info(ctr: ContainerRecord) -> dict[str, str]:

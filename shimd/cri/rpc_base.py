@@ -33,11 +33,7 @@ class RpcBase:
     _pod_list: ListCache
     _container_list: ListCache
     _last_pod_status: OrderedDict[str, bytes]
-    _users: dict[str, cri.ContainerUser]
 
     # Provided by ContainerRpcs, used by the pod and event RPCs too.
     def _container_status(self, ctr: ContainerRecord) -> cri.ContainerStatus:
-        raise NotImplementedError
-
-    async def _load_users(self, ctrs: list[ContainerRecord]) -> None:
         raise NotImplementedError

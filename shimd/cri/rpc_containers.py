@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
 from collections.abc import AsyncIterator
 
 import betterproto
@@ -15,21 +12,6 @@ from shimd.cri import convert, validate, wire
 from shimd.cri.rpc_base import RpcBase, pages
 from shimd.oci import spec as ocispec
 from shimd.store.records import CONTAINER_RUNNING, ContainerRecord
-
-
-def _spec_user(bundle: str) -> cri.ContainerUser | None:
-    """process.user of the container's OCI spec: what kubelet reports as the effective uid/gid/groups."""
-    try:
-        with open(os.path.join(bundle, "config.json"), "rb") as f:
-            user = json.load(f)["process"]["user"]
-        gid = int(user["gid"])
-        # Specs written before the primary gid was listed in additionalGids lack it; newer ones have it first.
-        extra = [int(g) for g in user.get("additionalGids") or [] if int(g) != gid]
-        return cri.ContainerUser(linux=cri.LinuxContainerUser(
-            uid=int(user["uid"]), gid=gid, supplemental_groups=[gid, *extra]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
 
 
 class ContainerRpcs(RpcBase):
@@ -55,7 +37,6 @@ class ContainerRpcs(RpcBase):
 
     async def container_status(self, request: cri.ContainerStatusRequest) -> cri.ContainerStatusResponse:
         ctr = self.d.store.container(validate.required_id(request.container_id, "container_id"))
-        await self._load_users([ctr])
         return cri.ContainerStatusResponse(status=self._container_status(ctr),
                                            info=convert.container_info(ctr) if request.verbose else {})
 
@@ -122,19 +103,8 @@ class ContainerRpcs(RpcBase):
         if ctr.state != CONTAINER_RUNNING:
             raise errors.FailedPrecondition(f"container {ctr.id} is not running (state {ctr.state})")
 
-    async def _load_users(self, ctrs: list[ContainerRecord]) -> None:
-        missing = [c for c in ctrs if c.id not in self._users and c.bundle]
-        if missing:
-            for cid, user in zip([c.id for c in missing],
-                                 await asyncio.to_thread(lambda: [_spec_user(c.bundle) for c in missing]),
-                                 strict=True):
-                if user is not None:
-                    self._users[cid] = user
-
     def _container_status(self, ctr: ContainerRecord) -> cri.ContainerStatus:
         status = convert.container_status(ctr, self._image_ref(ctr.image_id))
-        if (user := self._users.get(ctr.id)) is not None:
-            status.user = user
         # The current resources (as created, then as updated): kubelet compares them for in-place resize.
         res = (ctr.config.get("linux") or {}).get("resources")
         if res:

@@ -35,15 +35,12 @@ class EventRpcs(RpcBase):
                     continue  # idle; the wait is bounded so cancellation and shutdown are never stuck
                 except SubscriberOverflow as e:
                     raise errors.ResourceExhausted(f"GetContainerEvents: {e}") from None
-                await self._load_users(self.d.store.pod_containers(ev.pod_id))
                 yield self._event_response(ev)
         finally:
             sub.close()
 
     def _remember_pod(self, ev: LifecycleEvent) -> None:
         """Runs at publish time, before a removal makes the pod's record disappear."""
-        if ev.kind == events.DELETED:
-            self._users.pop(ev.container_id, None)
         if not self.d.events.subscribed:
             return  # the status is only read when a subscriber's event is answered after the pod is gone
         pod = self.d.store.pods.get(ev.pod_id) if self.d.store is not None else None

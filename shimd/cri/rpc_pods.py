@@ -28,7 +28,6 @@ class PodRpcs(RpcBase):
 
     async def pod_sandbox_status(self, request: cri.PodSandboxStatusRequest) -> cri.PodSandboxStatusResponse:
         pod = self.d.store.pod(validate.required_id(request.pod_sandbox_id, "pod_sandbox_id"))
-        await self._load_users(self.d.store.pod_containers(pod.id))
         statuses = [self._container_status(c) for c in self.d.store.pod_containers(pod.id)]
         return cri.PodSandboxStatusResponse(status=convert.pod_status(pod),
                                             info=convert.pod_info(pod) if request.verbose else {},

@@ -31,8 +31,6 @@ class RuntimeService(PodRpcs, ContainerRpcs, StreamingRpcs, StatsRpcs, EventRpcs
         self._container_list = wire.ListCache()
         # Last pod status seen per pod, so events about a removed pod still carry its metadata.
         self._last_pod_status: OrderedDict[str, bytes] = OrderedDict()
-        # The user each container's process runs as (from its OCI spec; fixed for the container's life).
-        self._users: dict[str, cri.ContainerUser] = {}
         deps.events.add_listener(self._remember_pod)
         # kubelet asks for Status every few seconds and it rarely changes: the encoding is kept per inputs.
         self._status: tuple[object, bytes] = (None, b"")

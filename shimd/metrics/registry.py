@@ -26,7 +26,8 @@ class _Objects(Collector):
         self._store_of = store_of
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        pods = GaugeMetricFamily("shimd_pods", "Pod sandboxes known to shimd.", labels=["state", "handler"])
+        pods = GaugeMetricFamily("shimd_pods", "Pod sandboxes known to shimd, by state (INITIALIZING, READY, "
+                                 "NOTREADY, STOPPED: shimd/store/lifecycle.py).", labels=["state", "handler"])
         ctrs = GaugeMetricFamily("shimd_containers", "Containers known to shimd.", labels=["state", "handler"])
         store = self._store_of()
         if store is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import secrets
 import shutil
@@ -27,7 +28,7 @@ from shimd.network.model import DnsSettings, PodNetworkRequest, PortMapping
 from shimd.oci import spec as ocispec
 from shimd.phases import phase, phase_context, side_branch
 from shimd.pods.context import mapped_root_gid, pod_context, pod_dir, pod_hostname
-from shimd.store.records import CONTAINER_RUNNING, POD_NOTREADY, POD_READY, PodRecord
+from shimd.store.records import POD_INITIALIZING, POD_NOTREADY, POD_READY, POD_STOPPED, PodRecord
 
 if TYPE_CHECKING:
     from shimd.containers.service import ContainerService
@@ -95,7 +96,8 @@ class PodService:
         """Applied to the pod cgroup where shimd owns it (kubelet sizes its own), and persisted."""
         pod = self.store.pod(pod_id)
         async with self.store.lock(pod.id):
-            if pod.state != POD_READY:
+            pod = self.store.pod(pod.id)
+            if not pod.ready:
                 raise errors.FailedPrecondition(f"pod sandbox {pod.id} is not ready")
             await self._apply_limits(pod, resources, overhead)
 
@@ -106,9 +108,8 @@ class PodService:
             limits = pod_limits.combine(resources, overhead)
             rel = cgroups.relative_path(self.cgroup_driver, pod.cgroup_parent)
             written = await asyncio.to_thread(pod_limits.apply_sync, rel, limits)
-        pod.resources = {name: res.to_dict() for name, res in (("resources", resources), ("overhead", overhead))
-                         if res is not None}
-        await self.store.save_pod(pod)
+        await self.store.update_pod(pod.id, resources={
+            name: res.to_dict() for name, res in (("resources", resources), ("overhead", overhead)) if res is not None})
         self.log.info("pod resources updated", pod_id=pod.id, handler=pod.handler, cgroup_files=written)
 
     # --- run ---------------------------------------------------------------------------------
@@ -128,40 +129,48 @@ class PodService:
         pod_id = secrets.token_hex(32)
         phase_context(pod_id=pod_id)
         phase("validate")
+        # Known before CNI ADD: the bandwidth and other plugins receive it as the cgroupPath capability.
+        owns_cgroup_parent = not linux.cgroup_parent
         pod = PodRecord(
             id=pod_id, name=md.name, namespace=md.namespace, uid=md.uid, attempt=md.attempt, handler=handler_name,
             created_at=time.time_ns(), config=config.to_dict(), labels=dict(config.labels),
-            annotations=dict(config.annotations), state=POD_NOTREADY, host_network=host_network,
-            initializing=True, cgroup_parent=linux.cgroup_parent,
+            annotations=dict(config.annotations), state=POD_INITIALIZING, host_network=host_network,
+            cgroup_parent=(cgroups.default_pod_parent(self.cgroup_driver, pod_id) if owns_cgroup_parent
+                           else linux.cgroup_parent),
+            owns_cgroup_parent=owns_cgroup_parent,
         )
-        # Known before CNI ADD: the bandwidth and other plugins receive it as the cgroupPath capability.
-        if not pod.cgroup_parent:
-            pod.cgroup_parent = cgroups.default_pod_parent(self.cgroup_driver, pod.id)
-            pod.owns_cgroup_parent = True
         self.store.reserve_name(pod.name_key, pod_id, "pod sandbox")
         lg = self.log.bind(pod_id=pod_id, handler=handler_name)
-        try:
-            await self.store.save_pod(pod)
-            phase("record_write")
-            await self._setup(pod, config, sc, userns, drv.needs_sandbox_task(ns_opts.pid == cri.NamespaceMode.POD))
-            given = {name: getattr(linux, name) for name in ("resources", "overhead")
-                     if betterproto.serialized_on_wire(getattr(linux, name))}
-            if given:
-                await self._apply_limits(pod, given.get("resources"), given.get("overhead"))
-                phase("pod_limits")
-        except BaseException as e:
-            lg.warning("pod setup failed, undoing", error=repr(e))
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._teardown(pod, remove=True))
-            self.store.release_name(pod.name_key, pod_id)
-            raise
+        # What setup has made so far, recorded with the READY state (a failed setup undoes it from here).
+        made: dict[str, Any] = {}
+        # Held while it is made: a Stop/Remove that finds it already (by listing) waits for the outcome.
+        async with self.store.lock(pod_id):
+            try:
+                await self.store.add_pod(pod)
+                phase("record_write")
+                await self._setup(pod, made, config, sc, userns,
+                                  drv.needs_sandbox_task(ns_opts.pid == cri.NamespaceMode.POD))
+                given = {name: getattr(linux, name) for name in ("resources", "overhead")
+                         if betterproto.serialized_on_wire(getattr(linux, name))}
+                if given:
+                    await self._apply_limits(self.store.pod(pod_id), given.get("resources"), given.get("overhead"))
+                    phase("pod_limits")
+            except BaseException as e:
+                lg.warning("pod setup failed, undoing", error=repr(e))
+                with contextlib.suppress(Exception):
+                    current = self.store.pods.get(pod_id, pod)
+                    await asyncio.shield(self._teardown(dataclasses.replace(current, **made), remove=True))
+                self.store.release_name(pod.name_key, pod_id)
+                raise
         self.bus.publish(events.CREATED, pod_id, pod_id)
         self.bus.publish(events.STARTED, pod_id, pod_id)
-        lg.info("pod ready", name=md.name, namespace=md.namespace, ip=pod.ip)
+        lg.info("pod ready", name=md.name, namespace=md.namespace, ip=made.get("ip", ""))
         return pod_id
 
-    async def _setup(self, pod: PodRecord, config: cri.PodSandboxConfig, sc: cri.LinuxSandboxSecurityContext,
-                     userns: ocispec.IdMappings | None, sandbox_task: bool) -> None:
+    async def _setup(self, pod: PodRecord, made: dict[str, Any], config: cri.PodSandboxConfig,
+                     sc: cri.LinuxSandboxSecurityContext, userns: ocispec.IdMappings | None,
+                     sandbox_task: bool) -> None:
+        """Makes the pod's parts, noting each in `made` (record fields) as soon as it exists."""
         ns_opts = sc.namespace_options or cri.NamespaceOption()
         pdir = self.pod_dir(pod.id)
         # The pause task's rootfs and the pod's files live here; the pod's mapped root must reach them.
@@ -178,7 +187,9 @@ class PodService:
             kinds.append("ipc")
         if kinds:
             # A user namespace is pinned with the others (namespaces["user"]) and removed with them.
-            pod.namespaces = await namespaces.create_pod_namespaces(pod.id, self.ns_dir, kinds, hostname, userns)
+            made["namespaces"] = await namespaces.create_pod_namespaces(pod.id, self.ns_dir, kinds, hostname,
+                                                                        userns)
+            pod = dataclasses.replace(pod, namespaces=made["namespaces"])
             phase("namespaces")
 
         async def start_shim() -> None:
@@ -188,31 +199,29 @@ class PodService:
             # As containerd does, a pod with a sandbox task starts its shim in that task's bundle: shim v2
             # binaries read config.json there (sandbox id grouping; Kata's sandbox-or-container choice).
             shim_dir = await self._prepare_sandbox_bundle(pod) if sandbox_task else pdir
-            pod.shim_address = await self.shims.launch(pod.id, pod.handler, shim_dir)
+            made["shim_address"] = await self.shims.launch(pod.id, pod.handler, shim_dir)
             phase("shim_launch")
 
         # CNI ADD and the shim's launch need nothing from each other (the netns exists already), so they
         # run at once; a failure of either still lets the other finish, and run() then undoes both.
-        await _concurrently(start_shim(), self._setup_network(pod, config))
+        await _concurrently(start_shim(), self._setup_network(pod, made, config))
         phase("cni_wait")
 
         dns = self._dns(config)
         await asyncio.to_thread(_write_pod_files, pdir, {
             "resolv.conf": podfiles.resolv_conf(dns, pod.host_network),
-            "hosts": podfiles.hosts_file(pod.ip or None, hostname, pod.host_network),
+            "hosts": podfiles.hosts_file(made.get("ip") or None, hostname, pod.host_network),
             "hostname": podfiles.hostname_file(hostname),
         })
         phase("pod_files")
 
         if sandbox_task:
-            await self._start_sandbox_task(pod)
+            await self._start_sandbox_task(pod, made)
 
-        pod.initializing = False
-        pod.state = POD_READY
-        await self.store.save_pod(pod)
+        await self.store.update_pod(pod.id, state=POD_READY, **made)
         phase("record_write")
 
-    async def _setup_network(self, pod: PodRecord, config: cri.PodSandboxConfig) -> None:
+    async def _setup_network(self, pod: PodRecord, made: dict[str, Any], config: cri.PodSandboxConfig) -> None:
         if pod.host_network:
             return
         with side_branch():
@@ -225,8 +234,7 @@ class PodService:
                 annotations=dict(config.annotations), cgroup_parent=pod.cgroup_parent,
                 dns=self._dns(config),
             ))
-            pod.network_attached = True
-            pod.ip, pod.additional_ips = result.ip, list(result.additional_ips)
+            made.update(network_attached=True, ip=result.ip, additional_ips=list(result.additional_ips))
             phase("cni_record")
 
     @staticmethod
@@ -262,7 +270,7 @@ class PodService:
         phase("sandbox_bundle")
         return bundle
 
-    async def _start_sandbox_task(self, pod: PodRecord) -> None:
+    async def _start_sandbox_task(self, pod: PodRecord, made: dict[str, Any]) -> None:
         """A pause process (catatonit): owns a shared PID namespace, and is the sandbox for runsc and Kata."""
         bundle = self.pod_dir(pod.id) / "pause"
         pid = await self.shims.create(pod.id, pod.handler, pause_id(pod.id), bundle, [], ("", "", ""), False)
@@ -271,7 +279,7 @@ class PodService:
         phase("sandbox_start")
         # Recorded with the pod's ready state: recovery tears an initializing pod down with its
         # unrecorded pause task anyway, so a save of its own would only cost an fsync.
-        pod.sandbox_task, pod.sandbox_pid = True, pid
+        made.update(sandbox_task=True, sandbox_pid=pid)
 
     # --- stop / remove -----------------------------------------------------------------------
     async def stop(self, pod_id: str) -> None:
@@ -280,7 +288,7 @@ class PodService:
         except errors.NotFound:
             return  # CRI: stopping an unknown (already removed) pod is fine
         async with self.store.lock(pod.id):
-            await self._teardown(pod, remove=False)
+            await self._teardown(self.store.pod(pod.id), remove=False)
 
     async def remove(self, pod_id: str) -> None:
         try:
@@ -288,30 +296,41 @@ class PodService:
         except errors.NotFound:
             return
         async with self.store.lock(pod.id):
-            await self._teardown(pod, remove=True)
+            await self._teardown(self.store.pod(pod.id), remove=True)
+
+    async def _change(self, pod: PodRecord, **fields: Any) -> PodRecord:
+        """Records a change of the pod whose lock the caller holds; returns `pod` with it.
+
+        `pod` may carry more than its record: a failed RunPodSandbox's teardown starts from what setup
+        made (namespaces, shim, IP), none of which was recorded yet.
+        """
+        await self.store.update_pod(pod.id, **fields)
+        return dataclasses.replace(pod, **fields)
 
     async def _teardown(self, pod: PodRecord, remove: bool) -> None:
         """Stop (and with remove, delete) everything the pod has; each step tolerates being done already."""
         lg = self.log.bind(pod_id=pod.id, handler=pod.handler)
         phase_context(pod_id=pod.id)
         phase("lock_wait")  # the callers hold the pod's lock
-        if pod.state == POD_READY or not pod.stopped:
-            pod.state = POD_NOTREADY
-            await self.store.save_pod(pod)
-            phase("record_write")
+        if not pod.stopped:
+            if pod.ready:
+                pod = await self._change(pod, state=POD_NOTREADY)
+                phase("record_write")
             # The CNI DEL needs nothing from the tasks and they nothing from it (the containers are
             # SIGKILLed), so it runs alongside; the pod counts as stopped only once both are done, and
-            # a crash in between leaves it NOTREADY and not stopped: the next Stop/Remove redoes both.
-            await _concurrently(self._stop_tasks(pod, lg), self._teardown_network(pod))
+            # a crash in between leaves it NOTREADY: the next Stop/Remove redoes both.
+            undone: dict[str, Any] = {}
+            await _concurrently(self._stop_tasks(pod, undone, lg), self._teardown_network(pod, undone))
             phase("cni_wait")
             shm = self.pod_dir(pod.id) / "shm"
             await mounts.unmount(shm)
             phase("unmount")
-            pod.stopped = True
-            await self.store.save_pod(pod)
+            # An interrupted RunPodSandbox stays INITIALIZING until its record is deleted (lifecycle.py).
+            pod = await self._change(pod, state=POD_INITIALIZING if pod.initializing else POD_STOPPED, **undone)
             phase("record_write")
-            self.bus.publish(events.STOPPED, pod.id, pod.id)
-            lg.info("pod stopped")
+            if pod.stopped:
+                self.bus.publish(events.STOPPED, pod.id, pod.id)
+                lg.info("pod stopped")
         if not remove:
             return
         await self.containers.remove_all(pod)
@@ -327,13 +346,13 @@ class PodService:
         phase("unmount")
         await fsutil.remove_tree(self.pod_dir(pod.id))
         phase("pod_files")
-        await self.store.delete_pod(pod)
+        await self.store.delete_pod(pod.id)
         phase("record_write")
         self.bus.publish(events.DELETED, pod.id, pod.id)
         lg.info("pod removed")
 
-    async def _stop_tasks(self, pod: PodRecord, lg: Any) -> None:
-        """The pod's containers, its sandbox task and its shim, stopped."""
+    async def _stop_tasks(self, pod: PodRecord, undone: dict[str, Any], lg: Any) -> None:
+        """The pod's containers, its sandbox task and its shim, stopped; `undone` gets the record fields."""
         await self.containers.stop_all(pod)
         phase("stop_containers")
         # A crash inside launch: the shim may be up though its address was never recorded.
@@ -341,6 +360,7 @@ class PodService:
         # An interrupted RunPodSandbox may have made the sandbox task without recording it.
         if pod.sandbox_task or (pod.initializing and has_shim):
             await self._stop_sandbox_task(pod)
+            undone.update(sandbox_task=False, sandbox_pid=0)
         await self.shims.shutdown(pod.id)
         phase("shim_shutdown")
         # Also after an interrupted RunPodSandbox: a Create the shim was still running when shimd
@@ -354,16 +374,16 @@ class PodService:
         if pod.shim_dead or pod.initializing:
             await self._cleanup_dead_shim(pod)
             phase("dead_shim_cleanup")
-        pod.shim_address = ""
+        undone["shim_address"] = ""
 
-    async def _teardown_network(self, pod: PodRecord) -> None:
+    async def _teardown_network(self, pod: PodRecord, undone: dict[str, Any]) -> None:
         # Not only when network_attached: a crash between CNI ADD and saving that flag leaves a
         # network record (and an IP) that only this DEL frees; without a record it is a no-op.
         if not (pod.network_attached or not pod.host_network):
             return
         with side_branch():
             await self.network.teardown(pod.id, pod.namespaces.get("network", ""))
-            pod.network_attached = False
+            undone["network_attached"] = False
             phase("cni_record")
 
     def _secure_dirs(self, pods: list[PodRecord]) -> None:
@@ -374,21 +394,21 @@ class PodService:
 
     async def _stand_in(self, pod_id: str) -> None:
         handler = self.shims.runtimes.name("")
-        pod = PodRecord(id=pod_id, name=f"unreadable-{pod_id[:12]}", namespace="shimd-recovery", uid=pod_id,
-                        attempt=0, handler=handler, created_at=time.time_ns(), config={}, state=POD_NOTREADY,
-                        initializing=True, cgroup_parent=cgroups.default_pod_parent(self.cgroup_driver, pod_id),
-                        owns_cgroup_parent=True)
         # Its shim is found through the address file the shim's start wrote, so its containers can be stopped.
-        pod.shim_address = await self._address_file(pod)
+        address = await self._address_file(pod_id)
+        pod = PodRecord(id=pod_id, name=f"unreadable-{pod_id[:12]}", namespace="shimd-recovery", uid=pod_id,
+                        attempt=0, handler=handler, created_at=time.time_ns(), config={}, state=POD_INITIALIZING,
+                        cgroup_parent=cgroups.default_pod_parent(self.cgroup_driver, pod_id),
+                        owns_cgroup_parent=True, shim_address=address)
         self.shims.remember(pod.id, pod.shim_address)
         self.store.reserve_name(pod.name_key, pod.id, "pod sandbox")
-        await self.store.save_pod(pod)
+        await self.store.add_pod(pod)
         self.store.adopt_orphans(pod)
         self.log.warning("tearing down the pod of an unreadable record", pod_id=pod_id,
                          containers=len(self.store.pod_containers(pod_id)), shim_address=pod.shim_address)
 
-    async def _address_file(self, pod: PodRecord) -> str:
-        for d in (self.pod_dir(pod.id), self.pod_dir(pod.id) / "pause"):
+    async def _address_file(self, pod_id: str) -> str:
+        for d in (self.pod_dir(pod_id), self.pod_dir(pod_id) / "pause"):
             try:
                 text = await asyncio.to_thread((d / "address").read_text)
             except OSError:
@@ -399,7 +419,7 @@ class PodService:
 
     async def _adopt_unrecorded_shim(self, pod: PodRecord) -> bool:
         """Shims write their address to ./address in the directory they were started in."""
-        address = await self._address_file(pod)
+        address = await self._address_file(pod.id)
         if address:
             self.shims.remember(pod.id, address)
         return bool(address)
@@ -416,7 +436,6 @@ class PodService:
         with contextlib.suppress(errors.NotFound, errors.ShimdError, OSError, asyncio.TimeoutError):
             await self.shims.delete(pod.id, pause_id(pod.id))
         phase("sandbox_delete")
-        pod.sandbox_task, pod.sandbox_pid = False, 0
 
     async def _cleanup_dead_shim(self, pod: PodRecord) -> None:
         """runc state, mounts and cgroups that a dead shim could not clean up itself."""
@@ -434,17 +453,14 @@ class PodService:
             pod = self.store.pods.get(pod_id)
             if pod is None or pod.shim_dead:
                 return
-            pod.shim_dead = True
-            pod.state = POD_NOTREADY
-            await self.store.save_pod(pod)
+            pod = await self._change(pod, shim_dead=True, state=POD_NOTREADY if pod.ready else pod.state)
             self.log.error("shim died", pod_id=pod_id)
             # As containerd does: with no shim to reap them, the tasks are force-deleted now, before they are
             # reported exited, so nothing keeps running that is listed as stopped (teardown repeats this).
             with contextlib.suppress(Exception):
                 await self._cleanup_dead_shim(pod)
             for c in self.store.pod_containers(pod_id):
-                if c.state == CONTAINER_RUNNING:
-                    await self.containers.mark_lost(c, "ShimDied", f"the shim of pod sandbox {pod_id} exited")
+                await self.containers.mark_lost(c.id, "ShimDied", f"the shim of pod sandbox {pod_id} exited")
 
     # --- recovery ----------------------------------------------------------------------------
     async def recover(self) -> None:

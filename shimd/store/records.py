@@ -1,4 +1,9 @@
-"""What shimd remembers about each pod sandbox and container."""
+"""What shimd remembers about each pod sandbox and container.
+
+Records are frozen: a change is made on a copy through `Store.update_pod` / `Store.update_container`,
+written, then swapped in, so a reader never sees a half-made change and memory never runs ahead of disk.
+Their states and the legal changes between them are in shimd/store/lifecycle.py.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,18 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-POD_READY = "READY"
-POD_NOTREADY = "NOTREADY"
+from shimd.store.lifecycle import (
+    CONTAINER_CREATED,
+    CONTAINER_EXITED,
+    CONTAINER_RUNNING,
+    POD_INITIALIZING,
+    POD_NOTREADY,
+    POD_READY,
+    POD_STOPPED,
+)
 
-CONTAINER_CREATED = "CREATED"
-CONTAINER_RUNNING = "RUNNING"
-CONTAINER_EXITED = "EXITED"
-CONTAINER_UNKNOWN = "UNKNOWN"
+__all__ = ["CONTAINER_CREATED", "CONTAINER_EXITED", "CONTAINER_RUNNING", "POD_INITIALIZING", "POD_NOTREADY",
+           "POD_READY", "POD_STOPPED", "ContainerRecord", "PodRecord", "config_field"]
 
 
 def config_field(config: dict[str, Any], *path: str, default: Any = None) -> Any:
@@ -29,7 +39,7 @@ def config_field(config: dict[str, Any], *path: str, default: Any = None) -> Any
     return node
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class PodRecord:
     id: str
     name: str
@@ -41,7 +51,7 @@ class PodRecord:
     config: dict[str, Any]  # the CRI PodSandboxConfig as given
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
-    state: str = POD_READY
+    state: str = POD_INITIALIZING
     host_network: bool = False
     # kind -> pinned namespace path (network, ipc, uts); pid comes from the pause task when shared.
     namespaces: dict[str, str] = field(default_factory=dict)
@@ -55,9 +65,6 @@ class PodRecord:
     sandbox_pid: int = 0
     cgroup_parent: str = ""
     owns_cgroup_parent: bool = False
-    stopped: bool = False
-    # True until RunPodSandbox finished: recovery tears such a pod down instead of keeping it.
-    initializing: bool = False
     # Pod-level resources last given (UpdatePodSandboxResources): {"resources": {...}, "overhead": {...}}, CRI form.
     resources: dict[str, Any] = field(default_factory=dict)
 
@@ -65,16 +72,38 @@ class PodRecord:
     def name_key(self) -> str:
         return f"{self.name}_{self.namespace}_{self.uid}_{self.attempt}"
 
+    @property
+    def ready(self) -> bool:
+        return self.state == POD_READY
+
+    @property
+    def initializing(self) -> bool:
+        """RunPodSandbox has not finished: recovery tears such a pod down instead of keeping it."""
+        return self.state == POD_INITIALIZING
+
+    @property
+    def stopped(self) -> bool:
+        return self.state == POD_STOPPED
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        # Also in the flags a shimd before the explicit states kept, so a downgraded daemon reads it right.
+        d["initializing"], d["stopped"] = self.initializing, self.stopped
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PodRecord:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        fields = {k: v for k, v in d.items() if k in known}
+        # Records written before the explicit states: READY/NOTREADY plus two flags.
+        if d.get("initializing") is True:
+            fields["state"] = POD_INITIALIZING
+        elif d.get("stopped") is True:
+            fields["state"] = POD_STOPPED
+        return cls(**fields)
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class ContainerRecord:
     id: str
     pod_id: str
@@ -102,6 +131,9 @@ class ContainerRecord:
     mounts: list[dict[str, Any]] = field(default_factory=list)
     # Created from a checkpoint archive: the directory of its CRIU images, restored at start.
     restore_from: str = ""
+    # The process's user as its OCI spec sets it (uid, gid, groups), for ContainerStatus.user;
+    # empty in records of a shimd that did not keep it (recovery fills it in from the bundle).
+    user: dict[str, Any] = field(default_factory=dict)
 
     def name_key(self, pod: PodRecord) -> str:
         return f"{self.name}_{pod.name}_{pod.namespace}_{pod.uid}_{self.attempt}"

@@ -1,4 +1,10 @@
-"""The pod and container store: lookups, name reservation, per-pod locks, durable writes.
+"""The pod and container store: lookups, name reservation, per-pod locks, durable copy-write-swap changes.
+
+Two kinds of lock: `lock(pod_id)` serializes the lifecycle operations of one pod and its containers
+(held for a whole RunPodSandbox, StopPodSandbox, CreateContainer...), and a short per-record lock,
+taken inside every add/update/delete only, serializes the writers of one record file, so changes that
+do not hold the pod's lock (an exit recorded by the exit watcher while an update is on its way) are
+never lost. Every change is checked against the state machines of shimd/store/lifecycle.py.
 
 A record that cannot be parsed at start-up is renamed aside (`<id>.json.unreadable`, reported by the log
 and `shimd check`) and its id kept in `unreadable_pods` / `unreadable_containers`, so recovery can clean
@@ -8,17 +14,25 @@ up what it owned instead of forgetting it; containers whose pod is unknown wait 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
 import re
 from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from shimd import errors, fsutil, log
+from shimd.store import lifecycle
 from shimd.store.records import ContainerRecord, PodRecord
+
+R = TypeVar("R", PodRecord, ContainerRecord)
+# Given the current record, the fields to change (None: nothing to change).
+Change = Callable[[R], "dict[str, Any] | None"]
 
 UNREADABLE_SUFFIX = ".unreadable"
 _ID = re.compile(r"[0-9a-f]{64}")
-_DELETED = "_store_deleted"
 
 
 class Store:
@@ -29,7 +43,7 @@ class Store:
         self.containers: dict[str, ContainerRecord] = {}
         self._names: dict[str, str] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        # One writer at a time per record file: the last change made is the one that ends up on disk.
+        # Record id -> (its writers' lock, how many hold or wait for it): dropped when unused.
         self._write_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self.unreadable_pods: list[str] = []
         self.unreadable_containers: list[str] = []
@@ -124,56 +138,102 @@ class Store:
     def pod_containers(self, pod_id: str) -> list[ContainerRecord]:
         return [c for c in self.containers.values() if c.pod_id == pod_id]
 
-    # --- durable writes --------------------------------------------------------------------
-    # Listed only once durable: a failed first write (disk full) must not leave a listed ghost.
-    async def _write(self, path: Path, record: PodRecord | ContainerRecord, remove: bool = False) -> bool:
-        """Writes (or with remove, deletes) one record file; False when the record was deleted meanwhile."""
-        key = str(path)
-        entry = self._write_locks.get(key)
+    # --- durable changes -------------------------------------------------------------------
+    # A record is listed only once durable (a failed first write, disk full, must not leave a listed
+    # ghost), and changed only by a copy that is written before it is swapped in: a failed write leaves
+    # memory and disk agreeing on the old record.
+    @contextlib.asynccontextmanager
+    async def _record_lock(self, ident: str) -> AsyncIterator[None]:
+        """One writer at a time per record, held from reading the current record to swapping in the new."""
+        entry = self._write_locks.get(ident)
         if entry is None:
-            entry = self._write_locks[key] = (asyncio.Lock(), [0])
+            entry = self._write_locks[ident] = (asyncio.Lock(), [0])
         lock, users = entry
         users[0] += 1
         try:
             async with lock:
-                if vars(record).get(_DELETED):
-                    return False  # a save that lost the race with the removal must not bring the file back
-                if remove:
-                    vars(record)[_DELETED] = True  # on the object, not a field: never written to disk
-                    await fsutil.remove_file(path)
-                else:
-                    # Serialised inside the lock: a save that waited writes the record as it is now.
-                    await fsutil.write_json(path, record.to_dict())
-                return True
+                yield
         finally:
             users[0] -= 1
             if not users[0]:
-                del self._write_locks[key]
+                del self._write_locks[ident]
 
-    async def save_pod(self, pod: PodRecord) -> None:
-        if await self._write(self.pod_dir / f"{pod.id}.json", pod):
+    async def add_pod(self, pod: PodRecord) -> None:
+        async with self._record_lock(pod.id):
+            if pod.id in self.pods:
+                raise errors.AlreadyExists(f"pod sandbox {pod.id} already has a record")
+            lifecycle.check_pod(pod.id, lifecycle.POD_INITIALIZING, pod.state)
+            await fsutil.write_json(self.pod_dir / f"{pod.id}.json", pod.to_dict())
             self.pods[pod.id] = pod
             self.generation += 1
 
-    async def save_container(self, ctr: ContainerRecord) -> None:
-        if await self._write(self.container_dir / f"{ctr.id}.json", ctr):
+    async def add_container(self, ctr: ContainerRecord) -> None:
+        async with self._record_lock(ctr.id):
+            if ctr.id in self.containers:
+                raise errors.AlreadyExists(f"container {ctr.id} already has a record")
+            await fsutil.write_json(self.container_dir / f"{ctr.id}.json", ctr.to_dict())
             self.containers[ctr.id] = ctr
             self.generation += 1
 
-    async def delete_pod(self, pod: PodRecord) -> None:
-        await self._write(self.pod_dir / f"{pod.id}.json", pod, remove=True)
-        self.pods.pop(pod.id, None)
-        self.release_name(pod.name_key, pod.id)
-        self._locks.pop(pod.id, None)
-        self.generation += 1
+    async def update_pod(self, pod_id: str, change: Change[PodRecord] | None = None,
+                         **fields: Any) -> PodRecord | None:
+        """Changes one pod record: copy, check the transition, write, swap in. See `_update`."""
+        return await self._update(self.pods, self.pod_dir, pod_id, change, fields, lifecycle.check_pod)
 
-    async def delete_container(self, ctr: ContainerRecord) -> None:
-        await self._write(self.container_dir / f"{ctr.id}.json", ctr, remove=True)
-        self.containers.pop(ctr.id, None)
-        pod = self.pods.get(ctr.pod_id)
+    async def update_container(self, cid: str, change: Change[ContainerRecord] | None = None,
+                               **fields: Any) -> ContainerRecord | None:
+        """Changes one container record: copy, check the transition, write, swap in. See `_update`."""
+        return await self._update(self.containers, self.container_dir, cid, change, fields,
+                                  lifecycle.check_container)
+
+    async def _update(self, table: dict[str, R], directory: Path, ident: str, change: Change[R] | None,
+                      fields: dict[str, Any], check: Callable[[str, str, str], None]) -> R | None:
+        """The record as changed, or None when it has been deleted (a change racing a removal is dropped).
+
+        `change` sees the current record (under the record's lock) and returns the fields to set, or None
+        for no change; `fields` are set as given. Nothing is written when nothing changes.
+        """
+        async with self._record_lock(ident):
+            current = table.get(ident)
+            if current is None:
+                return None
+            wanted = dict(fields)
+            if change is not None:
+                wanted.update(change(current) or {})
+            wanted = {k: v for k, v in wanted.items() if getattr(current, k) != v}
+            if not wanted:
+                return current
+            new = dataclasses.replace(current, **wanted)
+            check(ident, current.state, new.state)  # type: ignore[attr-defined]
+            await fsutil.write_json(directory / f"{ident}.json", new.to_dict())  # type: ignore[attr-defined]
+            table[ident] = new
+            self.generation += 1
+            return new
+
+    async def delete_pod(self, pod_id: str) -> None:
+        pod = await self._delete(self.pods, self.pod_dir, pod_id, lifecycle.check_pod_deletable)
         if pod is not None:
-            self.release_name(ctr.name_key(pod), ctr.id)
-        self.generation += 1
+            self.release_name(pod.name_key, pod_id)
+            self._locks.pop(pod_id, None)
+
+    async def delete_container(self, cid: str) -> None:
+        ctr = await self._delete(self.containers, self.container_dir, cid, lifecycle.check_container_deletable)
+        pod = self.pods.get(ctr.pod_id) if ctr is not None else None
+        if ctr is not None and pod is not None:
+            self.release_name(ctr.name_key(pod), cid)
+
+    async def _delete(self, table: dict[str, R], directory: Path, ident: str,
+                      check: Callable[[str, str], None]) -> R | None:
+        """Removes the record file, then the listing; the record removed, or None if there was none."""
+        async with self._record_lock(ident):
+            record = table.get(ident)
+            if record is None:
+                return None
+            check(ident, record.state)  # type: ignore[attr-defined]
+            await fsutil.remove_file(directory / f"{ident}.json")
+            del table[ident]
+            self.generation += 1
+            return record
 
     def image_in_use(self, image_id: str) -> bool:
         # An image mounted as a volume (CRI Mount.image) is in use as much as a container's own.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import json
 import os
 import signal
 import time
@@ -162,3 +163,33 @@ def test_unreadable_records_are_kept_aside_and_what_they_owned_is_cleaned_up(rt:
     rt.proc.stop()
     rt.proc.start()
     assert [p.id for p in rt.client.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items] == [kept_pod]
+
+
+def test_records_of_an_older_shimd_are_upgraded_at_start(rt: Runtime) -> None:
+    """Issue 17: a pod record with the old READY/NOTREADY-plus-flags form and a container record without the
+    user (which the CRI layer used to read from the bundle at every status) are read, and the user comes
+    from the bundle once, at start."""
+    pb = rt.pb
+    pod_id, pod_cfg = rt.run_pod("older")
+    sc = pb.LinuxContainerSecurityContext(run_as_user=pb.Int64Value(value=1000),
+                                          run_as_group=pb.Int64Value(value=3000))
+    cid = rt.create(pod_id, pod_cfg, "c", ["sleep", "1000"], linux=pb.LinuxContainerConfig(security_context=sc))
+    rt.start(cid)
+    root = rt.proc.root
+    rt.proc.kill()
+    pod_file, ctr_file = root / "pods" / f"{pod_id}.json", root / "containers" / f"{cid}.json"
+    pod = json.loads(pod_file.read_text())
+    pod.update(state="READY", initializing=False, stopped=False)
+    pod_file.write_text(json.dumps(pod))
+    ctr = json.loads(ctr_file.read_text())
+    assert ctr.pop("user") == {"uid": 1000, "gid": 3000, "groups": [3000]}
+    ctr_file.write_text(json.dumps(ctr))
+    rt.proc.start()
+
+    user = rt.status(cid).user.linux
+    assert (user.uid, user.gid, list(user.supplemental_groups)) == (1000, 3000, [3000])
+    assert json.loads(ctr_file.read_text())["user"] == {"uid": 1000, "gid": 3000, "groups": [3000]}
+    (item,) = rt.client.runtime.ListPodSandbox(pb.ListPodSandboxRequest(
+        filter=pb.PodSandboxFilter(id=pod_id))).items
+    assert item.state == pb.SANDBOX_READY
+    assert rt.status(cid).state == pb.CONTAINER_RUNNING

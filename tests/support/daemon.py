@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from shimd.store import lifecycle
 from tests.support.cri_client import CriClient
 from tests.support.procs import terminate
 
@@ -73,6 +74,16 @@ class ShimdProcess:
             self.client = None
         if self.proc and self.proc.poll() is None:
             terminate(self.proc, 15, 5)
+        self.assert_no_illegal_state_change()
+
+    def assert_no_illegal_state_change(self) -> None:
+        """Every test that runs a shimd also checks the state machines (shimd/store/lifecycle.py)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return
+        bad = [line for line in text.splitlines() if lifecycle.MARKER in line]
+        assert not bad, "shimd made an illegal state change:\n" + "\n".join(bad[:5])
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -27,13 +27,13 @@ async def _service(tmp_path: Path) -> tuple[RuntimeService, events.EventBus, Sto
 async def test_events_in_order_to_each_subscriber(tmp_path: Path) -> None:
     svc, bus, store = await _service(tmp_path)
     pod = PodRecord(id="p1", name="n", namespace="ns", uid="u1", attempt=0, handler="runc", created_at=1, config={})
-    await store.save_pod(pod)
+    await store.add_pod(pod)
     streams = [svc.get_container_events(cri.GetEventsRequest()) for _ in range(2)]
     firsts = [asyncio.ensure_future(s.__anext__()) for s in streams]
     await asyncio.sleep(0)  # both handlers subscribe
     bus.publish(events.CREATED, "p1", "p1")
     bus.publish(events.STARTED, "c1", "p1")
-    await store.delete_pod(pod)
+    await store.delete_pod(pod.id)
     bus.publish(events.DELETED, "p1", "p1")
     for s, first in zip(streams, firsts, strict=True):
         got = [await first, await s.__anext__(), await s.__anext__()]

@@ -15,9 +15,9 @@ from shimd.store.store import Store
 async def test_metrics_endpoint(tmp_path: Path) -> None:
     store = Store(tmp_path)
     await store.load()
-    await store.save_pod(PodRecord(id="p1", name="n", namespace="ns", uid="u", attempt=0, handler="runc",
-                                   created_at=1, config={}))
-    await store.save_container(ContainerRecord(id="c1", pod_id="p1", name="c", attempt=0, created_at=1, config={},
+    await store.add_pod(PodRecord(id="p1", name="n", namespace="ns", uid="u", attempt=0, handler="runc",
+                                   created_at=1, config={}, state="READY"))
+    await store.add_container(ContainerRecord(id="c1", pod_id="p1", name="c", attempt=0, created_at=1, config={},
                                                image_ref="i", image_id="i", log_path="", bundle="",
                                                state="RUNNING"))
     server = await start_for_daemon("127.0.0.1:0", lambda: store)

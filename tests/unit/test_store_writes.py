@@ -29,12 +29,12 @@ def _ctr() -> ContainerRecord:
 
 
 async def _store_with_container(root: Path) -> tuple[Store, ContainerRecord]:
-    """A loaded store holding one pod and its container, both saved."""
+    """A loaded store holding one pod and its container, both recorded."""
     store = Store(root)
     await store.load()
-    await store.save_pod(_pod())
+    await store.add_pod(_pod())
     ctr = _ctr()
-    await store.save_container(ctr)
+    await store.add_container(ctr)
     return store, ctr
 
 
@@ -70,27 +70,32 @@ def test_two_threads_writing_one_file_do_not_share_a_temp_file(tmp_path: Path,
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
-async def test_concurrent_saves_of_one_record_end_with_its_last_state(tmp_path: Path) -> None:
-    store, ctr = await _store_with_container(tmp_path)
+async def test_concurrent_changes_of_one_record_are_all_kept(tmp_path: Path) -> None:
+    """The exit watcher records an exit while other changes (a stop, an update) are on their way: none is
+    lost, and memory and disk end the same."""
+    store, _ = await _store_with_container(tmp_path)
 
     async def exit_recorded() -> None:  # what on_exit does
-        ctr.state, ctr.exit_code = CONTAINER_EXITED, 137
-        await store.save_container(ctr)
+        await store.update_container(CTR, state=CONTAINER_EXITED, exit_code=137)
 
-    async def other_change(i: int) -> None:  # what a racing StopContainer or update does
-        ctr.message = f"change {i}"
-        await store.save_container(ctr)
+    async def other_change(i: int) -> None:  # each reads the current record and adds to it
+        await asyncio.sleep(0)
+        await store.update_container(CTR, lambda c: {"message": f"{c.message}{i},"})
 
     await asyncio.gather(exit_recorded(), *(other_change(i) for i in range(20)))
+    final = store.containers[CTR]
+    assert final.state == CONTAINER_EXITED and final.exit_code == 137
+    assert sorted(int(n) for n in final.message.split(",") if n) == list(range(20))
     on_disk = json.loads((tmp_path / "containers" / f"{CTR}.json").read_text())
-    assert on_disk == ctr.to_dict()
-    assert on_disk["state"] == CONTAINER_EXITED
+    assert on_disk == final.to_dict()
     assert sorted(p.name for p in (tmp_path / "containers").iterdir()) == [f"{CTR}.json"]
 
 
-async def test_a_save_racing_the_removal_does_not_bring_the_record_back(tmp_path: Path) -> None:
-    store, ctr = await _store_with_container(tmp_path)
-    await asyncio.gather(store.delete_container(ctr), store.save_container(ctr))
+async def test_a_change_racing_the_removal_does_not_bring_the_record_back(tmp_path: Path) -> None:
+    store, _ = await _store_with_container(tmp_path)
+    await store.update_container(CTR, state=CONTAINER_EXITED)
+    results = await asyncio.gather(store.delete_container(CTR), store.update_container(CTR, message="late"))
+    assert results[1] is None  # dropped: the record was gone when its turn came
     assert not (tmp_path / "containers" / f"{CTR}.json").exists()
     assert CTR not in store.containers
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from shimd.api.runtime import v1 as cri
@@ -10,8 +11,10 @@ from shimd.store.records import (
     CONTAINER_CREATED,
     CONTAINER_EXITED,
     CONTAINER_RUNNING,
+    POD_INITIALIZING,
     POD_NOTREADY,
     POD_READY,
+    POD_STOPPED,
     ContainerRecord,
     PodRecord,
 )
@@ -50,7 +53,8 @@ def _pod(rnd: random.Random) -> PodRecord:
         id=f"{rnd.getrandbits(256):064x}", name=_text(rnd), namespace=_text(rnd), uid=_text(rnd),
         attempt=rnd.choice([0, 3, 300]), handler=rnd.choice(["", "runc", "runsc"]),
         created_at=rnd.choice([0, 1_795_932_793_230_921_154]), config={},
-        labels=_strings(rnd), annotations=_strings(rnd), state=rnd.choice([POD_READY, POD_NOTREADY]),
+        labels=_strings(rnd), annotations=_strings(rnd),
+        state=rnd.choice([POD_INITIALIZING, POD_READY, POD_NOTREADY, POD_STOPPED]),
     )
 
 
@@ -67,8 +71,8 @@ def test_pod_summary_bytes_match_betterproto() -> None:
 
 
 def test_encoding_decodes_to_the_record() -> None:
-    ctr = _container(random.Random(7))
-    ctr.labels, ctr.state, ctr.created_at = {"app": "web", "tier": ""}, CONTAINER_RUNNING, -5
+    ctr = dataclasses.replace(_container(random.Random(7)), labels={"app": "web", "tier": ""},
+                              state=CONTAINER_RUNNING, created_at=-5)
     decoded = cri.Container().parse(summary_wire.container(ctr))
     assert (decoded.id, decoded.labels, decoded.created_at) == (ctr.id, {"app": "web", "tier": ""}, -5)
     assert decoded.state == cri.ContainerState.CONTAINER_RUNNING
