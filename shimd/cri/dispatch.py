@@ -18,9 +18,10 @@ import grpclib.const
 import grpclib.exceptions
 import grpclib.server
 from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
 
 from shimd import errors, log, phases
-from shimd.cri import grpc_server
+from shimd.cri import grpc_server, wire
 
 _STATUS: dict[type[errors.ShimdError], Status] = {
     errors.InvalidArgument: Status.INVALID_ARGUMENT,
@@ -117,7 +118,12 @@ def _checked_decoding(stream: grpclib.server.Stream, method: str, max_message: i
         if size > max_message:
             raise grpclib.GRPCError(Status.RESOURCE_EXHAUSTED, f"{method}: request message of {size} bytes is "
                                     f"larger than the maximum of {max_message} (daemon.max_recv_message_size)")
-        message = stream._codec.decode(await h2_stream.recv_data(size), stream._recv_type)
+        if size:
+            message = stream._codec.decode(await h2_stream.recv_data(size), stream._recv_type)
+        elif type(stream._codec) is ProtoCodec:
+            message = wire.empty(stream._recv_type)  # the library's result, without its set-up cost
+        else:
+            message = stream._codec.decode(b"", stream._recv_type)
         (message,) = await stream._dispatch.recv_message(message)
         stream._messages_received += 1
         h2_stream.connection.messages_received += 1

@@ -16,6 +16,7 @@ R = TypeVar("R")
 M = TypeVar("M", bound=betterproto.Message)
 
 _RAW_TYPES: dict[type, type] = {}
+_EMPTY_STATE: dict[type, tuple[dict[str, Any], tuple[str, ...]] | None] = {}
 
 
 def varint(n: int) -> bytes:
@@ -53,6 +54,43 @@ def preencoded(cls: type[M], payload: bytes) -> M:
     msg = object.__new__(raw_cls)
     object.__setattr__(msg, "_shimd_payload", payload)
     return msg  # type: ignore[no-any-return]
+
+
+def empty(cls: type[M]) -> M:
+    """What cls.FromString(b"") returns, built from a copy of its state.
+
+    Most list and status requests come with an empty body. betterproto builds a message through
+    __init__ and __post_init__, where every attribute read raises and catches an AttributeError until
+    set-up ends: measured at about a sixth of the daemon's CPU for an unfiltered ListPodSandbox. An
+    empty message holds only defaults, so the instance state the library left once is copied; a class
+    whose state holds anything mutable besides plain dicts of constants is decoded by the library.
+    """
+    known = _EMPTY_STATE.get(cls, False)
+    if known is False:
+        known = _EMPTY_STATE[cls] = _empty_state(cls)
+    if known is None:
+        return cls.FromString(b"")
+    state, dicts = known
+    msg = object.__new__(cls)
+    own = object.__getattribute__(msg, "__dict__")  # betterproto's __getattribute__ is not set up for this yet
+    own.update(state)
+    for name in dicts:
+        own[name] = dict(state[name])
+    return msg
+
+
+def _empty_state(cls: type[M]) -> tuple[dict[str, Any], tuple[str, ...]] | None:
+    state = dict(object.__getattribute__(cls.FromString(b""), "__dict__"))
+
+    def constant(v: Any) -> bool:
+        return v is betterproto.PLACEHOLDER or v is None or type(v) in (bool, int, str, bytes)
+
+    dicts = tuple(k for k, v in state.items() if type(v) is dict)
+    if not all(constant(v) for k, v in state.items() if k not in dicts):
+        return None
+    if not all(constant(x) for k in dicts for x in state[k].values()):
+        return None
+    return state, dicts
 
 
 def submessage(msg: betterproto.Message, name: str) -> Any:

@@ -3,9 +3,10 @@
 bench_pod_start times ListContainers for one runtime, then (minutes later) for the other; on a
 2-core VM the machine's speed drifts by tens of percent between those phases, which is larger
 than the difference being measured. Here both daemons hold the same workload at the same time
-(--containers containers, created and not started, over --list-pods pods: only the shims run), and
-the timed calls alternate between them in batches (which one goes first swaps every round), so
-drift hits both alike:
+(pods with --per-pod containers each, created and not started: only the shims run), and the timed
+calls alternate between them in batches (which one goes first swaps every round), so drift hits
+both alike. The workload grows through the sizes of --pods (20 pods, then 480 more for 500, ...),
+and each size is measured in turn:
 
   * latency p50 / p95 per method and runtime over all timed calls, and the shimd/containerd ratio
     of each round's p50s (median and range over the rounds);
@@ -16,7 +17,7 @@ drift hits both alike:
 
 Same grpcio client, same busybox image from a local registry, same bridge conflist, same runc.
 
-    .venv/bin/python -m tests.bench.bench_list [--containers 500] [--rounds 30] [--batch 100]
+    .venv/bin/python -m tests.bench.bench_list [--pods 20,500] [--per-pod 1] [--rounds 20] [--batch 100]
 """
 
 from __future__ import annotations
@@ -28,10 +29,21 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.bench.bench_pod_start import Bench, Containerd, Runtime, Shimd, bench_workspace, cni_conf, pct, ratio
+from tests.bench.bench_pod_start import (
+    SETUP_WORKERS,
+    Bench,
+    Containerd,
+    Runtime,
+    Shimd,
+    bench_workspace,
+    cni_conf,
+    pct,
+    ratio,
+)
 
 METHODS = ("ListContainers", "ListPodSandbox")
 REPLY_ITEMS = {"ListContainers": "containers", "ListPodSandbox": "items"}
@@ -77,11 +89,12 @@ def time_round(live: Live, method: str, batch: int, t: Timings) -> None:
     t.round_p50.append(statistics.median(lat))
 
 
-def report(results: dict[str, dict[str, Timings]], idle: dict[str, float], args: argparse.Namespace) -> None:
-    if idle:
-        print("\nidle daemon CPU: " + ", ".join(f"{n} {v * 1000:.1f} ms/s" for n, v in idle.items()))
-    print(f"\n{args.containers} containers over {args.list_pods} pods; {args.rounds} rounds of {args.batch} calls "
+def report(pods: int, results: dict[str, dict[str, Timings]], idle: dict[str, float],
+           args: argparse.Namespace) -> None:
+    print(f"\n{pods} pods, {pods * args.per_pod} containers; {args.rounds} rounds of {args.batch} calls "
           "per runtime, interleaved (times in ms; ratio = shimd / containerd)")
+    if idle:
+        print("idle daemon CPU: " + ", ".join(f"{n} {v * 1000:.1f} ms/s" for n, v in idle.items()))
     print(f"{'method':<16}{'':<12}{'items':>6}{'p50':>8}{'p95':>8}{'CPU/call':>10}")
     for method in args.methods:
         for name in ("shimd", "containerd"):
@@ -97,16 +110,48 @@ def report(results: dict[str, dict[str, Timings]], idle: dict[str, float], args:
               f"{ratio(pct(ours.latencies, .95), pct(theirs.latencies, .95)):>8}{cpu:>10}"
               f"   per-round p50 ratio: median {statistics.median(per_round):.2f}, "
               f"range {min(per_round):.2f}-{max(per_round):.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({n: {m: t.__dict__ for m, t in r.items()} for n, r in results.items()}, f, indent=1)
+    print(flush=True)
+
+
+def grow(b: Bench, have: int, want: int, per_pod: int) -> None:
+    """Pods have..want-1, each with per_pod sleeping containers, created and not started."""
+    def one(i: int) -> None:
+        pod_id, cfg = b.run_pod(f"list-{i}")
+        for j in range(per_pod):
+            b.create(pod_id, cfg, f"c{j}", ["sleep", "3600"])
+
+    with ThreadPoolExecutor(SETUP_WORKERS) as pool:
+        list(pool.map(one, range(have, want)))
+
+
+def measure(live: dict[str, Live], args: argparse.Namespace) -> tuple[dict[str, dict[str, Timings]], dict[str, float]]:
+    results: dict[str, dict[str, Timings]] = {n: {m: Timings() for m in args.methods} for n in live}
+    for name, lv in live.items():
+        for method in args.methods:
+            call = lv.call(method)
+            for _ in range(args.warmup):
+                call()
+            reply = call()
+            results[name][method].items = len(getattr(reply, REPLY_ITEMS[method]))
+    idle: dict[str, float] = {}
+    if args.idle > 0:
+        cpu0 = {n: process_cpu_s(lv.runtime.pid) for n, lv in live.items()}
+        time.sleep(args.idle)
+        idle = {n: (process_cpu_s(lv.runtime.pid) - cpu0[n]) / args.idle for n, lv in live.items()}
+    order = list(live.items())
+    for _ in range(args.rounds):
+        for method in args.methods:
+            for name, lv in order:
+                time_round(lv, method, args.batch, results[name][method])
+        order.reverse()  # neither runtime always runs right after the other's batch
+    return results, idle
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--containers", type=int, default=500)
-    ap.add_argument("--list-pods", type=int, default=25, help="pods the containers are spread over")
-    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--pods", default="20,500", help="pod counts measured in turn (the workload grows)")
+    ap.add_argument("--per-pod", type=int, default=1, help="containers per pod")
+    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--batch", type=int, default=100, help="timed calls per runtime and round")
     ap.add_argument("--warmup", type=int, default=20, help="untimed calls per runtime first")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -116,6 +161,9 @@ def main() -> None:
     args.methods = [m for m in args.methods.split(",") if m]
     if unknown := set(args.methods) - set(REPLY_ITEMS):
         ap.error(f"--methods: not a list call: {', '.join(sorted(unknown))}")
+    sizes = [int(n) for n in args.pods.split(",") if n]
+    if not sizes or sizes != sorted(set(sizes)) or sizes[0] < 1:
+        ap.error("--pods: increasing pod counts, e.g. 20,500")
 
     with bench_workspace("bench-list-") as ws, contextlib.ExitStack() as stack:
         conf = cni_conf("bridge", ws.net)
@@ -138,30 +186,21 @@ def main() -> None:
             b.pull(ws.image)
             if name == "containerd":
                 b.pull(ws.pause)
-            print(f"filling {name} ...", flush=True)
-            b.fill_containers(args.containers, args.list_pods)
             live[name] = Live(rt, b)
 
-        results: dict[str, dict[str, Timings]] = {n: {m: Timings() for m in args.methods} for n in live}
-        for name, lv in live.items():
-            for method in args.methods:
-                call = lv.call(method)
-                for _ in range(args.warmup):
-                    call()
-                reply = call()
-                results[name][method].items = len(getattr(reply, REPLY_ITEMS[method]))
-        idle: dict[str, float] = {}
-        if args.idle > 0:
-            cpu0 = {n: process_cpu_s(lv.runtime.pid) for n, lv in live.items()}
-            time.sleep(args.idle)
-            idle = {n: (process_cpu_s(lv.runtime.pid) - cpu0[n]) / args.idle for n, lv in live.items()}
-        order = list(live.items())
-        for _ in range(args.rounds):
-            for method in args.methods:
-                for name, lv in order:
-                    time_round(lv, method, args.batch, results[name][method])
-            order.reverse()  # neither runtime always runs right after the other's batch
-        report(results, idle, args)
+        everything: dict[int, dict[str, dict[str, dict[str, Any]]]] = {}
+        have = 0
+        for pods in sizes:
+            for name, lv in live.items():
+                print(f"{name}: {have} -> {pods} pods ...", flush=True)
+                grow(lv.bench, have, pods, args.per_pod)
+            have = pods
+            results, idle = measure(live, args)
+            report(pods, results, idle, args)
+            everything[pods] = {n: {m: t.__dict__ for m, t in r.items()} for n, r in results.items()}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(everything, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -50,3 +50,38 @@ def test_submessage_tells_absent_from_present_without_building_defaults() -> Non
     built = cri.ListPodSandboxRequest(filter=cri.PodSandboxFilter(id="x"))
     assert wire.submessage(built, "filter").id == "x"
     assert wire.submessage(cri.ListPodSandboxRequest(), "filter") is None
+
+
+def _request_types() -> list[type[betterproto.Message]]:
+    from shimd.api.runtime.v1 import ImageServiceBase, RuntimeServiceBase
+
+    out = []
+    for base in (RuntimeServiceBase, ImageServiceBase):
+        for handler in base.__mapping__(object.__new__(base)).values():
+            out.append(handler.request_type)
+    return out
+
+
+def test_empty_is_what_the_library_decodes_from_an_empty_body() -> None:
+    types = _request_types()
+    assert len(types) > 30
+    for cls in [*types, cri.ContainerConfig, cri.PodSandboxConfig, cri.LinuxContainerResources]:
+        ours, theirs = wire.empty(cls), cls.FromString(b"")
+        assert type(ours) is cls
+        assert object.__getattribute__(ours, "__dict__") == object.__getattribute__(theirs, "__dict__"), cls
+        assert ours == theirs and bytes(ours) == bytes(theirs) == b""
+        assert ours.to_dict() == theirs.to_dict()
+
+
+def test_empty_messages_share_no_state() -> None:
+    a = wire.empty(cri.ListContainersRequest)
+    a.filter.id = "x"
+    b = wire.empty(cri.ListContainersRequest)
+    assert wire.submessage(b, "filter") is None and b.filter.id == ""
+    one = wire.empty(cri.PullImageRequest)
+    one.image.annotations["k"] = "v"
+    assert wire.empty(cri.PullImageRequest).image.annotations == {}
+    # A oneof's current member is per instance.
+    c = wire.empty(cri.StreamPodSandboxesRequest)
+    assert object.__getattribute__(c, "_group_current") is not object.__getattribute__(
+        wire.empty(cri.StreamPodSandboxesRequest), "_group_current")

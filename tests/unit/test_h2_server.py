@@ -113,6 +113,54 @@ def test_many_calls_with_changing_timeouts_keep_hpack_in_step() -> None:
     assert server.streams == {}
 
 
+def _headers_frame(stream_id: int, block: bytes) -> bytes:
+    return h2_server._frame(h2_server.HEADERS, h2_server.END_HEADERS | h2_server.END_STREAM, stream_id, block)
+
+
+def test_repeated_indexed_blocks_decode_as_hpack_does_after_the_table_changes() -> None:
+    """The decoded-block cache against hpack's own decoder, fed the same blocks (the reference)."""
+    server, _ = _pair()
+    encoder, reference = hpack.Encoder(), hpack.Decoder()
+    sid = 1
+
+    def send(block: bytes) -> None:
+        nonlocal sid
+        events = server.receive_data(_headers_frame(sid, block))
+        assert events[0].headers == reference.decode(block)
+        sid += 2
+
+    first = encoder.encode([*REQUEST, ("x-a", "1")])
+    indexed = encoder.encode([*REQUEST, ("x-a", "1")])  # every field now in the client's table
+    assert h2_server.indexed_only(indexed) and not h2_server.indexed_only(first)
+    send(first)
+    send(indexed)
+    send(indexed)  # from the cache
+    # A new field enters the table in front: the same indexed bytes now name other fields.
+    send(encoder.encode([("x-b", "2")]))
+    send(indexed)
+    send(encoder.encode([("x-c", "3")], huffman=False))
+    send(indexed)
+    # A table size update (the client shrinks its table): entries go, the old indices name nothing.
+    encoder.header_table_size = 0
+    send(encoder.encode([(":method", "POST")]))
+    with pytest.raises(h2.exceptions.ProtocolError):
+        server.receive_data(_headers_frame(sid, indexed))
+
+
+def test_indexed_only_reads_multibyte_indices() -> None:
+    encoder = hpack.Encoder()
+    fields = [(f"x-{i}", "v") for i in range(200)]
+    encoder.encode(fields)
+    block = encoder.encode([fields[119]])  # dynamic index 62 + 80: over the 7-bit prefix
+    assert block[0] == 0xFF and len(block) > 1
+    assert h2_server.indexed_only(block)
+    assert h2_server.indexed_only(block + b"\x82")
+    assert not h2_server.indexed_only(block + b"\x40")  # then a literal with incremental indexing
+    assert not h2_server.indexed_only(block[:-1] + bytes([block[-1] | 0x80]))  # index never ends
+    assert not h2_server.indexed_only(b"\x80")  # index 0 is a decoding error, left to hpack
+    assert not h2_server.indexed_only(b"\x3f\xe1\x1f")  # a table size update
+
+
 def test_large_message_waits_for_window_and_frames_fit() -> None:
     server, client = _with_request(end_stream=True, INITIAL_WINDOW_SIZE=20000)
     server.send_headers(1, [(":status", "200")])
