@@ -181,6 +181,8 @@ class PodService:
             pod.namespaces = await namespaces.create_pod_namespaces(pod.id, self.ns_dir, kinds, hostname, userns)
             phase("namespaces")
 
+        early_sandbox_task = sandbox_task and not self.shims.runtimes.get(pod.handler).sandbox_task_needs_network
+
         async def start_shim() -> None:
             if "ipc" in pod.namespaces:
                 await self._mount_shm(pdir / "shm")
@@ -190,9 +192,13 @@ class PodService:
             shim_dir = await self._prepare_sandbox_bundle(pod) if sandbox_task else pdir
             pod.shim_address = await self.shims.launch(pod.id, pod.handler, shim_dir)
             phase("shim_launch")
+            if early_sandbox_task:
+                # It joins the pinned namespaces and reads no pod file: it needs nothing from CNI ADD.
+                await self._start_sandbox_task(pod)
 
-        # CNI ADD and the shim's launch need nothing from each other (the netns exists already), so they
-        # run at once; a failure of either still lets the other finish, and run() then undoes both.
+        # CNI ADD and the shim's launch (with the sandbox task) need nothing from each other (the netns
+        # exists already), so they run at once; a failure of either still lets the other finish, and
+        # run() then undoes both.
         await _concurrently(start_shim(), self._setup_network(pod, config))
         phase("cni_wait")
 
@@ -204,7 +210,7 @@ class PodService:
         })
         phase("pod_files")
 
-        if sandbox_task:
+        if sandbox_task and not early_sandbox_task:
             await self._start_sandbox_task(pod)
 
         pod.initializing = False
@@ -258,7 +264,7 @@ class PodService:
         ctx = pod_context(pod, self.state_dir)
         ctx.cgroups_path = cgroups.container_path(self.cgroup_driver, pod.cgroup_parent, pod.id)
         spec = ocispec.pause_spec(ctx, str(rootfs), ["/pause", "-P"])
-        await fsutil.write_json(bundle / "config.json", spec)
+        await fsutil.write_json(bundle / "config.json", spec, durable=False)  # daemon.state: no fsync
         phase("sandbox_bundle")
         return bundle
 
