@@ -141,7 +141,7 @@ class ContainerService:
                 if archive:
                     await asyncio.to_thread(ckpt.unpack_into, Path(archive), self.restore_dir / cid,
                                             Path(ctr.fs_dir) / "upper")
-                await fsutil.write_json(bundle / "config.json", spec)
+                await fsutil.write_json(bundle / "config.json", spec, durable=False)  # daemon.state: no fsync
                 phase("bundle_write")
                 await self.store.save_container(ctr)
                 phase("record_write")
@@ -452,7 +452,7 @@ class ContainerService:
         res = spec.setdefault("linux", {}).setdefault("resources", {})
         for key, value in oci.items():
             res[key] = {**res.get(key, {}), **value} if isinstance(value, dict) else value
-        await fsutil.write_json(path, spec)
+        await fsutil.write_json(path, spec, durable=False)
 
     async def reopen_log(self, cid: str) -> None:
         ctr = self.store.container(cid)
