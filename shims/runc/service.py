@@ -86,7 +86,7 @@ class Container:
         self.lock = aio.Lock()
         # CRIU image directory of a container created from a checkpoint: Start restores from it.
         self.restore_from = ""
-        # The pod's pause task is made running by Create (`runc run --detach`); its Start only answers.
+        # Made running by Create (`runc run --detach`, the spec asked for it): its Start only answers.
         self.started_by_create = False
         # The init is pid 1 of a PID namespace of its own: when it dies the kernel kills every process
         # of the container, so a SIGKILL to it is all of `runc kill --all`.
@@ -272,9 +272,10 @@ class TaskService:
             raise TtrpcError(ttrpc.INVALID_ARGUMENT, "id must not be empty")
         if cid in self.containers or cid in self._creating:
             raise TtrpcError(ttrpc.ALREADY_EXISTS, f"container {cid!r} already exists")
-        own_pid_ns = await aio.to_thread(_own_pid_namespace, bundle) if bundle and os.path.isabs(bundle) else None
-        if own_pid_ns is None:
+        facts = await aio.to_thread(_spec_facts, bundle) if bundle and os.path.isabs(bundle) else None
+        if facts is None:
             raise TtrpcError(ttrpc.INVALID_ARGUMENT, f"bundle {bundle!r} has no readable config.json")
+        own_pid_ns, start_on_create = facts
         opts = _runc_options(req["options"], self.namespace)
         log = self.log.bind(container_id=cid)
         runc = _new_runtime(self.reaper, opts, os.path.join(bundle, "log.json"))
@@ -307,9 +308,9 @@ class TaskService:
                 log.info("created from checkpoint", checkpoint=restore_from, bundle=bundle)
                 return {"pid": 0}
 
-            # The pod's sandbox (pause) task -- its id is the pod's -- is always started right after it is
-            # made and has nothing to set up in between: one runc process does both.
-            early = cid == self.pod_id and runc.runs_detached and not req["terminal"]
+            # shimd starts this task right after making it, with nothing to set up in between: one runc
+            # process does both (a Go start-up and a state load fewer).
+            early = start_on_create and runc.runs_detached and not req["terminal"]
 
             async def call(stdio: tuple[int, int, int], console: str) -> str:
                 if early:
@@ -645,15 +646,19 @@ class TaskService:
                 p.io.close()
 
 
-def _own_pid_namespace(bundle: str) -> bool | None:
-    """Whether the bundle's spec gives the init a new PID namespace; None: there is no readable spec."""
+def _spec_facts(bundle: str) -> tuple[bool, bool] | None:
+    """From the bundle's spec: whether the init gets a PID namespace of its own, and whether shimd asked
+    for the task to be started by Create; None: there is no readable spec."""
     try:
         with open(os.path.join(bundle, "config.json"), "rb") as f:
             spec = json.load(f)
     except (OSError, ValueError):
         return None
-    namespaces = ((spec.get("linux") or {}).get("namespaces") or []) if isinstance(spec, dict) else []
-    return any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces if isinstance(ns, dict))
+    if not isinstance(spec, dict):
+        return None
+    namespaces = (spec.get("linux") or {}).get("namespaces") or []
+    own = any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces if isinstance(ns, dict))
+    return own, (spec.get("annotations") or {}).get(m.START_ON_CREATE_ANNOTATION) == "true"
 
 
 def _write_json(path: str, data: Any) -> None:

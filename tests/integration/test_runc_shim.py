@@ -26,6 +26,7 @@ from shimd.api.containerd.task import v2 as task
 from shimd.api.containerd.v1.types import Status
 from shimd.shimmgr.launcher import start_shim
 from shimd.shimmgr.task_client import TaskClient
+from shimproto.messages import START_ON_CREATE_ANNOTATION
 from shims.runc.mounts import is_mountpoint
 from tests.support.procs import alive
 from tests.support.shim_env import ShimEnv, process_spec
@@ -416,19 +417,25 @@ def runc_status(env: ShimEnv, cid: str) -> str:
     return str(json.loads(out)["status"])
 
 
-async def test_pause_task_runs_on_create_and_start_only_answers(shim: Shim) -> None:
-    # The pod's sandbox task (its id is the pod's): made running by Create, with one runc process.
-    _, pid = await shim.create("pod1", ["sleep", "1000"])
+async def test_a_task_whose_spec_asks_for_it_runs_on_create_and_start_only_answers(shim: Shim) -> None:
+    # shimd's pause tasks and containers carry the annotation: one runc process makes them running.
+    b = shim.env.bundle("sc1", ["sleep", "1000"])
+    spec = json.loads((b / "config.json").read_text())
+    spec["annotations"] = {START_ON_CREATE_ANNOTATION: "true"}
+    (b / "config.json").write_text(json.dumps(spec))
+    pid = (await shim.c.create(task.CreateTaskRequest(
+        id="sc1", bundle=str(b), rootfs=[ctypes.Mount(**m) for m in shim.env.overlay("sc1")],
+        options=options(shim.env)), timeout=T)).pid
     assert pid > 0 and alive(pid)
-    assert runc_status(shim.env, "pod1") == "running"
-    assert (await shim.c.state(task.StateRequest(id="pod1"), timeout=T)).status == Status.RUNNING
-    assert (await shim.c.start(task.StartRequest(id="pod1"), timeout=T)).pid == pid
+    assert runc_status(shim.env, "sc1") == "running"
+    assert (await shim.c.state(task.StateRequest(id="sc1"), timeout=T)).status == Status.RUNNING
+    assert (await shim.c.start(task.StartRequest(id="sc1"), timeout=T)).pid == pid
     with pytest.raises(errors.FailedPrecondition):
-        await shim.c.start(task.StartRequest(id="pod1"), timeout=T)
-    await shim.c.kill(task.KillRequest(id="pod1", signal=signal.SIGKILL, all=True), timeout=T)
-    assert (await shim.c.wait(task.WaitRequest(id="pod1"), timeout=T)).exit_status == 128 + signal.SIGKILL
-    await shim.c.delete(task.DeleteRequest(id="pod1"), timeout=T)
-    assert "pod1" not in shim.env.runc_containers()
+        await shim.c.start(task.StartRequest(id="sc1"), timeout=T)
+    await shim.c.kill(task.KillRequest(id="sc1", signal=signal.SIGKILL, all=True), timeout=T)
+    assert (await shim.c.wait(task.WaitRequest(id="sc1"), timeout=T)).exit_status == 128 + signal.SIGKILL
+    await shim.c.delete(task.DeleteRequest(id="sc1"), timeout=T)
+    assert "sc1" not in shim.env.runc_containers()
 
 
 async def test_sigkill_to_all_of_a_container_with_its_own_pid_namespace_kills_every_process(shim: Shim) -> None:
