@@ -12,8 +12,12 @@ from pathlib import Path
 from typing import Any
 
 
-def write_atomic_sync(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write temp, fsync, rename, fsync the directory: readers see the old or the new file, never half."""
+def write_atomic_sync(path: Path, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
+    """Write temp, fsync, rename, fsync the directory: readers see the old or the new file, never half.
+
+    durable=False skips both fsyncs, for files under daemon.state: they mean nothing after a reboot, and
+    what a crashed shimd's successor (or a shim) reads after a SIGKILL the rename alone makes whole.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     # Unique per write, not per process: two writes of one file at once (two threads) must not share it.
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{secrets.token_hex(6)}")
@@ -23,7 +27,8 @@ def write_atomic_sync(path: Path, data: bytes, mode: int = 0o600) -> None:
             view = memoryview(data)
             while view:  # os.write may write less than asked
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -32,7 +37,8 @@ def write_atomic_sync(path: Path, data: bytes, mode: int = 0o600) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path | str) -> None:
@@ -55,9 +61,9 @@ def private_dir_sync(path: Path, group: int | None = None) -> None:
     os.chmod(path, 0o710 if group is not None else 0o700)
 
 
-async def write_json(path: Path, obj: Any) -> None:
+async def write_json(path: Path, obj: Any, durable: bool = True) -> None:
     data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-    await asyncio.to_thread(write_atomic_sync, path, data)
+    await asyncio.to_thread(write_atomic_sync, path, data, 0o600, durable)
 
 
 async def write_text(path: Path, text: str, mode: int = 0o644) -> None:

@@ -144,7 +144,7 @@ class ContainerService:
                 if archive:
                     await asyncio.to_thread(ckpt.unpack_into, Path(archive), self.restore_dir / cid,
                                             Path(ctr.fs_dir) / "upper")
-                await fsutil.write_json(bundle / "config.json", spec)
+                await fsutil.write_json(bundle / "config.json", spec, durable=False)  # daemon.state: no fsync
                 phase("bundle_write")
                 ctr = dataclasses.replace(ctr, user=spec_user(spec))
                 await self.store.add_container(ctr)
@@ -268,9 +268,10 @@ class ContainerService:
             try:
                 pid = await self.shims.create(pod.id, pod.handler, ctr.id, Path(ctr.bundle), rootfs, stdio,
                                               ctr.tty, checkpoint=ctr.restore_from)
-                # The shim's Create: rootfs mount, then the OCI runtime's create.
+                # The shim's Create: rootfs mount, then the OCI runtime's create (the runc shim runs the
+                # process already: io.shimd.start-on-create).
                 phase("runtime_create")
-                # Taken before Start: a fast process can exit before Start even returns.
+                # A fast process can exit before Start returns: its exit time is never put before this.
                 started_at = time.time_ns()
                 started_pid = await self.shims.start(pod.id, ctr.id)
                 if ctr.restore_from:
@@ -481,7 +482,7 @@ class ContainerService:
         res = spec.setdefault("linux", {}).setdefault("resources", {})
         for key, value in oci.items():
             res[key] = {**res.get(key, {}), **value} if isinstance(value, dict) else value
-        await fsutil.write_json(path, spec)
+        await fsutil.write_json(path, spec, durable=False)
 
     async def reopen_log(self, cid: str) -> None:
         ctr = self.store.container(cid)

@@ -19,6 +19,7 @@ import betterproto
 from shimd import errors
 from shimd.api.runtime import v1 as cri
 from shimd.oci import seccomp
+from shimproto.messages import START_ON_CREATE_ANNOTATION
 
 OCI_VERSION = "1.0.2"
 
@@ -832,6 +833,8 @@ def container_spec(container_id: str, config: cri.ContainerConfig, pod: PodConte
         "io.kubernetes.cri.sandbox-namespace": pod.namespace,
         "io.kubernetes.cri.sandbox-uid": pod.uid,
         "io.kubernetes.cri.image-name": image.name,
+        # StartContainer makes the task and starts it at once (CreateContainer only writes the bundle).
+        START_ON_CREATE_ANNOTATION: "true",
     })
     spec: dict[str, Any] = {
         "ociVersion": OCI_VERSION,
@@ -875,7 +878,9 @@ def pause_spec(pod: PodContext, rootfs: str, args: list[str]) -> dict[str, Any]:
         "annotations": {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": pod.pod_id,
                         "io.kubernetes.cri.sandbox-name": pod.name,
                         "io.kubernetes.cri.sandbox-namespace": pod.namespace,
-                        "io.kubernetes.cri.sandbox-uid": pod.uid},
+                        "io.kubernetes.cri.sandbox-uid": pod.uid,
+                        # RunPodSandbox starts the pause task right after making it.
+                        START_ON_CREATE_ANNOTATION: "true"},
         "linux": linux,
         **({"hostname": pod.hostname} if "uts" in pod.namespaces else {}),
     }

@@ -192,6 +192,8 @@ class PodService:
             pod = dataclasses.replace(pod, namespaces=made["namespaces"])
             phase("namespaces")
 
+        early_sandbox_task = sandbox_task and not self.shims.runtimes.get(pod.handler).sandbox_task_needs_network
+
         async def start_shim() -> None:
             if "ipc" in pod.namespaces:
                 await self._mount_shm(pdir / "shm")
@@ -201,9 +203,13 @@ class PodService:
             shim_dir = await self._prepare_sandbox_bundle(pod) if sandbox_task else pdir
             made["shim_address"] = await self.shims.launch(pod.id, pod.handler, shim_dir)
             phase("shim_launch")
+            if early_sandbox_task:
+                # It joins the pinned namespaces and reads no pod file: it needs nothing from CNI ADD.
+                await self._start_sandbox_task(pod, made)
 
-        # CNI ADD and the shim's launch need nothing from each other (the netns exists already), so they
-        # run at once; a failure of either still lets the other finish, and run() then undoes both.
+        # CNI ADD and the shim's launch (with the sandbox task) need nothing from each other (the netns
+        # exists already), so they run at once; a failure of either still lets the other finish, and
+        # run() then undoes both.
         await _concurrently(start_shim(), self._setup_network(pod, made, config))
         phase("cni_wait")
 
@@ -215,7 +221,7 @@ class PodService:
         })
         phase("pod_files")
 
-        if sandbox_task:
+        if sandbox_task and not early_sandbox_task:
             await self._start_sandbox_task(pod, made)
 
         await self.store.update_pod(pod.id, state=POD_READY, **made)
@@ -266,7 +272,7 @@ class PodService:
         ctx = pod_context(pod, self.state_dir)
         ctx.cgroups_path = cgroups.container_path(self.cgroup_driver, pod.cgroup_parent, pod.id)
         spec = ocispec.pause_spec(ctx, str(rootfs), ["/pause", "-P"])
-        await fsutil.write_json(bundle / "config.json", spec)
+        await fsutil.write_json(bundle / "config.json", spec, durable=False)  # daemon.state: no fsync
         phase("sandbox_bundle")
         return bundle
 

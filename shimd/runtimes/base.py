@@ -67,6 +67,12 @@ class Runtime(abc.ABC):
     def needs_sandbox_task(self, shared_pid: bool) -> bool:
         """Whether the pod needs a sandbox (pause) task in its shim; shared_pid: the pod shares one PID namespace."""
 
+    @property
+    @abc.abstractmethod
+    def sandbox_task_needs_network(self) -> bool:
+        """Whether the sandbox task may only start once CNI ADD has configured the netns (a VM or a gVisor
+        sandbox copies its interfaces at boot); False lets RunPodSandbox start it alongside CNI ADD."""
+
     @abc.abstractmethod
     def log_stdio(self, log_path: str, stdin_path: str) -> tuple[str, str, str]:
         """stdin, stdout, stderr URIs of a task's CreateTaskRequest for a container logging to log_path."""
@@ -149,6 +155,10 @@ class UnavailableRuntime(Runtime):
 
     def needs_sandbox_task(self, shared_pid: bool) -> bool:
         self._refuse()
+
+    @property
+    def sandbox_task_needs_network(self) -> bool:
+        return True
 
     def log_stdio(self, log_path: str, stdin_path: str) -> tuple[str, str, str]:
         self._refuse()

@@ -153,6 +153,11 @@ class RuncRuntime(RuntimeBase):
         # (the pause/init task) to hold it.
         return shared_pid
 
+    @property
+    def sandbox_task_needs_network(self) -> bool:
+        # catatonit only holds the PID namespace; it joins the pinned netns whatever is in it.
+        return False
+
     def runtime_argv(self) -> list[str]:
         """The OCI runtime with this handler's root and global flags, as the shim runs it."""
         argv = [self.handler.binary, "--root", self.root]

@@ -90,6 +90,11 @@ class RunscRuntime(RuncRuntime):
         # The pause task is the gVisor sandbox itself; containers join it.
         return True
 
+    @property
+    def sandbox_task_needs_network(self) -> bool:
+        # The sandbox copies the netns's interfaces and routes into its netstack when it boots.
+        return True
+
 
 # --- stats: with gVisor, the whole sandbox sits in the pod's sandbox cgroup and a container's own cgroup
 # stays empty, so only the sandbox (`runsc events --stats`) can say what a container uses.

@@ -169,6 +169,11 @@ class ShimV2Runtime(RuntimeBase):
         # The sandbox task comes first (for Kata it boots the VM the containers then join).
         return True
 
+    @property
+    def sandbox_task_needs_network(self) -> bool:
+        # A VM sandbox (Kata) scans the netns's interfaces when it boots.
+        return True
+
     async def cleanup_after_dead_shim(self, container_ids: list[str], bundles: list[Path]) -> None:
         """containerd's cleanup path: `<shim> -bundle B -id ID delete` per task, then any rootfs still mounted."""
         binary = self._binary()

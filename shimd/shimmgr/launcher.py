@@ -192,4 +192,5 @@ async def spawn_serving(launch: DirectLaunch, *, bundle: Path, timeout: float, z
 
 
 def _write_address_file(bundle: Path, address: str) -> None:
-    write_atomic_sync(bundle / "address", address.encode(), 0o644)
+    # Under daemon.state (gone with a reboot): no fsync, the rename makes it whole for a restarted shimd.
+    write_atomic_sync(bundle / "address", address.encode(), 0o644, durable=False)

@@ -77,6 +77,11 @@ class Reaper:
                 while len(self._unclaimed) > _UNCLAIMED_MAX:
                     self._unclaimed.popitem(last=False)
 
+    def holds(self, pid: int) -> bool:
+        """Whether pid is a watched child not reaped yet: until it is, no other process can take its pid."""
+        fut = self._waiters.get(pid)
+        return fut is not None and not fut.done()
+
     def watch(self, pid: int) -> aio.Future[ExitInfo]:
         """A future resolved with the pid's exit; call right after the pid is known."""
         loop = aio.get_running_loop()

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # typing is not loaded at run time: every shim would carry it
     from typing import Any
 
 VERSION = "shimd-runc-shim/1"
+SIGKILL = 9
 def runc_timeout() -> float:
     """Read when used, not at import: a shim forked from the zygote gets its environment after import."""
     return float(os.environ.get("SHIMD_RUNTIME_TIMEOUT", "60"))
@@ -85,6 +86,11 @@ class Container:
         self.lock = aio.Lock()
         # CRIU image directory of a container created from a checkpoint: Start restores from it.
         self.restore_from = ""
+        # Made running by Create (`runc run --detach`, the spec asked for it): its Start only answers.
+        self.started_by_create = False
+        # The init is pid 1 of a PID namespace of its own: when it dies the kernel kills every process
+        # of the container, so a SIGKILL to it is all of `runc kill --all`.
+        self.own_pid_ns = False
 
 
 def _new_runtime(reaper: Reaper, opts: RuncOptions, log_path: str) -> Runc:
@@ -266,9 +272,10 @@ class TaskService:
             raise TtrpcError(ttrpc.INVALID_ARGUMENT, "id must not be empty")
         if cid in self.containers or cid in self._creating:
             raise TtrpcError(ttrpc.ALREADY_EXISTS, f"container {cid!r} already exists")
-        if not bundle or not os.path.isabs(bundle) or not await aio.to_thread(
-                os.path.exists, os.path.join(bundle, "config.json")):
-            raise TtrpcError(ttrpc.INVALID_ARGUMENT, f"bundle {bundle!r} has no config.json")
+        facts = await aio.to_thread(_spec_facts, bundle) if bundle and os.path.isabs(bundle) else None
+        if facts is None:
+            raise TtrpcError(ttrpc.INVALID_ARGUMENT, f"bundle {bundle!r} has no readable config.json")
+        own_pid_ns, start_on_create = facts
         opts = _runc_options(req["options"], self.namespace)
         log = self.log.bind(container_id=cid)
         runc = _new_runtime(self.reaper, opts, os.path.join(bundle, "log.json"))
@@ -301,8 +308,15 @@ class TaskService:
                 log.info("created from checkpoint", checkpoint=restore_from, bundle=bundle)
                 return {"pid": 0}
 
+            # shimd starts this task right after making it, with nothing to set up in between: one runc
+            # process does both (a Go start-up and a state load fewer).
+            early = start_on_create and runc.runs_detached and not req["terminal"]
+
             async def call(stdio: tuple[int, int, int], console: str) -> str:
-                await runc.create(cid, bundle, pid_file, stdio, console)
+                if early:
+                    await runc.run_detached(cid, bundle, pid_file, stdio, console)
+                else:
+                    await runc.create(cid, bundle, pid_file, stdio, console)
                 return pid_file
 
             try:
@@ -313,7 +327,13 @@ class TaskService:
                     with contextlib.suppress(Exception):
                         await runc.delete(cid, force=True)
                 raise
-            self.containers[cid] = Container(cid, bundle, runc, init, mounted)
+            c = Container(cid, bundle, runc, init, mounted)
+            c.own_pid_ns = own_pid_ns
+            if early:
+                c.started_by_create = True
+                if not init.exited.is_set():
+                    init.status = m.STATUS_RUNNING
+            self.containers[cid] = c
             mounted = False
         finally:
             self._creating.discard(cid)
@@ -326,6 +346,9 @@ class TaskService:
         c = self._container(req["id"])
         proc = self._proc(req["id"], req["exec_id"])
         async with c.lock:
+            if not proc.exec_id and c.started_by_create:
+                c.started_by_create = False  # once: a second Start is refused as for any started task
+                return {"pid": proc.pid}
             if proc.status != m.STATUS_CREATED or (proc.exec_id and proc.pid):
                 raise _precondition(f"{proc.name} cannot be started: it is not in the created state")
             if not proc.exec_id and c.restore_from:
@@ -368,6 +391,8 @@ class TaskService:
         p = self._proc(req["id"], req["exec_id"])
         if p.exited.is_set():
             raise _not_found(f"{p.name}: process already finished")
+        if not p.exec_id and self._signal_init(c, req["signal"], req["all"]):
+            return {}
         if not p.exec_id:
             try:
                 await c.runc.kill(c.id, req["signal"], req["all"])
@@ -385,6 +410,24 @@ class TaskService:
             except ProcessLookupError:
                 raise _not_found(f"{p.name}: process already finished") from None
         return {}
+
+    def _signal_init(self, c: Container, sig: int, all_processes: bool) -> bool:
+        """The init signalled with kill(2), saving a runc process on every stop; False: runc must do it.
+
+        Safe from pid reuse: the init is our unreaped child (reaping runs on this loop, not meanwhile).
+        A paused container is left to runc, which thaws it for --all; so is a signal to every process of
+        a container sharing a PID namespace (only its cgroup knows them).
+        """
+        p = c.init
+        if not (c.runc.signals_directly and p.pid and not c.paused and self.reaper.holds(p.pid)):
+            return False
+        if all_processes and not (c.own_pid_ns and sig == SIGKILL):
+            return False
+        try:
+            os.kill(p.pid, sig)
+        except ProcessLookupError:
+            return False  # runc's answer then tells what became of it
+        return True
 
     async def delete(self, req: dict[str, Any]) -> dict[str, Any]:
         c = self._container(req["id"])
@@ -601,6 +644,21 @@ class TaskService:
                 if p.watcher is not None:
                     p.watcher.cancel()
                 p.io.close()
+
+
+def _spec_facts(bundle: str) -> tuple[bool, bool] | None:
+    """From the bundle's spec: whether the init gets a PID namespace of its own, and whether shimd asked
+    for the task to be started by Create; None: there is no readable spec."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            spec = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(spec, dict):
+        return None
+    namespaces = (spec.get("linux") or {}).get("namespaces") or []
+    own = any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces if isinstance(ns, dict))
+    return own, (spec.get("annotations") or {}).get(m.START_ON_CREATE_ANNOTATION) == "true"
 
 
 def _write_json(path: str, data: Any) -> None:

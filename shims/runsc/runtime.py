@@ -51,6 +51,11 @@ def _is_root(bundle: str) -> bool:
 
 
 class Runsc(Runc):
+    # The sandbox root's create/start split is how runsc sets the sandbox up: kept.
+    runs_detached = False
+    # Its pids are the sandbox's own; only runsc can signal them.
+    signals_directly = False
+
     def __init__(self, reaper: Reaper, opts: RuncOptions, log_path: str, timeout: float) -> None:
         super().__init__(reaper, opts, log_path, timeout)
         self.extra = global_args()

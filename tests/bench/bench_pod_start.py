@@ -211,8 +211,12 @@ class Results:
 
 
 class Bench:
-    def __init__(self, client: CriClient, image: str, log_dir: Path, host_network: bool) -> None:
+    def __init__(self, client: CriClient, image: str, log_dir: Path, host_network: bool,
+                 shared_pid: bool = False) -> None:
         self.host_network = host_network
+        # shareProcessNamespace: true -- one PID namespace for the pod (shimd: a catatonit pause task,
+        # containerd: its pause container), else kubelet's default of one per container.
+        self.shared_pid = shared_pid
         self.c = client
         self.pb = client.pb
         self.image = image
@@ -224,15 +228,19 @@ class Bench:
         return pb.PodSandboxConfig(
             metadata=pb.PodSandboxMetadata(name=name, namespace="bench", uid=f"uid-{name}", attempt=0),
             hostname="" if self.host_network else name, log_directory=str(self.log_dir / name),
-            # As kubelet sends it for an ordinary pod: a PID namespace per container.
             linux=pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(namespace_options=pb.NamespaceOption(
-                    network=pb.NODE if self.host_network else pb.POD, pid=pb.CONTAINER))))
+                    network=pb.NODE if self.host_network else pb.POD, pid=self.pid_mode()))))
+
+    def pid_mode(self) -> Any:
+        return self.pb.POD if self.shared_pid else self.pb.CONTAINER
 
     def container_config(self, name: str, command: list[str]) -> Any:
         pb = self.pb
         return pb.ContainerConfig(metadata=pb.ContainerMetadata(name=name, attempt=0),
                                   image=pb.ImageSpec(image=self.image), command=command, log_path=f"{name}.log",
-                                  linux=pb.LinuxContainerConfig())
+                                  linux=pb.LinuxContainerConfig(security_context=pb.LinuxContainerSecurityContext(
+                                      namespace_options=pb.NamespaceOption(
+                                          network=pb.NODE if self.host_network else pb.POD, pid=self.pid_mode()))))
 
     def run_pod(self, name: str) -> tuple[str, Any]:
         cfg = self.pod_config(name)
@@ -454,7 +462,7 @@ def machine_cpu_s() -> float:
 def measure(rt: Runtime, image: str, pause: str, args: argparse.Namespace, work: Path) -> Results:
     res = Results()
     client = rt.start()
-    b = Bench(client, image, work / f"logs-{rt.name}", args.network == "host")
+    b = Bench(client, image, work / f"logs-{rt.name}", args.network == "host", args.pid == "pod")
     try:
         b.pull(image)
         if isinstance(rt, Containerd):
@@ -547,7 +555,7 @@ def ratio(a: float, b: float) -> str:
 
 def report(results: dict[str, Results], args: argparse.Namespace) -> None:
     ours, theirs = results["shimd"], results["containerd"]
-    print(f"\nnetwork={args.network} pods={args.pods} (times in ms; ratio = shimd / containerd)")
+    print(f"\nnetwork={args.network} pid={args.pid} pods={args.pods} (times in ms; ratio = shimd / containerd)")
     print(f"{'phase':<10}{'call':<17}{'shimd p50':>10}{'p95':>8}{'ctrd p50':>10}{'p95':>8}{'ratio p50':>11}"
           f"{'ratio p95':>11}")
     for phase in ("seq", "par"):
@@ -601,6 +609,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--network", choices=("loopback", "bridge", "host"), default="loopback",
                     help="CNI config: loopback only, or a NAT'ed bridge; host: host-network pods (no netns, no CNI)")
+    ap.add_argument("--pid", choices=("container", "pod"), default="container",
+                    help="PID namespace per container (kubelet's default) or one per pod (shareProcessNamespace)")
     ap.add_argument("--pods", type=int, default=20, help="pods per latency phase (sequential, then parallel)")
     ap.add_argument("--rss-pods", type=int, default=100, help="pods held while reading daemon RSS (0: skip)")
     ap.add_argument("--containers", type=int, default=500, help="containers for the ListContainers timing (0: skip)")

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from shimd.api.containerd.task import v2 as task
 from shimd.api.containerd.v1.types import Status
 from shimd.shimmgr.launcher import start_shim
 from shimd.shimmgr.task_client import TaskClient
+from shimproto.messages import START_ON_CREATE_ANNOTATION
 from shims.runc.mounts import is_mountpoint
 from tests.support.procs import alive
 from tests.support.shim_env import ShimEnv, process_spec
@@ -407,3 +409,53 @@ async def test_exec_with_terminal(shim: Shim) -> None:
     await shim.c.kill(task.KillRequest(id="tt1", signal=9), timeout=T)
     await shim.c.wait(task.WaitRequest(id="tt1"), timeout=T)
     await shim.c.delete(task.DeleteRequest(id="tt1"), timeout=T)
+
+
+def runc_status(env: ShimEnv, cid: str) -> str:
+    out = subprocess.run(["runc", "--root", str(env.runc_root), "state", cid], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    return str(json.loads(out)["status"])
+
+
+async def test_a_task_whose_spec_asks_for_it_runs_on_create_and_start_only_answers(shim: Shim) -> None:
+    # shimd's pause tasks and containers carry the annotation: one runc process makes them running.
+    b = shim.env.bundle("sc1", ["sleep", "1000"])
+    spec = json.loads((b / "config.json").read_text())
+    spec["annotations"] = {START_ON_CREATE_ANNOTATION: "true"}
+    (b / "config.json").write_text(json.dumps(spec))
+    pid = (await shim.c.create(task.CreateTaskRequest(
+        id="sc1", bundle=str(b), rootfs=[ctypes.Mount(**m) for m in shim.env.overlay("sc1")],
+        options=options(shim.env)), timeout=T)).pid
+    assert pid > 0 and alive(pid)
+    assert runc_status(shim.env, "sc1") == "running"
+    assert (await shim.c.state(task.StateRequest(id="sc1"), timeout=T)).status == Status.RUNNING
+    assert (await shim.c.start(task.StartRequest(id="sc1"), timeout=T)).pid == pid
+    with pytest.raises(errors.FailedPrecondition):
+        await shim.c.start(task.StartRequest(id="sc1"), timeout=T)
+    await shim.c.kill(task.KillRequest(id="sc1", signal=signal.SIGKILL, all=True), timeout=T)
+    assert (await shim.c.wait(task.WaitRequest(id="sc1"), timeout=T)).exit_status == 128 + signal.SIGKILL
+    await shim.c.delete(task.DeleteRequest(id="sc1"), timeout=T)
+    assert "sc1" not in shim.env.runc_containers()
+
+
+async def test_sigkill_to_all_of_a_container_with_its_own_pid_namespace_kills_every_process(shim: Shim) -> None:
+    # The shim signals the init itself (no runc kill --all): the kernel ends the whole PID namespace.
+    await shim.create("ka", ["sh", "-c", "sleep 1001 & sleep 1002 & wait"])
+    await shim.c.start(task.StartRequest(id="ka"), timeout=T)
+    await shim.c.exec(task.ExecProcessRequest(id="ka", exec_id="x1", spec=pb.Any(
+        type_url="types.containerd.io/opencontainers/runtime-spec/1/Process",
+        value=json.dumps(process_spec(["sleep", "1003"])).encode())), timeout=T)
+    await shim.c.start(task.StartRequest(id="ka", exec_id="x1"), timeout=T)
+    deadline = time.monotonic() + 10
+    while len((await shim.c.pids(task.PidsRequest(id="ka"), timeout=T)).processes) < 4:
+        assert time.monotonic() < deadline, "the container's processes did not all start"
+        await asyncio.sleep(0.05)
+    host_pids = [p.pid for p in (await shim.c.pids(task.PidsRequest(id="ka"), timeout=T)).processes]
+    await shim.c.kill(task.KillRequest(id="ka", signal=signal.SIGKILL, all=True), timeout=T)
+    assert (await shim.c.wait(task.WaitRequest(id="ka"), timeout=T)).exit_status == 128 + signal.SIGKILL
+    assert (await shim.c.wait(task.WaitRequest(id="ka", exec_id="x1"), timeout=T)).exit_status == \
+        128 + signal.SIGKILL
+    for p in host_pids:
+        assert await wait_gone(p), f"process {p} of the container outlived its SIGKILL"
+    await shim.c.delete(task.DeleteRequest(id="ka", exec_id="x1"), timeout=T)
+    await shim.c.delete(task.DeleteRequest(id="ka"), timeout=T)

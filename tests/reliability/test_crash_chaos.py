@@ -230,10 +230,11 @@ STOP_KILLS = int(os.environ.get("SHIMD_CHAOS_STOP_KILLS", "6"))
 
 
 def test_sigkill_inside_the_concurrent_pod_start_and_stop(net_rt: NetRuntime) -> None:
-    """RunPodSandbox runs CNI ADD while the shim is launched, StopPodSandbox stops the pod's tasks while
-    its CNI DEL runs: SIGKILL lands inside those windows at random points (a real bridge network, a
-    running container). After each restart every invariant holds, an interrupted start is undone, and
-    the repeated Stop/Remove frees everything: IP lease, NAT rules, veth."""
+    """RunPodSandbox runs CNI ADD while the shim is launched and the pause task made (these pods share
+    one PID namespace: no linux options, pid=POD), StopPodSandbox stops the pod's tasks while its CNI
+    DEL runs: SIGKILL lands inside those windows at random points (a real bridge network, a running
+    container). After each restart every invariant holds, an interrupted start is undone, and the
+    repeated Stop/Remove frees everything: IP lease, NAT rules, veth."""
     rt, net, pb = net_rt.rt, net_rt.net, net_rt.rt.pb
     rng = random.Random(SEED)
     checker = Checker(rt)

@@ -22,11 +22,11 @@ from shimd.runtimes.shimv2 import ShimV2Runtime
 
 REPO = Path(__file__).resolve().parents[2]
 CAPABILITIES = {"available", "supports_user_namespaces", "follows_log_rotation", "recursive_read_only_mounts",
-                "launch", "needs_sandbox_task", "log_stdio", "runtime_options", "stats_sampler",
-                "cleanup_after_dead_shim"}
+                "launch", "needs_sandbox_task", "sandbox_task_needs_network", "log_stdio", "runtime_options",
+                "stats_sampler", "cleanup_after_dead_shim"}
 # Answers that do not refuse: what a handler can do (all off when it is unusable).
 QUERIES = {"available", "supports_user_namespaces", "follows_log_rotation", "recursive_read_only_mounts",
-           "stats_sampler"}
+           "stats_sampler", "sandbox_task_needs_network"}
 
 
 def test_the_interface_is_every_capability_and_all_abstract() -> None:
@@ -63,6 +63,8 @@ def test_capabilities_as_each_kind_has_them(tmp_path: Path) -> None:
         (True, False, False)
     assert (runc.needs_sandbox_task(False), runsc.needs_sandbox_task(False), v2.needs_sandbox_task(False)) == \
         (False, True, True)
+    assert (runc.sandbox_task_needs_network, runsc.sandbox_task_needs_network, v2.sandbox_task_needs_network) == \
+        (False, True, True)
 
 
 def _arguments(method: Any) -> list[Any]:
@@ -75,7 +77,7 @@ def test_unavailable_runtime_refuses_every_operation_saying_why() -> None:
     rt = UnavailableRuntime(HandlerConfig(name="kata", driver="shimv2"), "containerd-shim-kata-v2 not found")
     assert rt.available() == (False, "containerd-shim-kata-v2 not found")
     assert not rt.supports_user_namespaces and not rt.follows_log_rotation and not rt.recursive_read_only_mounts()
-    assert rt.stats_sampler() is None
+    assert rt.stats_sampler() is None and rt.sandbox_task_needs_network
     operations = sorted(CAPABILITIES - QUERIES)
     assert operations == ["cleanup_after_dead_shim", "launch", "log_stdio", "needs_sandbox_task", "runtime_options"]
     for name in operations:
