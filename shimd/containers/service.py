@@ -91,6 +91,7 @@ class ContainerService:
         pod = self.store.pod(pod_id)
         image_volumes.check_config(config)
         self._check_recursive_read_only(config, pod.handler)
+        phase("request")  # decoding and the CRI validation, before the pod's lock is asked for
         async with self.store.lock(pod.id):
             phase("lock_wait")
             pod = self.store.pod(pod.id)

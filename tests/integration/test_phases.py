@@ -21,7 +21,7 @@ EXPECTED = {
     "RunPodSandbox": {"validate", "record_write", "namespaces", "cni_prepare", "cni_add:loopback", "cni_record",
                       "cni_wait", "pod_files", "shm_mount", "sandbox_bundle", "shim_launch", "sandbox_create",
                       "sandbox_start", "other"},
-    "CreateContainer": {"lock_wait", "validate", "spec", "dirs", "propagation_check", "bundle_write",
+    "CreateContainer": {"request", "lock_wait", "validate", "spec", "dirs", "propagation_check", "bundle_write",
                         "record_write", "other"},
     "StartContainer": {"lock_wait", "image_volumes", "prepare", "runtime_create", "runtime_start", "record_write",
                        "other"},
