@@ -98,6 +98,7 @@ def _wrap(method: str, func: Callable[[grpclib.server.Stream], Awaitable[None]],
             for obs in _observers:
                 obs(method, outcome, elapsed)
 
+    handler.reads_request_body = True  # type: ignore[attr-defined]  # unary.py may serve it: see _checked_decoding
     return handler
 
 

@@ -281,5 +281,6 @@ class UnaryCalls:
 
 
 def unary_methods(mapping: dict[str, Handler]) -> dict[str, Handler]:
-    """The methods this path serves: every unary one."""
-    return {path: h for path, h in mapping.items() if h.cardinality is Cardinality.UNARY_UNARY}
+    """The methods this path serves: every unary one whose handler is dispatch's (it decodes request_body)."""
+    return {path: h for path, h in mapping.items()
+            if h.cardinality is Cardinality.UNARY_UNARY and getattr(h.func, "reads_request_body", False)}
