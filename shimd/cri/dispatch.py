@@ -51,6 +51,12 @@ def status_for(exc: BaseException) -> tuple[Status, str]:
     return Status.INTERNAL, f"internal error: {exc}"
 
 
+# Calls that read memory until their first wait (if any) and use nothing there that needs a current task
+# (asyncio.timeout, TaskGroup): unary.py runs them in place up to that wait instead of starting a task.
+_IN_PLACE = frozenset({"Version", "Status", "ListPodSandbox", "ListContainers", "PodSandboxStatus",
+                       "ContainerStatus", "ListImages", "ImageStatus"})
+
+
 def _wrap(method: str, func: Callable[[grpclib.server.Stream], Awaitable[None]],
           max_message: int) -> Callable[..., Awaitable[None]]:
     logger = log.get("cri", method=method)
@@ -99,6 +105,7 @@ def _wrap(method: str, func: Callable[[grpclib.server.Stream], Awaitable[None]],
                 obs(method, outcome, elapsed)
 
     handler.reads_request_body = True  # type: ignore[attr-defined]  # unary.py may serve it: see _checked_decoding
+    handler.starts_in_place = method in _IN_PLACE  # type: ignore[attr-defined]
     return handler
 
 

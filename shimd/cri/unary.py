@@ -13,7 +13,10 @@ stays the reference for what the client sees (tests/unit/test_unary_fast_path.py
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import contextlib
+import contextvars
+import types
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 from grpclib import GRPCError
@@ -70,7 +73,7 @@ class UnaryStream:
 
 
 class _Call:
-    __slots__ = ("body", "deadline", "events", "flow", "method", "path", "size", "task", "window")
+    __slots__ = ("body", "deadline", "events", "flow", "headers_sent", "method", "path", "size", "task", "window")
 
     def __init__(self, path: str, method: Handler, deadline: Deadline | None, request: RequestReceived) -> None:
         self.path = path
@@ -82,6 +85,7 @@ class _Call:
         self.flow = 0  # what the body cost of the connection's window, padding included
         self.task: asyncio.Task[None] | None = None
         self.window: asyncio.Event | None = None
+        self.headers_sent = False
 
 
 class UnaryCalls:
@@ -185,7 +189,20 @@ class UnaryCalls:
         call.events = []
         # The client sends nothing more on the stream: only the connection's window is handed back.
         self._h2.acknowledge_received_data(call.flow, stream_id)
-        task = asyncio.get_running_loop().create_task(self._serve(stream_id, call, data[5:]))
+        loop = asyncio.get_running_loop()
+        if not getattr(call.method.func, "starts_in_place", False):
+            task = loop.create_task(self._serve(stream_id, call, data[5:], timed=True))
+        else:
+            # Run here up to its first wait: most such calls answer from memory and never wait, and then
+            # neither a task nor another turn of the loop is spent on them. Their own context, as a task's.
+            coro = self._serve(stream_id, call, data[5:], timed=False)
+            context = contextvars.copy_context()
+            try:
+                first = context.run(coro.send, None)
+            except StopIteration:
+                return
+            task = loop.create_task(self._resume(stream_id, call, coro, first), context=context)
+            task.add_done_callback(lambda _: _cancel_unstarted(coro))
         call.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -203,27 +220,43 @@ class UnaryCalls:
                 call.task.cancel()
 
     # --- a call --------------------------------------------------------------------------------
-    async def _serve(self, stream_id: int, call: _Call, body: bytes) -> None:
+    async def _serve(self, stream_id: int, call: _Call, body: bytes, timed: bool) -> None:
+        """The call, from decoding to trailers; timed: the deadline is kept here (else by _resume)."""
         try:
-            status, message, reply = await self._run(call, body)
+            status, message, reply = await self._run(call, body, timed)
             await self._respond(stream_id, call, status, message, reply)
         except StreamClosedError:
             pass  # reset by the client while we answered: nobody is left to answer
         except TimeoutError:
-            log.warning("client opened no window for the response", seconds=WINDOW_WAIT)
+            log.warning("client opened no window for the response", path=call.path, seconds=WINDOW_WAIT)
             if stream_id in self._h2.streams:
                 self._h2.reset_stream(stream_id, ErrorCodes.CANCEL)
                 self._connection.flush()
+        except Exception:
+            log.exception("unary response failed", path=call.path)
         finally:
             if self._calls.get(stream_id) is call:
                 del self._calls[stream_id]
 
-    async def _run(self, call: _Call, body: bytes) -> tuple[Status, str | None, bytes | None]:
+    async def _resume(self, stream_id: int, call: _Call, coro: Coroutine[Any, Any, None], first: Any) -> None:
+        """The rest of a call started in place, now in a task, which keeps the deadline."""
+        try:
+            if call.deadline is None:
+                await _continue(coro, first)
+            else:
+                async with asyncio.timeout(call.deadline.time_remaining()):
+                    await _continue(coro, first)
+        except TimeoutError:
+            log.info("deadline exceeded", path=call.path)
+            with contextlib.suppress(StreamClosedError):
+                await self._respond(stream_id, call, Status.DEADLINE_EXCEEDED, None, None)
+
+    async def _run(self, call: _Call, body: bytes, timed: bool) -> tuple[Status, str | None, bytes | None]:
         method = call.method
         stream = UnaryStream(body, method.request_type, method.reply_type, self._codec)
         func: Callable[[UnaryStream], Coroutine[Any, Any, None]] = method.func
         try:
-            if call.deadline is None:
+            if call.deadline is None or not timed:
                 await func(stream)
             else:
                 async with asyncio.timeout(call.deadline.time_remaining()):
@@ -252,11 +285,16 @@ class UnaryCalls:
             trailers = (("grpc-status", str(status.value)),)
             if message is not None:
                 trailers += (("grpc-message", encode_grpc_message(message)),)
+        if call.headers_sent:  # a deadline that passed while the message was going out
+            conn.send_headers(stream_id, trailers, end_stream=True)
+            self._flush()
+            return
         if reply is None:
             conn.send_headers(stream_id, _RESPONSE_HEADERS + trailers, end_stream=True)
-            self._connection.flush()
+            self._flush()
             return
         conn.send_headers(stream_id, _RESPONSE_HEADERS)
+        call.headers_sent = True
         pos, end = 0, len(reply)
         while pos < end:
             window = conn.local_flow_control_window(stream_id)
@@ -268,7 +306,12 @@ class UnaryCalls:
             conn.send_data(stream_id, reply[pos:pos + size] if size != end else reply)
             pos += size
         conn.send_headers(stream_id, trailers, end_stream=True)
+        self._flush()
+
+    def _flush(self) -> None:
+        """The answer goes to the socket now, not at the end of the loop's turn: it is complete."""
         self._connection.flush()
+        self._connection._transport.flush()  # type: ignore[attr-defined]  # grpc_server's CorkedTransport
 
     async def _wait_window(self, call: _Call) -> None:
         if not self._connection.write_ready.is_set():
@@ -278,6 +321,39 @@ class UnaryCalls:
             call.window = asyncio.Event()
         call.window.clear()
         await asyncio.wait_for(call.window.wait(), WINDOW_WAIT)
+
+
+def _cancel_unstarted(coro: Coroutine[Any, Any, None]) -> None:
+    """A task cancelled before its first step never ran _resume: the call it was to go on with is told."""
+    if coro.cr_frame is None:
+        return  # finished, the usual case
+    try:
+        coro.throw(asyncio.CancelledError())
+    except BaseException:  # CancelledError (or the handler's own error) ends it
+        return
+    coro.close()  # it waits again: no task is left to wait in
+
+
+@types.coroutine
+def _continue(coro: Coroutine[Any, Any, None], waiting: Any) -> Generator[Any, Any, None]:
+    """Goes on with a coroutine whose first step ran outside any task, waiting on `waiting`: what it
+    waits on is handed to the task running this, and what the task sends or throws is passed on."""
+    while True:
+        try:
+            value = yield waiting
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as e:  # CancelledError above all: the handler must see it
+            try:
+                waiting = coro.throw(e)
+            except StopIteration:
+                return
+        else:
+            try:
+                waiting = coro.send(value)
+            except StopIteration:
+                return
 
 
 def unary_methods(mapping: dict[str, Handler]) -> dict[str, Handler]:

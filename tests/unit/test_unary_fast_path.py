@@ -56,6 +56,15 @@ class _Service(cri.RuntimeServiceBase):
         return cri.ListContainersResponse(containers=[
             cri.Container(id=f"{i:064x}", pod_sandbox_id=f"{i:064x}", image_ref="busybox") for i in range(BIG)])
 
+    async def stop_pod_sandbox(self, stop_pod_sandbox_request: cri.StopPodSandboxRequest
+                               ) -> cri.StopPodSandboxResponse:
+        if stop_pod_sandbox_request.pod_sandbox_id == "slow":
+            await asyncio.sleep(TIMEOUT * 3)
+        elif stop_pod_sandbox_request.pod_sandbox_id in _ERRORS:
+            raise _ERRORS[stop_pod_sandbox_request.pod_sandbox_id]
+        await asyncio.sleep(0)
+        return cri.StopPodSandboxResponse()
+
     async def pod_sandbox_status(self, pod_sandbox_status_request: cri.PodSandboxStatusRequest
                                  ) -> cri.PodSandboxStatusResponse:
         self.entered.set()
@@ -203,6 +212,13 @@ def _requests() -> list[tuple[str, list[tuple[str, str]], bytes | None]]:
         ("get", _headers(RUNTIME + "Version", **{":method": "GET"}), _framed(version)),
         ("deadline", _headers(RUNTIME + "PodSandboxStatus", grpc_timeout="20m"), _framed(b"")),
         ("large-answer", _headers(RUNTIME + "ListContainers"), _framed(b"")),
+        # A method dispatch does not start in place: a task from the start, the deadline kept by _run.
+        ("task-ok", _headers(RUNTIME + "StopPodSandbox", grpc_timeout="5S"),
+         _framed(bytes(cri.StopPodSandboxRequest(pod_sandbox_id="p")))),
+        ("task-error", _headers(RUNTIME + "StopPodSandbox"),
+         _framed(bytes(cri.StopPodSandboxRequest(pod_sandbox_id="notfound")))),
+        ("task-deadline", _headers(RUNTIME + "StopPodSandbox", grpc_timeout="20m"),
+         _framed(bytes(cri.StopPodSandboxRequest(pod_sandbox_id="slow")))),
     ]
     for name in _ERRORS:
         body = bytes(cri.ContainerStatusRequest(container_id=name))
@@ -239,7 +255,8 @@ async def test_fast_path_answers_as_grpclib_does(monkeypatch: pytest.MonkeyPatch
     # The answers checked are the ones meant: a status for each, the message where there is one.
     trailers = {name: dict(events[-1][1]) for name, events in reference.items()}
     assert trailers["ok"]["grpc-status"] == "0"
-    assert trailers["deadline"]["grpc-status"] == "4"
+    assert trailers["deadline"]["grpc-status"] == trailers["task-deadline"]["grpc-status"] == "4"
+    assert trailers["task-ok"]["grpc-status"] == "0"
     assert trailers["unknown-method"]["grpc-status"] == "12"
     assert trailers["too-large"]["grpc-status"] == "8"
     assert trailers["bad-bytes"]["grpc-status"] == "3"
