@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from pathlib import Path
 from typing import Any
 
+import grpc
 import h2.config
 import h2.connection
 import h2.events
@@ -59,7 +61,7 @@ class _Service(cri.RuntimeServiceBase):
     async def stop_pod_sandbox(self, stop_pod_sandbox_request: cri.StopPodSandboxRequest
                                ) -> cri.StopPodSandboxResponse:
         if stop_pod_sandbox_request.pod_sandbox_id == "slow":
-            await asyncio.sleep(TIMEOUT * 3)
+            await self._slow()
         elif stop_pod_sandbox_request.pod_sandbox_id in _ERRORS:
             raise _ERRORS[stop_pod_sandbox_request.pod_sandbox_id]
         await asyncio.sleep(0)
@@ -67,13 +69,16 @@ class _Service(cri.RuntimeServiceBase):
 
     async def pod_sandbox_status(self, pod_sandbox_status_request: cri.PodSandboxStatusRequest
                                  ) -> cri.PodSandboxStatusResponse:
+        await self._slow()
+        return cri.PodSandboxStatusResponse()
+
+    async def _slow(self) -> None:
         self.entered.set()
         try:
             await asyncio.sleep(TIMEOUT * 3)
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
-        return cri.PodSandboxStatusResponse()
 
 
 class _Transport:
@@ -270,11 +275,15 @@ async def test_large_answer_follows_a_small_client_window() -> None:
     assert fast == reference
 
 
+_SLOW = [("PodSandboxStatus", b""), ("StopPodSandbox", bytes(cri.StopPodSandboxRequest(pod_sandbox_id="slow")))]
+
+
 @pytest.mark.parametrize("fast", [False, True])
-async def test_client_reset_cancels_the_handler(fast: bool) -> None:
+@pytest.mark.parametrize(("method", "body"), _SLOW, ids=["in-place", "task"])
+async def test_client_reset_cancels_the_handler(fast: bool, method: str, body: bytes) -> None:
     client = _Client(fast)
     try:
-        sid = client.request(_headers(RUNTIME + "PodSandboxStatus"), _framed(b""))
+        sid = client.request(_headers(RUNTIME + method), _framed(body))
         async with asyncio.timeout(TIMEOUT):
             await client.service.entered.wait()
         client.reset(sid)
@@ -290,10 +299,11 @@ async def test_client_reset_cancels_the_handler(fast: bool) -> None:
 
 
 @pytest.mark.parametrize("fast", [False, True])
-async def test_connection_loss_cancels_in_flight_handlers(fast: bool) -> None:
+@pytest.mark.parametrize(("method", "body"), _SLOW, ids=["in-place", "task"])
+async def test_connection_loss_cancels_in_flight_handlers(fast: bool, method: str, body: bytes) -> None:
     client = _Client(fast)
     try:
-        client.request(_headers(RUNTIME + "PodSandboxStatus"), _framed(b""))
+        client.request(_headers(RUNTIME + method), _framed(body))
         async with asyncio.timeout(TIMEOUT):
             await client.service.entered.wait()
         client.transport.closed = True
@@ -302,3 +312,36 @@ async def test_connection_loss_cancels_in_flight_handlers(fast: bool) -> None:
             await client.service.cancelled.wait()
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize(("method", "body"), _SLOW, ids=["in-place", "task"])
+async def test_server_close_cancels_calls_and_waits_for_them(tmp_path: Path, fast: bool, method: str,
+                                                             body: bytes) -> None:
+    service = _Service()
+    server = grpc_server.Server([dispatch.Wrapped(service)], unary_fast_path=fast)
+    socket = str(tmp_path / "grpc.sock")
+    await server.start(path=socket)
+
+    def call() -> grpc.StatusCode:
+        with grpc.insecure_channel(f"unix://{socket}") as channel:
+            try:
+                # grpclib's close leaves the connection open with nothing to say on it: the client's
+                # deadline ends the call (the server's cancelling is what is checked).
+                channel.unary_unary(RUNTIME + method)(body, timeout=TIMEOUT / 2)
+            except grpc.RpcError as e:
+                return e.code()  # type: ignore[attr-defined,no-any-return]
+        return grpc.StatusCode.OK
+
+    client = asyncio.create_task(asyncio.to_thread(call))
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            await service.entered.wait()
+    finally:
+        server.close()
+        async with asyncio.timeout(TIMEOUT):
+            await server.wait_closed()
+    assert service.cancelled.is_set()
+    assert not server._unary_tasks
+    async with asyncio.timeout(TIMEOUT * 3):
+        assert await client != grpc.StatusCode.OK
