@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import types
 from collections.abc import Callable, Coroutine, Generator
+from dataclasses import dataclass
 from typing import Any
 
 from grpclib import GRPCError
@@ -24,7 +25,6 @@ from grpclib.const import Cardinality, Handler, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import ProtocolError
 from grpclib.metadata import Deadline, decode_metadata, encode_grpc_message
-from grpclib.protocol import Connection, EventsProcessor
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -88,15 +88,26 @@ class _Call:
         self.headers_sent = False
 
 
+@dataclass(frozen=True)
+class Wire:
+    """The connection as this path uses it; grpc_server builds it from grpclib's protocol (its hooks)."""
+
+    h2: h2_server.ServerConnection
+    send: Callable[[], None]  # what h2 has to send, to the transport
+    push: Callable[[], None]  # the transport's pending writes, to the socket now
+    closing: Callable[[], bool]
+    write_ready: asyncio.Event  # cleared while the transport's buffer is full
+    to_grpclib: Callable[[Event], None]  # grpclib's processing of one event
+
+
 class UnaryCalls:
     """The fast-path calls of one connection; every task is owned here and by the server's task set."""
 
-    def __init__(self, methods: dict[str, Handler], connection: Connection, processor: EventsProcessor,
-                 tasks: set[asyncio.Task[None]], max_message: int) -> None:
+    def __init__(self, methods: dict[str, Handler], wire: Wire, tasks: set[asyncio.Task[None]],
+                 max_message: int) -> None:
         self._methods = methods
-        self._connection = connection
-        self._h2: h2_server.ServerConnection = connection._connection  # type: ignore[assignment]
-        self._processor = processor
+        self._wire = wire
+        self._h2 = wire.h2
         self._tasks = tasks
         self._max_message = max_message
         self._calls: dict[int, _Call] = {}
@@ -177,7 +188,7 @@ class UnaryCalls:
         """The call is not the usual case after all: grpclib gets its events as they came."""
         del self._calls[stream_id]
         for event in call.events:
-            self._processor.process(event)
+            self._wire.to_grpclib(event)
 
     def _start(self, stream_id: int, call: _Call) -> None:
         data = call.body[0] if len(call.body) == 1 else b"".join(call.body)
@@ -231,7 +242,7 @@ class UnaryCalls:
             log.warning("client opened no window for the response", path=call.path, seconds=WINDOW_WAIT)
             if stream_id in self._h2.streams:
                 self._h2.reset_stream(stream_id, ErrorCodes.CANCEL)
-                self._connection.flush()
+                self._wire.send()
         except Exception:
             log.exception("unary response failed", path=call.path)
         finally:
@@ -277,7 +288,7 @@ class UnaryCalls:
     async def _respond(self, stream_id: int, call: _Call, status: Status, message: str | None,
                        reply: bytes | None) -> None:
         conn = self._h2
-        if stream_id not in conn.streams or self._connection._transport.is_closing():
+        if stream_id not in conn.streams or self._wire.closing():
             return
         if status is Status.OK:
             trailers: tuple[tuple[str, str], ...] = _OK_TRAILERS
@@ -298,8 +309,8 @@ class UnaryCalls:
         pos, end = 0, len(reply)
         while pos < end:
             window = conn.local_flow_control_window(stream_id)
-            if window <= 0 or not self._connection.write_ready.is_set():
-                self._connection.flush()
+            if window <= 0 or not self._wire.write_ready.is_set():
+                self._wire.send()
                 await self._wait_window(call)
                 continue
             size = min(window, conn.max_outbound_frame_size, end - pos)
@@ -310,12 +321,12 @@ class UnaryCalls:
 
     def _flush(self) -> None:
         """The answer goes to the socket now, not at the end of the loop's turn: it is complete."""
-        self._connection.flush()
-        self._connection._transport.flush()  # type: ignore[attr-defined]  # grpc_server's CorkedTransport
+        self._wire.send()
+        self._wire.push()
 
     async def _wait_window(self, call: _Call) -> None:
-        if not self._connection.write_ready.is_set():
-            await asyncio.wait_for(self._connection.write_ready.wait(), WINDOW_WAIT)
+        if not self._wire.write_ready.is_set():
+            await asyncio.wait_for(self._wire.write_ready.wait(), WINDOW_WAIT)
             return
         if call.window is None:
             call.window = asyncio.Event()
