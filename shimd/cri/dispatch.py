@@ -51,6 +51,12 @@ def status_for(exc: BaseException) -> tuple[Status, str]:
     return Status.INTERNAL, f"internal error: {exc}"
 
 
+# Calls that read memory until their first wait (if any) and use nothing there that needs a current task
+# (asyncio.timeout, TaskGroup): unary.py runs them in place up to that wait instead of starting a task.
+_IN_PLACE = frozenset({"Version", "Status", "ListPodSandbox", "ListContainers", "PodSandboxStatus",
+                       "ContainerStatus", "ListImages", "ImageStatus"})
+
+
 def _wrap(method: str, func: Callable[[grpclib.server.Stream], Awaitable[None]],
           max_message: int) -> Callable[..., Awaitable[None]]:
     logger = log.get("cri", method=method)
@@ -98,6 +104,8 @@ def _wrap(method: str, func: Callable[[grpclib.server.Stream], Awaitable[None]],
             for obs in _observers:
                 obs(method, outcome, elapsed)
 
+    handler.reads_request_body = True  # type: ignore[attr-defined]  # unary.py may serve it: see _checked_decoding
+    handler.starts_in_place = method in _IN_PLACE  # type: ignore[attr-defined]
     return handler
 
 
@@ -105,7 +113,11 @@ def _checked_decoding(stream: grpclib.server.Stream, method: str, max_message: i
     """A request body that is not a valid message is the caller's error (INVALID_ARGUMENT), not ours; one
     longer than max_message is RESOURCE_EXHAUSTED before a byte of it is buffered."""
 
+    body = getattr(stream, "request_body", None)
+
     async def recv() -> Any:
+        if body is not None:  # the unary fast path (unary.py) read the request whole and checked its framing
+            return _decode(stream, body)
         # grpclib's Stream.recv_message, with the length prefix checked before the body is read: grpclib
         # itself would collect a declared 4 GiB body in memory, handing the window back as it goes.
         h2_stream = stream._stream
@@ -118,12 +130,7 @@ def _checked_decoding(stream: grpclib.server.Stream, method: str, max_message: i
         if size > max_message:
             raise grpclib.GRPCError(Status.RESOURCE_EXHAUSTED, f"{method}: request message of {size} bytes is "
                                     f"larger than the maximum of {max_message} (daemon.max_recv_message_size)")
-        if size:
-            message = stream._codec.decode(await h2_stream.recv_data(size), stream._recv_type)
-        elif type(stream._codec) is ProtoCodec:
-            message = wire.empty(stream._recv_type)  # the library's result, without its set-up cost
-        else:
-            message = stream._codec.decode(b"", stream._recv_type)
+        message = _decode(stream, await h2_stream.recv_data(size) if size else b"")
         (message,) = await stream._dispatch.recv_message(message)
         stream._messages_received += 1
         h2_stream.connection.messages_received += 1
@@ -144,6 +151,14 @@ def _checked_decoding(stream: grpclib.server.Stream, method: str, max_message: i
         return message
 
     grpc_server.replace_recv_message(stream, recv_message)
+
+
+def _decode(stream: Any, data: bytes) -> Any:
+    if data:
+        return stream._codec.decode(data, stream._recv_type)
+    if type(stream._codec) is ProtoCodec:
+        return wire.empty(stream._recv_type)  # the library's result, without its set-up cost
+    return stream._codec.decode(b"", stream._recv_type)
 
 
 _SCALARS: dict[str, type | tuple[type, ...]] = {"string": str, "bytes": bytes, "bool": bool, "float": (float, int),
@@ -217,6 +232,7 @@ class Wrapped:
     """What grpclib.server.Server takes: an object with __mapping__."""
 
     def __init__(self, service: Any, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+        self.max_message = max_message  # grpc_server's unary path leaves longer requests to grpclib
         self._mapping = mapping(service, max_message)
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:

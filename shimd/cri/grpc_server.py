@@ -1,4 +1,4 @@
-"""grpclib's server, with three changes.
+"""grpclib's server, with four changes.
 
 * One socket write per response instead of three. grpclib hands a response's headers, message and
   trailers to the transport one by one, and uvloop writes each at once: three write(2) calls, each
@@ -19,7 +19,14 @@ hpack are pinned in pyproject.toml to the versions those tests passed with. The 
 * Server._mapping, the method table grpclib's request handler looks paths up in with .get();
 * H2Protocol.connection_made, redone here as grpclib does it, with grpclib's Connection and
   EventsProcessor; through them grpclib calls h2_server.ServerConnection as it would h2's connection;
-* Stream.recv_message, replaced on one stream (replace_recv_message) to map undecodable requests.
+* Stream.recv_message, replaced on one stream (replace_recv_message) to map undecodable requests;
+* for the unary path (unary.py, below): grpclib's Connection.flush and write_ready and
+  EventsProcessor.process, handed to it as a unary.Wire; and what it repeats of grpclib's request
+  handler and Stream (which requests reach a method, the headers and trailers of an answer).
+
+* Unary calls of the usual kind skip grpclib's per-call machinery (unary.UnaryCalls, see there): about
+  42% of the daemon's CPU for a small call was grpclib's request handler, Stream, metadata, events and
+  deadline wrapper. Streaming calls and anything unusual go to grpclib as before.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from grpclib.protocol import Connection, EventsProcessor, H2Protocol
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 
-from shimd.cri import h2_server
+from shimd.cri import h2_server, unary
 
 
 class CorkedTransport:
@@ -74,7 +81,11 @@ class CorkedTransport:
 
 
 class _ServerProtocol(H2Protocol):
-    """grpclib's protocol on h2_server's connection, writing through a CorkedTransport."""
+    """grpclib's protocol on h2_server's connection, writing through a CorkedTransport; unary calls of
+    the usual kind are taken from grpclib's events by unary.UnaryCalls when the server has it on."""
+
+    unary: unary.UnaryCalls | None = None
+    unary_setup: tuple[dict[str, Handler], set[asyncio.Task[None]], int] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # grpclib's own set-up, with h2_server's connection in place of h2's; the socket is a unix
@@ -91,7 +102,16 @@ class _ServerProtocol(H2Protocol):
         self.connection.flush()
         self.connection.initialize()
         self.processor = EventsProcessor(self.handler, self.connection)
+        if self.unary_setup is not None:
+            methods, tasks, max_message = self.unary_setup
+            wire = unary.Wire(h2=conn, send=self.connection.flush, push=corked.flush, closing=transport.is_closing,
+                              write_ready=self.connection.write_ready, to_grpclib=self.processor.process)
+            self.unary = unary.UnaryCalls(methods, wire, tasks, max_message)
 
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.unary is not None:
+            self.unary.close()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -100,11 +120,15 @@ class _ServerProtocol(H2Protocol):
             # grpclib closes without flushing: the GOAWAY saying why (FLOW_CONTROL_ERROR, ENHANCE_YOUR_CALM)
             # would never reach the client.
             self.connection.flush()
+            if self.unary is not None:
+                self.unary.close()
             self.processor.close("Protocol error")
             return
         self.connection.flush()
+        fast = self.unary
         for event in events:
-            self.processor.process(event)
+            if fast is None or not fast.take(event):
+                self.processor.process(event)
         self.connection.flush()
 
 
@@ -123,9 +147,26 @@ class _Methods(dict[str, Handler]):
 
 
 class Server(grpclib.server.Server):
-    def __init__(self, handlers: Iterable[Any]) -> None:
-        super().__init__(list(handlers))
+    def __init__(self, handlers: Iterable[Any], *, unary_fast_path: bool = True) -> None:
+        """unary_fast_path=False leaves every call to grpclib: for the tests that compare the two."""
+        services = list(handlers)
+        super().__init__(services)
         self._mapping = _Methods(self._mapping)
+        self._unary_tasks: set[asyncio.Task[None]] = set()
+        self._unary_setup: tuple[dict[str, Handler], set[asyncio.Task[None]], int] | None = None
+        if unary_fast_path:
+            limit = min((getattr(s, "max_message", unary.MAX_BUFFERED) for s in services), default=0)
+            self._unary_setup = (unary.unary_methods(dict(self._mapping)), self._unary_tasks, limit)
+
+    def close(self) -> None:
+        super().close()
+        for task in self._unary_tasks:  # as grpclib cancels its handlers' tasks
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        await super().wait_closed()
+        if self._unary_tasks:
+            await asyncio.wait(set(self._unary_tasks))
 
     async def start_on(self, sock: socket.socket) -> None:
         """Serve on a unix socket already bound and listening (SocketGuard.bind gives it its mode)."""
@@ -137,7 +178,9 @@ class Server(grpclib.server.Server):
     def _protocol_factory(self) -> H2Protocol:
         # grpclib's own bookkeeping of handlers is kept; only the protocol around the handler is ours.
         plain = super()._protocol_factory()
-        return _ServerProtocol(plain.handler, plain.config, plain.h2_config)
+        proto = _ServerProtocol(plain.handler, plain.config, plain.h2_config)
+        proto.unary_setup = self._unary_setup
+        return proto
 
 
 def replace_recv_message(stream: grpclib.server.Stream, recv: Callable[[], Awaitable[Any]]) -> None:

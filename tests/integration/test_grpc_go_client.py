@@ -21,7 +21,7 @@ import pytest
 from betterproto.lib.google.protobuf import Empty
 from grpclib.const import Cardinality, Handler
 
-from shimd.cri import grpc_server
+from shimd.cri import dispatch, grpc_server, unary
 
 CTR = shutil.which("ctr")
 pytestmark = pytest.mark.skipif(CTR is None, reason="ctr (containerd package) is not installed")
@@ -61,9 +61,21 @@ async def _serving(handlers: list[Any], socket: Path) -> grpc_server.Server:
     return server
 
 
-async def test_grpc_go_call_round_trips(tmp_base: Path) -> None:
+@pytest.mark.parametrize("through_dispatch", [False, True], ids=["grpclib", "unary-fast-path"])
+async def test_grpc_go_call_round_trips(tmp_base: Path, through_dispatch: bool,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Wrapped by dispatch, the call is served by grpc_server's unary path (unary.py) instead of grpclib's.
+    fast: list[str] = []
+    start = unary.UnaryCalls._start
+
+    def counted(self: unary.UnaryCalls, stream_id: int, call: Any) -> None:
+        fast.append(call.path)
+        start(self, stream_id, call)
+
+    monkeypatch.setattr(unary.UnaryCalls, "_start", counted)
+    service = FakeContainerdVersion()
     socket = tmp_base / "go.sock"
-    server = await _serving([FakeContainerdVersion()], socket)
+    server = await _serving([dispatch.Wrapped(service) if through_dispatch else service], socket)
     try:
         for _ in range(3):  # one connection per ctr run: handshake, settings, call, goaway each time
             _, out = await _ctr(socket, "version")
@@ -71,6 +83,7 @@ async def test_grpc_go_call_round_trips(tmp_base: Path) -> None:
             assert FakeContainerdVersion.revision in out
             # ctr then asks for the server's UUID, which the stand-in does not serve
             assert "rpc error" not in out and "Introspection/Server: unknown method" in out, out[-500:]
+        assert len(fast) == (3 if through_dispatch else 0)
     finally:
         server.close()
         await server.wait_closed()

@@ -183,6 +183,48 @@ async def test_recv_message_replaced_on_the_stream_is_what_handlers_call(tmp_pat
     assert "Version: malformed request message" in details
 
 
+# --- the unary path (unary.py): grpclib's answers it repeats, and the connection pieces it is given --
+def test_unary_path_mirrors_grpclib_request_handling_as_it_is() -> None:
+    # unary.UnaryCalls takes a call only where grpclib's request_handler would reach the method, and answers
+    # with the headers and trailers Stream sends; tests/unit/test_unary_fast_path.py compares the two on the
+    # wire. A change in any of these needs that comparison rerun and the path read again.
+    stream = grpclib.server.Stream
+    expected = {
+        grpclib.server.request_handler: "2dcc6d45dfbe7d0824381608698e12d65d8db56275500411f3b17e6ac41f1c99",
+        stream.send_initial_metadata: "0783bddf633978a70a428e05f7c1a2264930603a00ff928c1aaeb5b8b4b560d2",
+        stream.send_trailing_metadata: "a1cae6b7f4a1225589a02f38729fc2f4f5a6e5f2efd05cab9cef9a0e31ab698f",
+        stream.__aexit__: "e1b5fef648afc9776098f03fe64a8d816a66e2ec2c99eb2178e2be89865f17e7",
+        EventsProcessor.process: "5dba9947784c778b4044074c792b23ed6cc4eaba604043850b0a8ebac9d69c8f",
+        Connection.flush: "000d44d32892bdb6c2ac0cac2306af7c2e5a5699ad25a8bef059e3b2f34a0463",
+    }
+    changed = [f.__qualname__ for f, digest in expected.items() if _fingerprint(f) != digest]
+    assert not changed, f"grpclib changed {changed}"
+
+
+async def test_unary_path_gets_its_connection_pieces_from_grpclib_protocol() -> None:
+    server = grpc_server.Server([dispatch.Wrapped(_Version())])
+    proto = server._protocol_factory()
+    transport = _Transport()
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    assert proto.unary is not None
+    wire = proto.unary._wire
+    assert wire.h2 is proto.connection._connection
+    assert wire.write_ready is proto.connection.write_ready  # grpclib's pause_writing/resume_writing set it
+    assert "/runtime.v1.RuntimeService/Version" in proto.unary._methods
+    assert grpc_server.Server([dispatch.Wrapped(_Version())], unary_fast_path=False)._protocol_factory().unary is None
+
+
+class _Transport:
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str) -> Any:
+        return None
+
+
 # --- not hooks, but grpclib and hpack behaviour shimd's code relies on --------------------------
 def test_grpclib_codec_serializes_preencoded_answers_as_given() -> None:
     # wire.preencoded: grpclib's ProtoCodec checks the type and calls SerializeToString.
