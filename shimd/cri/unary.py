@@ -326,12 +326,25 @@ class UnaryCalls:
 
     async def _wait_window(self, call: _Call) -> None:
         if not self._wire.write_ready.is_set():
-            await asyncio.wait_for(self._wire.write_ready.wait(), WINDOW_WAIT)
+            await _wait_event(self._wire.write_ready, WINDOW_WAIT)
             return
         if call.window is None:
             call.window = asyncio.Event()
         call.window.clear()
-        await asyncio.wait_for(call.window.wait(), WINDOW_WAIT)
+        await _wait_event(call.window, WINDOW_WAIT)
+
+
+async def _wait_event(event: asyncio.Event, timeout: float) -> None:
+    """asyncio.wait, not wait_for or timeout(): a call started in place may wait here before any task
+    runs it, and from Python 3.12 on those two need a current task."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+    if not done:
+        raise TimeoutError
 
 
 def _cancel_unstarted(coro: Coroutine[Any, Any, None]) -> None:
