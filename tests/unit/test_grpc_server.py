@@ -3,37 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from shimd.cri import grpc_server, h2_server
-
-
-class _RecordingTransport:
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def get_extra_info(self, name: str) -> Any:
-        return f"info:{name}"
-
-    @staticmethod
-    def writes_of(proto: Any) -> list[bytes]:
-        corked = proto.connection._transport
-        corked.flush()
-        return corked._transport.writes
+from tests.support.transport import RecordingTransport
 
 
 async def test_writes_of_one_turn_reach_the_socket_as_one() -> None:
-    raw = _RecordingTransport()
+    raw = RecordingTransport(lambda name: f"info:{name}")
     t = grpc_server.CorkedTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
     t.write(b"headers|")
     t.write(b"")
@@ -53,8 +29,8 @@ async def test_protocol_factory_wraps_grpclib_protocol() -> None:
     proto = server._protocol_factory()
     assert isinstance(proto, grpc_server._ServerProtocol)
     assert proto.handler in server._handlers  # grpclib still tracks the handler it made
-    proto.connection_made(_RecordingTransport())  # type: ignore[arg-type]
+    proto.connection_made(RecordingTransport())  # type: ignore[arg-type]
     assert isinstance(proto.connection._connection, h2_server.ServerConnection)
     assert proto.connection.create_stream(stream_id=1).id == 1
-    settings = b"".join(_RecordingTransport.writes_of(proto))
+    settings = b"".join(RecordingTransport.writes_of(proto))
     assert settings[3] == 4  # the server's SETTINGS frame opens the connection

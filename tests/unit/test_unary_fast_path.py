@@ -21,6 +21,7 @@ from h2.settings import SettingCodes
 from shimd import errors
 from shimd.api.runtime import v1 as cri
 from shimd.cri import dispatch, grpc_server, unary
+from tests.support.transport import RecordingTransport
 
 TIMEOUT = 10.0
 RUNTIME = "/runtime.v1.RuntimeService/"
@@ -81,24 +82,6 @@ class _Service(cri.RuntimeServiceBase):
             raise
 
 
-class _Transport:
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def get_extra_info(self, name: str) -> Any:
-        return None
-
-
 def _framed(body: bytes) -> bytes:
     return b"\x00" + len(body).to_bytes(4, "big") + body
 
@@ -117,7 +100,7 @@ class _Client:
         self.service = _Service()
         self.server = grpc_server.Server([dispatch.Wrapped(self.service, MAX_MESSAGE)], unary_fast_path=fast)
         self.proto = self.server._protocol_factory()
-        self.transport = _Transport()
+        self.transport = RecordingTransport()
         self.proto.connection_made(self.transport)  # type: ignore[arg-type]
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
         self.h2.initiate_connection()
