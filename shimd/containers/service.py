@@ -700,20 +700,23 @@ def spec_user(spec: dict[str, Any]) -> dict[str, Any]:
         return {}
 
 
-def _bundle_user(bundle: Path) -> dict[str, Any]:
+def _bundle_spec(bundle: Path) -> Any:
+    """The bundle's config.json as written (bounded read), or None when it cannot be read."""
     try:
         with open(bundle / "config.json", "rb") as f:
-            return spec_user(json.loads(f.read(4 << 20)))
+            return json.loads(f.read(4 << 20))
     except (OSError, ValueError):
-        return {}
+        return None
+
+
+def _bundle_user(bundle: Path) -> dict[str, Any]:
+    return spec_user(_bundle_spec(bundle))
 
 
 def _bundle_pod_id(bundle: Path) -> str:
     try:
-        with open(bundle / "config.json", "rb") as f:
-            spec = json.loads(f.read(4 << 20))
-        return str(spec["annotations"]["io.kubernetes.cri.sandbox-id"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return str(_bundle_spec(bundle)["annotations"]["io.kubernetes.cri.sandbox-id"])
+    except (KeyError, TypeError):
         return ""
 
 

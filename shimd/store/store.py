@@ -159,20 +159,18 @@ class Store:
                 del self._write_locks[ident]
 
     async def add_pod(self, pod: PodRecord) -> None:
-        async with self._record_lock(pod.id):
-            if pod.id in self.pods:
-                raise errors.AlreadyExists(f"pod sandbox {pod.id} already has a record")
-            lifecycle.check_pod(pod.id, lifecycle.POD_INITIALIZING, pod.state)
-            await fsutil.write_json(self.pod_dir / f"{pod.id}.json", pod.to_dict())
-            self.pods[pod.id] = pod
-            self.generation += 1
+        lifecycle.check_pod(pod.id, lifecycle.POD_INITIALIZING, pod.state)  # every pod is born INITIALIZING
+        await self._add(self.pods, self.pod_dir, pod, "pod sandbox")
 
     async def add_container(self, ctr: ContainerRecord) -> None:
-        async with self._record_lock(ctr.id):
-            if ctr.id in self.containers:
-                raise errors.AlreadyExists(f"container {ctr.id} already has a record")
-            await fsutil.write_json(self.container_dir / f"{ctr.id}.json", ctr.to_dict())
-            self.containers[ctr.id] = ctr
+        await self._add(self.containers, self.container_dir, ctr, "container")
+
+    async def _add(self, table: dict[str, R], directory: Path, record: R, what: str) -> None:
+        async with self._record_lock(record.id):
+            if record.id in table:
+                raise errors.AlreadyExists(f"{what} {record.id} already has a record")
+            await fsutil.write_json(directory / f"{record.id}.json", record.to_dict())
+            table[record.id] = record
             self.generation += 1
 
     async def update_pod(self, pod_id: str, change: Change[PodRecord] | None = None,
