@@ -128,6 +128,8 @@ def test_plugin_config_injects_only_declared_capabilities() -> None:
     # The plugin's own entry wins over the runtime config's, even with no rate in it.
     ("bandwidth", {"shapedSubnets": ["10.0.0.0/8"], "runtimeConfig": {"bandwidth": {"ingressRate": 1}}}, True),
     ("bandwidth", {"runtimeConfig": {"bandwidth": "bogus"}}, False),
+    ("loopback", {}, True),
+    ("loopback", {"prevResult": {"ips": []}}, True),
     ("bridge", {}, False),
     ("tuning", {}, False),
 ])
