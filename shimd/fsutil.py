@@ -61,9 +61,12 @@ def private_dir_sync(path: Path, group: int | None = None) -> None:
     os.chmod(path, 0o710 if group is not None else 0o700)
 
 
+def json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
 async def write_json(path: Path, obj: Any, durable: bool = True) -> None:
-    data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-    await asyncio.to_thread(write_atomic_sync, path, data, 0o600, durable)
+    await asyncio.to_thread(write_atomic_sync, path, json_bytes(obj), 0o600, durable)
 
 
 async def write_text(path: Path, text: str, mode: int = 0o644) -> None:

@@ -18,11 +18,11 @@ from typing import Any, TypeVar
 from shimd import config, fsutil, log
 from shimd.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ShimdError
 from shimd.network import capabilities, cni, masq
-from shimd.network.model import DnsSettings, PodNetworkRequest, PodNetworkResult, PortMapping
+from shimd.network.model import DnsSettings, PodNetworkRequest, PodNetworkResult, PortMapping, PreparedNetwork
 from shimd.network.namespaces import namespace_alive
 from shimd.phases import phase
 
-__all__ = ["DnsSettings", "NetworkManager", "PodNetworkRequest", "PodNetworkResult", "PortMapping"]
+__all__ = ["DnsSettings", "NetworkManager", "PodNetworkRequest", "PodNetworkResult", "PortMapping", "PreparedNetwork"]
 
 IFNAME = "eth0"
 RECORD_VERSION = 1
@@ -90,9 +90,28 @@ class NetworkManager:
 
     async def setup(self, pod: PodNetworkRequest) -> PodNetworkResult:
         """CNI ADD of every plugin of the current network into pod.netns_path; all-or-nothing."""
-        logger = self._log.bind(pod_id=pod.pod_id)
+        return await self.add(await self.prepare(pod))
+
+    async def prepare(self, pod: PodNetworkRequest) -> PreparedNetwork:
+        """What an ADD needs, checked, and its record saved (durably: DEL reads it after a crash or a reboot).
+
+        The namespace need not exist yet (its path must be known): RunPodSandbox prepares while it makes
+        the namespaces. With a record and no ADD, teardown() runs a DEL that frees nothing, as the spec
+        lets plugins expect."""
         path = self._record_path(pod.pod_id)
-        net, why = await asyncio.to_thread(self._configs.get)
+        record: dict[str, Any] = {
+            "version": RECORD_VERSION, "pod_id": pod.pod_id, "netns": pod.netns_path, "ifname": IFNAME,
+            "cni_args": capabilities.cni_args(pod), "runtime_config": capabilities.runtime_config(pod),
+            "result": None,
+        }
+        async with self._pod_lock(pod.pod_id):
+            # One hop to a thread for the config, the check and the write: each hop costs on a busy loop.
+            net = await asyncio.to_thread(self._prepare_sync, record, path)
+        phase("cni_prepare")
+        return PreparedNetwork(pod.pod_id, net, record, path)
+
+    def _prepare_sync(self, record: dict[str, Any], path: Path) -> cni.NetworkList:
+        net, why = self._configs.get()
         if net is None:
             raise FailedPrecondition(f"pod network is not ready: {why}")
         net = cni.apply_pod_cidr(net, self._pod_cidrs)
@@ -100,16 +119,21 @@ class NetworkManager:
             if cni.find_plugin(p["type"], self.cfg.bin_dirs) is None:
                 raise FailedPrecondition(f"CNI plugin {p['type']!r} of network {net.name!r} ({net.source}) "
                                          f"not found in {', '.join(self.cfg.bin_dirs)}")
-        if not namespace_alive(pod.netns_path):
-            raise FailedPrecondition(f"network namespace {pod.netns_path!r} of pod {pod.pod_id} does not exist")
-        record: dict[str, Any] = {
-            "version": RECORD_VERSION, "pod_id": pod.pod_id, "netns": pod.netns_path, "ifname": IFNAME,
-            "network": net.to_json(), "cni_args": capabilities.cni_args(pod),
-            "runtime_config": capabilities.runtime_config(pod), "result": None,
-        }
-        async with self._pod_lock(pod.pod_id):
-            if await asyncio.to_thread(path.exists):
-                raise AlreadyExists(f"pod {pod.pod_id} already has a network set up")
+        if path.exists():
+            raise AlreadyExists(f"pod {record['pod_id']} already has a network set up")
+        record["network"] = net.to_json()
+        fsutil.write_atomic_sync(path, fsutil.json_bytes(record))
+        return net
+
+    async def add(self, prepared: PreparedNetwork) -> PodNetworkResult:
+        """The ADD chain of a prepared network; on failure (or cancellation) what it added is deleted."""
+        logger = self._log.bind(pod_id=prepared.pod_id)
+        net, record, path = prepared.network, prepared.record, prepared.path
+        async with self._pod_lock(prepared.pod_id):
+            if not namespace_alive(record["netns"]):
+                await self._undo(record, path, 0, logger)
+                raise FailedPrecondition(f"network namespace {record['netns']!r} of pod {prepared.pod_id} "
+                                         "does not exist")
             stop = asyncio.Event()
             result = await _complete(self._add(net, record, path, stop, logger), stop,
                                      undo=lambda: self._undo(record, path, len(net.plugins), logger))
@@ -121,8 +145,6 @@ class NetworkManager:
 
     async def _add(self, net: cni.NetworkList, record: dict[str, Any], path: Path, stop: asyncio.Event,
                    logger: Any) -> dict[str, Any]:
-        await fsutil.write_json(path, record)
-        phase("cni_prepare")
         inv = cni.Invocation("ADD", record["pod_id"], record["netns"], IFNAME, record["cni_args"], self.cfg.bin_dirs)
         added = 0
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -42,3 +43,13 @@ class PodNetworkResult:
     ip: str
     additional_ips: list[str]
     raw: dict[str, Any]  # the final CNI result
+
+
+@dataclass
+class PreparedNetwork:
+    """A pod's network between NetworkManager.prepare (checked, record saved) and add (the ADD chain)."""
+
+    pod_id: str
+    network: Any  # cni.NetworkList: the configuration the record holds
+    record: dict[str, Any]
+    path: Path

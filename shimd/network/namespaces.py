@@ -96,6 +96,12 @@ def _prepare_base(base_dir: Path) -> Path:
     return Path(real)
 
 
+def pin_path(base_dir: Path, pod_id: str, kind: str) -> str:
+    """Where create_pod_namespaces pins a pod's namespace of `kind`, known before it is made."""
+    _check_pod_id(pod_id)
+    return os.path.join(os.path.realpath(base_dir), pod_id, kind)
+
+
 def _check_pod_id(pod_id: str) -> None:
     if not pod_id or "/" in pod_id or pod_id in (".", "..") or "\0" in pod_id:
         raise InvalidArgument(f"pod id {pod_id!r} is not usable as a namespace directory name")

@@ -24,7 +24,7 @@ from shimd import cgroups, errors, events, fsutil, log, mounts, pod_limits
 from shimd.api.runtime import v1 as cri
 from shimd.network import files as podfiles
 from shimd.network import namespaces
-from shimd.network.model import DnsSettings, PodNetworkRequest, PortMapping
+from shimd.network.model import DnsSettings, PodNetworkRequest, PortMapping, PreparedNetwork
 from shimd.oci import spec as ocispec
 from shimd.phases import phase, phase_context, side_branch
 from shimd.pods.context import mapped_root_gid, pod_context, pod_dir, pod_hostname
@@ -72,6 +72,15 @@ async def _concurrently(*steps: Coroutine[Any, Any, None]) -> None:
                 if not other.cancelled():
                     other.exception()
             raise t.exception()  # type: ignore[misc]
+
+
+async def _settled(fut: asyncio.Future[Any]) -> None:
+    """Waits for fut to end, whatever its outcome (retrieved, so asyncio logs nothing), even if cancelled."""
+    while not fut.done():
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.shield(fut)
+    if not fut.cancelled():
+        fut.exception()
 
 
 class PodService:
@@ -145,11 +154,14 @@ class PodService:
         made: dict[str, Any] = {}
         # Held while it is made: a Stop/Remove that finds it already (by listing) waits for the outcome.
         async with self.store.lock(pod_id):
+            # CNI's own record (checked config, saved before ADD) is made alongside the pod's record and
+            # namespaces: it needs neither, and recovery DELs a network record that names no pod.
+            network = None if host_network else asyncio.ensure_future(self._prepare_network(pod, config))
             try:
                 await self.store.add_pod(pod)
                 phase("record_write")
                 await self._setup(pod, made, config, sc, userns,
-                                  drv.needs_sandbox_task(ns_opts.pid == cri.NamespaceMode.POD))
+                                  drv.needs_sandbox_task(ns_opts.pid == cri.NamespaceMode.POD), network)
                 given = {name: getattr(linux, name) for name in ("resources", "overhead")
                          if betterproto.serialized_on_wire(getattr(linux, name))}
                 if given:
@@ -157,6 +169,10 @@ class PodService:
                     phase("pod_limits")
             except BaseException as e:
                 lg.warning("pod setup failed, undoing", error=repr(e))
+                if network is not None:
+                    # Its record is written (or not) before the teardown looks for it; it is bounded by one
+                    # file write and never cancelled half way.
+                    await _settled(network)
                 with contextlib.suppress(Exception):
                     current = self.store.pods.get(pod_id, pod)
                     await asyncio.shield(self._teardown(dataclasses.replace(current, **made), remove=True))
@@ -169,7 +185,7 @@ class PodService:
 
     async def _setup(self, pod: PodRecord, made: dict[str, Any], config: cri.PodSandboxConfig,
                      sc: cri.LinuxSandboxSecurityContext, userns: ocispec.IdMappings | None,
-                     sandbox_task: bool) -> None:
+                     sandbox_task: bool, network: asyncio.Future[PreparedNetwork] | None) -> None:
         """Makes the pod's parts, noting each in `made` (record fields) as soon as it exists."""
         ns_opts = sc.namespace_options or cri.NamespaceOption()
         pdir = self.pod_dir(pod.id)
@@ -210,7 +226,7 @@ class PodService:
         # CNI ADD and the shim's launch (with the sandbox task) need nothing from each other (the netns
         # exists already), so they run at once; a failure of either still lets the other finish, and
         # run() then undoes both.
-        await _concurrently(start_shim(), self._setup_network(pod, made, config))
+        await _concurrently(start_shim(), self._setup_network(pod, made, network))
         phase("cni_wait")
 
         dns = self._dns(config)
@@ -227,19 +243,28 @@ class PodService:
         await self.store.update_pod(pod.id, state=POD_READY, **made)
         phase("record_write")
 
-    async def _setup_network(self, pod: PodRecord, made: dict[str, Any], config: cri.PodSandboxConfig) -> None:
-        if pod.host_network:
-            return
+    async def _prepare_network(self, pod: PodRecord, config: cri.PodSandboxConfig) -> PreparedNetwork:
         with side_branch():
-            result = await self.network.setup(PodNetworkRequest(
+            return await self.network.prepare(PodNetworkRequest(
                 pod_id=pod.id, name=pod.name, namespace=pod.namespace, uid=pod.uid,
-                netns_path=pod.namespaces["network"],
+                netns_path=namespaces.pin_path(self.ns_dir, pod.id, "network"),
                 port_mappings=[PortMapping(protocol=_PROTOCOLS.get(p.protocol, "tcp"),
                                            container_port=p.container_port, host_port=p.host_port,
                                            host_ip=p.host_ip) for p in config.port_mappings],
                 annotations=dict(config.annotations), cgroup_parent=pod.cgroup_parent,
                 dns=self._dns(config),
             ))
+
+    async def _setup_network(self, pod: PodRecord, made: dict[str, Any],
+                             network: asyncio.Future[PreparedNetwork] | None) -> None:
+        if network is None:
+            return
+        with side_branch():
+            prepared = await network
+            if prepared.record["netns"] != pod.namespaces["network"]:
+                raise errors.ShimdError(f"pod {pod.id}: CNI was prepared for {prepared.record['netns']!r}, "
+                                        f"the network namespace is {pod.namespaces['network']!r}")
+            result = await self.network.add(prepared)
             made.update(network_attached=True, ip=result.ip, additional_ips=list(result.additional_ips))
             phase("cni_record")
 

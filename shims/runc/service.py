@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import socket
+import time
 
 from shimproto import messages as m
 from shimproto import ttrpc
@@ -272,6 +273,7 @@ class TaskService:
             raise TtrpcError(ttrpc.INVALID_ARGUMENT, "id must not be empty")
         if cid in self.containers or cid in self._creating:
             raise TtrpcError(ttrpc.ALREADY_EXISTS, f"container {cid!r} already exists")
+        t0 = time.monotonic()
         facts = await aio.to_thread(_spec_facts, bundle) if bundle and os.path.isabs(bundle) else None
         if facts is None:
             raise TtrpcError(ttrpc.INVALID_ARGUMENT, f"bundle {bundle!r} has no readable config.json")
@@ -292,9 +294,11 @@ class TaskService:
             # containerd's runc shim keeps its options here too; `shim delete` reads them after a crash.
             await aio.to_thread(_write_json, os.path.join(bundle, "options.json"), {
                 "binary_name": opts.binary, "root": opts.root, "systemd_cgroup": opts.systemd_cgroup})
+            steps = {"spec": time.monotonic() - t0}
             if req["rootfs"]:
                 await mounts.mount_all(self.reaper, req["rootfs"], rootfs, runc_timeout())
                 mounted = True
+            steps["mount"] = time.monotonic() - t0 - sum(steps.values())
             io = ProcessIO(self.writer, req["stdin"], req["stdout"], req["stderr"], req["terminal"],
                            self._attach_fanout(cid, log))
             init = Proc(cid, "", io, req["terminal"])
@@ -321,6 +325,7 @@ class TaskService:
 
             try:
                 pid = await self._spawn_with_io(init, call, runc)
+                steps["runc"] = time.monotonic() - t0 - sum(steps.values())
             except BaseException as e:
                 # Undo a half-made container, but never one that already existed under this id.
                 if "exists" not in str(e):
@@ -339,7 +344,8 @@ class TaskService:
             self._creating.discard(cid)
             if mounted:
                 mounts.unmount(rootfs)
-        log.info("created", pid=pid, bundle=bundle, runtime=opts.binary)
+        log.info("created", pid=pid, bundle=bundle, runtime=opts.binary,
+                 ms={k: round(v * 1000, 2) for k, v in steps.items()})
         return {"pid": pid}
 
     async def start(self, req: dict[str, Any]) -> dict[str, Any]:

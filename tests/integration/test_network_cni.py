@@ -215,6 +215,28 @@ async def test_teardown_after_netns_gone(cni_network: CniNetwork) -> None:
     assert rules_of(net.name, nat_rules("ip6tables-save"))[0] == []
 
 
+async def test_prepared_before_the_namespace_exists(cni_network: CniNetwork) -> None:
+    """RunPodSandbox saves CNI's record while it makes the namespaces: prepare needs only the pin's path,
+    add needs the namespace; without one it refuses, and leaves neither a record nor an address."""
+    net = cni_network
+    net.write()
+    mgr = net.manager()
+    netns = ns.pin_path(net.ns_dir, "pod-p", "network")
+    prepared = await mgr.prepare(request(net, "pod-p", netns))
+    assert [p.name for p in net.state_dir.iterdir()] == ["pod-p.json"]  # saved before any ADD
+    paths = await ns.create_pod_namespaces("pod-p", net.ns_dir, ["network"], "pod-p")
+    assert paths["network"] == netns
+    res = await mgr.add(prepared)
+    assert net.allocations() == [res.ip]
+    await stop_pod(net, mgr, "pod-p")
+    assert net.allocations() == [] and list(net.state_dir.iterdir()) == []
+
+    prepared = await mgr.prepare(request(net, "pod-q", ns.pin_path(net.ns_dir, "pod-q", "network")))
+    with pytest.raises(FailedPrecondition, match=r"network namespace .* does not exist"):
+        await mgr.add(prepared)
+    assert net.allocations() == [] and list(net.state_dir.iterdir()) == []
+
+
 async def test_missing_plugin(cni_network: CniNetwork) -> None:
     net = cni_network
     conf = net.conflist()
