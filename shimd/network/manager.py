@@ -90,7 +90,10 @@ class NetworkManager:
 
     async def setup(self, pod: PodNetworkRequest) -> PodNetworkResult:
         """CNI ADD of every plugin of the current network into pod.netns_path; all-or-nothing."""
-        return await self.add(await self.prepare(pod))
+        prepared = await self.prepare(pod)
+        result = await self.add(prepared)
+        await self.save_result(prepared, result)
+        return result
 
     async def prepare(self, pod: PodNetworkRequest) -> PreparedNetwork:
         """What an ADD needs, checked, and its record saved (durably: DEL reads it after a crash or a reboot).
@@ -126,7 +129,8 @@ class NetworkManager:
         return net
 
     async def add(self, prepared: PreparedNetwork) -> PodNetworkResult:
-        """The ADD chain of a prepared network; on failure (or cancellation) what it added is deleted."""
+        """The ADD chain of a prepared network; on failure (or cancellation) what it added is deleted.
+        Its result is saved by save_result()."""
         logger = self._log.bind(pod_id=prepared.pod_id)
         net, record, path = prepared.network, prepared.record, prepared.path
         async with self._pod_lock(prepared.pod_id):
@@ -159,13 +163,19 @@ class NetworkManager:
                 result = await cni.exec_plugin(net, plugin, inv, conf)
                 phase(f"cni_add:{plugin['type']}")
             assert result is not None
-            record["result"] = result
-            await fsutil.write_json(path, record)
             return result
         except BaseException as e:
             logger.warning("CNI ADD failed; undoing", network=net.name, error=str(e) or type(e).__name__)
             await self._undo(record, path, added, logger)
             raise
+
+    async def save_result(self, prepared: PreparedNetwork, result: PodNetworkResult) -> None:
+        """The ADD's result into the record: DEL passes it as prevResult. Until it is saved (or when a crash
+        came first) DEL runs with the record saved before ADD, which names all that the plugins free (the
+        container id, ifname and netns they key their state by)."""
+        prepared.record["result"] = result.raw
+        async with self._pod_lock(prepared.pod_id):
+            await fsutil.write_json(prepared.path, prepared.record)
 
     async def _undo(self, record: dict[str, Any], path: Path, added: int, logger: Any) -> None:
         """DEL the plugins an ADD reached (the last one failed, so its own DEL may fail too: ignored)."""

@@ -24,7 +24,7 @@ from shimd import cgroups, errors, events, fsutil, log, mounts, pod_limits
 from shimd.api.runtime import v1 as cri
 from shimd.network import files as podfiles
 from shimd.network import namespaces
-from shimd.network.model import DnsSettings, PodNetworkRequest, PortMapping, PreparedNetwork
+from shimd.network.model import DnsSettings, PodNetworkRequest, PodNetworkResult, PortMapping, PreparedNetwork
 from shimd.oci import spec as ocispec
 from shimd.phases import phase, phase_context, side_branch
 from shimd.pods.context import mapped_root_gid, pod_context, pod_dir, pod_hostname
@@ -226,21 +226,39 @@ class PodService:
         # CNI ADD and the shim's launch (with the sandbox task) need nothing from each other (the netns
         # exists already), so they run at once; a failure of either still lets the other finish, and
         # run() then undoes both.
-        await _concurrently(start_shim(), self._setup_network(pod, made, network))
+        added: list[tuple[PreparedNetwork, PodNetworkResult]] = []
+        await _concurrently(start_shim(), self._setup_network(pod, made, network, added))
         phase("cni_wait")
 
         dns = self._dns(config)
-        await asyncio.to_thread(_write_pod_files, pdir, {
+        files = {
             "resolv.conf": podfiles.resolv_conf(dns, pod.host_network),
             "hosts": podfiles.hosts_file(made.get("ip") or None, hostname, pod.host_network),
             "hostname": podfiles.hostname_file(hostname),
-        })
-        phase("pod_files")
+        }
 
+        async def pod_files() -> None:
+            with side_branch():
+                await asyncio.to_thread(_write_pod_files, pdir, files)
+                phase("pod_files")
+
+        async def network_result() -> None:
+            if added:
+                with side_branch():
+                    await self.network.save_result(*added[0])
+                    phase("cni_record")
+
+        async def ready() -> None:
+            await self.store.update_pod(pod.id, state=POD_READY, **made)
+
+        # The last three writes need nothing from each other: the pod files are made again from the record,
+        # and DEL needs nothing of the ADD's result (save_result), so the record may say READY first.
         if sandbox_task and not early_sandbox_task:
+            await _concurrently(pod_files(), network_result())  # runsc and Kata sandboxes mount the pod files
             await self._start_sandbox_task(pod, made)
-
-        await self.store.update_pod(pod.id, state=POD_READY, **made)
+            await ready()
+        else:
+            await _concurrently(pod_files(), network_result(), ready())
         phase("record_write")
 
     async def _prepare_network(self, pod: PodRecord, config: cri.PodSandboxConfig) -> PreparedNetwork:
@@ -256,7 +274,8 @@ class PodService:
             ))
 
     async def _setup_network(self, pod: PodRecord, made: dict[str, Any],
-                             network: asyncio.Future[PreparedNetwork] | None) -> None:
+                             network: asyncio.Future[PreparedNetwork] | None,
+                             added: list[tuple[PreparedNetwork, PodNetworkResult]]) -> None:
         if network is None:
             return
         with side_branch():
@@ -266,7 +285,7 @@ class PodService:
                                         f"the network namespace is {pod.namespaces['network']!r}")
             result = await self.network.add(prepared)
             made.update(network_attached=True, ip=result.ip, additional_ips=list(result.additional_ips))
-            phase("cni_record")
+            added.append((prepared, result))
 
     @staticmethod
     def _dns(config: cri.PodSandboxConfig) -> DnsSettings | None:
