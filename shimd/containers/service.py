@@ -19,6 +19,7 @@ import betterproto
 import betterproto.lib.google.protobuf as pbany
 
 from shimd import cgroups, errors, events, fsutil, log, mounts
+from shimd.api import dicts
 from shimd.api.runtime import v1 as cri
 from shimd.containers import checkpoint as ckpt
 from shimd.containers import image_volumes
@@ -109,7 +110,7 @@ class ContainerService:
             # Its user (from the spec below) is kept on the record: ContainerStatus reports it.
             ctr = ContainerRecord(
                 id=cid, pod_id=pod.id, name=config.metadata.name, attempt=config.metadata.attempt,
-                created_at=time.time_ns(), config=config.to_dict(), image_ref=config.image.image,
+                created_at=time.time_ns(), config=dicts.to_dict(config), image_ref=config.image.image,
                 image_id=image.id, log_path=log_path, bundle=str(self.bundle_dir / cid),
                 labels=dict(config.labels), annotations=dict(config.annotations), tty=config.tty,
                 stdin=config.stdin, fs_dir=str(self.rw_dir / cid),
@@ -473,7 +474,7 @@ class ContainerService:
                 raise errors.FailedPrecondition(f"container {ctr.id} is {ctr.state}; only created or running "
                                                 "containers can be updated")
             config.linux.resources = merged
-            await self.store.update_container(ctr.id, config=config.to_dict())
+            await self.store.update_container(ctr.id, config=dicts.to_dict(config))
         self.log.info("container resources updated", pod_id=pod.id, container_id=ctr.id, resources=oci)
 
     @staticmethod

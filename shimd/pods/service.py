@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import betterproto
 
 from shimd import cgroups, errors, events, fsutil, log, mounts, pod_limits
+from shimd.api import dicts
 from shimd.api.runtime import v1 as cri
 from shimd.network import files as podfiles
 from shimd.network import namespaces
@@ -117,8 +118,8 @@ class PodService:
             limits = pod_limits.combine(resources, overhead)
             rel = cgroups.relative_path(self.cgroup_driver, pod.cgroup_parent)
             written = await asyncio.to_thread(pod_limits.apply_sync, rel, limits)
-        await self.store.update_pod(pod.id, resources={
-            name: res.to_dict() for name, res in (("resources", resources), ("overhead", overhead)) if res is not None})
+        given = (("resources", resources), ("overhead", overhead))
+        await self.store.update_pod(pod.id, resources={name: dicts.to_dict(r) for name, r in given if r is not None})
         self.log.info("pod resources updated", pod_id=pod.id, handler=pod.handler, cgroup_files=written)
 
     # --- run ---------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ class PodService:
         owns_cgroup_parent = not linux.cgroup_parent
         pod = PodRecord(
             id=pod_id, name=md.name, namespace=md.namespace, uid=md.uid, attempt=md.attempt, handler=handler_name,
-            created_at=time.time_ns(), config=config.to_dict(), labels=dict(config.labels),
+            created_at=time.time_ns(), config=dicts.to_dict(config), labels=dict(config.labels),
             annotations=dict(config.annotations), state=POD_INITIALIZING, host_network=host_network,
             cgroup_parent=(cgroups.default_pod_parent(self.cgroup_driver, pod_id) if owns_cgroup_parent
                            else linux.cgroup_parent),
