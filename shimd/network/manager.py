@@ -92,7 +92,15 @@ class NetworkManager:
         """CNI ADD of every plugin of the current network into pod.netns_path; all-or-nothing."""
         prepared = await self.prepare(pod)
         result = await self.add(prepared)
-        await self.save_result(prepared, result)
+        try:
+            await _complete(self.save_result(prepared, result), asyncio.Event())
+        except BaseException:
+            # Cancelled (or failed) after the ADD: the caller never sees the result, so nothing may stay.
+            undo = self._undo(prepared.record, prepared.path, len(prepared.network.plugins),
+                              self._log.bind(pod_id=pod.pod_id))
+            with contextlib.suppress(asyncio.CancelledError):
+                await _complete(undo, asyncio.Event())
+            raise
         return result
 
     async def prepare(self, pod: PodNetworkRequest) -> PreparedNetwork:
