@@ -211,15 +211,22 @@ class PodService:
 
         early_sandbox_task = sandbox_task and not self.shims.runtimes.get(pod.handler).sandbox_task_needs_network
 
-        async def start_shim() -> None:
+        async def shm() -> None:
             if "ipc" in pod.namespaces:
-                await self._mount_shm(pdir / "shm")
-                phase("shm_mount")
+                with side_branch():
+                    await self._mount_shm(pdir / "shm")
+                    phase("shm_mount")
+
+        async def launch() -> None:
             # As containerd does, a pod with a sandbox task starts its shim in that task's bundle: shim v2
             # binaries read config.json there (sandbox id grouping; Kata's sandbox-or-container choice).
             shim_dir = await self._prepare_sandbox_bundle(pod) if sandbox_task else pdir
             made["shim_address"] = await self.shims.launch(pod.id, pod.handler, shim_dir)
             phase("shim_launch")
+
+        async def start_shim() -> None:
+            # The shim needs nothing of /dev/shm; the sandbox task (and every container) mounts it.
+            await _concurrently(shm(), launch())
             if early_sandbox_task:
                 # It joins the pinned namespaces and reads no pod file: it needs nothing from CNI ADD.
                 await self._start_sandbox_task(pod, made)

@@ -32,7 +32,7 @@ EXPECTED = {
                          "record_write", "other"},
 }
 # Phases of steps that run alongside the call's main line: in the log line's `overlapped`, not `phases`.
-OVERLAPPED = {"RunPodSandbox": {"cni_prepare", "cni_add:loopback", "cni_record", "pod_files"},
+OVERLAPPED = {"RunPodSandbox": {"cni_prepare", "cni_add:loopback", "cni_record", "pod_files", "shm_mount"},
               "StopPodSandbox": {"cni_prepare", "cni_del:loopback", "cni_record"}}
 
 
