@@ -129,8 +129,11 @@ async def mount(bundle: Path, vol: Volume, field: str) -> str:
 
 async def unmount_all(bundle: Path) -> None:
     """Unmount every image volume of a container (none mounted is fine)."""
+    await asyncio.to_thread(unmount_all_sync, bundle)
+
+
+def unmount_all_sync(bundle: Path) -> None:
     root = volumes_root(bundle)
-    names = await asyncio.to_thread(lambda: [p.name for p in root.iterdir()] if root.is_dir() else [])
-    for name in names:
+    for name in [p.name for p in root.iterdir()] if root.is_dir() else []:
         if name != EMPTY_LOWER:
-            await mounts.unmount(root / name)
+            mounts.unmount_sync(root / name)

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import secrets
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -127,18 +128,25 @@ class ContainerService:
                                                config=dict(image.config.get("config") or {}), layers=image.layers)
                 bundle = Path(ctr.bundle)
                 planned = {v.index: str(image_volumes.mount_point(bundle, v.index)) for v in volumes.values()}
-                # In a thread: it reads the image's /etc/passwd and /etc/group.
-                spec = await asyncio.to_thread(ocispec.container_spec, cid, config, ctx, img_ctx,
-                                               str(bundle / "rootfs"), image_sources=planned, hugetlb=self.hugetlb)
-                phase("spec")
+                propagations = [(i, m.host_path, int(m.propagation)) for i, m in enumerate(config.mounts)
+                                if i not in volumes]
+
+                def prepare() -> dict[str, Any]:
+                    # One thread hop for the three (each hop costs on a busy loop): the spec reads the image's
+                    # /etc/passwd and /etc/group, the others make directories and read mountinfo.
+                    spec = ocispec.container_spec(cid, config, ctx, img_ctx, str(bundle / "rootfs"),
+                                                  image_sources=planned, hugetlb=self.hugetlb)
+                    phase("spec")
+                    self._prepare_dirs(ctr, config, ctx.userns)
+                    phase("dirs")
+                    mounts.check_propagation_sync(propagations)
+                    phase("propagation_check")
+                    return spec
+
+                spec = await asyncio.to_thread(prepare)
                 if ctx.userns is not None:
                     await mounts.check_idmap(image.layers, pod.namespaces[namespaces.USER])
                     phase("idmap_check")
-                await asyncio.to_thread(self._prepare_dirs, ctr, config, ctx.userns)
-                phase("dirs")
-                await asyncio.to_thread(mounts.check_propagation_sync, [
-                    (i, m.host_path, int(m.propagation)) for i, m in enumerate(config.mounts) if i not in volumes])
-                phase("propagation_check")
                 for v in volumes.values():
                     source = await image_volumes.mount(bundle, v, f"mounts[{v.index}]")
                     _set_mount_source(spec, planned[v.index], source)
@@ -424,18 +432,21 @@ class ContainerService:
         self.log.info("container removed", pod_id=ctr.pod_id, container_id=ctr.id)
 
     async def _remove_files(self, ctr: ContainerRecord) -> None:
-        rootfs = Path(ctr.bundle) / "rootfs"
+        await asyncio.to_thread(self._remove_files_sync, ctr)  # one thread hop for all of it
+
+    def _remove_files_sync(self, ctr: ContainerRecord) -> None:
+        bundle = Path(ctr.bundle)
         # Before the tree is removed: never walk into the image store through a volume.
-        await image_volumes.unmount_all(Path(ctr.bundle))
+        image_volumes.unmount_all_sync(bundle)
         with contextlib.suppress(errors.ShimdError):
-            await mounts.unmount(rootfs)
-        await fsutil.remove_tree(Path(ctr.bundle))
-        await fsutil.remove_tree(Path(ctr.fs_dir))
+            mounts.unmount_sync(bundle / "rootfs")
+        shutil.rmtree(bundle, ignore_errors=True)
+        shutil.rmtree(ctr.fs_dir, ignore_errors=True)
         # The shim removes it when the container exits; one SIGKILLed before could not.
         with contextlib.suppress(FileNotFoundError):
-            await asyncio.to_thread(os.unlink, attach_socket_path(str(self.shim_dir), ctr.id))
+            os.unlink(attach_socket_path(str(self.shim_dir), ctr.id))
         if ctr.restore_from:
-            await fsutil.remove_tree(Path(ctr.restore_from).parent)
+            shutil.rmtree(Path(ctr.restore_from).parent, ignore_errors=True)
 
     async def stop_all(self, pod: PodRecord) -> None:
         ctrs = [c for c in self.store.pod_containers(pod.id) if c.state == CONTAINER_RUNNING]

@@ -57,6 +57,10 @@ _IN_PLACE = frozenset({"Version", "Status", "ListPodSandbox", "ListContainers", 
                        "ContainerStatus", "ListImages", "ImageStatus"})
 
 
+# Request fields no handler reads, by method, left out before decoding (wire.without_fields).
+_UNREAD_FIELDS = {"CreateContainer": frozenset({3})}  # sandbox_config: shimd has the pod's own record
+
+
 def _wrap(method: str, func: Callable[[grpclib.server.Stream], Awaitable[None]],
           max_message: int) -> Callable[..., Awaitable[None]]:
     logger = log.get("cri", method=method)
@@ -114,10 +118,11 @@ def _checked_decoding(stream: grpclib.server.Stream, method: str, max_message: i
     longer than max_message is RESOURCE_EXHAUSTED before a byte of it is buffered."""
 
     body = getattr(stream, "request_body", None)
+    unread = _UNREAD_FIELDS.get(method)
 
     async def recv() -> Any:
         if body is not None:  # the unary fast path (unary.py) read the request whole and checked its framing
-            return _decode(stream, body)
+            return _decode(stream, wire.without_fields(body, unread) if unread else body)
         # grpclib's Stream.recv_message, with the length prefix checked before the body is read: grpclib
         # itself would collect a declared 4 GiB body in memory, handing the window back as it goes.
         h2_stream = stream._stream
@@ -130,7 +135,8 @@ def _checked_decoding(stream: grpclib.server.Stream, method: str, max_message: i
         if size > max_message:
             raise grpclib.GRPCError(Status.RESOURCE_EXHAUSTED, f"{method}: request message of {size} bytes is "
                                     f"larger than the maximum of {max_message} (daemon.max_recv_message_size)")
-        message = _decode(stream, await h2_stream.recv_data(size) if size else b"")
+        data = await h2_stream.recv_data(size) if size else b""
+        message = _decode(stream, wire.without_fields(data, unread) if unread else data)
         (message,) = await stream._dispatch.recv_message(message)
         stream._messages_received += 1
         h2_stream.connection.messages_received += 1

@@ -314,6 +314,14 @@ def _wait_unshared(pid: int, timeout: float) -> None:
         time.sleep(0.005)
 
 
+def pinned_pods(base_dir: Path) -> list[str]:
+    """The pod ids that have namespaces pinned under base_dir."""
+    try:
+        return sorted(e.name for e in os.scandir(base_dir) if e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        return []
+
+
 async def remove_pod_namespaces(pod_id: str, base_dir: Path) -> None:
     """Unmount and remove a pod's pinned namespaces; a no-op when they are already gone."""
     _check_pod_id(pod_id)

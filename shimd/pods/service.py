@@ -159,10 +159,11 @@ class PodService:
             # namespaces: it needs neither, and recovery DELs a network record that names no pod.
             network = None if host_network else asyncio.ensure_future(self._prepare_network(pod, config))
             try:
-                await self.store.add_pod(pod)
+                # The pod's first record and its namespaces at once: recover() removes pins no record names.
+                await _concurrently(self.store.add_pod(pod), self._make_namespaces(pod, made, sc, userns))
                 phase("record_write")
-                await self._setup(pod, made, config, sc, userns,
-                                  drv.needs_sandbox_task(ns_opts.pid == cri.NamespaceMode.POD), network)
+                await self._setup(dataclasses.replace(pod, namespaces=made.get("namespaces", {})), made, config,
+                                  userns, drv.needs_sandbox_task(ns_opts.pid == cri.NamespaceMode.POD), network)
                 given = {name: getattr(linux, name) for name in ("resources", "overhead")
                          if betterproto.serialized_on_wire(getattr(linux, name))}
                 if given:
@@ -185,10 +186,10 @@ class PodService:
         return pod_id
 
     async def _setup(self, pod: PodRecord, made: dict[str, Any], config: cri.PodSandboxConfig,
-                     sc: cri.LinuxSandboxSecurityContext, userns: ocispec.IdMappings | None,
-                     sandbox_task: bool, network: asyncio.Future[PreparedNetwork] | None) -> None:
-        """Makes the pod's parts, noting each in `made` (record fields) as soon as it exists."""
-        ns_opts = sc.namespace_options or cri.NamespaceOption()
+                     userns: ocispec.IdMappings | None, sandbox_task: bool,
+                     network: asyncio.Future[PreparedNetwork] | None) -> None:
+        """Makes the pod's parts after its first record and namespaces, noting each in `made` (record fields)
+        as soon as it exists."""
         pdir = self.pod_dir(pod.id)
         # The pause task's rootfs and the pod's files live here; the pod's mapped root must reach them.
         root = userns.host_root() if userns is not None else None
@@ -198,17 +199,8 @@ class PodService:
         # Only the first record is saved before the pod is ready: everything else a crash could leave
         # behind is found from the pod id alone (namespace pins, CNI's own records, the cgroup parent set
         # in run(), the shim's ./address file written before it is forked), and each save costs an fsync
-        # on the pod start path.
-        kinds = [] if pod.host_network else ["network", "uts"]
-        if ns_opts.ipc != cri.NamespaceMode.NODE:
-            kinds.append("ipc")
-        if kinds:
-            # A user namespace is pinned with the others (namespaces["user"]) and removed with them.
-            made["namespaces"] = await namespaces.create_pod_namespaces(pod.id, self.ns_dir, kinds, hostname,
-                                                                        userns)
-            pod = dataclasses.replace(pod, namespaces=made["namespaces"])
-            phase("namespaces")
-
+        # on the pod start path. Namespaces and CNI's record are made before this record may exist:
+        # recover() removes pins and CNI records that name no pod.
         early_sandbox_task = sandbox_task and not self.shims.runtimes.get(pod.handler).sandbox_task_needs_network
 
         async def shm() -> None:
@@ -268,6 +260,20 @@ class PodService:
         else:
             await _concurrently(pod_files(), network_result(), ready())
         phase("record_write")
+
+    async def _make_namespaces(self, pod: PodRecord, made: dict[str, Any], sc: cri.LinuxSandboxSecurityContext,
+                               userns: ocispec.IdMappings | None) -> None:
+        ns_opts = sc.namespace_options or cri.NamespaceOption()
+        kinds = [] if pod.host_network else ["network", "uts"]
+        if ns_opts.ipc != cri.NamespaceMode.NODE:
+            kinds.append("ipc")
+        if not kinds:
+            return
+        with side_branch():
+            # A user namespace is pinned with the others (namespaces["user"]) and removed with them.
+            made["namespaces"] = await namespaces.create_pod_namespaces(pod.id, self.ns_dir, kinds, pod_hostname(pod),
+                                                                        userns)
+            phase("namespaces")
 
     async def _prepare_network(self, pod: PodRecord, config: cri.PodSandboxConfig) -> PreparedNetwork:
         with side_branch():
@@ -391,19 +397,35 @@ class PodService:
                 lg.info("pod stopped")
         if not remove:
             return
-        await self.containers.remove_all(pod)
-        phase("remove_containers")
-        await namespaces.remove_pod_namespaces(pod.id, self.ns_dir)
-        phase("namespaces")
-        if pod.owns_cgroup_parent:
-            left = await cgroups.remove(cgroups.relative_path(self.cgroup_driver, pod.cgroup_parent))
-            if left:
-                lg.warning("cgroups left behind", paths=left)
-            phase("cgroups")
-        await mounts.unmount(self.pod_dir(pod.id) / "shm")
-        phase("unmount")
-        await fsutil.remove_tree(self.pod_dir(pod.id))
-        phase("pod_files")
+
+        async def remove_containers() -> None:
+            await self.containers.remove_all(pod)
+            phase("remove_containers")
+
+        async def remove_namespaces() -> None:
+            with side_branch():
+                await namespaces.remove_pod_namespaces(pod.id, self.ns_dir)
+                phase("namespaces")
+
+        async def remove_cgroups() -> None:
+            if pod.owns_cgroup_parent:
+                with side_branch():
+                    left = await cgroups.remove(cgroups.relative_path(self.cgroup_driver, pod.cgroup_parent))
+                    if left:
+                        lg.warning("cgroups left behind", paths=left)
+                    phase("cgroups")
+
+        async def remove_pod_files() -> None:
+            with side_branch():
+                await mounts.unmount(self.pod_dir(pod.id) / "shm")
+                phase("unmount")
+                await fsutil.remove_tree(self.pod_dir(pod.id))
+                phase("pod_files")
+
+        # The pod's tasks are gone (stopped above, their shim shut down): what is left of it are separate
+        # things, removed at once; the record goes last, so a crash in between repeats the removal.
+        await _concurrently(remove_containers(), remove_namespaces(), remove_cgroups(), remove_pod_files())
+        phase("remove_wait")
         await self.store.delete_pod(pod.id)
         phase("record_write")
         self.bus.publish(events.DELETED, pod.id, pod.id)
@@ -535,6 +557,12 @@ class PodService:
             if pod_id not in self.store.pods:
                 with contextlib.suppress(errors.ShimdError):
                     await self.network.teardown(pod_id, "")
+        # Namespaces pinned for pods shimd no longer knows (they are made alongside the pod's first record).
+        for pod_id in await asyncio.to_thread(namespaces.pinned_pods, self.ns_dir):
+            if pod_id not in self.store.pods:
+                self.log.warning("removing namespaces of a pod without a record", pod_id=pod_id)
+                with contextlib.suppress(errors.ShimdError, OSError):
+                    await namespaces.remove_pod_namespaces(pod_id, self.ns_dir)
         for pod in list(self.store.pods.values()):
             if pod.initializing:
                 self.log.warning("finishing teardown of a pod interrupted during creation", pod_id=pod.id)

@@ -29,11 +29,13 @@ EXPECTED = {
                        "sandbox_delete", "shim_shutdown", "cni_wait", "cni_prepare", "cni_del:loopback", "cni_record",
                        "unmount", "other"},
     "RemovePodSandbox": {"lock_wait", "remove_containers", "namespaces", "cgroups", "unmount", "pod_files",
-                         "record_write", "other"},
+                         "remove_wait", "record_write", "other"},
 }
 # Phases of steps that run alongside the call's main line: in the log line's `overlapped`, not `phases`.
-OVERLAPPED = {"RunPodSandbox": {"cni_prepare", "cni_add:loopback", "cni_record", "pod_files", "shm_mount"},
-              "StopPodSandbox": {"cni_prepare", "cni_del:loopback", "cni_record"}}
+OVERLAPPED = {"RunPodSandbox": {"namespaces", "cni_prepare", "cni_add:loopback", "cni_record", "pod_files",
+                                "shm_mount"},
+              "StopPodSandbox": {"cni_prepare", "cni_del:loopback", "cni_record"},
+              "RemovePodSandbox": {"namespaces", "cgroups", "unmount", "pod_files"}}
 
 
 def _scrape(url: str) -> str:

@@ -196,3 +196,28 @@ def test_records_of_an_older_shimd_are_upgraded_at_start(rt: Runtime) -> None:
         filter=pb.PodSandboxFilter(id=pod_id))).items
     assert item.state == pb.SANDBOX_READY
     assert rt.status(cid).state == pb.CONTAINER_RUNNING
+
+
+def test_namespaces_that_no_record_names_are_removed_at_start(rt: Runtime) -> None:
+    """RunPodSandbox pins a pod's namespaces while its first record is written: a crash between the two
+    leaves pins that no record names, which the next start removes (the known pod's stay)."""
+    import asyncio
+
+    from shimd.network import namespaces as ns
+
+    pb = rt.pb
+    kept, _ = rt.run_pod("kept")
+    state = rt.proc.state
+    rt.proc.kill()
+    orphan = "0d" * 32
+    asyncio.run(ns.create_pod_namespaces(orphan, state / "ns", ["network", "uts", "ipc"], "orphan"))
+    pins = [str(state / "ns" / orphan / k) for k in ("network", "uts", "ipc")]
+    assert all(ns.namespace_alive(p) for p in pins)
+    rt.proc.start()
+
+    assert not (state / "ns" / orphan).exists()
+    mounted = Path("/proc/self/mountinfo").read_text()
+    assert not [p for p in pins if f" {p} " in mounted]
+    assert ns.namespace_alive(str(state / "ns" / kept / "network"))
+    (item,) = rt.client.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items
+    assert item.id == kept and item.state == pb.SANDBOX_READY
