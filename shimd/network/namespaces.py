@@ -158,7 +158,7 @@ async def create_pod_namespaces(pod_id: str, base_dir: Path, kinds: Iterable[str
     if userns is not None:
         paths[USER] = str(pod_dir / USER)
     try:
-        await asyncio.to_thread(_make_targets, pod_dir, paths.values())
+        await _through_cancellation(_make_targets, pod_dir, paths.values())
         if userns is None:
             await _unshare_pinned(pod_id, paths, hostname)
         else:
@@ -198,7 +198,22 @@ async def _unshare_pinned(pod_id: str, paths: dict[str, str], hostname: str) -> 
     # In a thread of our own rather than unshare(1) + sh + ip: three helper processes less on the pod
     # start path. Network, UTS and IPC namespaces belong to a thread, so a new thread can unshare
     # them, set itself up, pin them and end: nothing else in the daemon ever runs inside them.
-    await asyncio.to_thread(_in_throwaway_thread, _pin_new_namespaces, paths, hostname, pod_id)
+    await _through_cancellation(_in_throwaway_thread, _pin_new_namespaces, paths, hostname, pod_id)
+
+
+async def _through_cancellation(fn: Callable[..., None], *args: object) -> None:
+    """fn in a worker thread, waited for to its end even when the caller is cancelled (then re-raised): a
+    thread cannot be stopped, and the clean-up after a cancellation must find every file and pin it made."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        await asyncio.shield(work)
+    except asyncio.CancelledError:
+        while not work.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(work)
+        if not work.cancelled():
+            work.exception()  # retrieved: the cancellation is what the caller sees
+        raise
 
 
 def _in_throwaway_thread(fn: Callable[..., None], *args: object) -> None:
