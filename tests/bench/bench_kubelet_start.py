@@ -24,7 +24,13 @@ import grpc
 from tests.bench.bench_pod_start import Containerd, Runtime, Shimd, bench_workspace, cni_conf
 from tests.support import gotools
 from tests.support.cri_client import CriClient
-from tests.support.kubelet import Kubelet, make_cgroup_root, remove_cgroup_root
+from tests.support.kubelet import (
+    Kubelet,
+    kubelet_iptables_chains,
+    make_cgroup_root,
+    remove_cgroup_root,
+    remove_kubelet_iptables,
+)
 
 
 def _manifest(name: str, image: str) -> dict[str, object]:
@@ -91,6 +97,8 @@ def main() -> None:
     ap.add_argument("--pods", type=int, default=5)
     args = ap.parse_args()
     with bench_workspace("shimd-bench-kl-") as ws, contextlib.ExitStack() as undo:
+        # Last out: the KUBE-* chains and rules the kubelets add to the host, as the kubelet scenario does.
+        undo.callback(remove_kubelet_iptables, kubelet_iptables_chains())
         ws.net.write(cni_conf("bridge", ws.net))
         for name in ("shimd", "containerd"):
             (ws.work / name).mkdir()
