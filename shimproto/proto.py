@@ -42,7 +42,8 @@ def _put_varint(out: bytearray, value: int) -> None:
     out.append(value)
 
 
-def _get_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+def get_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """(value, position after it) of the varint at pos; DecodeError (a ValueError) when cut short or too long."""
     result = shift = 0
     end = len(buf)
     while True:
@@ -158,13 +159,13 @@ def decode(schema: Schema, data: bytes | memoryview) -> dict[str, Any]:
     msg = _empty(schema)
     pos, end = 0, len(buf)
     while pos < end:
-        key, pos = _get_varint(buf, pos)
+        key, pos = get_varint(buf, pos)
         number, wire = key >> 3, key & 7
         if wire == VARINT:
-            raw, pos = _get_varint(buf, pos)
+            raw, pos = get_varint(buf, pos)
             chunk = None
         elif wire == LEN:
-            n, pos = _get_varint(buf, pos)
+            n, pos = get_varint(buf, pos)
             if pos + n > end:
                 raise DecodeError(f"field {number}: length {n} past the end of the message")
             chunk, pos = buf[pos:pos + n], pos + n
@@ -206,7 +207,7 @@ def decode(schema: Schema, data: bytes | memoryview) -> dict[str, Any]:
             if chunk is not None:  # packed
                 p = 0
                 while p < len(chunk):
-                    v, p = _get_varint(chunk, p)
+                    v, p = get_varint(chunk, p)
                     msg[name].append(_scalar(kind, v))
             else:
                 msg[name].append(_scalar(kind, raw))

@@ -12,6 +12,8 @@ from typing import Any, Generic, TypeVar
 
 import betterproto
 
+from shimproto.proto import get_varint
+
 R = TypeVar("R")
 M = TypeVar("M", bound=betterproto.Message)
 
@@ -29,19 +31,6 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise ValueError("truncated or overlong varint")
-        b = data[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, pos
-        shift += 7
-
-
 def without_fields(data: bytes, numbers: frozenset[int]) -> bytes:
     """data (an encoded message) with its top-level fields of these numbers left out, or data as it is
     when its framing is not plain (a group, a length past the end): the decoder then judges it whole.
@@ -54,14 +43,14 @@ def without_fields(data: bytes, numbers: frozenset[int]) -> bytes:
     try:
         while pos < len(data):
             field_start = pos
-            tag, pos = _read_varint(data, pos)
+            tag, pos = get_varint(data, pos)
             kind = tag & 7
             if kind == 0:
-                _, pos = _read_varint(data, pos)
+                _, pos = get_varint(data, pos)
             elif kind == 1:
                 pos += 8
             elif kind == 2:
-                size, pos = _read_varint(data, pos)
+                size, pos = get_varint(data, pos)
                 pos += size
             elif kind == 5:
                 pos += 4
