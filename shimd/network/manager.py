@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from shimd import config, fsutil, log
+from shimd import config, fsutil, log, tasks
 from shimd.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ShimdError
 from shimd.network import capabilities, cni, masq
 from shimd.network.model import DnsSettings, PodNetworkRequest, PodNetworkResult, PortMapping, PreparedNetwork
@@ -264,14 +264,7 @@ async def _complete(work: Coroutine[Any, Any, T], stop: asyncio.Event,
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         stop.set()
-        while not task.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(task)
+        await tasks.settle(task)
         if not task.cancelled() and task.exception() is None and undo is not None:
-            undone = asyncio.ensure_future(undo())
-            while not undone.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(undone)
-        elif not task.cancelled():
-            task.exception()  # retrieved so asyncio does not log it as never retrieved
+            await tasks.settle(asyncio.ensure_future(undo()))
         raise

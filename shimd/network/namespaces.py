@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shimd import log
+from shimd import log, tasks
 from shimd.errors import InvalidArgument, ShimdError
 from shimd.network import proc
 
@@ -208,11 +208,7 @@ async def _through_cancellation(fn: Callable[..., None], *args: object) -> None:
     try:
         await asyncio.shield(work)
     except asyncio.CancelledError:
-        while not work.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(work)
-        if not work.cancelled():
-            work.exception()  # retrieved: the cancellation is what the caller sees
+        await tasks.settle(work)  # the cancellation is what the caller sees
         raise
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import betterproto
 
-from shimd import cgroups, errors, events, fsutil, log, mounts, pod_limits
+from shimd import cgroups, errors, events, fsutil, log, mounts, pod_limits, tasks
 from shimd.api import dicts
 from shimd.api.runtime import v1 as cri
 from shimd.network import files as podfiles
@@ -54,34 +54,21 @@ async def _concurrently(*steps: Coroutine[Any, Any, None]) -> None:
     they shield, a CNI chain, runs to its end), so nothing of the pod's teardown outlives the call
     that holds the pod's lock.
     """
-    tasks = [asyncio.ensure_future(s) for s in steps]
+    running = [asyncio.ensure_future(s) for s in steps]
     try:
-        await asyncio.wait(tasks)
+        await asyncio.wait(running)
     except asyncio.CancelledError:
-        for t in tasks:
+        for t in running:
             t.cancel()
-        while not all(t.done() for t in tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait(tasks)
-        for t in tasks:
-            if not t.cancelled():
-                t.exception()  # retrieved: asyncio would log it as never retrieved
+        for t in running:
+            await tasks.settle(t)
         raise
-    for t in tasks:
+    for t in running:
         if t.exception() is not None:
-            for other in tasks:
+            for other in running:
                 if not other.cancelled():
                     other.exception()
             raise t.exception()  # type: ignore[misc]
-
-
-async def _settled(fut: asyncio.Future[Any]) -> None:
-    """Waits for fut to end, whatever its outcome (retrieved, so asyncio logs nothing), even if cancelled."""
-    while not fut.done():
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.shield(fut)
-    if not fut.cancelled():
-        fut.exception()
 
 
 class PodService:
@@ -174,7 +161,7 @@ class PodService:
                 if network is not None:
                     # Its record is written (or not) before the teardown looks for it; it is bounded by one
                     # file write and never cancelled half way.
-                    await _settled(network)
+                    await tasks.settle(network)
                 with contextlib.suppress(Exception):
                     current = self.store.pods.get(pod_id, pod)
                     await asyncio.shield(self._teardown(dataclasses.replace(current, **made), remove=True))
