@@ -21,7 +21,8 @@ import pytest
 from betterproto.lib.google.protobuf import Empty
 from grpclib.const import Cardinality, Handler
 
-from shimd.cri import dispatch, grpc_server, unary
+from shimd.cri import dispatch, grpc_server
+from tests.support.transport import fast_path_calls
 
 CTR = shutil.which("ctr")
 pytestmark = pytest.mark.skipif(CTR is None, reason="ctr (containerd package) is not installed")
@@ -65,14 +66,7 @@ async def _serving(handlers: list[Any], socket: Path) -> grpc_server.Server:
 async def test_grpc_go_call_round_trips(tmp_base: Path, through_dispatch: bool,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # Wrapped by dispatch, the call is served by grpc_server's unary path (unary.py) instead of grpclib's.
-    fast: list[str] = []
-    start = unary.UnaryCalls._start
-
-    def counted(self: unary.UnaryCalls, stream_id: int, call: Any) -> None:
-        fast.append(call.path)
-        start(self, stream_id, call)
-
-    monkeypatch.setattr(unary.UnaryCalls, "_start", counted)
+    fast = fast_path_calls(monkeypatch)
     service = FakeContainerdVersion()
     socket = tmp_base / "go.sock"
     server = await _serving([dispatch.Wrapped(service) if through_dispatch else service], socket)

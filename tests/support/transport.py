@@ -31,3 +31,18 @@ class RecordingTransport:
         corked = proto.connection._transport
         corked.flush()
         return corked._transport.writes
+
+
+def fast_path_calls(monkeypatch: Any) -> list[str]:
+    """The paths of the calls the unary fast path (shimd.cri.unary) serves from now on, in order."""
+    from shimd.cri import unary
+
+    served: list[str] = []
+    start = unary.UnaryCalls._start
+
+    def counting(self: unary.UnaryCalls, stream_id: int, call: Any) -> None:
+        served.append(call.path)
+        start(self, stream_id, call)
+
+    monkeypatch.setattr(unary.UnaryCalls, "_start", counting)
+    return served

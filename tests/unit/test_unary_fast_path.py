@@ -20,8 +20,8 @@ from h2.settings import SettingCodes
 
 from shimd import errors
 from shimd.api.runtime import v1 as cri
-from shimd.cri import dispatch, grpc_server, unary
-from tests.support.transport import RecordingTransport
+from shimd.cri import dispatch, grpc_server
+from tests.support.transport import RecordingTransport, fast_path_calls
 
 TIMEOUT = 10.0
 RUNTIME = "/runtime.v1.RuntimeService/"
@@ -226,14 +226,7 @@ async def _answers(fast: bool, window: int | None = None) -> dict[str, list[tupl
 
 
 async def test_fast_path_answers_as_grpclib_does(monkeypatch: pytest.MonkeyPatch) -> None:
-    served: list[str] = []
-    start = unary.UnaryCalls._start
-
-    def counting(self: unary.UnaryCalls, stream_id: int, call: Any) -> None:
-        served.append(call.path)
-        start(self, stream_id, call)
-
-    monkeypatch.setattr(unary.UnaryCalls, "_start", counting)
+    served = fast_path_calls(monkeypatch)
     reference = await _answers(fast=False)
     assert not served
     fast = await _answers(fast=True)
