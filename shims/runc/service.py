@@ -277,11 +277,22 @@ class TaskService:
         facts = await aio.to_thread(_spec_facts, bundle) if bundle and os.path.isabs(bundle) else None
         if facts is None:
             raise TtrpcError(ttrpc.INVALID_ARGUMENT, f"bundle {bundle!r} has no readable config.json")
-        own_pid_ns, start_on_create = facts
+        own_pid_ns, start_on_create, spec = facts
         opts = _runc_options(req["options"], self.namespace)
         log = self.log.bind(container_id=cid)
-        runc = _new_runtime(self.reaper, opts, os.path.join(bundle, "log.json"))
         restore_from = req["checkpoint"]
+        runc = None
+        runc_name_is_shim = False
+        if _is_sandbox(spec) and start_on_create and not restore_from and not req["terminal"]:
+            from shims.runc import pause  # only pods with a pause task load it
+
+            pause_plan = pause.plan(spec, bundle, opts)
+            if pause_plan is not None:
+                runc = pause.PauseRuntime(self.reaper, opts, os.path.join(bundle, "log.json"), runc_timeout(),
+                                          pause_plan, log)
+                runc_name_is_shim = True
+        if runc is None:
+            runc = _new_runtime(self.reaper, opts, os.path.join(bundle, "log.json"))
         if restore_from:
             await self._check_checkpoint_support(runc, "restore")
             if not os.path.isabs(restore_from) or not await aio.to_thread(os.path.isdir, restore_from):
@@ -344,7 +355,8 @@ class TaskService:
             self._creating.discard(cid)
             if mounted:
                 mounts.unmount(rootfs)
-        log.info("created", pid=pid, bundle=bundle, runtime=opts.binary,
+        # "shim": the pause task forked by this shim (pause.py), not a runc container.
+        log.info("created", pid=pid, bundle=bundle, runtime="shim" if runc_name_is_shim else opts.binary,
                  ms={k: round(v * 1000, 2) for k, v in steps.items()})
         return {"pid": pid}
 
@@ -652,9 +664,9 @@ class TaskService:
                 p.io.close()
 
 
-def _spec_facts(bundle: str) -> tuple[bool, bool] | None:
-    """From the bundle's spec: whether the init gets a PID namespace of its own, and whether shimd asked
-    for the task to be started by Create; None: there is no readable spec."""
+def _spec_facts(bundle: str) -> tuple[bool, bool, dict[str, Any]] | None:
+    """From the bundle's spec: whether the init gets a PID namespace of its own, whether shimd asked
+    for the task to be started by Create, and the spec; None: there is no readable spec."""
     try:
         with open(os.path.join(bundle, "config.json"), "rb") as f:
             spec = json.load(f)
@@ -664,7 +676,12 @@ def _spec_facts(bundle: str) -> tuple[bool, bool] | None:
         return None
     namespaces = (spec.get("linux") or {}).get("namespaces") or []
     own = any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces if isinstance(ns, dict))
-    return own, (spec.get("annotations") or {}).get(m.START_ON_CREATE_ANNOTATION) == "true"
+    return own, (spec.get("annotations") or {}).get(m.START_ON_CREATE_ANNOTATION) == "true", spec
+
+
+def _is_sandbox(spec: dict[str, Any]) -> bool:
+    annotations = spec.get("annotations")
+    return isinstance(annotations, dict) and annotations.get("io.kubernetes.cri.container-type") == "sandbox"
 
 
 def _write_json(path: str, data: Any) -> None:

@@ -21,6 +21,7 @@ import socket
 import sys
 
 from shimproto.paths import LISTEN_FD_ENV
+from shims.runc import pause as _pause  # noqa: F401  # pods sharing a PID namespace
 from shims.runc import server as shim_server  # imported here so every fork has it
 from shims.runsc import runtime as _runsc_runtime  # noqa: F401  # gVisor handlers use the same shim
 

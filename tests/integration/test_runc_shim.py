@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -459,3 +460,47 @@ async def test_sigkill_to_all_of_a_container_with_its_own_pid_namespace_kills_ev
         assert await wait_gone(p), f"process {p} of the container outlived its SIGKILL"
     await shim.c.delete(task.DeleteRequest(id="ka", exec_id="x1"), timeout=T)
     await shim.c.delete(task.DeleteRequest(id="ka"), timeout=T)
+
+
+async def test_pause_task_the_shim_forks_fails_its_create_cleanly_and_is_deleted_with_its_cgroups(
+        shim: Shim) -> None:
+    """A pause spec as shimd writes it is started without runc (shims/runc/pause.py): a rootfs without its
+    binary fails Create with the reason and leaves no process or cgroup; a good one runs as PID 1 of its own
+    PID namespace until killed, and Delete removes its cgroups."""
+    from shimd.oci import spec as ocispec
+
+    def pause_bundle(name: str, with_binary: bool) -> Path:
+        b = shim.env.base / "pause" / name
+        (b / "rootfs").mkdir(parents=True)
+        if with_binary:
+            shutil.copy2("/usr/bin/catatonit", b / "rootfs" / "pause")
+        ctx = ocispec.PodContext(pod_id=name, name=name, namespace="default", uid=name, hostname=name, namespaces={},
+                                 cgroups_path=f"{shim.env.cgroup_parent}/{name}")
+        (b / "config.json").write_text(json.dumps(ocispec.pause_spec(ctx, str(b / "rootfs"), ["/pause", "-P"])))
+        return b
+
+    bad = pause_bundle("nobinary", with_binary=False)
+    with pytest.raises(errors.ShimdError, match="/pause is not an executable file"):
+        await shim.c.create(task.CreateTaskRequest(id="nobinary", bundle=str(bad), options=options(shim.env)),
+                            timeout=T)
+    assert not shim.env.cgroup_exists("nobinary")
+    with pytest.raises(errors.NotFound):
+        await shim.c.state(task.StateRequest(id="nobinary"), timeout=T)
+
+    good = pause_bundle("pause1", with_binary=True)
+    pid = (await shim.c.create(task.CreateTaskRequest(id="pause1", bundle=str(good), options=options(shim.env)),
+                               timeout=T)).pid
+    assert "pause1" not in shim.env.runc_containers()  # not runc's
+    status = await asyncio.to_thread(Path(f"/proc/{pid}/status").read_text)
+    assert re.search(r"^NSpid:\s+\d+\s+1$", status, re.M), status
+    assert re.search(rf"^PPid:\s+{shim.pid}$", status, re.M), status
+    deadline = time.monotonic() + 10
+    while not shim.env.cgroup_exists("pause1") or \
+            f":memory:{shim.env.cgroup_parent}/pause1" not in await asyncio.to_thread(
+                Path(f"/proc/{pid}/cgroup").read_text):
+        assert time.monotonic() < deadline, "the pause task did not join its cgroup"
+        await asyncio.sleep(0.02)
+    await shim.c.kill(task.KillRequest(id="pause1", signal=signal.SIGKILL, all=True), timeout=T)
+    assert (await shim.c.wait(task.WaitRequest(id="pause1"), timeout=T)).exit_status == 128 + signal.SIGKILL
+    await shim.c.delete(task.DeleteRequest(id="pause1"), timeout=T)
+    assert not shim.env.cgroup_exists("pause1")
