@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from shimd import cgroups, config
+from shimd import cgroups, config, state_fs
 from shimd.network import cni
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -219,7 +219,21 @@ def check_storage(cfg: config.Config) -> list[Finding]:
             out.append(_ok("storage", f"{key} {d}: {free >> 30} GiB free"))
         if Path(d).exists() and Path(d).stat().st_mode & 0o022:
             out.append(_fail("storage", f"{d} is group/world writable", f"chmod 0711 {d}"))
+    out.append(_state_filesystem(cfg))
     return out
+
+
+def _state_filesystem(cfg: config.Config) -> Finding:
+    state = Path(cfg.daemon.state)
+    kind = state_fs.filesystem_of(state)
+    if kind in state_fs.MEMORY_FILESYSTEMS:
+        return _ok("storage", f"daemon.state {state} is on {kind}")
+    holds_state = state.is_dir() and any(state.iterdir())
+    if cfg.daemon.state_tmpfs and not holds_state:
+        return _ok("storage", f"daemon.state {state} is on {kind}: shimd mounts a tmpfs there when it starts")
+    return _warn("storage", f"daemon.state {state} is on {kind}: every pod's files are made there on disk",
+                 "stop shimd with no pod left, empty the directory and keep daemon.state_tmpfs = true "
+                 "(or mount a tmpfs there)")
 
 
 def check_socket_file(cfg: config.Config) -> list[Finding]:

@@ -36,6 +36,8 @@ class DaemonConfig:
     socket: str = "/run/shimd/shimd.sock"
     root: str = "/var/lib/shimd"
     state: str = "/run/shimd"
+    # Mount a tmpfs at `state` when it is an empty directory on disk (shimd/state_fs.py).
+    state_tmpfs: bool = True
     log_level: str = "info"
     cgroup_driver: str = "cgroupfs"
     default_handler: str = "runc"
@@ -128,6 +130,7 @@ DEFAULT_TOML = """\
 socket = "/run/shimd/shimd.sock"       # CRI gRPC socket kubelet and crictl dial (mode 0660, directory 0711)
 root = "/var/lib/shimd"                # persistent data: images, writable layers, pod and container records
 state = "/run/shimd"                   # runtime state: shim sockets, namespace pins, bundles (lost on reboot)
+state_tmpfs = true                     # mount a tmpfs at state when it is an empty directory on a disk filesystem
 log_level = "info"                     # debug | info | warning | error (JSON lines on stderr)
 cgroup_driver = "cgroupfs"             # cgroupfs | systemd (must match kubelet's cgroupDriver)
 default_handler = "runc"               # handler for pods whose RuntimeClass names none
@@ -227,6 +230,7 @@ def _daemon(source: str, raw: Any) -> DaemonConfig:
         socket=_abs_path(source, "daemon.socket", r.take("socket", str, d.socket)),
         root=_abs_path(source, "daemon.root", r.take("root", str, d.root)),
         state=_abs_path(source, "daemon.state", r.take("state", str, d.state)),
+        state_tmpfs=r.take("state_tmpfs", bool, d.state_tmpfs),
         log_level=r.take("log_level", str, d.log_level, LOG_LEVELS),
         cgroup_driver=r.take("cgroup_driver", str, d.cgroup_driver, CGROUP_DRIVERS),
         default_handler=r.take("default_handler", str, d.default_handler),

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpclib.server
 import uvloop
 
-from shimd import cgroups, config, errors, fsutil, log, malloc_tuning, sdnotify
+from shimd import cgroups, config, errors, fsutil, log, malloc_tuning, sdnotify, state_fs
 from shimd.containers.exec import Execs
 from shimd.containers.service import ContainerService
 from shimd.containers.streams import ContainerStreams
@@ -103,6 +103,10 @@ class Daemon:
         await self.pods.shim_died(pod_id)
 
     async def start(self) -> None:
+        if self.cfg.daemon.state_tmpfs:
+            # Before anything is made there (the socket's lock included): a mount would hide it.
+            found = await asyncio.to_thread(state_fs.prepare_sync, self.state)
+            self.log.info("daemon.state filesystem", state=str(self.state), tmpfs=found)
         for d in (self.root, self.state):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o711)

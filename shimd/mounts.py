@@ -39,7 +39,7 @@ _FLAGS = {"ro": 0x1, "nosuid": 0x2, "nodev": 0x4, "noexec": 0x8, "noatime": 0x40
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _mount_tmpfs_sync(path: Path, options: str) -> None:
+def mount_tmpfs_sync(path: Path, options: str, source: str = "shm") -> None:
     path.mkdir(parents=True, exist_ok=True)
     flags, data = 0, []
     for opt in options.split(","):
@@ -47,14 +47,14 @@ def _mount_tmpfs_sync(path: Path, options: str) -> None:
             flags |= _FLAGS[opt]
         elif opt:
             data.append(opt)
-    if _libc.mount(b"shm", os.fsencode(path), b"tmpfs", ctypes.c_ulong(flags), ",".join(data).encode()) != 0:
+    if _libc.mount(source.encode(), os.fsencode(path), b"tmpfs", ctypes.c_ulong(flags), ",".join(data).encode()) != 0:
         e = ctypes.get_errno()
-        raise errors.ShimdError(f"mount -t tmpfs -o {options} shm {path} failed: {os.strerror(e)}")
+        raise errors.ShimdError(f"mount -t tmpfs -o {options} {source} {path} failed: {os.strerror(e)}")
 
 
 async def mount_tmpfs(path: Path, options: str) -> None:
     # A syscall rather than mount(8): one helper process less on the pod start path.
-    await asyncio.to_thread(_mount_tmpfs_sync, path, options)
+    await asyncio.to_thread(mount_tmpfs_sync, path, options)
 
 
 def unmount_sync(path: Path) -> None:

@@ -309,7 +309,9 @@ class PodService:
             for mountpoint in ("proc", "dev"):
                 (rootfs / mountpoint).mkdir(exist_ok=True)
             try:
-                os.link(PAUSE_BINARY, rootfs / "pause")
+                os.link(self._pause_binary_sync(), rootfs / "pause")
+            except FileExistsError:
+                pass
             except OSError:  # another filesystem
                 shutil.copy2(PAUSE_BINARY, rootfs / "pause")
 
@@ -320,6 +322,22 @@ class PodService:
         await fsutil.write_json(bundle / "config.json", spec, durable=False)  # daemon.state: no fsync
         phase("sandbox_bundle")
         return bundle
+
+    def _pause_binary_sync(self) -> Path:
+        """A copy of the pause binary on daemon.state's filesystem, for a hard link per pod (daemon.state is
+        usually a tmpfs, where /usr/bin is not); renewed when the package's file changes."""
+        copy = self.state_dir / "pause"
+        source = os.stat(PAUSE_BINARY)
+        try:
+            st = os.stat(copy)
+            if (st.st_size, st.st_mtime_ns) == (source.st_size, source.st_mtime_ns):
+                return copy
+        except FileNotFoundError:
+            pass
+        tmp = copy.with_name(f".pause.{secrets.token_hex(6)}")
+        shutil.copy2(PAUSE_BINARY, tmp)
+        os.replace(tmp, copy)
+        return copy
 
     async def _start_sandbox_task(self, pod: PodRecord, made: dict[str, Any]) -> None:
         """A pause process (catatonit): owns a shared PID namespace, and is the sandbox for runsc and Kata."""

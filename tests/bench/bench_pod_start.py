@@ -133,10 +133,12 @@ class Shimd(Runtime):
 
     def __init__(self, base: Path, registry: Registry, conf_dir: Path) -> None:
         self.metrics_port = free_port()
+        # daemon.state on tmpfs as shimd's default makes it; containerd's state gets one too (ContainerdPeer).
         self.proc = ShimdProcess(base, f'[registries.hosts."{registry.host}"]\ninsecure = true\n'
                                        f'[cni]\nconf_dir = "{conf_dir}"\n'
                                        '[streaming]\naddress = "127.0.0.1:0"\n'
-                                       f'[metrics]\naddress = "127.0.0.1:{self.metrics_port}"\n')
+                                       f'[metrics]\naddress = "127.0.0.1:{self.metrics_port}"\n',
+                                 state_tmpfs=True)
         # ShimdProcess logs at debug level for tests; benchmark at the level a node would use.
         text = self.proc.config_path.read_text().replace('log_level = "debug"', 'log_level = "info"')
         self.proc.config_path.write_text(text)
@@ -148,6 +150,7 @@ class Shimd(Runtime):
         self.proc.stop()
         kill_strays(self.proc.base)
         namespaces.release_base_dir(self.proc.state / "ns")
+        self.proc.unmount_state()
 
     @property
     def pid(self) -> int:
@@ -160,7 +163,7 @@ class Containerd(Runtime):
 
     def __init__(self, base: Path, registry: Registry, conf_dir: Path, pause: str) -> None:
         self.peer = ContainerdPeer(base, plain_http_registries=[registry.host], cni_conf_dir=conf_dir,
-                                   sandbox_image=pause)
+                                   sandbox_image=pause, state_tmpfs=True)
 
     def start(self) -> CriClient:
         return self.peer.start()

@@ -28,8 +28,12 @@ CONTAINERD = "/usr/bin/containerd"
 class ContainerdPeer:
     def __init__(self, base: Path, plain_http_registries: list[str] | tuple[str, ...] = (),
                  cni_conf_dir: Path | None = None, cni_bin_dir: str = "/usr/lib/cni",
-                 runc_binary: str = "runc", log_level: str = "info", sandbox_image: str = "") -> None:
+                 runc_binary: str = "runc", log_level: str = "info", sandbox_image: str = "",
+                 state_tmpfs: bool = False) -> None:
+        """state_tmpfs: its state directory (with runc's --root moved into it) on a tmpfs, as /run/containerd
+        is on a host whose /run is tmpfs; benchmarks give shimd's daemon.state the same."""
         self.base = Path(base)
+        self.state_tmpfs = state_tmpfs
         self.root = self.base / "root"
         self.state = self.base / "state"
         self.socket = str(self.base / "containerd.sock")
@@ -85,6 +89,7 @@ class ContainerdPeer:
             '  runtime_type = "io.containerd.runc.v2"',
             f"[{cri}.containerd.runtimes.runc.options]",
             f'  BinaryName = "{self.runc_binary}"',
+            *([f'  Root = "{self.state / "runc"}"'] if self.state_tmpfs else []),
             "  SystemdCgroup = false",
             f"[{cri}.cni]",
             f'  bin_dir = "{self.cni_bin_dir}"',
@@ -97,6 +102,9 @@ class ContainerdPeer:
     def start(self, timeout: float = 30.0) -> CriClient:
         for d in (self.root, self.state, self.cni_conf_dir):
             d.mkdir(parents=True, exist_ok=True)
+        if self.state_tmpfs and not _is_mount_point(self.state):
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0711", "containerd-state", str(self.state)],
+                           check=True, timeout=10)
         # containerd pins pod netns under /var/run/netns, outside base: remember what was there before.
         self._netns_before = set(os.listdir(NETNS_DIR)) if os.path.isdir(NETNS_DIR) else set()
         self.config_path.write_text(self.config_text())
@@ -151,3 +159,8 @@ class ContainerdPeer:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def _is_mount_point(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)

@@ -19,7 +19,10 @@ REPO = Path(__file__).resolve().parents[2]
 class ShimdProcess:
     """One shimd instance. Paths live under `base` so parallel test runs never collide."""
 
-    def __init__(self, base: Path, extra_config: str = "") -> None:
+    def __init__(self, base: Path, extra_config: str = "", state_tmpfs: bool = False) -> None:
+        """state_tmpfs: shimd mounts a tmpfs at its state directory (the default outside tests); off here,
+        so that a test's mounts are only what its pods made (tests/integration/test_state_tmpfs.py covers
+        it, and the benchmarks run with it). unmount_state() removes it once the daemon is done with it."""
         self.base = base
         self.socket = str(base / "run" / "shimd.sock")
         self.root = base / "root"
@@ -29,6 +32,7 @@ class ShimdProcess:
         self.config_path.write_text(
             "[daemon]\n"
             f'socket = "{self.socket}"\nroot = "{self.root}"\nstate = "{self.state}"\nlog_level = "debug"\n'
+            f"state_tmpfs = {'true' if state_tmpfs else 'false'}\n"
             f"{extra_config}"
             # Parallel test daemons must not fight over the streaming port.
             + ("" if "[streaming]" in extra_config else '[streaming]\naddress = "127.0.0.1:0"\n')
@@ -75,6 +79,11 @@ class ShimdProcess:
         if self.proc and self.proc.poll() is None:
             terminate(self.proc, 15, 5)
         self.assert_no_illegal_state_change()
+
+    def unmount_state(self) -> None:
+        """The tmpfs shimd mounted at its state directory (state_tmpfs), as an uninstall would remove it;
+        after stop(), once every pod is gone (what is mounted inside it is unmounted with it)."""
+        subprocess.run(["umount", "-l", str(self.state)], capture_output=True, check=False, timeout=20)
 
     def assert_no_illegal_state_change(self) -> None:
         """Every test that runs a shimd also checks the state machines (shimd/store/lifecycle.py)."""

@@ -1,4 +1,4 @@
-"""What the runc shim reads from a bundle's spec on Create: its own PID namespace, start on create."""
+"""What the runc shim reads from a bundle's spec on Create: its own PID namespace, start on create (and the spec)."""
 
 from __future__ import annotations
 
@@ -15,17 +15,19 @@ def bundle(tmp_path: Path, spec: object) -> str:
 
 
 def test_own_pid_namespace_and_start_on_create(tmp_path: Path) -> None:
-    assert _spec_facts(bundle(tmp_path, {"linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]},
-                                         "annotations": {START_ON_CREATE_ANNOTATION: "true"}})) == (True, True)
+    spec = {"linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]},
+            "annotations": {START_ON_CREATE_ANNOTATION: "true"}}
+    assert _spec_facts(bundle(tmp_path, spec)) == (True, True, spec)
 
 
 def test_a_joined_pid_namespace_is_not_its_own(tmp_path: Path) -> None:
     spec = {"linux": {"namespaces": [{"type": "pid", "path": "/proc/42/ns/pid"}]}, "annotations": {"a": "b"}}
-    assert _spec_facts(bundle(tmp_path, spec)) == (False, False)
+    assert _spec_facts(bundle(tmp_path, spec)) == (False, False, spec)
 
 
 def test_no_pid_namespace_at_all_shares_the_hosts(tmp_path: Path) -> None:
-    assert _spec_facts(bundle(tmp_path, {"linux": {"namespaces": [{"type": "network"}]}})) == (False, False)
+    spec = {"linux": {"namespaces": [{"type": "network"}]}}
+    assert _spec_facts(bundle(tmp_path, spec)) == (False, False, spec)
 
 
 def test_missing_or_unreadable_spec(tmp_path: Path) -> None:
