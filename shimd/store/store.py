@@ -27,6 +27,8 @@ from shimd import errors, fsutil, log
 from shimd.store import lifecycle
 from shimd.store.records import ContainerRecord, PodRecord
 
+_TRANSIENT_POD_STATES = frozenset({lifecycle.POD_INITIALIZING, lifecycle.POD_NOTREADY})
+
 R = TypeVar("R", PodRecord, ContainerRecord)
 # Given the current record, the fields to change (None: nothing to change).
 Change = Callable[[R], "dict[str, Any] | None"]
@@ -142,6 +144,15 @@ class Store:
     # A record is listed only once durable (a failed first write, disk full, must not leave a listed
     # ghost), and changed only by a copy that is written before it is swapped in: a failed write leaves
     # memory and disk agreeing on the old record.
+    # Records that only crash recovery reads, a pod being made (INITIALIZING) or taken down (NOTREADY),
+    # are renamed into place without fsync: a crash of shimd finds them in the page cache, and after a
+    # crash of the machine nothing they guard is left (namespaces, shims, mounts: gone with
+    # daemon.state; CNI's own record is fsynced, and recovery rule 2 DELs it when no pod names it). That
+    # takes an fsync off RunPodSandbox's and StopPodSandbox's paths. Every state an RPC ends in is durable.
+    @staticmethod
+    def _durable(record: Any) -> bool:
+        return not (isinstance(record, PodRecord) and record.state in _TRANSIENT_POD_STATES)
+
     @contextlib.asynccontextmanager
     async def _record_lock(self, ident: str) -> AsyncIterator[None]:
         """One writer at a time per record, held from reading the current record to swapping in the new."""
@@ -169,7 +180,7 @@ class Store:
         async with self._record_lock(record.id):
             if record.id in table:
                 raise errors.AlreadyExists(f"{what} {record.id} already has a record")
-            await fsutil.write_json(directory / f"{record.id}.json", record.to_dict())
+            await fsutil.write_json(directory / f"{record.id}.json", record.to_dict(), durable=self._durable(record))
             table[record.id] = record
             self.generation += 1
 
@@ -203,7 +214,8 @@ class Store:
                 return current
             new = dataclasses.replace(current, **wanted)
             check(ident, current.state, new.state)  # type: ignore[attr-defined]
-            await fsutil.write_json(directory / f"{ident}.json", new.to_dict())  # type: ignore[attr-defined]
+            await fsutil.write_json(directory / f"{ident}.json", new.to_dict(),  # type: ignore[attr-defined]
+                                    durable=self._durable(new))
             table[ident] = new
             self.generation += 1
             return new

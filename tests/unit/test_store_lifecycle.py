@@ -152,7 +152,7 @@ async def test_a_failed_write_changes_nothing(tmp_path: Path, monkeypatch: pytes
     await _pod_in(store, POD_READY)
     before, generation = store.pods[POD], store.generation
 
-    async def disk_full(path: Path, data: object) -> None:
+    async def disk_full(path: Path, data: object, durable: bool = True) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(fsutil, "write_json", disk_full)

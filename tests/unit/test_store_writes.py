@@ -120,3 +120,32 @@ async def test_unreadable_records_are_kept_aside_and_reported(tmp_path: Path) ->
     cfg = config.parse({"daemon": {"root": str(tmp_path), "state": str(tmp_path / "run")}})
     findings = check.check_records(cfg)
     assert len(findings) == 1 and findings[0].level == check.WARN and POD in findings[0].message
+
+
+async def test_only_the_states_an_rpc_ends_in_are_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """INITIALIZING and NOTREADY only guide recovery after a crash of shimd (the page cache keeps them);
+    READY, STOPPED and every container record are on disk before the call returns."""
+    from shimd.store.records import POD_NOTREADY, POD_READY, POD_STOPPED
+
+    store = Store(tmp_path)
+    await store.load()
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+
+    def fsyncs() -> int:
+        n = len(synced)
+        synced.clear()
+        return n
+
+    await store.add_pod(_pod())
+    assert fsyncs() == 0
+    await store.update_pod(POD, state=POD_READY)
+    assert fsyncs() == 2  # the file, then its directory
+    await store.add_container(_ctr())
+    assert fsyncs() == 2
+    await store.update_pod(POD, state=POD_NOTREADY)
+    assert fsyncs() == 0
+    await store.update_pod(POD, state=POD_STOPPED)
+    assert fsyncs() == 2
+    assert json.loads((tmp_path / "pods" / f"{POD}.json").read_text())["state"] == POD_STOPPED
