@@ -23,7 +23,7 @@ from shims.common.jsonlog import Logger
 from shims.common.procs import CommandError, CommandTimeout, Reaper, run, trim_memory
 from shims.common.stdio import AttachFanout, ProcessIO
 from shims.common.writer import FileWriter
-from shims.runc import mounts
+from shims.runc import cgroup_lock, mounts
 from shims.runc.runc import Runc, RuncError, RuncOptions, criu_errors
 
 TYPE_CHECKING = False
@@ -301,6 +301,8 @@ class TaskService:
         rootfs = os.path.join(bundle, "rootfs")
         self._creating.add(cid)
         mounted = False
+        # runc moves the init into its cgroups: the kernel lock that takes is taken now (cgroup_lock.py).
+        warming = None if runc_name_is_shim or restore_from else aio.ensure_future(aio.to_thread(cgroup_lock.take))
         try:
             # containerd's runc shim keeps its options here too; `shim delete` reads them after a crash.
             await aio.to_thread(_write_json, os.path.join(bundle, "options.json"), {
@@ -355,6 +357,8 @@ class TaskService:
             self._creating.discard(cid)
             if mounted:
                 mounts.unmount(rootfs)
+            if warming is not None:
+                await warming  # a thread's write, bounded by one grace period; it raises nothing
         # "shim": the pause task forked by this shim (pause.py), not a runc container.
         log.info("created", pid=pid, bundle=bundle, runtime="shim" if runc_name_is_shim else opts.binary,
                  ms={k: round(v * 1000, 2) for k, v in steps.items()})
