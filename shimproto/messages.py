@@ -49,6 +49,8 @@ RUNC_OPTIONS_TYPE_URL = "containerd.runc.v1.Options"
 # An OCI spec annotation from shimd: the task's Start always follows its Create with nothing in between,
 # so a shim may make it running in Create already (runc: one `runc run --detach`) and answer Start at once.
 START_ON_CREATE_ANNOTATION = "io.shimd.start-on-create"
+# CRI's annotation of a task's role: "sandbox" for the pod's pause task, "container" otherwise.
+CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 RUNC_CHECKPOINT_OPTIONS: Schema = {
     1: ("exit", BOOL, None), 2: ("open_tcp", BOOL, None), 3: ("external_unix_sockets", BOOL, None),
     4: ("terminal", BOOL, None), 5: ("file_locks", BOOL, None), 6: ("empty_namespaces", S, REPEATED),

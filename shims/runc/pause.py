@@ -23,6 +23,7 @@ import ctypes
 import os
 import signal
 
+from shimproto.messages import CONTAINER_TYPE_ANNOTATION
 from shims.common import aio
 from shims.common.procs import ExitInfo, Reaper
 from shims.runc.runc import Runc, RuncError, RuncOptions
@@ -31,7 +32,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV = 0x1, 0x2, 0x4
@@ -71,7 +71,9 @@ def plan(spec: Any, bundle: str, opts: RuncOptions) -> PausePlan | None:
 def _plan(spec: Any, bundle: str, opts: RuncOptions) -> PausePlan | None:
     if os.environ.get("SHIMD_RUNTIME_FLAVOR", "runc") != "runc" or opts.systemd_cgroup:
         return None
-    if os.uname().machine not in SYS_PIVOT_ROOT or (spec.get("annotations") or {}).get(CONTAINER_TYPE) != "sandbox":
+    if os.uname().machine not in SYS_PIVOT_ROOT:
+        return None
+    if (spec.get("annotations") or {}).get(CONTAINER_TYPE_ANNOTATION) != "sandbox":
         return None
     unknown = set(spec) - {"ociVersion", "process", "root", "mounts", "annotations", "linux", "hostname"}
     proc, linux, root = spec["process"], spec["linux"], spec["root"]
@@ -112,15 +114,19 @@ def _plan(spec: Any, bundle: str, opts: RuncOptions) -> PausePlan | None:
 
 
 def _cgroup_mounts() -> list[tuple[str, bool]]:
-    """(mount point, is the cpuset hierarchy) of every cgroup v1 hierarchy and cgroup2, as runc joins them."""
+    """(mount point, is the cpuset hierarchy) of every cgroup v1 controller hierarchy, name=systemd and
+    cgroup2: those shimd removes a pod's cgroups from (shimd/cgroups.py, hierarchy_roots)."""
     found: list[tuple[str, bool]] = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fields = right.split()
-            if fields and fields[0] in ("cgroup", "cgroup2"):
-                super_opts = fields[2].split(",") if len(fields) > 2 else []
-                found.append((left.split()[4], fields[0] == "cgroup" and "cpuset" in super_opts))
+            if not fields or fields[0] not in ("cgroup", "cgroup2"):
+                continue
+            super_opts = fields[2].split(",") if len(fields) > 2 else []
+            if any(o.startswith("name=") and o != "name=systemd" for o in super_opts):
+                continue
+            found.append((left.split()[4], fields[0] == "cgroup" and "cpuset" in super_opts))
     return found
 
 
@@ -304,6 +310,13 @@ class PauseRuntime(Runc):
         # What the child reports after READY (a failure to join a cgroup or to exec), read at delete.
         self._report_fd = -1
         self._reported = b""
+
+    # Its cgroups are joined after Create has answered.
+    moves_into_cgroups = False
+
+    @property
+    def label(self) -> str:
+        return "shim"  # forked by this shim, no runc container
 
     def _refuse(self, what: str) -> RuncError:
         return RuncError(f"{what} is not supported for the pod's pause task")

@@ -37,9 +37,16 @@ class Runc:
     runs_detached = True
     # Whether a task's pids are host processes this shim reaps, which it may signal itself.
     signals_directly = True
+    # Whether creating a task moves a process into cgroups while the caller waits (cgroup_lock.py).
+    moves_into_cgroups = True
 
     def __init__(self, reaper: Reaper, opts: RuncOptions, log_path: str, timeout: float) -> None:
         self.reaper, self.opts, self.log_path, self.timeout = reaper, opts, log_path, timeout
+
+    @property
+    def label(self) -> str:
+        """What made the task, for the shim's log."""
+        return self.opts.binary
 
     def watch_exit(self, cid: str, exec_id: str, pid: int) -> aio.Future[ExitInfo]:
         """How the process's exit is learnt (runsc overrides this: its pids are the sandbox's)."""

@@ -282,7 +282,6 @@ class TaskService:
         log = self.log.bind(container_id=cid)
         restore_from = req["checkpoint"]
         runc = None
-        runc_name_is_shim = False
         if _is_sandbox(spec) and start_on_create and not restore_from and not req["terminal"]:
             from shims.runc import pause  # only pods with a pause task load it
 
@@ -290,7 +289,6 @@ class TaskService:
             if pause_plan is not None:
                 runc = pause.PauseRuntime(self.reaper, opts, os.path.join(bundle, "log.json"), runc_timeout(),
                                           pause_plan, log)
-                runc_name_is_shim = True
         if runc is None:
             runc = _new_runtime(self.reaper, opts, os.path.join(bundle, "log.json"))
         if restore_from:
@@ -302,7 +300,8 @@ class TaskService:
         self._creating.add(cid)
         mounted = False
         # runc moves the init into its cgroups: the kernel lock that takes is taken now (cgroup_lock.py).
-        warming = None if runc_name_is_shim or restore_from else aio.ensure_future(aio.to_thread(cgroup_lock.take))
+        warming = None if not runc.moves_into_cgroups or restore_from else aio.ensure_future(
+            aio.to_thread(cgroup_lock.take))
         try:
             # containerd's runc shim keeps its options here too; `shim delete` reads them after a crash.
             await aio.to_thread(_write_json, os.path.join(bundle, "options.json"), {
@@ -359,8 +358,7 @@ class TaskService:
                 mounts.unmount(rootfs)
             if warming is not None:
                 await warming  # a thread's write, bounded by one grace period; it raises nothing
-        # "shim": the pause task forked by this shim (pause.py), not a runc container.
-        log.info("created", pid=pid, bundle=bundle, runtime="shim" if runc_name_is_shim else opts.binary,
+        log.info("created", pid=pid, bundle=bundle, runtime=runc.label,
                  ms={k: round(v * 1000, 2) for k, v in steps.items()})
         return {"pid": pid}
 
@@ -685,7 +683,7 @@ def _spec_facts(bundle: str) -> tuple[bool, bool, dict[str, Any]] | None:
 
 def _is_sandbox(spec: dict[str, Any]) -> bool:
     annotations = spec.get("annotations")
-    return isinstance(annotations, dict) and annotations.get("io.kubernetes.cri.container-type") == "sandbox"
+    return isinstance(annotations, dict) and annotations.get(m.CONTAINER_TYPE_ANNOTATION) == "sandbox"
 
 
 def _write_json(path: str, data: Any) -> None:

@@ -17,6 +17,7 @@ import json
 import os
 import time
 
+from shimproto.messages import CONTAINER_TYPE_ANNOTATION
 from shims.common import aio
 from shims.common.procs import CommandError, ExitInfo, Reaper, run
 from shims.runc.runc import Runc, RuncError, RuncOptions
@@ -25,7 +26,7 @@ from shims.runc.runc import Runc, RuncError, RuncOptions
 NEVER_STARTED_STATUS = 128 + 9
 UNKNOWN_STATUS = 255
 WAIT_OUTPUT_LIMIT = 64 * 1024
-CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+CONTAINER_TYPE = CONTAINER_TYPE_ANNOTATION
 # `runsc wait` lasts as long as the container; a bound is still required by run(), so a year.
 WAIT_FOREVER = 365 * 86400.0
 
