@@ -37,7 +37,7 @@ CLONE_NEWPID = 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV = 0x1, 0x2, 0x4
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
 MNT_DETACH = 2
-PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
+PR_SET_PDEATHSIG, PR_SET_NAME, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 15, 24, 38
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # The namespaces it joins by path (pinned by shimd), in the order they are joined.
@@ -49,6 +49,8 @@ _START_TIMEOUT = 10.0
 # Written by the child once it is set up, before it joins its cgroups and execs; any text after it is
 # a failure of those two steps.
 READY = b"\0"
+# Its name from the fork on (the exec gives it the binary's): made before any fork.
+_NAME = ctypes.create_string_buffer(b"pause")
 
 
 class PausePlan:
@@ -207,6 +209,8 @@ def _child(p: PausePlan, libc: _Libc, stdio: tuple[int, int, int], lifeline: int
     step = "start"
     try:
         signal.set_wakeup_fd(-1)  # the shim's loop pipe: a signal here must not wake the shim
+        # Until its exec (after Create has answered) it would show as the shim in ps and top.
+        libc.prctl(PR_SET_NAME, ctypes.addressof(_NAME), 0, 0, 0)
         step = "cgroups"
         cgroup_fds = _open_cgroups(leaves)
         for kind in JOINED:

@@ -55,6 +55,8 @@ def _gone(pid: int, timeout: float = 10.0) -> bool:
 
 def test_pause_task_holds_nothing_a_container_could_use(rt: Runtime) -> None:
     pod_id, pod_cfg, pause_pid = _shared_pid_pod(rt, "pause-sec")
+    # Named from its fork on: between Create's answer and its exec it must not pass for the shim.
+    assert Path(f"/proc/{pause_pid}/comm").read_text().strip() == "pause"
     created = [e for e in _shim_log(rt, pod_id) if e.get("event") == "created"]
     assert created and created[0]["runtime"] == "shim", created  # forked by the shim, not `runc run`
     # A container with CAP_SYS_PTRACE may look through /proc/1: it must find only the pause rootfs.
