@@ -18,11 +18,12 @@ def _zygotes(rt: Runtime) -> list[int]:
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     argv = f.read().split(b"\0")
-                _comm(int(pid))
+                comm = _comm(int(pid))
             except OSError:
                 continue
-            # Forked shims share the zygote's command line; their name tells them apart.
-            if b"shims.runc.zygote" in argv and sock in argv and not _comm(int(pid)).startswith("shim-"):
+            # Forked shims share the zygote's command line, and so does a pod's pause task until its exec
+            # (shims/runc/pause.py): their names tell them apart.
+            if b"shims.runc.zygote" in argv and sock in argv and not comm.startswith("shim-") and comm != "pause":
                 found.append(int(pid))
     return found
 
