@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from shimd import cgroups, config, state_fs
+from shimd import cgroups, config, mounts, state_fs
 from shimd.network import cni
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -225,7 +225,7 @@ def check_storage(cfg: config.Config) -> list[Finding]:
 
 def _state_filesystem(cfg: config.Config) -> Finding:
     state = Path(cfg.daemon.state)
-    kind = state_fs.filesystem_of(state)
+    kind = mounts.filesystem_type_sync(state)
     if kind in state_fs.MEMORY_FILESYSTEMS:
         return _ok("storage", f"daemon.state {state} is on {kind}")
     holds_state = state.is_dir() and any(state.iterdir())

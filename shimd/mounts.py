@@ -89,23 +89,35 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
+def _holding_mount(path: str) -> tuple[str, list[str], str]:
+    """(mount point, mountinfo's optional fields, filesystem type) of the visible mount that holds path,
+    symlinks resolved (path itself need not exist)."""
+    real = os.path.realpath(path)
+    best, optional, fstype = "", [], ""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split(" ")
+            point = _unescape(fields[4])
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):  # the last of stacked mounts is the visible one
+                best, optional, fstype = point, fields[6:], right.split(" ", 1)[0]
+    return best, optional, fstype
+
+
 def propagation_sync(path: str) -> tuple[str, set[str]]:
     """(mount point, propagation tags) of the mount that holds path, symlinks resolved.
 
     The tags are mountinfo's optional fields without their peer group ids: "shared", "master",
     "propagate_from", "unbindable"; none of them means private.
     """
-    real = os.path.realpath(path)
-    best = ""
-    tags: set[str] = set()
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left = line.partition(" - ")[0].split(" ")
-            point = _unescape(left[4])
-            inside = real == point or real.startswith(point.rstrip("/") + "/")
-            if inside and len(point) >= len(best):  # the last of stacked mounts is the visible one
-                best, tags = point, {opt.partition(":")[0] for opt in left[6:]}
-    return best, tags
+    point, optional, _ = _holding_mount(path)
+    return point, {opt.partition(":")[0] for opt in optional}
+
+
+def filesystem_type_sync(path: str | Path) -> str:
+    """The type of the filesystem that holds path ("tmpfs", "ext4"...; path itself need not exist)."""
+    return _holding_mount(str(path))[2]
 
 
 def check_propagation_sync(host_mounts: list[tuple[int, str, int]]) -> None:

@@ -29,27 +29,6 @@ TMPFS_SOURCE = "shimd-state"
 LOCK_TIMEOUT = 10.0
 
 
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        field = field.replace(code, char)
-    return field
-
-
-def filesystem_of(path: Path) -> str:
-    """The type of the filesystem mounted closest above path (the path itself need not exist)."""
-    target = os.path.realpath(path)
-    best, kind = "", ""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            point = _unescape(left.split(" ")[4])
-            inside = target == point or target.startswith(point.rstrip("/") + "/")
-            if inside and len(point) >= len(best):  # the later of equal mount points is the one on top
-                best, kind = point, right.split(" ", 1)[0]
-    return kind
-
-
 def prepare_sync(state: Path) -> str:
     """Makes the state directory and, where it is an empty directory on disk, mounts a tmpfs on it.
 
@@ -68,7 +47,7 @@ def prepare_sync(state: Path) -> str:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        kind = filesystem_of(state)
+        kind = mounts.filesystem_type_sync(state)
         if kind in MEMORY_FILESYSTEMS:
             return "tmpfs"
         with os.scandir(state) as entries:
