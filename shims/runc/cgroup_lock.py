@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+from shims.runc import cgroupfs
+
 _procs_file: list[str] = []
 
 
@@ -21,16 +23,14 @@ def _find() -> str:
     """cgroup.procs of the shim's own cgroup in one hierarchy (the unified one if mounted); "" if none."""
     with open("/proc/self/cgroup") as f:
         own = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
-    with open("/proc/self/mountinfo") as f:
-        mounts = [(left.split()[4], right.split()) for left, _, right in (ln.partition(" - ") for ln in f)]
-    for point, right in mounts:
-        if right and right[0] == "cgroup2":
+    mounts = cgroupfs.mounts()
+    for point, kind, _ in mounts:
+        if kind == "cgroup2":
             for hid, controllers, path in own:
                 if hid == "0" and not controllers:
                     return os.path.join(point, path.lstrip("/"), "cgroup.procs")
-    for point, right in mounts:
-        if right and right[0] == "cgroup" and len(right) > 2:
-            options = set(right[2].split(","))
+    for point, kind, options in mounts:
+        if kind == "cgroup":
             for _, controllers, path in own:
                 if controllers and set(controllers.split(",")) <= options:
                     return os.path.join(point, path.lstrip("/"), "cgroup.procs")

@@ -25,7 +25,8 @@ import signal
 
 from shimproto.messages import CONTAINER_TYPE_ANNOTATION
 from shims.common import aio
-from shims.common.procs import ExitInfo, Reaper
+from shims.common.procs import Reaper
+from shims.runc import cgroupfs
 from shims.runc.runc import Runc, RuncError, RuncOptions
 
 TYPE_CHECKING = False
@@ -118,18 +119,8 @@ def _plan(spec: Any, bundle: str, opts: RuncOptions) -> PausePlan | None:
 def _cgroup_mounts() -> list[tuple[str, bool]]:
     """(mount point, is the cpuset hierarchy) of every cgroup v1 controller hierarchy, name=systemd and
     cgroup2: those shimd removes a pod's cgroups from (shimd/cgroups.py, hierarchy_roots)."""
-    found: list[tuple[str, bool]] = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = right.split()
-            if not fields or fields[0] not in ("cgroup", "cgroup2"):
-                continue
-            super_opts = fields[2].split(",") if len(fields) > 2 else []
-            if any(o.startswith("name=") and o != "name=systemd" for o in super_opts):
-                continue
-            found.append((left.split()[4], fields[0] == "cgroup" and "cpuset" in super_opts))
-    return found
+    return [(point, kind == "cgroup" and "cpuset" in options) for point, kind, options in cgroupfs.mounts()
+            if not any(o.startswith("name=") and o != "name=systemd" for o in options)]
 
 
 def _cgroup_leaves(mounts: list[tuple[str, bool]], cgroups_path: str) -> list[tuple[str, bool]]:
@@ -183,8 +174,7 @@ class _Libc:
         libc = ctypes.CDLL(None, use_errno=True)
         self.unshare, self.setns, self.mount, self.umount2 = libc.unshare, libc.setns, libc.mount, libc.umount2
         self.prctl, self.syscall, self.capset = libc.prctl, libc.syscall, libc.capset
-        for fn in (self.mount,):
-            fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+        self.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
         self.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
     def check(self, result: int, what: str) -> None:
@@ -439,9 +429,6 @@ class PauseRuntime(Runc):
         return [self.pid] if self.pid and self.reaper.holds(self.pid) else []
 
     checkpoint_unsupported = "checkpoint is not supported for the pod's pause task"
-
-    def watch_exit(self, cid: str, exec_id: str, pid: int) -> aio.Future[ExitInfo]:
-        return self.reaper.watch(pid)
 
     def _close_reports(self) -> None:
         if self._report_fd >= 0:
