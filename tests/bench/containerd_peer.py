@@ -18,6 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from shimd import mounts
 from tests.support.cri_client import CriClient
 from tests.support.procs import terminate
 
@@ -102,7 +103,7 @@ class ContainerdPeer:
     def start(self, timeout: float = 30.0) -> CriClient:
         for d in (self.root, self.state, self.cni_conf_dir):
             d.mkdir(parents=True, exist_ok=True)
-        if self.state_tmpfs and not _is_mount_point(self.state):
+        if self.state_tmpfs and not mounts.is_mount_sync(self.state):
             subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0711", "containerd-state", str(self.state)],
                            check=True, timeout=10)
         # containerd pins pod netns under /var/run/netns, outside base: remember what was there before.
@@ -159,8 +160,3 @@ class ContainerdPeer:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
-
-
-def _is_mount_point(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(path) for line in f)
