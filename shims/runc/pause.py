@@ -292,6 +292,8 @@ def _fork(p: PausePlan, libc: _Libc, stdio: tuple[int, int, int], lifeline: int,
 class PauseRuntime(Runc):
     """Stands in for runc for the pause task only (see the module's docstring)."""
 
+    deletes_reaped_itself = False  # its own delete never involves runc
+
     def __init__(self, reaper: Reaper, opts: RuncOptions, log_path: str, timeout: float, pause: PausePlan,
                  log: Any) -> None:
         super().__init__(reaper, opts, log_path, timeout)

@@ -8,6 +8,7 @@ import os
 
 from shims.common import aio
 from shims.common.procs import CommandError, ExitInfo, Reaper, run
+from shims.runc import reaped_delete
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is not loaded at run time: every shim would carry it
@@ -39,6 +40,9 @@ class Runc:
     signals_directly = True
     # Whether creating a task moves a process into cgroups while the caller waits (cgroup_lock.py).
     moves_into_cgroups = True
+    # Whether a container whose init the shim reaped may be deleted without a runc process when its spec
+    # allows it (reaped_delete.py).
+    deletes_reaped_itself = True
 
     def __init__(self, reaper: Reaper, opts: RuncOptions, log_path: str, timeout: float) -> None:
         self.reaper, self.opts, self.log_path, self.timeout = reaper, opts, log_path, timeout
@@ -124,6 +128,14 @@ class Runc:
 
     async def delete(self, cid: str, force: bool = False) -> None:
         await self._run("delete", *(["--force"] if force else []), cid)
+
+    async def delete_reaped(self, cid: str) -> str:
+        """`delete --force` of a container whose init the shim reaped and whose spec reaped_delete allows;
+        returns "" or why runc had to do it after all."""
+        why = await aio.to_thread(reaped_delete.remove, self.opts.root, cid)
+        if why:
+            await self.delete(cid, force=True)
+        return why
 
     async def pause(self, cid: str) -> None:
         await self._run("pause", cid)

@@ -23,7 +23,7 @@ from shims.common.jsonlog import Logger
 from shims.common.procs import CommandError, CommandTimeout, Reaper, run, trim_memory
 from shims.common.stdio import AttachFanout, ProcessIO
 from shims.common.writer import FileWriter
-from shims.runc import cgroup_lock, mounts
+from shims.runc import cgroup_lock, mounts, reaped_delete
 from shims.runc.runc import Runc, RuncError, RuncOptions, criu_errors
 
 TYPE_CHECKING = False
@@ -92,6 +92,8 @@ class Container:
         # The init is pid 1 of a PID namespace of its own: when it dies the kernel kills every process
         # of the container, so a SIGKILL to it is all of `runc kill --all`.
         self.own_pid_ns = False
+        # Once its init is reaped, Delete may skip runc (reaped_delete.py): the runtime and spec allow it.
+        self.delete_reaped = False
 
 
 def _new_runtime(reaper: Reaper, opts: RuncOptions, log_path: str) -> Runc:
@@ -346,6 +348,8 @@ class TaskService:
                 raise
             c = Container(cid, bundle, runc, init, mounted)
             c.own_pid_ns = own_pid_ns
+            c.delete_reaped = runc.deletes_reaped_itself and reaped_delete.spec_allows(spec, opts.binary,
+                                                                                         opts.systemd_cgroup)
             if early:
                 c.started_by_create = True
                 if not init.exited.is_set():
@@ -461,7 +465,13 @@ class TaskService:
                 return {"pid": p.pid, "exit_status": p.exit_status, "exited_at": _timestamp(p.exited_at)}
             if p.status == m.STATUS_RUNNING and not p.exited.is_set():
                 raise _precondition(f"{p.name} is running; it must be stopped before it is deleted")
-            if not c.restore_from:  # a never-restored container has nothing in runc to delete
+            if c.restore_from:
+                pass  # a never-restored container has nothing in runc to delete
+            elif c.delete_reaped and p.pid and p.exited.is_set():
+                why = await c.runc.delete_reaped(c.id)
+                if why:
+                    self.log.info("runc deleted it", container_id=c.id, reason=why)
+            else:
                 await c.runc.delete(c.id, force=True)
             if p.pid and not p.exited.is_set():
                 # A created (never started) init is killed by runc delete; collect its status.

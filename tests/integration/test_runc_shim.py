@@ -504,3 +504,92 @@ async def test_pause_task_the_shim_forks_fails_its_create_cleanly_and_is_deleted
     assert (await shim.c.wait(task.WaitRequest(id="pause1"), timeout=T)).exit_status == 128 + signal.SIGKILL
     await shim.c.delete(task.DeleteRequest(id="pause1"), timeout=T)
     assert not shim.env.cgroup_exists("pause1")
+
+
+def runc_wrapper(env: ShimEnv) -> tuple[Path, Path]:
+    """A `runc` that notes each command line before running the real one: which deletes runc did."""
+    d = env.base / "wrapped"
+    d.mkdir(exist_ok=True)
+    calls = d / "calls"
+    wrapper = d / "runc"
+    real = shutil.which("runc")
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper, calls
+
+
+async def test_a_reaped_container_is_deleted_without_runc_and_leaves_what_runc_delete_leaves(shim: Shim) -> None:
+    """Delete of a container whose init the shim reaped removes its cgroups (sub-cgroups too) and runc's
+    state itself (shims/runc/reaped_delete.py); a spec with a poststop hook goes to `runc delete`, the
+    reference, and both leave the same: no cgroup in any hierarchy, no state, unknown to runc."""
+    wrapper, calls = runc_wrapper(shim.env)
+    opts = pb.Any(type_url="containerd.runc.v1.Options", value=bytes(runc_v1.Options(
+        root=str(shim.env.runc_root), binary_name=str(wrapper))))
+    hook_out = shim.env.base / "poststop-ran"
+
+    async def run_and_kill(name: str, poststop: bool) -> None:
+        b = shim.env.bundle(name, ["sleep", "1000"])
+        if poststop:
+            spec = json.loads((b / "config.json").read_text())
+            spec["hooks"] = {"poststop": [{"path": "/bin/sh", "args": ["sh", "-c", f"echo {name} >> {hook_out}"]}]}
+            (b / "config.json").write_text(json.dumps(spec))
+        await shim.c.create(task.CreateTaskRequest(id=name, bundle=str(b), options=opts,
+                                                   rootfs=[ctypes.Mount(**m) for m in shim.env.overlay(name)]),
+                            timeout=T)
+        await shim.c.start(task.StartRequest(id=name), timeout=T)
+        assert shim.env.cgroup_exists(name) and name in shim.env.runc_containers()
+        await shim.c.kill(task.KillRequest(id=name, signal=signal.SIGKILL), timeout=T)
+        assert (await shim.c.wait(task.WaitRequest(id=name), timeout=T)).exit_status == 128 + signal.SIGKILL
+
+    await run_and_kill("reaped", poststop=False)
+    # A sub-cgroup (as a container running its own cgroup manager makes): runc removes it, so must this.
+    subs = [d / "inner" for d in shim.env.cgroup_dirs("reaped")]
+    for s in subs:
+        s.mkdir()
+    await run_and_kill("hooked", poststop=True)
+    for name in ("reaped", "hooked"):
+        resp = await shim.c.delete(task.DeleteRequest(id=name), timeout=T)
+        assert resp.exit_status == 128 + signal.SIGKILL
+        assert not shim.env.cgroup_exists(name), f"{name}: a cgroup is left"
+        assert name not in shim.env.runc_containers() and not (shim.env.runc_root / name).exists()
+    assert subs and not any(s.exists() for s in subs)
+    deletes = [line for line in calls.read_text().splitlines() if " delete " in f" {line} "]
+    assert not any(line.endswith(" reaped") for line in deletes), deletes
+    assert any(line.endswith(" hooked") for line in deletes), deletes
+    assert hook_out.read_text().split() == ["hooked"]
+
+
+async def test_a_reaped_container_whose_cgroup_stays_busy_is_left_to_runc_delete(shim: Shim) -> None:
+    """A process that is not the container's (moved into its cgroups from outside) keeps them busy: the shim
+    gives up after its retries and runs `runc delete --force`, which then does what it always did with such
+    a container (runc 1.1 forgets it and leaves the busy cgroups and the stranger alone)."""
+    wrapper, calls = runc_wrapper(shim.env)
+    opts = pb.Any(type_url="containerd.runc.v1.Options", value=bytes(runc_v1.Options(
+        root=str(shim.env.runc_root), binary_name=str(wrapper))))
+    b = shim.env.bundle("busy", ["sleep", "1000"])
+    await shim.c.create(task.CreateTaskRequest(id="busy", bundle=str(b), options=opts,
+                                               rootfs=[ctypes.Mount(**m) for m in shim.env.overlay("busy")]),
+                        timeout=T)
+    await shim.c.start(task.StartRequest(id="busy"), timeout=T)
+    stranger = await asyncio.create_subprocess_exec("sleep", "300")
+    dirs = shim.env.cgroup_dirs("busy")
+    try:
+        for d in dirs:
+            (d / "cgroup.procs").write_text(str(stranger.pid))
+        await shim.c.kill(task.KillRequest(id="busy", signal=signal.SIGKILL), timeout=T)
+        await shim.c.wait(task.WaitRequest(id="busy"), timeout=T)
+        await shim.c.delete(task.DeleteRequest(id="busy"), timeout=T)
+        assert any(line.endswith("delete --force busy") for line in calls.read_text().splitlines())
+        assert "busy" not in shim.env.runc_containers()
+        assert stranger.returncode is None and shim.env.cgroup_exists("busy")
+    finally:
+        if stranger.returncode is None:
+            stranger.kill()
+            await stranger.wait()
+        for d in dirs:
+            deadline = time.monotonic() + 10
+            while d.exists():
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+                assert time.monotonic() < deadline, f"{d} stayed busy"
+                await asyncio.sleep(0.02)

@@ -146,6 +146,10 @@ class ShimEnv:
     def cgroup_exists(self, name: str) -> bool:
         return any((d / name).exists() for d in _cgroup_dirs(self.cgroup_parent))
 
+    def cgroup_dirs(self, name: str) -> list[Path]:
+        """The task's cgroup directory in every hierarchy that has it."""
+        return [d / name for d in _cgroup_dirs(self.cgroup_parent) if (d / name).is_dir()]
+
     def runc_containers(self) -> list[str]:
         if not self.runc_root.exists():
             return []
