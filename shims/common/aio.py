@@ -21,6 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
+from queue import Empty, SimpleQueue
 from types import GenericAlias
 
 Callback = Callable[..., object]
@@ -589,8 +590,52 @@ class Lock:
         self.release()
 
 
+# A worker thread waits this long for more work before it ends: a pod start or teardown makes several
+# calls in a row, and an idle shim keeps no thread.
+WORKER_IDLE = 1.0
+
+
+class _Workers:
+    """Threads for blocking calls, reused while there is work: starting a thread per call cost ~140 us of
+    CPU against ~18 us for handing work to a waiting one (measured: 2000 calls of each in one process),
+    several times on every container's create and delete. A thread is started only when none is waiting,
+    so a slow call (the cgroup lock's grace period) never holds up a quick one.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting = 0  # threads blocked on the queue that no submit has counted on yet
+        self._work: SimpleQueue[Callable[[], None]] = SimpleQueue()
+
+    def submit(self, work: Callable[[], None]) -> None:
+        with self._lock:
+            start = self._waiting == 0
+            if not start:
+                self._waiting -= 1
+        self._work.put(work)
+        if start:
+            threading.Thread(target=self._serve, name="to-thread", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                work = self._work.get(timeout=WORKER_IDLE)
+            except Empty:
+                with self._lock:
+                    if self._waiting > 0:  # not counted on by a submit: this thread may end
+                        self._waiting -= 1
+                        return
+                continue  # a submit counted on a waiting thread: its work is on the way
+            work()
+            with self._lock:
+                self._waiting += 1
+
+
+_workers = _Workers()
+
+
 async def to_thread(fn: Callable[..., object], *args: object) -> object:
-    """Run a blocking function in a thread of its own (the shim's few such calls are short and rare)."""
+    """Run a blocking function in a worker thread (the shim's such calls are short and few)."""
     loop = get_running_loop()
     fut = Future()
 
@@ -609,7 +654,7 @@ async def to_thread(fn: Callable[..., object], *args: object) -> object:
             value, ok = e, False
         loop.call_soon_threadsafe(done, ok, value)
 
-    threading.Thread(target=work, name="to-thread", daemon=True).start()
+    _workers.submit(work)
     return await fut
 
 

@@ -293,6 +293,7 @@ class PauseRuntime(Runc):
     """Stands in for runc for the pause task only (see the module's docstring)."""
 
     deletes_reaped_itself = False  # its own delete never involves runc
+    binary_keeps_state = False  # dies with its shim; shimd removes its cgroups then
 
     def __init__(self, reaper: Reaper, opts: RuncOptions, log_path: str, timeout: float, pause: PausePlan,
                  log: Any) -> None:

@@ -43,6 +43,9 @@ class Runc:
     # Whether a container whose init the shim reaped may be deleted without a runc process when its spec
     # allows it (reaped_delete.py).
     deletes_reaped_itself = True
+    # Whether the runtime binary keeps state of the task: `shim delete`, after a crash of the shim, cleans
+    # it up with the binary and root it reads from the bundle's options.json.
+    binary_keeps_state = True
 
     def __init__(self, reaper: Reaper, opts: RuncOptions, log_path: str, timeout: float) -> None:
         self.reaper, self.opts, self.log_path, self.timeout = reaper, opts, log_path, timeout

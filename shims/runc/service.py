@@ -305,9 +305,10 @@ class TaskService:
         warming = None if not runc.moves_into_cgroups or restore_from else aio.ensure_future(
             aio.to_thread(cgroup_lock.take))
         try:
-            # containerd's runc shim keeps its options here too; `shim delete` reads them after a crash.
-            await aio.to_thread(_write_json, os.path.join(bundle, "options.json"), {
-                "binary_name": opts.binary, "root": opts.root, "systemd_cgroup": opts.systemd_cgroup})
+            if runc.binary_keeps_state:
+                # containerd's runc shim keeps its options here too; `shim delete` reads them after a crash.
+                await aio.to_thread(_write_json, os.path.join(bundle, "options.json"), {
+                    "binary_name": opts.binary, "root": opts.root, "systemd_cgroup": opts.systemd_cgroup})
             steps = {"spec": time.monotonic() - t0}
             if req["rootfs"]:
                 await mounts.mount_all(self.reaper, req["rootfs"], rootfs, runc_timeout())

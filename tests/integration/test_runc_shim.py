@@ -123,6 +123,7 @@ async def test_create_start_logs_exit_code_and_delete(shim: Shim) -> None:
     script = f"echo out1; echo err1 >&2; grep SigIgn /proc/self/status; echo {long}; printf tail; exit 3"
     bundle, pid = await shim.create("c1", ["sh", "-c", script], f"crilog://{log}", f"crilog://{log}")
     assert pid > 0 and is_mountpoint(str(bundle / "rootfs"))
+    assert json.loads((bundle / "options.json").read_text())["root"] == str(shim.env.runc_root)
     st = await shim.c.state(task.StateRequest(id="c1"), timeout=T)
     assert st.status == Status.CREATED and st.pid == pid
     assert (await shim.c.start(task.StartRequest(id="c1"), timeout=T)).pid == pid
@@ -491,6 +492,7 @@ async def test_pause_task_the_shim_forks_fails_its_create_cleanly_and_is_deleted
     pid = (await shim.c.create(task.CreateTaskRequest(id="pause1", bundle=str(good), options=options(shim.env)),
                                timeout=T)).pid
     assert "pause1" not in shim.env.runc_containers()  # not runc's
+    assert not (good / "options.json").exists()  # nothing of runc's for `shim delete` to clean after a crash
     status = await asyncio.to_thread(Path(f"/proc/{pid}/status").read_text)
     assert re.search(r"^NSpid:\s+\d+\s+1$", status, re.M), status
     assert re.search(rf"^PPid:\s+{shim.pid}$", status, re.M), status

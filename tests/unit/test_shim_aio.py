@@ -173,3 +173,36 @@ def test_unix_server_connection_reads_exactly_and_writes_back(tmp_path: Path) ->
             server.close()
 
     assert aio.run(main()) == b"cba" * 1000
+
+
+def test_to_thread_reuses_waiting_threads_and_never_queues_behind_a_slow_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls in a row run on one thread; a call made while another blocks gets a thread of its own at once;
+    a thread with nothing to do for WORKER_IDLE ends."""
+    monkeypatch.setattr(aio, "WORKER_IDLE", 0.3)
+
+    def worker_threads() -> set[int]:
+        return {t.ident for t in threading.enumerate() if t.name == "to-thread" and t.ident is not None}
+
+    async def main() -> None:
+        before = worker_threads()
+        idents = {await aio.to_thread(threading.get_ident) for _ in range(20)}
+        assert len(idents - before) <= 1  # threads left waiting by earlier calls may take some
+        await aio.sleep(0.1)
+        assert idents <= worker_threads()  # still there, waiting for the next call
+        release = threading.Event()
+        slow = aio.ensure_future(aio.to_thread(release.wait, 5))
+        await aio.sleep(0.02)
+        async with aio.timeout(1):  # not behind the slow call
+            quick = await aio.to_thread(threading.get_ident)
+        assert quick != 0
+        release.set()
+        assert await slow is True
+        assert len(worker_threads() - before) <= 2
+        deadline = time.monotonic() + 5
+        while worker_threads() - before:
+            assert time.monotonic() < deadline, "idle worker threads did not end"
+            await aio.sleep(0.05)
+        # and a later call starts one again
+        assert await aio.to_thread(lambda: 7) == 7
+
+    aio.run(main())
