@@ -354,7 +354,9 @@ class PauseRuntime(Runc):
             self._kill()
             raise RuncError(first.decode(errors="replace") or "pause task: exited while starting")
         self._report_fd, self._reported = report_r, first[len(READY):]
-        await aio.to_thread(_write_pid, pid_file, pid)
+
+    async def started_pid(self, pid_file: str) -> int:
+        return self.pid  # known from the fork: no pid file to write and read back
 
     def _kill(self) -> bool:
         """SIGKILL while it is our unreaped child (its pid cannot be anyone else's); False: it is gone."""
@@ -453,10 +455,3 @@ async def _read_some(fd: int) -> bytes:
             return os.read(fd, 4096)
         except BlockingIOError:
             continue
-
-
-def _write_pid(path: str, pid: int) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(str(pid))
-    os.replace(tmp, path)

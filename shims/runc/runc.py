@@ -102,6 +102,10 @@ class Runc:
         args = ["run", "--detach", "--bundle", bundle, "--pid-file", pid_file, *self._init_flags(console_socket)]
         await self._run(*args, cid, stdio=stdio)
 
+    async def started_pid(self, pid_file: str) -> int:
+        """The pid of the process create, run, exec or restore just started: runc wrote it to pid_file."""
+        return await aio.to_thread(_read_pid_file, pid_file)
+
     def _init_flags(self, console_socket: str) -> list[str]:
         """The flags create and restore share: both set up a container's init process from its bundle."""
         args: list[str] = []
@@ -181,6 +185,11 @@ class Runc:
             await self._run(*args, cid, stdio=stdio, timeout=max(self.timeout, CRIU_TIMEOUT))
         except RuncError as e:
             raise RuncError(_with_criu_log(str(e), os.path.join(work_path, "restore.log"))) from None
+
+
+def _read_pid_file(path: str) -> int:
+    with open(path) as f:
+        return int(f.read().strip())
 
 
 def criu_errors(text: str, limit: int = 3) -> str:

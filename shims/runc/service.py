@@ -214,13 +214,6 @@ class TaskService:
             log.error("cannot serve attach", error=str(e))
             return None
 
-    async def _read_pid(self, path: str) -> int:
-        def read() -> int:
-            with open(path) as f:
-                return int(f.read().strip())
-
-        return await aio.to_thread(read)
-
     def _console_socket(self) -> tuple[socket.socket, str]:
         self._console_seq += 1
         path = os.path.join(self.socket_dir, f"c-{os.getpid()}-{self._console_seq}.sock")
@@ -248,7 +241,7 @@ class TaskService:
             if console_task is not None:
                 async with aio.timeout(CONSOLE_TIMEOUT):
                     console = await console_task
-            pid = await self._read_pid(pid_file)
+            pid = await runtime.started_pid(pid_file)
         except BaseException:
             if console_task is not None:
                 console_task.cancel()
