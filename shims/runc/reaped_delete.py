@@ -1,18 +1,20 @@
 """`runc delete --force` of a container whose init this shim has reaped, done without a runc process.
 
-For a stopped container runc's delete removes the container's cgroup in every hierarchy (its sub-cgroups
-first, retrying while the kernel still counts an exiting task), then its state directory; it would also
-kill what is left in the cgroup (only possible without a PID namespace of its own), tear down Intel RDT,
-stop a systemd scope and run poststop hooks. Each `runc delete` is a Go start-up: 6-7 ms of CPU and
-wall on this machine (measured: python timing of `runc delete` of a stopped container, RUSAGE_CHILDREN),
-on the path of every StopContainer and pod teardown. The removal here takes a fraction of a millisecond.
+For a stopped container runc's delete kills whatever is left in the container's cgroup (possible only
+when the container shares its PID namespace: the pod's init inherits its orphans), removes the cgroup
+in every hierarchy (its sub-cgroups first, retrying while the kernel still counts an exiting task),
+then its state directory; it would also tear down Intel RDT, stop a systemd scope and run poststop
+hooks. Each `runc delete` is a Go start-up: 6-7 ms of CPU and wall on this machine (measured: python
+timing of `runc delete` of a stopped container, RUSAGE_CHILDREN), on the path of every StopContainer
+and pod teardown. The removal here takes a fraction of a millisecond.
 
-It is taken only where the outcome is the same: the init had a PID namespace of its own (the kernel ended
-every other process of the container with it), the spec has no poststop hook, runc's cgroupfs driver,
-and the state is runc's own layout (state.json naming cgroup paths under this host's cgroup mounts, no
-Intel RDT, not rootless). Anything else, or a cgroup that stays busy, returns the reason, and the caller
-runs `runc delete --force` after all: runc is the reference for every case this does not cover.
-tests/integration/test_runc_shim.py compares what is left with what `runc delete` leaves.
+It is taken only where the outcome is the same: no poststop hook, runc's cgroupfs driver, runc's own
+state layout (state.json naming cgroup paths under this host's cgroup mounts, no Intel RDT, not
+rootless), and no process left in the cgroup (always so with a PID namespace of its own: the kernel
+ended every other process of the container with its init; read from cgroup.procs otherwise). Anything
+else, or a cgroup that stays busy, returns the reason, and the caller runs `runc delete --force` after
+all: runc is the reference for every case this does not cover. tests/integration/test_runc_shim.py
+compares what is left with what `runc delete` leaves.
 """
 
 from __future__ import annotations
@@ -38,14 +40,14 @@ def spec_allows(spec: dict[str, Any], binary: str, systemd_cgroup: bool) -> bool
     """Whether a container of this spec, run by this runtime binary, may be deleted here once reaped."""
     if os.path.basename(binary) != "runc" or systemd_cgroup:
         return False
-    linux = spec.get("linux") or {}
-    own_pid_ns = any(isinstance(ns, dict) and ns.get("type") == "pid" and not ns.get("path")
-                     for ns in linux.get("namespaces") or [])
-    return own_pid_ns and not (spec.get("hooks") or {}).get("poststop") and not linux.get("intelRdt")
+    return not (spec.get("hooks") or {}).get("poststop") and not (spec.get("linux") or {}).get("intelRdt")
 
 
-def remove(root: str, cid: str) -> str:
-    """Removes the container's cgroups and runc state; "" when done, else why runc must do it."""
+def remove(root: str, cid: str, own_pid_ns: bool) -> str:
+    """Removes the container's cgroups and runc state; "" when done, else why runc must do it.
+
+    own_pid_ns: the init was PID 1 of a PID namespace of its own, so nothing of the container outlived it.
+    """
     if not cid or "/" in cid or cid in (".", ".."):
         return f"container id {cid!r} is not a plain name"
     state_dir = os.path.join(root, cid)
@@ -62,6 +64,8 @@ def remove(root: str, cid: str) -> str:
         if not (isinstance(p, str) and os.path.normpath(p) == p
                 and any(p.startswith(m + "/") for m in mounts)):
             return f"cgroup path {p!r} is not under a cgroup mount"
+    if not own_pid_ns and any(_has_processes(p) for p in set(paths.values())):
+        return "processes are left in its cgroup"
     left = _remove_cgroups(sorted(set(paths.values())))
     if left:
         return f"cgroups still busy: {left}"
@@ -87,6 +91,16 @@ def _cgroup_mount_points() -> list[str]:
     if _cgroup_mounts is None:
         _cgroup_mounts = [point for point, _, _ in cgroupfs.mounts()]
     return _cgroup_mounts
+
+
+def _has_processes(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "cgroup.procs"), "rb") as f:
+            return bool(f.read(1))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # unknown: runc decides
 
 
 def _remove_cgroups(paths: list[str]) -> list[str]:

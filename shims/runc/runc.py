@@ -136,10 +136,10 @@ class Runc:
     async def delete(self, cid: str, force: bool = False) -> None:
         await self._run("delete", *(["--force"] if force else []), cid)
 
-    async def delete_reaped(self, cid: str) -> str:
+    async def delete_reaped(self, cid: str, own_pid_ns: bool) -> str:
         """`delete --force` of a container whose init the shim reaped and whose spec reaped_delete allows;
         returns "" or why runc had to do it after all."""
-        why = await aio.to_thread(reaped_delete.remove, self.opts.root, cid)
+        why = await aio.to_thread(reaped_delete.remove, self.opts.root, cid, own_pid_ns)
         if why:
             await self.delete(cid, force=True)
         return why

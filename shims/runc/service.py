@@ -92,7 +92,7 @@ class Container:
         # The init is pid 1 of a PID namespace of its own: when it dies the kernel kills every process
         # of the container, so a SIGKILL to it is all of `runc kill --all`.
         self.own_pid_ns = False
-        # Once its init is reaped, Delete may skip runc (reaped_delete.py): the runtime and spec allow it.
+        # Once its init is reaped, Delete may do without runc (reaped_delete.py): runtime and spec allow it.
         self.delete_reaped = False
 
 
@@ -462,7 +462,7 @@ class TaskService:
             if c.restore_from:
                 pass  # a never-restored container has nothing in runc to delete
             elif c.delete_reaped and p.pid and p.exited.is_set():
-                why = await c.runc.delete_reaped(c.id)
+                why = await c.runc.delete_reaped(c.id, c.own_pid_ns)
                 if why:
                     self.log.info("runc deleted it", container_id=c.id, reason=why)
             else:

@@ -595,3 +595,47 @@ async def test_a_reaped_container_whose_cgroup_stays_busy_is_left_to_runc_delete
                     d.rmdir()
                 assert time.monotonic() < deadline, f"{d} stayed busy"
                 await asyncio.sleep(0.02)
+
+
+async def test_a_reaped_container_sharing_a_pid_namespace_is_deleted_without_runc_unless_it_left_processes(
+        shim: Shim) -> None:
+    """Without a PID namespace of its own a container's orphans outlive its init (the namespace's init
+    inherits them): with none left the shim deletes it itself; with one left, `runc delete --force` kills
+    it, as runc does for such containers, and removes the cgroups."""
+    wrapper, calls = runc_wrapper(shim.env)
+    opts = pb.Any(type_url="containerd.runc.v1.Options", value=bytes(runc_v1.Options(
+        root=str(shim.env.runc_root), binary_name=str(wrapper))))
+
+    async def create(name: str, args: list[str], pid_ns: str = "") -> int:
+        b = shim.env.bundle(name, args)
+        if pid_ns:
+            spec = json.loads((b / "config.json").read_text())
+            spec["linux"]["namespaces"] = [{"type": "pid", "path": pid_ns} if n["type"] == "pid" else n
+                                           for n in spec["linux"]["namespaces"]]
+            (b / "config.json").write_text(json.dumps(spec))
+        pid = (await shim.c.create(task.CreateTaskRequest(
+            id=name, bundle=str(b), options=opts, rootfs=[ctypes.Mount(**m) for m in shim.env.overlay(name)]),
+            timeout=T)).pid
+        await shim.c.start(task.StartRequest(id=name), timeout=T)
+        return pid
+
+    holder = await create("holder", ["sleep", "1000"])
+    ns = f"/proc/{holder}/ns/pid"
+    await create("lone", ["sh", "-c", "exit 0"], ns)
+    await create("orphaner", ["sh", "-c", "sleep 1001 & echo started; exit 0"], ns)
+    for name in ("lone", "orphaner"):
+        assert (await shim.c.wait(task.WaitRequest(id=name), timeout=T)).exit_status == 0
+    orphans = [int(p) for d in shim.env.cgroup_dirs("orphaner") if (d / "cgroup.procs").exists()
+               for p in (d / "cgroup.procs").read_text().split()]
+    assert orphans and all(alive(p) for p in orphans)
+    for name in ("lone", "orphaner"):
+        await shim.c.delete(task.DeleteRequest(id=name), timeout=T)
+        assert not shim.env.cgroup_exists(name) and name not in shim.env.runc_containers()
+    for p in set(orphans):
+        assert await wait_gone(p), f"the orphan {p} outlived runc delete --force"
+    deletes = [line for line in calls.read_text().splitlines() if " delete " in f" {line} "]
+    assert not any(line.endswith(" lone") for line in deletes), deletes
+    assert any(line.endswith("delete --force orphaner") for line in deletes), deletes
+    await shim.c.kill(task.KillRequest(id="holder", signal=signal.SIGKILL), timeout=T)
+    await shim.c.wait(task.WaitRequest(id="holder"), timeout=T)
+    await shim.c.delete(task.DeleteRequest(id="holder"), timeout=T)
