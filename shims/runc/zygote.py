@@ -6,8 +6,11 @@ costs a few milliseconds, and the forked shims share the zygote's imported pages
 Protocol, one request per connection on a unix socket: the client sends one JSON object
 {"flags": {...}, "cwd": DIR, "env": {...}, "socket_path": PATH} with the shim's listening socket
 attached (SCM_RIGHTS), or {"op": "stamp"} or {"op": "exit"}; the zygote answers one JSON line: {"pid": N},
-{"stamp": S} or {"error": "..."}. Each shim is double-forked into its own session, so it is
-orphaned to init like any containerd shim and the zygote never collects zombies.
+{"stamp": S} or {"error": "..."}. Each shim is forked once, into a session of its own; the zygote
+ignores SIGCHLD, so the kernel reaps a shim that ends before it, and a shim outliving the zygote is
+orphaned to init like any containerd shim. (A double fork, which would orphan it at once, cost
+another fork and the exit of a copy of the zygote: 1.5-1.7 ms of CPU per pod, measured from the
+zygote's cutime+cstime over 60 pods.)
 
 The zygote runs no event loop and no threads: forking from it is always safe.
 """
@@ -63,7 +66,7 @@ def _set_comm(name: str) -> None:
 
 
 def _become_shim(req: dict[str, object], listen_fd: int) -> None:
-    """In the grandchild: turn into the long-lived shim for one pod. Never returns."""
+    """In the forked child: turn into the long-lived shim for one pod. Never returns."""
     code = 1
     try:
         os.chdir(str(req["cwd"]))
@@ -92,27 +95,14 @@ def _become_shim(req: dict[str, object], listen_fd: int) -> None:
 
 
 def _spawn(req: dict[str, object], listen_fd: int, conn: socket.socket, zygote_sock: socket.socket) -> int:
-    r, w = os.pipe()
     child = os.fork()
     if child == 0:
-        os.close(r)
         zygote_sock.close()
         conn.close()
         os.setsid()
-        grandchild = os.fork()
-        if grandchild == 0:
-            os.close(w)
-            _become_shim(req, listen_fd)
-        os.write(w, str(grandchild).encode())
-        os._exit(0)
-    os.close(w)
+        _become_shim(req, listen_fd)
     os.close(listen_fd)
-    os.waitpid(child, 0)
-    data = b""
-    while chunk := os.read(r, 64):
-        data += chunk
-    os.close(r)
-    return int(data or b"0")
+    return child
 
 
 def _peer_gone(conn: socket.socket) -> bool:
@@ -166,6 +156,7 @@ def main(argv: list[str]) -> int:
                 pass
     stamp = os.environ.get(STAMP_ENV, "")
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # shims are its children until it ends: never zombies
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = f"{path}.{os.getpid()}"
     sock.bind(tmp)
