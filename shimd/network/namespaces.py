@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from shimd import log, tasks
 from shimd.errors import InvalidArgument, ShimdError
@@ -49,6 +49,7 @@ _CLONE_FLAGS = {"network": 0x40000000, "uts": 0x04000000, "ipc": 0x08000000}  # 
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
 _IFREQ = struct.Struct("16sh22x")  # struct ifreq: name, then ifr_flags in the 24-byte union
 
+T = TypeVar("T")
 _libc = ctypes.CDLL(None, use_errno=True)
 _prepared: set[str] = set()
 _prepare_lock = threading.Lock()  # runs in worker threads, so a thread lock, not an asyncio one
@@ -152,21 +153,20 @@ async def create_pod_namespaces(pod_id: str, base_dir: Path, kinds: Iterable[str
             raise InvalidArgument("a pod user namespace needs namespaces of its own to own")
         return {}
     logger = _log.bind(pod_id=pod_id)
-    base = await asyncio.to_thread(_prepare_base, Path(base_dir))
-    pod_dir = base / pod_id
-    paths = {k: str(pod_dir / k) for k in wanted}
-    if userns is not None:
-        paths[USER] = str(pod_dir / USER)
+    # The unresolved directory, for the clean-up: it is the same one the pins get (under the real base).
+    pod_dir = Path(base_dir) / pod_id
     try:
-        await _through_cancellation(_make_targets, pod_dir, paths.values())
         if userns is None:
-            await _unshare_pinned(pod_id, paths, hostname)
+            # One hop to a worker for all of it: under a burst of pods each hop waits its turn, and the
+            # pod's CNI ADD waits for its network namespace.
+            paths = await _through_cancellation(_create_pinned, Path(base_dir), pod_id, wanted, hostname)
         else:
+            base = await asyncio.to_thread(_prepare_base, Path(base_dir))
+            paths = {k: str(base / pod_id / k) for k in [*wanted, USER]}
+            await _through_cancellation(_make_targets, base / pod_id, paths.values())
             await _create_in_userns(pod_id, paths, userns)
             await _set_up_inside(pod_id, paths, hostname)
-        dead = [k for k, p in paths.items() if not namespace_alive(p)]
-        if dead:
-            raise ShimdError(f"namespaces {dead} of pod {pod_id} were not pinned under {pod_dir}")
+            await asyncio.to_thread(_check_pinned, paths, pod_id)
     except FileExistsError:
         # Another sandbox owns these pins: leave them alone.
         raise ShimdError(f"namespaces for pod {pod_id} already exist under {pod_dir}") from None
@@ -176,6 +176,22 @@ async def create_pod_namespaces(pod_id: str, base_dir: Path, kinds: Iterable[str
         raise
     logger.debug("pod namespaces created", kinds=sorted(paths), dir=str(pod_dir))
     return paths
+
+
+def _create_pinned(base_dir: Path, pod_id: str, kinds: list[str], hostname: str) -> dict[str, str]:
+    """Blocking: the pins' directory, then the namespaces made and pinned by a thread of their own."""
+    pod_dir = _prepare_base(base_dir) / pod_id
+    paths = {k: str(pod_dir / k) for k in kinds}
+    _make_targets(pod_dir, paths.values())
+    _in_throwaway_thread(_pin_new_namespaces, paths, hostname, pod_id)
+    _check_pinned(paths, pod_id)
+    return paths
+
+
+def _check_pinned(paths: dict[str, str], pod_id: str) -> None:
+    dead = [k for k, p in paths.items() if not namespace_alive(p)]
+    if dead:
+        raise ShimdError(f"namespaces {dead} of pod {pod_id} were not pinned ({', '.join(paths.values())})")
 
 
 def _inside_steps(paths: dict[str, str], hostname: str) -> str:
@@ -194,19 +210,12 @@ def _check_done(done: proc.Completed, what: str, pod_id: str) -> None:
                          f"{done.stderr.decode(errors='replace').strip()}")
 
 
-async def _unshare_pinned(pod_id: str, paths: dict[str, str], hostname: str) -> None:
-    # In a thread of our own rather than unshare(1) + sh + ip: three helper processes less on the pod
-    # start path. Network, UTS and IPC namespaces belong to a thread, so a new thread can unshare
-    # them, set itself up, pin them and end: nothing else in the daemon ever runs inside them.
-    await _through_cancellation(_in_throwaway_thread, _pin_new_namespaces, paths, hostname, pod_id)
-
-
-async def _through_cancellation(fn: Callable[..., None], *args: object) -> None:
+async def _through_cancellation(fn: Callable[..., T], *args: object) -> T:
     """fn in a worker thread, waited for to its end even when the caller is cancelled (then re-raised): a
     thread cannot be stopped, and the clean-up after a cancellation must find every file and pin it made."""
     work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
     try:
-        await asyncio.shield(work)
+        return await asyncio.shield(work)
     except asyncio.CancelledError:
         await tasks.settle(work)  # the cancellation is what the caller sees
         raise
@@ -231,7 +240,12 @@ def _in_throwaway_thread(fn: Callable[..., None], *args: object) -> None:
 
 
 def _pin_new_namespaces(paths: dict[str, str], hostname: str, pod_id: str) -> None:
-    """Runs in a thread that ends right after: unshare, bring lo up, set the hostname, bind the pins."""
+    """Runs in a thread that ends right after: unshare, bring lo up, set the hostname, bind the pins.
+
+    In a thread of our own rather than unshare(1) + sh + ip: three helper processes less on the pod start
+    path. Network, UTS and IPC namespaces belong to a thread, so a new thread can unshare them, set itself
+    up, pin them and end: nothing else in the daemon ever runs inside them.
+    """
     flags = 0
     for kind in paths:
         flags |= _CLONE_FLAGS[kind]
