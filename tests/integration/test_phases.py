@@ -18,9 +18,9 @@ TIMED = ("RunPodSandbox", "CreateContainer", "StartContainer", "StopPodSandbox",
 # Phases each call must show for a runc pod on the loopback CNI network; the pod shares one PID
 # namespace (the CRI default), so it has a pause task too.
 EXPECTED = {
-    "RunPodSandbox": {"validate", "queue", "record_write", "namespaces", "cni_prepare", "cni_add:loopback", "cni_record",
-                      "cni_wait", "pod_files", "shm_mount", "sandbox_bundle", "shim_launch", "sandbox_create",
-                      "sandbox_start", "other"},
+    "RunPodSandbox": {"validate", "queue", "record_write", "namespaces", "cni_prepare", "cni_add:loopback",
+                      "cni_record", "cni_wait", "pod_files", "shm_mount", "sandbox_bundle", "shim_launch",
+                      "sandbox_create", "sandbox_start", "other"},
     "CreateContainer": {"request", "lock_wait", "validate", "spec", "dirs", "propagation_check", "bundle_write",
                         "record_write", "other"},
     "StartContainer": {"lock_wait", "image_volumes", "prepare", "runtime_create", "runtime_start", "record_write",
