@@ -144,7 +144,11 @@ class Shimd(Runtime):
         self.proc.config_path.write_text(text)
 
     def start(self) -> CriClient:
-        return self.proc.start()
+        try:
+            return self.proc.start()
+        except BaseException:
+            self.stop()  # a daemon that started but cannot be used still mounted its state's tmpfs
+            raise
 
     def stop(self) -> None:
         self.proc.stop()

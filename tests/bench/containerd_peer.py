@@ -108,20 +108,23 @@ class ContainerdPeer:
                            check=True, timeout=10)
         # containerd pins pod netns under /var/run/netns, outside base: remember what was there before.
         self._netns_before = set(os.listdir(NETNS_DIR)) if os.path.isdir(NETNS_DIR) else set()
-        self.config_path.write_text(self.config_text())
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([CONTAINERD, "--config", str(self.config_path)], stdout=log, stderr=log,
-                                         start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(self.socket):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"containerd exited {self.proc.returncode}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"containerd did not create {self.socket}")
-            time.sleep(0.05)
-        self.client = CriClient(self.socket)
-        self.client.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+        try:
+            self.config_path.write_text(self.config_text())
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen([CONTAINERD, "--config", str(self.config_path)], stdout=log,
+                                             stderr=log, start_new_session=True)
+            deadline = time.monotonic() + timeout
+            while not os.path.exists(self.socket):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"containerd exited {self.proc.returncode}:\n{self.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"containerd did not create {self.socket}")
+                time.sleep(0.05)
+            self.client = CriClient(self.socket)
+            self.client.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+        except BaseException:
+            self.stop()  # the daemon, its mounts (the state's tmpfs) and pins go, whatever failed
+            raise
         return self.client
 
     def stop(self, wipe: bool = False) -> None:
