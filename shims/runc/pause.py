@@ -154,19 +154,6 @@ def _open_cgroups(leaves: list[tuple[str, bool]]) -> list[int]:
     return fds
 
 
-def _remove_cgroups(leaves: list[str]) -> list[str]:
-    """rmdir of each leaf; returns the ones still there (a process left in them)."""
-    left = []
-    for d in leaves:
-        try:
-            os.rmdir(d)
-        except FileNotFoundError:
-            pass
-        except OSError:
-            left.append(d)
-    return left
-
-
 class _Libc:
     """The few libc calls the child makes, looked up before fork (the child must not load anything)."""
 
@@ -417,7 +404,7 @@ class PauseRuntime(Runc):
                 await self.reaper.watch(self.pid)
         self._log_reports()
         self.close()
-        left = await aio.to_thread(_remove_cgroups, self._leaves)
+        left = await aio.to_thread(cgroupfs.remove, self._leaves)
         if left:
             raise RuncError(f"pause task: cgroups still in use: {left}")
 

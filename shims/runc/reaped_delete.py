@@ -19,10 +19,8 @@ compares what is left with what `runc delete` leaves.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import time
 
 from shims.runc import cgroupfs
 
@@ -30,9 +28,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is not loaded at run time: every shim would carry it
     from typing import Any
 
-# runc retries a busy cgroup 5 times, 10 ms apart and doubling; an exiting task leaves it within the first.
-BUSY_RETRIES = 4
-BUSY_WAIT = 0.01
 _cgroup_mounts: list[str] | None = None
 
 
@@ -66,7 +61,7 @@ def remove(root: str, cid: str, own_pid_ns: bool) -> str:
             return f"cgroup path {p!r} is not under a cgroup mount"
     if not own_pid_ns and any(_has_processes(p) for p in set(paths.values())):
         return "processes are left in its cgroup"
-    left = _remove_cgroups(sorted(set(paths.values())))
+    left = cgroupfs.remove(sorted(set(paths.values())))
     if left:
         return f"cgroups still busy: {left}"
     return _remove_state_dir(state_dir)
@@ -101,43 +96,3 @@ def _has_processes(path: str) -> bool:
         return False
     except OSError:
         return True  # unknown: runc decides
-
-
-def _remove_cgroups(paths: list[str]) -> list[str]:
-    """Each cgroup with its sub-cgroups; the ones still there after the retries."""
-    left = paths
-    for attempt in range(BUSY_RETRIES + 1):
-        if attempt:
-            time.sleep(BUSY_WAIT * attempt)
-        left = [p for p in left if not _remove_tree(p)]
-        if not left:
-            break
-    return left
-
-
-def _remove_tree(path: str) -> bool:
-    """rmdir of a cgroup, after its sub-cgroups (a cgroup directory lists only control files besides)."""
-    try:
-        os.rmdir(path)
-        return True
-    except FileNotFoundError:
-        return True
-    except OSError as e:
-        if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
-            return False
-    try:
-        with os.scandir(path) as entries:
-            subs = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    if not all([_remove_tree(s) for s in subs]):
-        return False
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return False
-    return True
