@@ -12,17 +12,26 @@ BUSY_RETRIES = 4
 BUSY_WAIT = 0.01
 
 
+_mounts: list[tuple[str, str, set[str]]] = []
+
+
 def mounts() -> list[tuple[str, str, set[str]]]:
-    """(mount point, "cgroup" or "cgroup2", super options) of every cgroup mount, in mountinfo's order."""
-    found: list[tuple[str, str, set[str]]] = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = right.split()
-            if fields and fields[0] in ("cgroup", "cgroup2"):
-                options = set(fields[2].split(",")) if len(fields) > 2 else set()
-                found.append((left.split()[4], fields[0], options))
-    return found
+    """(mount point, "cgroup" or "cgroup2", super options) of every cgroup mount, in mountinfo's order.
+
+    Read once per shim, for all its users (the pause task, the cgroup lock, the reaped delete): the
+    hierarchies are mounted at boot, and mountinfo lists every mount of the node, pods' included.
+    """
+    if not _mounts:
+        found: list[tuple[str, str, set[str]]] = []
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = right.split()
+                if fields and fields[0] in ("cgroup", "cgroup2"):
+                    options = set(fields[2].split(",")) if len(fields) > 2 else set()
+                    found.append((left.split()[4], fields[0], options))
+        _mounts[:] = found
+    return _mounts
 
 
 def remove(paths: list[str]) -> list[str]:

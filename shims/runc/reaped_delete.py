@@ -28,9 +28,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is not loaded at run time: every shim would carry it
     from typing import Any
 
-_cgroup_mounts: list[str] | None = None
-
-
 def spec_allows(spec: dict[str, Any], binary: str, systemd_cgroup: bool) -> bool:
     """Whether a container of this spec, run by this runtime binary, may be deleted here once reaped."""
     if os.path.basename(binary) != "runc" or systemd_cgroup:
@@ -54,7 +51,7 @@ def remove(root: str, cid: str, own_pid_ns: bool) -> str:
     paths = state.get("cgroup_paths") if isinstance(state, dict) else None
     if not isinstance(paths, dict) or state.get("intel_rdt_path") or state.get("rootless"):
         return "runc state is not the plain cgroupfs layout"
-    mounts = _cgroup_mount_points()
+    mounts = [point for point, _, _ in cgroupfs.mounts()]
     for p in paths.values():
         if not (isinstance(p, str) and os.path.normpath(p) == p
                 and any(p.startswith(m + "/") for m in mounts)):
@@ -79,13 +76,6 @@ def _remove_state_dir(state_dir: str) -> str:
     except OSError as e:
         return f"runc state {state_dir} could not be removed: {e}"
     return ""
-
-
-def _cgroup_mount_points() -> list[str]:
-    global _cgroup_mounts
-    if _cgroup_mounts is None:
-        _cgroup_mounts = [point for point, _, _ in cgroupfs.mounts()]
-    return _cgroup_mounts
 
 
 def _has_processes(path: str) -> bool:
