@@ -1,6 +1,7 @@
 # shimd: the two commands a new user needs are `make run` and `make test`.
 VENV    ?= .venv
-PYTHON  ?= python3
+# Empty: deploy/python.sh picks the interpreter (the distribution's first).
+PYTHON  ?=
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
@@ -21,7 +22,7 @@ tools:
 	@bash tests/tools/criu.sh || echo "tools: no criu for the checkpoint round trip (tests/tools/criu.sh failed); it will be skipped" >&2
 
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || { py=$$(PYTHON=$(PYTHON) bash deploy/python.sh) && "$$py" -m venv $(VENV); }
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -m pip install -q -e '.[test]'
 	@touch $(STAMP)

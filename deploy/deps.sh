@@ -7,7 +7,7 @@ set -euo pipefail
 # Tests only: gcc and libc6-dev build the small static programs in the conformance images, whose busybox
 # stand-in also carries util-linux's ipcs and procps' pgrep.
 PKGS=(runc crun runsc containernetworking-plugins catatonit busybox-static docker-registry containerd
-      iproute2 iptables util-linux e2fsprogs protobuf-compiler criu gcc libc6-dev procps)
+      iproute2 iptables util-linux e2fsprogs protobuf-compiler criu gcc libc6-dev procps python3 python3-venv)
 # `deps.sh --runtime`: only what a production node needs to run shimd (deploy/install.sh uses it).
 if [ "${1:-}" = "--runtime" ]; then
     PKGS=(runc runsc containernetworking-plugins catatonit iproute2 iptables util-linux python3 python3-venv criu)

@@ -56,8 +56,8 @@ fi
 
 # 2. shimd in its own virtualenv (never in the system Python).
 say "installing shimd into $PREFIX/venv"
-python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "shimd needs Python >= 3.11"
-[ -x "$PREFIX/venv/bin/python" ] || python3 -m venv "$PREFIX/venv"
+python=$(bash "$SRC/deploy/python.sh") || die "shimd needs Python >= 3.11 with venv"
+[ -x "$PREFIX/venv/bin/python" ] || "$python" -m venv "$PREFIX/venv"
 pip_args=(-q --disable-pip-version-check)
 [ -n "$WHEELS" ] && pip_args+=(--no-index --find-links "$WHEELS")
 "$PREFIX/venv/bin/python" -m pip install "${pip_args[@]}" --upgrade "$SRC"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from shimd import config
@@ -40,3 +41,20 @@ def test_manifests_name_what_they_are() -> None:
                 tops = {ln.split(":", 1)[0] for ln in body}
                 assert {"apiVersion", "kind"} <= tops, f"{name}: a document without apiVersion/kind"
     assert "containerRuntimeEndpoint: unix:///run/shimd/shimd.sock" in (DEPLOY / "kubelet-config.yaml").read_text()
+
+
+def test_python_choice_takes_the_given_interpreter_and_passes_over_one_that_cannot_make_a_venv(tmp_path: Path) -> None:
+    script = str(DEPLOY / "python.sh")
+
+    def chosen(given: str) -> str:
+        done = subprocess.run(["bash", script], env={"PATH": "/usr/bin:/bin", "PYTHON": given},
+                              capture_output=True, text=True, timeout=30, check=True)
+        return done.stdout.strip()
+
+    assert chosen(sys.executable) == sys.executable
+    old = tmp_path / "python-too-old"
+    old.write_text("#!/bin/sh\nexit 1\n")  # what the version check sees from a 3.10
+    old.chmod(0o755)
+    fallback = chosen(str(old))
+    assert fallback in ("/usr/bin/python3", "python3")
+    assert chosen("") == fallback
