@@ -30,6 +30,9 @@ from typing import Any
 from shimd import errors
 from shimd.fsutil import fsync_dir
 
+if not hasattr(tarfile, "data_filter"):  # before 3.11.4: the filters come from the backport (pyproject.toml)
+    from backports import tarfile  # type: ignore[no-redef]
+
 CONFIG_DUMP = "config.dump"
 SPEC_DUMP = "spec.dump"
 CHECKPOINT_DIR = "checkpoint"
