@@ -280,6 +280,7 @@ class PauseRuntime(Runc):
     """Stands in for runc for the pause task only (see the module's docstring)."""
 
     deletes_reaped_itself = False  # its own delete never involves runc
+    signals_cgroup_itself = False  # PID 1 of its own namespace: signalled directly
     binary_keeps_state = False  # dies with its shim; shimd removes its cgroups then
 
     def __init__(self, reaper: Reaper, opts: RuncOptions, log_path: str, timeout: float, pause: PausePlan,

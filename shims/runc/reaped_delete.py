@@ -19,10 +19,9 @@ compares what is left with what `runc delete` leaves.
 
 from __future__ import annotations
 
-import json
 import os
 
-from shims.runc import cgroupfs
+from shims.runc import cgroupfs, runc_state
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is not loaded at run time: every shim would carry it
@@ -30,7 +29,7 @@ if TYPE_CHECKING:  # typing is not loaded at run time: every shim would carry it
 
 def spec_allows(spec: dict[str, Any], binary: str, systemd_cgroup: bool) -> bool:
     """Whether a container of this spec, run by this runtime binary, may be deleted here once reaped."""
-    if os.path.basename(binary) != "runc" or systemd_cgroup:
+    if not runc_state.plain_runc(binary, systemd_cgroup):
         return False
     return not (spec.get("hooks") or {}).get("poststop") and not (spec.get("linux") or {}).get("intelRdt")
 
@@ -40,28 +39,16 @@ def remove(root: str, cid: str, own_pid_ns: bool) -> str:
 
     own_pid_ns: the init was PID 1 of a PID namespace of its own, so nothing of the container outlived it.
     """
-    if not cid or "/" in cid or cid in (".", ".."):
-        return f"container id {cid!r} is not a plain name"
-    state_dir = os.path.join(root, cid)
-    try:
-        with open(os.path.join(state_dir, "state.json"), "rb") as f:
-            state = json.load(f)
-    except (OSError, ValueError) as e:
-        return f"runc state unreadable: {e}"
-    paths = state.get("cgroup_paths") if isinstance(state, dict) else None
-    if not isinstance(paths, dict) or state.get("intel_rdt_path") or state.get("rootless"):
-        return "runc state is not the plain cgroupfs layout"
-    mounts = [point for point, _, _ in cgroupfs.mounts()]
-    for p in paths.values():
-        if not (isinstance(p, str) and os.path.normpath(p) == p
-                and any(p.startswith(m + "/") for m in mounts)):
-            return f"cgroup path {p!r} is not under a cgroup mount"
+    paths, why = runc_state.cgroup_paths(root, cid)
+    if why:
+        return why
     if not own_pid_ns and any(_has_processes(p) for p in set(paths.values())):
         return "processes are left in its cgroup"
     left = cgroupfs.remove(sorted(set(paths.values())))
     if left:
         return f"cgroups still busy: {left}"
-    return _remove_state_dir(state_dir)
+    return _remove_state_dir(os.path.join(root, cid))
+
 
 
 def _remove_state_dir(state_dir: str) -> str:

@@ -8,7 +8,7 @@ import os
 
 from shims.common import aio
 from shims.common.procs import CommandError, ExitInfo, Reaper, run
-from shims.runc import reaped_delete
+from shims.runc import cgroup_kill, reaped_delete
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is not loaded at run time: every shim would carry it
@@ -43,6 +43,9 @@ class Runc:
     # Whether a container whose init the shim reaped may be deleted without a runc process when its spec
     # allows it (reaped_delete.py).
     deletes_reaped_itself = True
+    # Whether a signal to every process of a container may be sent without a runc process when runc's
+    # state allows it (cgroup_kill.py).
+    signals_cgroup_itself = True
     # Whether the runtime binary keeps state of the task: `shim delete`, after a crash of the shim, cleans
     # it up with the binary and root it reads from the bundle's options.json.
     binary_keeps_state = True
@@ -132,6 +135,13 @@ class Runc:
 
     async def kill(self, cid: str, signal: int, all_processes: bool = False) -> None:
         await self._run("kill", *(["--all"] if all_processes else []), cid, str(signal))
+
+    async def kill_all(self, cid: str, signal: int) -> str:
+        """`kill --all` of a container of plain runc (cgroup_kill.py); returns "" or why runc had to do it."""
+        why = await aio.to_thread(cgroup_kill.signal_all, self.opts.root, cid, signal)
+        if why:
+            await self.kill(cid, signal, True)
+        return why
 
     async def delete(self, cid: str, force: bool = False) -> None:
         await self._run("delete", *(["--force"] if force else []), cid)

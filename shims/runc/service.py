@@ -23,7 +23,7 @@ from shims.common.jsonlog import Logger
 from shims.common.procs import CommandError, CommandTimeout, Reaper, run, trim_memory
 from shims.common.stdio import AttachFanout, ProcessIO
 from shims.common.writer import FileWriter
-from shims.runc import cgroup_lock, mounts, reaped_delete
+from shims.runc import cgroup_lock, mounts, reaped_delete, runc_state
 from shims.runc.runc import Runc, RuncError, RuncOptions, criu_errors
 
 TYPE_CHECKING = False
@@ -94,6 +94,8 @@ class Container:
         self.own_pid_ns = False
         # Once its init is reaped, Delete may do without runc (reaped_delete.py): runtime and spec allow it.
         self.delete_reaped = False
+        # A signal to all its processes may do without runc (cgroup_kill.py): the runtime allows it.
+        self.kill_all_itself = False
 
 
 def _new_runtime(reaper: Reaper, opts: RuncOptions, log_path: str) -> Runc:
@@ -344,6 +346,8 @@ class TaskService:
             c.own_pid_ns = own_pid_ns
             c.delete_reaped = runc.deletes_reaped_itself and reaped_delete.spec_allows(spec, opts.binary,
                                                                                          opts.systemd_cgroup)
+            c.kill_all_itself = runc.signals_cgroup_itself and runc_state.plain_runc(opts.binary,
+                                                                                     opts.systemd_cgroup)
             if early:
                 c.started_by_create = True
                 if not init.exited.is_set():
@@ -413,7 +417,12 @@ class TaskService:
             return {}
         if not p.exec_id:
             try:
-                await c.runc.kill(c.id, req["signal"], req["all"])
+                if req["all"] and c.kill_all_itself and not c.paused:
+                    why = await c.runc.kill_all(c.id, req["signal"])
+                    if why:
+                        self.log.info("runc signalled all its processes", container_id=c.id, reason=why)
+                else:
+                    await c.runc.kill(c.id, req["signal"], req["all"])
             except RuncError as e:
                 # The init exited between our check and runc's (not reaped yet, runc already sees it
                 # stopped): as containerd's shim does, that is "already finished", not a failure.

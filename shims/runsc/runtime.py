@@ -58,6 +58,7 @@ class Runsc(Runc):
     signals_directly = False
     # Its state is runsc's own layout, and a sandbox's cgroups are runsc's business.
     deletes_reaped_itself = False
+    signals_cgroup_itself = False
 
     def __init__(self, reaper: Reaper, opts: RuncOptions, log_path: str, timeout: float) -> None:
         super().__init__(reaper, opts, log_path, timeout)

@@ -639,3 +639,73 @@ async def test_a_reaped_container_sharing_a_pid_namespace_is_deleted_without_run
     await shim.c.kill(task.KillRequest(id="holder", signal=signal.SIGKILL), timeout=T)
     await shim.c.wait(task.WaitRequest(id="holder"), timeout=T)
     await shim.c.delete(task.DeleteRequest(id="holder"), timeout=T)
+
+
+async def test_sigkill_to_all_of_a_container_sharing_a_pid_namespace_is_sent_without_runc_unless_paused(
+        shim: Shim) -> None:
+    """Without a PID namespace of its own, every process of the container's cgroup must be signalled
+    (cgroup_kill.py): the shim freezes the cgroup, signals each and thaws, and runc is not run; every
+    process dies, the exec'd one and one in a sub-cgroup included. A paused container is left to runc."""
+    wrapper, calls = runc_wrapper(shim.env)
+    opts = pb.Any(type_url="containerd.runc.v1.Options", value=bytes(runc_v1.Options(
+        root=str(shim.env.runc_root), binary_name=str(wrapper))))
+
+    async def create(name: str, args: list[str], pid_ns: str = "") -> int:
+        b = shim.env.bundle(name, args)
+        if pid_ns:
+            spec = json.loads((b / "config.json").read_text())
+            spec["linux"]["namespaces"] = [{"type": "pid", "path": pid_ns} if n["type"] == "pid" else n
+                                           for n in spec["linux"]["namespaces"]]
+            (b / "config.json").write_text(json.dumps(spec))
+        pid = (await shim.c.create(task.CreateTaskRequest(
+            id=name, bundle=str(b), options=opts, rootfs=[ctypes.Mount(**m) for m in shim.env.overlay(name)]),
+            timeout=T)).pid
+        await shim.c.start(task.StartRequest(id=name), timeout=T)
+        return pid
+
+    async def processes(name: str, count: int) -> list[int]:
+        deadline = time.monotonic() + 10
+        while True:
+            pids = [p.pid for p in (await shim.c.pids(task.PidsRequest(id=name), timeout=T)).processes]
+            if len(pids) >= count:
+                return pids
+            assert time.monotonic() < deadline, f"{name}: {pids}, not {count} processes"
+            await asyncio.sleep(0.05)
+
+    holder = await create("holder2", ["sleep", "1000"])
+    ns = f"/proc/{holder}/ns/pid"
+    for name in ("shared", "frozen"):
+        await create(name, ["sh", "-c", "sleep 1001 & sleep 1002 & wait"], ns)
+    await shim.c.exec(task.ExecProcessRequest(id="shared", exec_id="x1", spec=pb.Any(
+        type_url="types.containerd.io/opencontainers/runtime-spec/1/Process",
+        value=json.dumps(process_spec(["sleep", "1003"])).encode())), timeout=T)
+    await shim.c.start(task.StartRequest(id="shared", exec_id="x1"), timeout=T)
+    pids = await processes("shared", 4)
+    # One of them in a sub-cgroup of the container's (as a container may make for itself).
+    sub_pid = pids[-1]
+    for d in shim.env.cgroup_dirs("shared"):
+        if (d / "cgroup.procs").exists() and "freezer" in str(d):
+            (d / "sub").mkdir()
+            (d / "sub" / "cgroup.procs").write_text(str(sub_pid))
+    await shim.c.kill(task.KillRequest(id="shared", signal=signal.SIGKILL, all=True), timeout=T)
+    assert (await shim.c.wait(task.WaitRequest(id="shared"), timeout=T)).exit_status == 128 + signal.SIGKILL
+    for p in pids:
+        assert await wait_gone(p), f"process {p} of the container outlived its SIGKILL"
+    assert holder and alive(holder), "the PID namespace's own init was signalled too"
+
+    await shim.c.pause(task.PauseRequest(id="frozen"), timeout=T)
+    frozen_pids = await processes("frozen", 3)
+    await shim.c.kill(task.KillRequest(id="frozen", signal=signal.SIGKILL, all=True), timeout=T)
+    assert (await shim.c.wait(task.WaitRequest(id="frozen"), timeout=T)).exit_status == 128 + signal.SIGKILL
+    for p in frozen_pids:
+        assert await wait_gone(p), f"process {p} of the paused container outlived its SIGKILL"
+
+    kills = [line for line in calls.read_text().splitlines() if line.startswith("kill ") or " kill " in line]
+    assert not any(line.endswith(" shared 9") for line in kills), kills
+    assert any(line.endswith("kill --all frozen 9") for line in kills), kills
+    for name in ("shared", "frozen", "holder2"):
+        if name == "holder2":
+            await shim.c.kill(task.KillRequest(id=name, signal=signal.SIGKILL), timeout=T)
+            await shim.c.wait(task.WaitRequest(id=name), timeout=T)
+        await shim.c.delete(task.DeleteRequest(id=name), timeout=T)
+        assert not shim.env.cgroup_exists(name) and name not in shim.env.runc_containers()
