@@ -71,11 +71,12 @@ def _remove_sync(rel: str) -> list[str]:
 async def remove(rel: str, attempts: int = 20) -> list[str]:
     """Processes can take a moment to leave a cgroup after they die; retry briefly."""
     left: list[str] = []
-    for _ in range(attempts):
+    for attempt in range(attempts):
+        if attempt:
+            await asyncio.sleep(0.05)
         left = await asyncio.to_thread(_remove_sync, rel)
         if not left:
             return []
-        await asyncio.sleep(0.05)
     return left
 
 

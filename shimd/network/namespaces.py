@@ -24,7 +24,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -120,17 +120,21 @@ def _make_targets(pod_dir: Path, paths: Iterable[str]) -> None:
         os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444))
 
 
-def _remove_dir(pod_dir: Path) -> None:
+def _remove_dir(pod_dir: Path, kinds: Collection[str] | None = None) -> None:
+    """The pins of `kinds` (all, and then the directory, by default)."""
     try:
         entries = list(os.scandir(pod_dir))
     except FileNotFoundError:
         return
     for entry in entries:
+        if kinds is not None and entry.name not in kinds:
+            continue
         _umount_all(entry.path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(entry.path)
-    with contextlib.suppress(FileNotFoundError):
-        os.rmdir(pod_dir)
+    if kinds is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(pod_dir)
 
 
 async def create_pod_namespaces(pod_id: str, base_dir: Path, kinds: Iterable[str], hostname: str,
@@ -347,10 +351,11 @@ def pinned_pods(base_dir: Path) -> list[str]:
         return []
 
 
-async def remove_pod_namespaces(pod_id: str, base_dir: Path) -> None:
-    """Unmount and remove a pod's pinned namespaces; a no-op when they are already gone."""
+async def remove_pod_namespaces(pod_id: str, base_dir: Path, kinds: Collection[str] | None = None) -> None:
+    """Unmount and remove a pod's pinned namespaces (only those of `kinds` when given); a no-op when they
+    are already gone."""
     _check_pod_id(pod_id)
-    await asyncio.to_thread(_remove_dir, Path(base_dir) / pod_id)
+    await asyncio.to_thread(_remove_dir, Path(base_dir) / pod_id, kinds)
 
 
 def release_base_dir(base_dir: Path) -> None:

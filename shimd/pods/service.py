@@ -14,7 +14,7 @@ import secrets
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,8 @@ _PROTOCOLS = {cri.Protocol.TCP: "tcp", cri.Protocol.UDP: "udp", cri.Protocol.SCT
 # their first step: with 20 pods at once the machine was 62-72% busy in the first 100 ms, and 74-90%
 # with three at a time (perf record -a, 6 bursts each on 2 cores).
 FIRST_STEP_SLOTS = (os.cpu_count() or 1) + 1
+# A stopped pod's namespaces that CNI DEL does not enter: removed by StopPodSandbox alongside the DEL.
+UNNETWORKED_KINDS = ("ipc", "uts")
 
 
 def pause_id(pod_id: str) -> str:
@@ -420,7 +422,15 @@ class PodService:
             # SIGKILLed), so it runs alongside; the pod counts as stopped only once both are done, and
             # a crash in between leaves it NOTREADY: the next Stop/Remove redoes both.
             undone: dict[str, Any] = {}
-            await _concurrently(self._stop_tasks(pod, undone, lg), self._teardown_network(pod, undone))
+
+            async def stop_tasks() -> None:
+                await self._stop_tasks(pod, undone, lg)
+                # Nothing of the pod runs any more: while the DEL runs, its cgroups (one try) and the
+                # namespaces CNI has no use for go now instead of in RemovePodSandbox, which repeats both.
+                await _concurrently(self._remove_cgroups(pod, lg, attempts=1),
+                                    self._remove_namespaces(pod, UNNETWORKED_KINDS))
+
+            await _concurrently(stop_tasks(), self._teardown_network(pod, undone))
             phase("cni_wait")
             shm = self.pod_dir(pod.id) / "shm"
             await mounts.unmount(shm)
@@ -438,19 +448,6 @@ class PodService:
             await self.containers.remove_all(pod)
             phase("remove_containers")
 
-        async def remove_namespaces() -> None:
-            with side_branch():
-                await namespaces.remove_pod_namespaces(pod.id, self.ns_dir)
-                phase("namespaces")
-
-        async def remove_cgroups() -> None:
-            if pod.owns_cgroup_parent:
-                with side_branch():
-                    left = await cgroups.remove(cgroups.relative_path(self.cgroup_driver, pod.cgroup_parent))
-                    if left:
-                        lg.warning("cgroups left behind", paths=left)
-                    phase("cgroups")
-
         async def remove_pod_files() -> None:
             with side_branch():
                 await mounts.unmount(self.pod_dir(pod.id) / "shm")
@@ -460,12 +457,27 @@ class PodService:
 
         # The pod's tasks are gone (stopped above, their shim shut down): what is left of it are separate
         # things, removed at once; the record goes last, so a crash in between repeats the removal.
-        await _concurrently(remove_containers(), remove_namespaces(), remove_cgroups(), remove_pod_files())
+        await _concurrently(remove_containers(), self._remove_namespaces(pod), self._remove_cgroups(pod, lg),
+                            remove_pod_files())
         phase("remove_wait")
         await self.store.delete_pod(pod.id)
         phase("record_write")
         self.bus.publish(events.DELETED, pod.id, pod.id)
         lg.info("pod removed")
+
+    async def _remove_namespaces(self, pod: PodRecord, kinds: Collection[str] | None = None) -> None:
+        with side_branch():
+            await namespaces.remove_pod_namespaces(pod.id, self.ns_dir, kinds)
+            phase("namespaces")
+
+    async def _remove_cgroups(self, pod: PodRecord, lg: Any, attempts: int = 20) -> None:
+        """The pod's cgroup parent where shimd made it; what stays (busy) is logged when the last try fails."""
+        if pod.owns_cgroup_parent:
+            with side_branch():
+                left = await cgroups.remove(cgroups.relative_path(self.cgroup_driver, pod.cgroup_parent), attempts)
+                if left and attempts > 1:
+                    lg.warning("cgroups left behind", paths=left)
+                phase("cgroups")
 
     async def _stop_tasks(self, pod: PodRecord, undone: dict[str, Any], lg: Any) -> None:
         """The pod's containers, its sandbox task and its shim, stopped; `undone` gets the record fields."""

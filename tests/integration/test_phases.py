@@ -27,14 +27,14 @@ EXPECTED = {
                        "other"},
     "StopPodSandbox": {"lock_wait", "record_write", "stop_containers", "sandbox_kill", "sandbox_wait",
                        "sandbox_delete", "shim_shutdown", "cni_wait", "cni_prepare", "cni_del:loopback", "cni_record",
-                       "unmount", "other"},
+                       "unmount", "cgroups", "namespaces", "other"},
     "RemovePodSandbox": {"lock_wait", "remove_containers", "namespaces", "cgroups", "unmount", "pod_files",
                          "remove_wait", "record_write", "other"},
 }
 # Phases of steps that run alongside the call's main line: in the log line's `overlapped`, not `phases`.
 OVERLAPPED = {"RunPodSandbox": {"namespaces", "cni_prepare", "cni_add:loopback", "cni_record", "pod_files",
                                 "shm_mount"},
-              "StopPodSandbox": {"cni_prepare", "cni_del:loopback", "cni_record"},
+              "StopPodSandbox": {"cni_prepare", "cni_del:loopback", "cni_record", "cgroups", "namespaces"},
               "RemovePodSandbox": {"namespaces", "cgroups", "unmount", "pod_files"}}
 
 

@@ -108,7 +108,14 @@ def test_lifecycle_logs_exit_code_and_cleanup(rt: Runtime) -> None:
     listed = rt.client.runtime.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter(id=typed))).containers
     assert [c.image.user_specified_image for c in listed] == ["busybox:as-typed"]
 
+    pins = rt.proc.state / "ns" / pod_id
+    assert {"network", "ipc", "uts"} <= {p.name for p in pins.iterdir()}
+    assert _cgroup_dirs(pod_id)
     rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    # Nothing of the pod runs once it is stopped: its cgroups and the namespaces CNI DEL does not enter
+    # went with StopPodSandbox; the network namespace stays until RemovePodSandbox.
+    assert {p.name for p in pins.iterdir()} == {"network"}
+    assert _cgroup_dirs(pod_id) == []
     rt.client.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))  # idempotent
     st = rt.client.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id))
     assert st.status.state == pb.SANDBOX_NOTREADY
