@@ -8,6 +8,7 @@ import os
 import secrets
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,6 +68,10 @@ def test_a_frozen_cgroup_is_left_to_runc_untouched(tmp_path: Path, cgroup: Path)
     p = start_in(cgroup)
     try:
         (cgroup / "freezer.state").write_text("FROZEN")
+        deadline = time.monotonic() + 10
+        while (cgroup / "freezer.state").read_text().strip() != "FROZEN":  # FREEZING while tasks settle
+            assert time.monotonic() < deadline, "the test's cgroup did not freeze"
+            time.sleep(0.01)
         state_for(tmp_path, "c1", cgroup)
         assert "not thawed" in cgroup_kill.signal_all(str(tmp_path), "c1", signal.SIGKILL)
         assert (cgroup / "freezer.state").read_text().strip() == "FROZEN"  # still paused
