@@ -23,7 +23,6 @@ from shimd import cgroups, config, mounts, state_fs
 from shimd.network import cni
 
 OK, WARN, FAIL = "ok", "warn", "fail"
-PAUSE_BINARY = "/usr/bin/catatonit"
 KUBELET_CONFIG = Path("/var/lib/kubelet/config.yaml")
 PROBE_TIMEOUT = 10.0
 MIN_FREE_BYTES = 2 << 30  # below this, pulls and writable layers start failing on a busy node
@@ -164,9 +163,9 @@ async def check_handler(cfg: config.Config, h: config.HandlerConfig) -> list[Fin
 
 
 def check_pause() -> list[Finding]:
-    if os.access(PAUSE_BINARY, os.X_OK):
-        return [_ok("pause", f"{PAUSE_BINARY} present (pods with a shared PID namespace, runsc, Kata)")]
-    return [_fail("pause", f"{PAUSE_BINARY} missing: pods sharing a PID namespace and sandboxed runtimes "
+    if os.access(config.PAUSE_BINARY, os.X_OK):
+        return [_ok("pause", f"{config.PAUSE_BINARY} present (pods with a shared PID namespace, runsc, Kata)")]
+    return [_fail("pause", f"{config.PAUSE_BINARY} missing: pods sharing a PID namespace and sandboxed runtimes "
                            "cannot start", "apt-get install catatonit")]
 
 

@@ -19,6 +19,8 @@ CGROUP_DRIVERS = ("cgroupfs", "systemd")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 RUNSC_PLATFORMS = ("systrap", "ptrace", "kvm")
 RUNSC_NETWORKS = ("host", "none", "sandbox")
+# The pause process of pods sharing a PID namespace and of sandboxed runtimes (Debian's catatonit package).
+PAUSE_BINARY = "/usr/bin/catatonit"
 
 
 class ConfigError(Exception):

@@ -23,6 +23,7 @@ import betterproto
 from shimd import cgroups, errors, events, fsutil, log, mounts, pod_limits, tasks
 from shimd.api import dicts
 from shimd.api.runtime import v1 as cri
+from shimd.config import PAUSE_BINARY
 from shimd.network import files as podfiles
 from shimd.network import namespaces
 from shimd.network.model import DnsSettings, PodNetworkRequest, PodNetworkResult, PortMapping, PreparedNetwork
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from shimd.shimmgr.manager import ShimManager
     from shimd.store.store import Store
 
-PAUSE_BINARY = "/usr/bin/catatonit"
 SHM_SIZE = "size=65536k"
 # Characters of the pod id that name a pod whose metadata name is no hostname (CRI-O uses as many).
 _PROTOCOLS = {cri.Protocol.TCP: "tcp", cri.Protocol.UDP: "udp", cri.Protocol.SCTP: "sctp"}
