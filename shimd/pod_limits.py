@@ -32,8 +32,8 @@ class PodLimits:
 
 def combine(resources: cri.LinuxContainerResources | None, overhead: cri.LinuxContainerResources | None) -> PodLimits:
     """The pod's limits: its containers' sum plus the overhead; a value the sum leaves unlimited stays so."""
-    res = resources or cri.LinuxContainerResources()
-    ovh = overhead or cri.LinuxContainerResources()
+    res = resources if resources is not None else cri.LinuxContainerResources()
+    ovh = overhead if overhead is not None else cri.LinuxContainerResources()
     period = res.cpu_period or DEFAULT_PERIOD
     quota = 0
     if res.cpu_quota > 0:

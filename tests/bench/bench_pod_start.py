@@ -5,7 +5,11 @@ from a local registry and the same CNI config (loopback-only or a private NAT'ed
 
   * N pods sequentially, then N in parallel, each RunPodSandbox + CreateContainer + StartContainer:
     p50/p95 per call and end to end;
-  * daemon RSS idle and with --rss-pods pods (sandboxes only);
+  * daemon RSS idle and with --rss-pods pods (each with a running container), and at that many pods the
+    per-pod node memory: the shims' PSS summed, over the pods, plus the daemon's growth per pod (then
+    also the pause processes' PSS). This is the figure to compare: the one-shim PSS below counts the
+    shim binary's pages as private to that shim (for containerd's Go shim most of its 12 MiB), which
+    with a hundred shims are shared a hundred ways;
   * ListContainers p50 with --containers containers (created, not started) across --list-pods pods
     (one runtime after the other; bench_list times the same with both up and batches interleaved,
     which keeps the machine's drift out of the ratio);
@@ -195,6 +199,8 @@ class Results:
     par_cpu: float = 0.0
     rss_idle_kb: int = 0
     rss_pods_kb: int = 0
+    # With the rss pods up: the PSS of their shims and of their pause processes, summed, and how many pods.
+    pods_mem_kb: dict[str, int] = field(default_factory=dict)
     list_p50_ms: float = 0.0
     list_count: int = 0
     shim_mem: dict[str, int] = field(default_factory=dict)
@@ -212,7 +218,8 @@ class Results:
             n0, t0, b0 = self.phases.get(key, (0.0, 0.0, []))
             old = dict(b0)
             self.phases[key] = (n0 + n, t0 + total, [(le, c + old.get(le, 0.0)) for le, c in buckets])
-        for name in ("seq_cpu", "par_cpu", "rss_idle_kb", "rss_pods_kb", "list_p50_ms", "list_count", "shim_mem"):
+        for name in ("seq_cpu", "par_cpu", "rss_idle_kb", "rss_pods_kb", "pods_mem_kb", "list_p50_ms", "list_count",
+                     "shim_mem"):
             if getattr(other, name):
                 setattr(self, name, getattr(other, name))
 
@@ -353,6 +360,28 @@ def smaps_kb(pid: int) -> dict[str, int]:
     out["Private"] = out.pop("Private_Clean", 0) + out.pop("Private_Dirty", 0)
     return out
 
+
+
+def pods_memory_kb(pod_ids: list[str]) -> dict[str, int]:
+    """PSS summed over the pods' shims, and over their pause processes (a shim's child named catatonit,
+    containerd's pause image, or pause, shimd's pause task), with the number of pods."""
+    out = {"pods": len(pod_ids), "shims": 0, "pause": 0}
+    for pod_id in pod_ids:
+        for shim in shim_pids(pod_id):
+            out["shims"] += smaps_kb(shim)["Pss"]
+            for child in _children(shim):
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{child}/comm").read_text().strip() in ("catatonit", "pause"):
+                        out["pause"] += smaps_kb(child)["Pss"]
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            kids += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    return kids
 
 
 @dataclass
@@ -516,10 +545,12 @@ def measure(rt: Runtime, image: str, pause: str, args: argparse.Namespace, work:
         b.remove_all()
 
         if args.rss_pods:
+            # Pods as kubelet runs them: each with a running container.
             with ThreadPoolExecutor(SETUP_WORKERS) as pool:
-                list(pool.map(lambda i: b.run_pod(f"rss-{i}"), range(args.rss_pods)))
+                ids = list(pool.map(lambda i: b.one_pod_ids(f"rss-{i}"), range(args.rss_pods)))
             time.sleep(args.settle)
             res.rss_pods_kb = status_kb(rt.pid)
+            res.pods_mem_kb = pods_memory_kb([pod_id for pod_id, _ in ids])
             b.remove_all()
 
         if args.containers:
@@ -594,6 +625,15 @@ def report(results: dict[str, Results], args: argparse.Namespace) -> None:
     row("daemon RSS idle", ours.rss_idle_kb / 1024, theirs.rss_idle_kb / 1024, "MiB")
     if args.rss_pods:
         row(f"daemon RSS with {args.rss_pods} pods", ours.rss_pods_kb / 1024, theirs.rss_pods_kb / 1024, "MiB")
+        # The issue's figure: per pod, its shim's PSS plus the daemon's growth, at that many running pods.
+        per_pod = {}
+        for name, r in (("ours", ours), ("theirs", theirs)):
+            n = max(r.pods_mem_kb.get("pods", 0), 1)
+            growth = (r.rss_pods_kb - r.rss_idle_kb) / n
+            per_pod[name] = ((r.pods_mem_kb.get("shims", 0) / n + growth) / 1024,
+                             (r.pods_mem_kb.get("pause", 0) / n) / 1024)
+        row(f"per pod at {args.rss_pods}: shim PSS + daemon growth", per_pod["ours"][0], per_pod["theirs"][0], "MiB")
+        row(f"per pod at {args.rss_pods}: that + pause PSS", sum(per_pod["ours"]), sum(per_pod["theirs"]), "MiB")
     if args.containers:
         row(f"ListContainers p50 ({ours.list_count}/{theirs.list_count} ctrs)", ours.list_p50_ms,
             theirs.list_p50_ms, "ms")
