@@ -5,7 +5,8 @@ from a local registry and the same CNI config (loopback-only or a private NAT'ed
 
   * N pods sequentially, then N in parallel, each RunPodSandbox + CreateContainer + StartContainer:
     p50/p95 per call and end to end;
-  * daemon RSS idle and with --rss-pods pods (each with a running container), and at that many pods the
+  * after the timing rounds, in a pass of its own: daemon RSS idle and with --rss-pods pods (each with a
+    running container), and at that many pods the
     per-pod node memory: the shims' PSS summed, over the pods, plus the daemon's growth per pod (then
     also the pause processes' PSS). This is the figure to compare: the one-shim PSS below counts the
     shim binary's pages as private to that shim (for containerd's Go shim most of its 12 MiB), which
@@ -495,7 +496,11 @@ def machine_cpu_s() -> float:
     return (sum(fields[:3]) + sum(fields[5:7])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(rt: Runtime, image: str, pause: str, args: argparse.Namespace, work: Path) -> Results:
+def measure(rt: Runtime, image: str, pause: str, args: argparse.Namespace, work: Path, timing: bool = True,
+            sizing: bool = True) -> Results:
+    """timing: the latency phases; sizing: memory and the ListContainers fill, which leave hundreds of
+    freed inodes behind on a disk filesystem (ext4 without a journal then scans past them for 30 s), so
+    main() runs them in a pass of their own after every timing round."""
     res = Results()
     client = rt.start()
     b = Bench(client, image, work / f"logs-{rt.name}", args.network == "host", args.pid == "pod")
@@ -508,65 +513,67 @@ def measure(rt: Runtime, image: str, pause: str, args: argparse.Namespace, work:
         time.sleep(1)
         res.rss_idle_kb = status_kb(rt.pid)
 
-        phases0 = phase_snapshot(rt)
-        cpu0 = machine_cpu_s()
-        for i in range(args.pods):
-            for k, v in b.one_pod(f"seq-{i}").items():
-                res.seq[k].append(v)
-        res.seq_cpu = (machine_cpu_s() - cpu0) / args.pods
-        res.list_pods_ms = [t * 1000 for t in b.list_pods(args.list_runs)]
-        for p in b.c.runtime.ListPodSandbox(b.pb.ListPodSandboxRequest(), timeout=60).items:
-            stop, remove = b.stop_remove(p.id)
-            res.down["StopPodSandbox"].append(stop)
-            res.down["RemovePodSandbox"].append(remove)
-        res.phases = phase_delta(phases0, phase_snapshot(rt))
-        for i in range(args.pods):
-            res.down["teardown-4"].append(b.teardown_four(*b.one_pod_ids(f"down-{i}")))
+        if timing:
+            phases0 = phase_snapshot(rt)
+            cpu0 = machine_cpu_s()
+            for i in range(args.pods):
+                for k, v in b.one_pod(f"seq-{i}").items():
+                    res.seq[k].append(v)
+            res.seq_cpu = (machine_cpu_s() - cpu0) / args.pods
+            res.list_pods_ms = [t * 1000 for t in b.list_pods(args.list_runs)]
+            for p in b.c.runtime.ListPodSandbox(b.pb.ListPodSandboxRequest(), timeout=60).items:
+                stop, remove = b.stop_remove(p.id)
+                res.down["StopPodSandbox"].append(stop)
+                res.down["RemovePodSandbox"].append(remove)
+            res.phases = phase_delta(phases0, phase_snapshot(rt))
+            for i in range(args.pods):
+                res.down["teardown-4"].append(b.teardown_four(*b.one_pod_ids(f"down-{i}")))
 
-        t0, cpu0 = time.perf_counter(), machine_cpu_s()
-        with ThreadPoolExecutor(PARALLEL_WORKERS) as pool:
-            for one in pool.map(lambda i: b.one_pod(f"par-{i}"), range(args.pods)):
-                for k, v in one.items():
-                    res.par[k].append(v)
-        res.par_wall = time.perf_counter() - t0
-        res.par_walls = [res.par_wall]
-        res.par_cpu = (machine_cpu_s() - cpu0) / args.pods
-        b.remove_all()
+            t0, cpu0 = time.perf_counter(), machine_cpu_s()
+            with ThreadPoolExecutor(PARALLEL_WORKERS) as pool:
+                for one in pool.map(lambda i: b.one_pod(f"par-{i}"), range(args.pods)):
+                    for k, v in one.items():
+                        res.par[k].append(v)
+            res.par_wall = time.perf_counter() - t0
+            res.par_walls = [res.par_wall]
+            res.par_cpu = (machine_cpu_s() - cpu0) / args.pods
+            b.remove_all()
 
-        # One pod's shim with one running container.
-        pod_id, cfg = b.run_pod("shim-mem")
-        b.start(b.create(pod_id, cfg, "main", ["sleep", "3600"]))
-        time.sleep(args.settle)
-        pids = shim_pids(pod_id)
-        if len(pids) == 1:
-            res.shim_mem = smaps_kb(pids[0])
-        else:
-            print(f"[{rt.name}] shim of pod {pod_id} not identified: {pids}")
-        b.remove_all()
-
-        if args.rss_pods:
-            # Pods as kubelet runs them: each with a running container.
-            with ThreadPoolExecutor(SETUP_WORKERS) as pool:
-                ids = list(pool.map(lambda i: b.one_pod_ids(f"rss-{i}"), range(args.rss_pods)))
+        if sizing:
+            # One pod's shim with one running container.
+            pod_id, cfg = b.run_pod("shim-mem")
+            b.start(b.create(pod_id, cfg, "main", ["sleep", "3600"]))
             time.sleep(args.settle)
-            res.rss_pods_kb = status_kb(rt.pid)
-            res.pods_mem_kb = pods_memory_kb([pod_id for pod_id, _ in ids])
+            pids = shim_pids(pod_id)
+            if len(pids) == 1:
+                res.shim_mem = smaps_kb(pids[0])
+            else:
+                print(f"[{rt.name}] shim of pod {pod_id} not identified: {pids}")
             b.remove_all()
 
-        if args.containers:
-            b.fill_containers(args.containers, args.list_pods)
-            req = client.pb.ListContainersRequest()
-            # kubelet lists every second on one long-lived connection: time that steady state, after
-            # the same warm-up for both runtimes (the client's HTTP/2 window grows over the first calls).
-            for _ in range(args.list_warmup):
-                client.runtime.ListContainers(req, timeout=60)
-            times = []
-            for _ in range(args.list_runs):
-                t0 = time.perf_counter()
-                res.list_count = len(client.runtime.ListContainers(req, timeout=60).containers)
-                times.append(time.perf_counter() - t0)
-            res.list_p50_ms = statistics.median(times) * 1000
-            b.remove_all()
+            if args.rss_pods:
+                # Pods as kubelet runs them: each with a running container.
+                with ThreadPoolExecutor(SETUP_WORKERS) as pool:
+                    ids = list(pool.map(lambda i: b.one_pod_ids(f"rss-{i}"), range(args.rss_pods)))
+                time.sleep(args.settle)
+                res.rss_pods_kb = status_kb(rt.pid)
+                res.pods_mem_kb = pods_memory_kb([pod_id for pod_id, _ in ids])
+                b.remove_all()
+
+            if args.containers:
+                b.fill_containers(args.containers, args.list_pods)
+                req = client.pb.ListContainersRequest()
+                # kubelet lists every second on one long-lived connection: time that steady state, after
+                # the same warm-up for both runtimes (the client's HTTP/2 window grows over the first calls).
+                for _ in range(args.list_warmup):
+                    client.runtime.ListContainers(req, timeout=60)
+                times = []
+                for _ in range(args.list_runs):
+                    t0 = time.perf_counter()
+                    res.list_count = len(client.runtime.ListContainers(req, timeout=60).containers)
+                    times.append(time.perf_counter() - t0)
+                res.list_p50_ms = statistics.median(times) * 1000
+                b.remove_all()
     except BaseException:
         # Never leave pods (and their shims, netns, cgroups) behind a failed run.
         with contextlib.suppress(Exception):
@@ -691,12 +698,24 @@ def main() -> None:
                 (conf_dir / "10-bench.conflist").write_text(json.dumps(conf))
                 print(f"round {r}: measuring {name} ...", flush=True)
                 try:
-                    res = measure(make(work / f"{name}-{r}", conf_dir), image, pause, args, work / f"{name}-{r}")
+                    res = measure(make(work / f"{name}-{r}", conf_dir), image, pause, args, work / f"{name}-{r}",
+                                  sizing=False)
                 except grpc.RpcError as e:
                     # containerd 1.6 insists on an address for eth0, which a loopback-only network never gives.
                     print(f"[{name}] cannot run this benchmark: {e.code().name}: {e.details()}")
                     res = Results()
                 results.setdefault(name, Results()).merge(res)
+        for name, make in makers:
+            if args.only and name != args.only:
+                continue
+            (work / f"{name}-sizes").mkdir()
+            conf_dir = work / f"net.d-{name}-sizes"
+            conf_dir.mkdir()
+            (conf_dir / "10-bench.conflist").write_text(json.dumps(conf))
+            print(f"memory and lists: measuring {name} ...", flush=True)
+            with contextlib.suppress(grpc.RpcError):  # reported by the timing rounds already
+                results[name].merge(measure(make(work / f"{name}-sizes", conf_dir), image, pause, args,
+                                            work / f"{name}-sizes", timing=False))
     report(results, args)
 
 

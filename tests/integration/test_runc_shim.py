@@ -520,6 +520,21 @@ def runc_wrapper(env: ShimEnv) -> tuple[Path, Path]:
     return wrapper, calls
 
 
+async def create_started(shim: Shim, opts: pb.Any, name: str, args: list[str], pid_ns: str = "") -> int:
+    """A started task through the shim with these runc options; pid_ns: a PID namespace it joins."""
+    b = shim.env.bundle(name, args)
+    if pid_ns:
+        spec = json.loads((b / "config.json").read_text())
+        spec["linux"]["namespaces"] = [{"type": "pid", "path": pid_ns} if n["type"] == "pid" else n
+                                       for n in spec["linux"]["namespaces"]]
+        (b / "config.json").write_text(json.dumps(spec))
+    pid = (await shim.c.create(task.CreateTaskRequest(
+        id=name, bundle=str(b), options=opts, rootfs=[ctypes.Mount(**m) for m in shim.env.overlay(name)]),
+        timeout=T)).pid
+    await shim.c.start(task.StartRequest(id=name), timeout=T)
+    return pid
+
+
 async def test_a_reaped_container_is_deleted_without_runc_and_leaves_what_runc_delete_leaves(shim: Shim) -> None:
     """Delete of a container whose init the shim reaped removes its cgroups (sub-cgroups too) and runc's
     state itself (shims/runc/reaped_delete.py); a spec with a poststop hook goes to `runc delete`, the
@@ -607,17 +622,7 @@ async def test_a_reaped_container_sharing_a_pid_namespace_is_deleted_without_run
         root=str(shim.env.runc_root), binary_name=str(wrapper))))
 
     async def create(name: str, args: list[str], pid_ns: str = "") -> int:
-        b = shim.env.bundle(name, args)
-        if pid_ns:
-            spec = json.loads((b / "config.json").read_text())
-            spec["linux"]["namespaces"] = [{"type": "pid", "path": pid_ns} if n["type"] == "pid" else n
-                                           for n in spec["linux"]["namespaces"]]
-            (b / "config.json").write_text(json.dumps(spec))
-        pid = (await shim.c.create(task.CreateTaskRequest(
-            id=name, bundle=str(b), options=opts, rootfs=[ctypes.Mount(**m) for m in shim.env.overlay(name)]),
-            timeout=T)).pid
-        await shim.c.start(task.StartRequest(id=name), timeout=T)
-        return pid
+        return await create_started(shim, opts, name, args, pid_ns)
 
     holder = await create("holder", ["sleep", "1000"])
     ns = f"/proc/{holder}/ns/pid"
@@ -651,17 +656,7 @@ async def test_sigkill_to_all_of_a_container_sharing_a_pid_namespace_is_sent_wit
         root=str(shim.env.runc_root), binary_name=str(wrapper))))
 
     async def create(name: str, args: list[str], pid_ns: str = "") -> int:
-        b = shim.env.bundle(name, args)
-        if pid_ns:
-            spec = json.loads((b / "config.json").read_text())
-            spec["linux"]["namespaces"] = [{"type": "pid", "path": pid_ns} if n["type"] == "pid" else n
-                                           for n in spec["linux"]["namespaces"]]
-            (b / "config.json").write_text(json.dumps(spec))
-        pid = (await shim.c.create(task.CreateTaskRequest(
-            id=name, bundle=str(b), options=opts, rootfs=[ctypes.Mount(**m) for m in shim.env.overlay(name)]),
-            timeout=T)).pid
-        await shim.c.start(task.StartRequest(id=name), timeout=T)
-        return pid
+        return await create_started(shim, opts, name, args, pid_ns)
 
     async def processes(name: str, count: int) -> list[int]:
         deadline = time.monotonic() + 10
