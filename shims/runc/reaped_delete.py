@@ -27,6 +27,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is not loaded at run time: every shim would carry it
     from typing import Any
 
+
 def spec_allows(spec: dict[str, Any], binary: str, systemd_cgroup: bool) -> bool:
     """Whether a container of this spec, run by this runtime binary, may be deleted here once reaped."""
     if not runc_state.plain_runc(binary, systemd_cgroup):
@@ -48,7 +49,6 @@ def remove(root: str, cid: str, own_pid_ns: bool) -> str:
     if left:
         return f"cgroups still busy: {left}"
     return _remove_state_dir(os.path.join(root, cid))
-
 
 
 def _remove_state_dir(state_dir: str) -> str:

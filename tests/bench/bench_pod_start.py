@@ -6,11 +6,10 @@ from a local registry and the same CNI config (loopback-only or a private NAT'ed
   * N pods sequentially, then N in parallel, each RunPodSandbox + CreateContainer + StartContainer:
     p50/p95 per call and end to end;
   * after the timing rounds, in a pass of its own: daemon RSS idle and with --rss-pods pods (each with a
-    running container), and at that many pods the
-    per-pod node memory: the shims' PSS summed, over the pods, plus the daemon's growth per pod (then
-    also the pause processes' PSS). This is the figure to compare: the one-shim PSS below counts the
-    shim binary's pages as private to that shim (for containerd's Go shim most of its 12 MiB), which
-    with a hundred shims are shared a hundred ways;
+    running container), and at that many pods the per-pod node memory: the shims' PSS summed over the
+    pods, plus the daemon's growth per pod (then also the pause processes' PSS). This is the figure to
+    compare: the one-shim PSS below counts the shim binary's pages as private to that shim (for
+    containerd's Go shim most of its 12 MiB), which with a hundred shims are shared a hundred ways;
   * ListContainers p50 with --containers containers (created, not started) across --list-pods pods
     (one runtime after the other; bench_list times the same with both up and batches interleaved,
     which keeps the machine's drift out of the ratio);
@@ -500,7 +499,7 @@ def measure(rt: Runtime, image: str, pause: str, args: argparse.Namespace, work:
             sizing: bool = True) -> Results:
     """timing: the latency phases; sizing: memory and the ListContainers fill, which leave hundreds of
     freed inodes behind on a disk filesystem (ext4 without a journal then scans past them for 30 s), so
-    main() runs them in a pass of their own after every timing round."""
+    main() runs them in a pass of their own after all the timing rounds."""
     res = Results()
     client = rt.start()
     b = Bench(client, image, work / f"logs-{rt.name}", args.network == "host", args.pid == "pod")
@@ -686,20 +685,25 @@ def main() -> None:
             ("shimd", lambda base, d: Shimd(base, reg, d)),
             ("containerd", lambda base, d: Containerd(base, reg, d, pause)),
         ]
+
+        def fresh(name: str, make: Callable[[Path, Path], Runtime], tag: str) -> tuple[Runtime, Path]:
+            """A runtime of its own directory and CNI config directory (named by tag) for one measure()."""
+            base, conf_dir = work / f"{name}-{tag}", work / f"net.d-{name}-{tag}"
+            base.mkdir()
+            conf_dir.mkdir()
+            (conf_dir / "10-bench.conflist").write_text(json.dumps(conf))
+            return make(base, conf_dir), base
+
         for r in range(args.rounds):
             # Alternate which runtime goes first, so the machine's drift over a run hits both alike.
             for name, make in (makers if r % 2 == 0 else makers[::-1]):
                 if args.only and name != args.only:
                     results.setdefault(name, Results())
                     continue
-                (work / f"{name}-{r}").mkdir()
-                conf_dir = work / f"net.d-{name}-{r}"
-                conf_dir.mkdir()
-                (conf_dir / "10-bench.conflist").write_text(json.dumps(conf))
                 print(f"round {r}: measuring {name} ...", flush=True)
                 try:
-                    res = measure(make(work / f"{name}-{r}", conf_dir), image, pause, args, work / f"{name}-{r}",
-                                  sizing=False)
+                    rt, base = fresh(name, make, str(r))
+                    res = measure(rt, image, pause, args, base, sizing=False)
                 except grpc.RpcError as e:
                     # containerd 1.6 insists on an address for eth0, which a loopback-only network never gives.
                     print(f"[{name}] cannot run this benchmark: {e.code().name}: {e.details()}")
@@ -708,14 +712,10 @@ def main() -> None:
         for name, make in makers:
             if args.only and name != args.only:
                 continue
-            (work / f"{name}-sizes").mkdir()
-            conf_dir = work / f"net.d-{name}-sizes"
-            conf_dir.mkdir()
-            (conf_dir / "10-bench.conflist").write_text(json.dumps(conf))
             print(f"memory and lists: measuring {name} ...", flush=True)
+            rt, base = fresh(name, make, "sizes")
             with contextlib.suppress(grpc.RpcError):  # reported by the timing rounds already
-                results[name].merge(measure(make(work / f"{name}-sizes", conf_dir), image, pause, args,
-                                            work / f"{name}-sizes", timing=False))
+                results[name].merge(measure(rt, image, pause, args, base, timing=False))
     report(results, args)
 
 
