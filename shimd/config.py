@@ -8,6 +8,7 @@ the key and why, because a silently ignored typo in a runtime's config is a prod
 from __future__ import annotations
 
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,13 @@ class MetricsConfig:
 
 
 @dataclass
+class TracingConfig:
+    endpoint: str = ""  # "" = no tracing; else an OTLP/HTTP collector's base URL
+    sampling_ratio: float = 1.0  # calls traced when the caller sent no sampling decision
+    service_name: str = "shimd"
+
+
+@dataclass
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     handlers: dict[str, HandlerConfig] = field(default_factory=dict)
@@ -113,6 +121,7 @@ class Config:
     cni: CniConfig = field(default_factory=CniConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     source: str = "<defaults>"
 
 
@@ -182,6 +191,11 @@ token_ttl_seconds = 60.0               # how long an exec/attach/port-forward UR
 
 [metrics]
 address = ""                           # Prometheus /metrics, e.g. "127.0.0.1:10257"; "" = off
+
+[tracing]
+endpoint = ""                          # OTLP/HTTP collector for CRI call spans, e.g. "http://127.0.0.1:4318"; "" = off
+sampling_ratio = 1.0                   # share of calls traced when the caller (kubelet) sent no sampling decision
+service_name = "shimd"                 # the spans' service.name
 """
 
 
@@ -329,6 +343,26 @@ def _metrics(source: str, raw: Any) -> MetricsConfig:
     return cfg
 
 
+def _tracing(source: str, raw: Any) -> TracingConfig:
+    r, d = _Reader(source, "tracing", raw), TracingConfig()
+    cfg = TracingConfig(
+        endpoint=r.take("endpoint", str, d.endpoint),
+        sampling_ratio=float(r.take("sampling_ratio", (int, float), d.sampling_ratio)),
+        service_name=r.take("service_name", str, d.service_name),
+    )
+    r.done()
+    if cfg.endpoint:
+        url = urllib.parse.urlsplit(cfg.endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
+            raise ConfigError(source, "tracing.endpoint",
+                              f"must be empty or an http(s) URL of an OTLP/HTTP collector, got {cfg.endpoint!r}")
+    if not 0.0 <= cfg.sampling_ratio <= 1.0:
+        raise ConfigError(source, "tracing.sampling_ratio", f"must be between 0 and 1, got {cfg.sampling_ratio!r}")
+    if not cfg.service_name:
+        raise ConfigError(source, "tracing.service_name", "must not be empty")
+    return cfg
+
+
 def parse(data: dict[str, Any], source: str = "<config>") -> Config:
     top = _Reader(source, "", data)
     daemon = _daemon(source, top.take("daemon", dict, {}))
@@ -344,6 +378,7 @@ def parse(data: dict[str, Any], source: str = "<config>") -> Config:
         cni=_cni(source, top.take("cni", dict, {})),
         streaming=_streaming(source, top.take("streaming", dict, {})),
         metrics=_metrics(source, top.take("metrics", dict, {})),
+        tracing=_tracing(source, top.take("tracing", dict, {})),
         source=source,
     )
     top.done()

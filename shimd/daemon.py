@@ -32,6 +32,8 @@ from shimd.socket_guard import SocketGuard
 from shimd.stats.collector import StatsCollector
 from shimd.store.store import Store
 from shimd.streaming.server import StreamingServer
+from shimd.tracing import Tracing
+from shimd.tracing import configure as configure_tracing
 
 
 class Daemon:
@@ -56,6 +58,7 @@ class Daemon:
         self.streaming: StreamingServer | None = None
         self.stats: StatsCollector = None  # type: ignore[assignment]
         self.metrics: MetricsServer | None = None
+        self.tracing: Tracing | None = None
 
     async def _build(self) -> None:
         self.images = ImageManager(self.cfg, self.root / "images")
@@ -71,6 +74,9 @@ class Daemon:
         await self.runtimes.probe()
         self.stats = StatsCollector(self.store, self.cfg.daemon.cgroup_driver, sampler_for=self.runtimes.sampler_for)
         self.metrics = await start_metrics(self.cfg.metrics.address, lambda: self.store)
+        # In a thread: with an endpoint configured, OpenTelemetry's SDK and exporter are imported now.
+        self.tracing = await asyncio.to_thread(configure_tracing, self.cfg.tracing)
+        dispatch.set_tracer(self.tracing.call_ended if self.tracing is not None else None)
         hugetlb = await asyncio.to_thread(cgroups.hugetlb_usable)
         # kubelet sends hugepage limits for every container; runc fails on them without the controller.
         self.log.info("hugetlb controller probed", usable=hugetlb,
@@ -156,6 +162,9 @@ class Daemon:
             await asyncio.to_thread(release_base_dir, self.state / "ns")
         if self.images is not None:
             await self.images.close()
+        dispatch.set_tracer(None)
+        if self.tracing is not None:
+            await self.tracing.close()  # the last calls' spans are exported
 
     async def stop(self) -> None:
         sdnotify.stopping()

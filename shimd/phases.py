@@ -15,7 +15,8 @@ under `side_branch()`: its marks time its own steps from the branch's start and 
 
 At the end of a call its breakdown goes to one debug log line and, for calls that succeeded, to the
 observers (the Prometheus histogram shimd_phase_duration_seconds{rpc,phase}; overlapped phases
-included, so a call's phases there may add up to more than its duration).
+included, so a call's phases there may add up to more than its duration). With `record_intervals()`
+(tracing is on) each mark also keeps when its step began and ended, for the call's trace spans.
 """
 
 from __future__ import annotations
@@ -35,12 +36,22 @@ Observer = Callable[[str, dict[str, float]], None]  # (rpc, seconds by phase)
 _observers: list[Observer] = []
 _current: ContextVar[Phases | None] = ContextVar("shimd_phases", default=None)
 _log = log.get("phases")
+_record_intervals = False
+
+# One step of a call as a trace span shows it: (phase, began, ended, overlapped), times from perf_counter.
+Interval = tuple[str, float, float, bool]
+
+
+def record_intervals() -> None:
+    """From now on every call keeps its steps' intervals (Phases.intervals): for tracing.configure."""
+    global _record_intervals
+    _record_intervals = True
 
 
 class Phases:
     """The phases of one call, in the order they first ended; a phase marked twice adds up."""
 
-    __slots__ = ("_last", "_parent", "closed", "context", "overlapped", "rpc", "started", "steps")
+    __slots__ = ("_last", "_parent", "closed", "context", "intervals", "overlapped", "rpc", "started", "steps")
 
     def __init__(self, rpc: str, parent: Phases | None = None) -> None:
         self.rpc = rpc
@@ -50,13 +61,17 @@ class Phases:
         self.context: dict[str, str] = {}
         self.closed = False
         self._parent = parent
+        self.intervals: list[Interval] | None = [] if _record_intervals and parent is None else None
 
     def mark(self, name: str) -> None:
         if self.closed or (self._parent is not None and self._parent.closed):
             return
         now = time.perf_counter()
-        into = self.steps if self._parent is None else self._parent.overlapped
+        main = self if self._parent is None else self._parent
+        into = self.steps if self._parent is None else main.overlapped
         into[name] = into.get(name, 0.0) + (now - self._last)
+        if main.intervals is not None:
+            main.intervals.append((name, self._last, now, self._parent is not None))
         self._last = now
 
     def finish(self) -> float:
@@ -78,13 +93,14 @@ def begin(rpc: str) -> Token[Phases | None] | None:
     return _current.set(Phases(rpc))
 
 
-def end(token: Token[Phases | None] | None, status: str) -> None:
+def end(token: Token[Phases | None] | None, status: str) -> Phases | None:
+    """Closes the call begin() started (logs and observes it) and returns it: None for an untimed call."""
     if token is None:
-        return
+        return None
     p = _current.get()
     _current.reset(token)
     if p is None:
-        return
+        return None
     total = p.finish()
     extra = {"overlapped": {name: round(s * 1000, 3) for name, s in p.overlapped.items()}} if p.overlapped else {}
     _log.debug("rpc phases", rpc=p.rpc, status=status, total_ms=round(total * 1000, 3),
@@ -97,6 +113,7 @@ def end(token: Token[Phases | None] | None, status: str) -> None:
                 steps[name] = steps.get(name, 0.0) + s
         for obs in _observers:
             obs(p.rpc, steps)
+    return p
 
 
 def phase(name: str) -> None:

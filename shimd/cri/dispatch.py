@@ -22,6 +22,7 @@ from grpclib.encoding.proto import ProtoCodec
 
 from shimd import errors, log, phases
 from shimd.cri import grpc_server, wire
+from shimd.cri.unary import TRACE_HEADERS
 
 _STATUS: dict[type[errors.ShimdError], Status] = {
     errors.InvalidArgument: Status.INVALID_ARGUMENT,
@@ -44,6 +45,27 @@ def add_observer(fn: Observer) -> None:
     _observers.append(fn)
 
 
+# (gRPC path without its leading slash, status name, start and end in ns since the epoch, the client's
+# trace context headers or None, the call's phases when it is timed): shimd.tracing.Tracing.call_ended.
+CallTracer = Callable[[str, str, int, int, "dict[str, str] | None", "phases.Phases | None"], None]
+_tracer: CallTracer | None = None
+
+
+def set_tracer(fn: CallTracer | None) -> None:
+    """Every RPC that ends from now on is handed to fn (None: to nothing)."""
+    global _tracer
+    _tracer = fn
+
+
+def _trace_headers(stream: Any) -> dict[str, str] | None:
+    """The trace context the client sent: kept by the unary fast path, else in grpclib's request metadata."""
+    if hasattr(stream, "trace_headers"):
+        return stream.trace_headers  # type: ignore[no-any-return]
+    metadata = getattr(stream, "metadata", None) or {}
+    found = {name: metadata[name] for name in TRACE_HEADERS if isinstance(metadata.get(name), str)}
+    return found or None
+
+
 def status_for(exc: BaseException) -> tuple[Status, str]:
     for cls in type(exc).__mro__:
         if cls in _STATUS:
@@ -61,12 +83,15 @@ _IN_PLACE = frozenset({"Version", "Status", "ListPodSandbox", "ListContainers", 
 _UNREAD_FIELDS = {"CreateContainer": frozenset({3})}  # sandbox_config: shimd has the pod's own record
 
 
-def _wrap(method: str, func: Callable[[grpclib.server.Stream], Awaitable[None]],
+def _wrap(path: str, func: Callable[[grpclib.server.Stream], Awaitable[None]],
           max_message: int) -> Callable[..., Awaitable[None]]:
+    full_method = path.lstrip("/")
+    method = full_method.rsplit("/", 1)[-1]
     logger = log.get("cri", method=method)
 
     async def handler(stream: grpclib.server.Stream) -> None:
         start = time.monotonic()
+        started_ns = time.time_ns() if _tracer is not None else 0
         outcome = "OK"
         timing = phases.begin(method)
         _checked_decoding(stream, method, max_message)
@@ -103,10 +128,15 @@ def _wrap(method: str, func: Callable[[grpclib.server.Stream], Awaitable[None]],
             raise grpclib.GRPCError(Status.INTERNAL, f"{method}: internal error: {e}") from None
         finally:
             elapsed = time.monotonic() - start
-            phases.end(timing, outcome)
+            timed = phases.end(timing, outcome)
             logger.debug("rpc", status=outcome, seconds=round(elapsed, 6))
             for obs in _observers:
                 obs(method, outcome, elapsed)
+            if _tracer is not None and started_ns:
+                try:
+                    _tracer(full_method, outcome, started_ns, time.time_ns(), _trace_headers(stream), timed)
+                except Exception as e:  # a trace is never worth a call's answer
+                    logger.warning("tracing the call failed", error=repr(e))
 
     handler.reads_request_body = True  # type: ignore[attr-defined]  # unary.py may serve it: see _checked_decoding
     handler.starts_in_place = method in _IN_PLACE  # type: ignore[attr-defined]
@@ -229,7 +259,7 @@ def mapping(service: Any, max_message: int = DEFAULT_MAX_MESSAGE) -> dict[str, g
     """The service's own mapping, each handler wrapped."""
     out: dict[str, grpclib.const.Handler] = {}
     for path, h in service.__mapping__().items():
-        out[path] = grpclib.const.Handler(_wrap(path.rsplit("/", 1)[-1], h.func, max_message), h.cardinality,
+        out[path] = grpclib.const.Handler(_wrap(path, h.func, max_message), h.cardinality,
                                           h.request_type, h.reply_type)
     return out
 

@@ -43,6 +43,8 @@ from shimd.cri import h2_server
 
 _CONTENT_TYPES = frozenset({"application/grpc", "application/grpc+proto"})
 _RESPONSE_HEADERS = ((":status", "200"), ("content-type", "application/grpc+proto"))
+# The W3C trace context a client sends with a call (kubelet with its tracing on): kept for shimd.tracing.
+TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 _OK_TRAILERS = (("grpc-status", "0"),)
 # A body this long is left to grpclib: it hands the window back as it reads, this path only at the end.
 MAX_BUFFERED = 64 * 1024
@@ -55,10 +57,12 @@ log = shimd_log.get("cri.unary")
 class UnaryStream:
     """What a generated unary handler (and dispatch's wrapper around it) uses of grpclib's Stream."""
 
-    __slots__ = ("_codec", "_recv_type", "_send_type", "recv_message", "reply", "request_body")
+    __slots__ = ("_codec", "_recv_type", "_send_type", "recv_message", "reply", "request_body", "trace_headers")
 
-    def __init__(self, body: bytes, recv_type: type, send_type: type, codec: ProtoCodec) -> None:
+    def __init__(self, body: bytes, recv_type: type, send_type: type, codec: ProtoCodec,
+                 trace_headers: dict[str, str] | None = None) -> None:
         self.request_body = body  # the message's bytes, its length prefix already checked
+        self.trace_headers = trace_headers  # TRACE_HEADERS the client sent, None when it sent none
         self._recv_type = recv_type
         self._send_type = send_type
         self._codec = codec
@@ -73,10 +77,13 @@ class UnaryStream:
 
 
 class _Call:
-    __slots__ = ("body", "deadline", "events", "flow", "headers_sent", "method", "path", "size", "task", "window")
+    __slots__ = ("body", "deadline", "events", "flow", "headers_sent", "method", "path", "size", "task", "trace",
+                 "window")
 
-    def __init__(self, path: str, method: Handler, deadline: Deadline | None, request: RequestReceived) -> None:
+    def __init__(self, path: str, method: Handler, deadline: Deadline | None, request: RequestReceived,
+                 trace: dict[str, str] | None = None) -> None:
         self.path = path
+        self.trace = trace
         self.method = method
         self.deadline = deadline
         self.events: list[Event] = [request]  # what grpclib gets if the call turns out unusual
@@ -154,6 +161,7 @@ class UnaryCalls:
         headers = event.headers
         path = method = content_type = te = None
         timeout = binary = False
+        trace: dict[str, str] | None = None
         for name, value in headers:  # type: ignore[union-attr]
             if name == ":path":
                 path = value
@@ -167,6 +175,10 @@ class UnaryCalls:
                 timeout = True
             elif name.endswith("-bin"):  # type: ignore[union-attr]
                 binary = True
+            elif name in TRACE_HEADERS:
+                if trace is None:
+                    trace = {}
+                trace[name] = value  # type: ignore[index]
         handler = self._methods.get(path) if path is not None else None  # type: ignore[arg-type]
         if handler is None or method != "POST" or content_type not in _CONTENT_TYPES or te != "trailers":
             return False
@@ -181,7 +193,7 @@ class UnaryCalls:
                 decode_metadata(headers)  # type: ignore[arg-type]
             except Exception:  # grpclib's handler fails on it its own way
                 return False
-        self._calls[event.stream_id] = _Call(path, handler, deadline, event)  # type: ignore[arg-type]
+        self._calls[event.stream_id] = _Call(path, handler, deadline, event, trace)  # type: ignore[arg-type]
         return True
 
     def _hand_over(self, stream_id: int, call: _Call) -> None:
@@ -264,7 +276,7 @@ class UnaryCalls:
 
     async def _run(self, call: _Call, body: bytes, timed: bool) -> tuple[Status, str | None, bytes | None]:
         method = call.method
-        stream = UnaryStream(body, method.request_type, method.reply_type, self._codec)
+        stream = UnaryStream(body, method.request_type, method.reply_type, self._codec, call.trace)
         func: Callable[[UnaryStream], Coroutine[Any, Any, None]] = method.func
         try:
             if call.deadline is None or not timed:

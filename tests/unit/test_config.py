@@ -18,6 +18,13 @@ def test_defaults() -> None:
     assert cfg.daemon.default_handler == "runc"
     assert set(cfg.handlers) == {"runc", "runsc"}
     assert cfg.handlers["runc"].root == "/run/shimd/runc"
+    assert cfg.tracing.endpoint == ""  # off unless configured
+
+
+def test_tracing_parses() -> None:
+    cfg = config.parse({"tracing": {"endpoint": "https://otel.example:4318/", "sampling_ratio": 0,
+                                    "service_name": "shimd-node1"}})
+    assert cfg.tracing == config.TracingConfig("https://otel.example:4318/", 0.0, "shimd-node1")
 
 
 @pytest.mark.parametrize(
@@ -39,6 +46,11 @@ def test_defaults() -> None:
         ({"cni": {"bin_dirs": [1]}}, "cni.bin_dirs", "list of strings"),
         ({"streaming": {"address": "nope"}}, "streaming.address", "host:port"),
         ({"streaming": {"tls_cert": "/a"}}, "streaming.tls_cert", "together"),
+        ({"tracing": {"endpoint": "127.0.0.1:4318"}}, "tracing.endpoint", "http(s) URL"),
+        ({"tracing": {"endpoint": "http://c:4318/?x=1"}}, "tracing.endpoint", "http(s) URL"),
+        ({"tracing": {"sampling_ratio": 1.5}}, "tracing.sampling_ratio", "between 0 and 1"),
+        ({"tracing": {"service_name": ""}}, "tracing.service_name", "must not be empty"),
+        ({"tracing": {"endpiont": "http://c"}}, "tracing.endpiont", "unknown key"),
     ],
 )
 def test_errors_name_the_key(data: dict, key: str, why: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -108,3 +109,39 @@ def test_histogram_on_the_metrics_registry() -> None:
     assert 'shimd_phase_duration_seconds_count{phase="runtime_create",rpc="StartContainer"} 2.0' in text
     assert 'shimd_phase_duration_seconds_sum{phase="runtime_start",rpc="StartContainer"} 0.004' in text
     assert 'shimd_phase_duration_seconds_bucket{le="0.025",phase="runtime_create",rpc="StartContainer"} 1.0' in text
+
+
+def test_intervals_are_kept_for_tracing_with_the_side_branch_flagged(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(phases, "_record_intervals", False)
+    token = phases.begin("StopPodSandbox")
+    phases.phase("lock_wait")
+    assert phases.end(token, "OK").intervals is None  # type: ignore[union-attr]  # off unless tracing is on
+
+    monkeypatch.setattr(phases, "_record_intervals", True)
+
+    async def call() -> phases.Phases:
+        token = phases.begin("StopPodSandbox")
+
+        async def branch() -> None:
+            with phases.side_branch():
+                await asyncio.sleep(0.003)
+                phases.phase("cni_del:bridge")
+
+        side = asyncio.create_task(branch())
+        await asyncio.sleep(0.001)
+        phases.phase("stop_containers")
+        await side
+        phases.phase("cni_wait")
+        ended = phases.end(token, "OK")
+        assert ended is not None
+        return ended
+
+    timed = asyncio.run(call())
+    assert timed.intervals is not None
+    names = [(name, overlapped) for name, _, _, overlapped in timed.intervals]
+    assert names == [("stop_containers", False), ("cni_del:bridge", True), ("cni_wait", False), (phases.OTHER, False)]
+    main = [(b, e) for _, b, e, o in timed.intervals if not o]
+    assert main[0][0] == timed.started and all(a[1] == b[0] for a, b in itertools.pairwise(main))
+    (_, began, ended, _), = [i for i in timed.intervals if i[3]]
+    assert began >= timed.started and ended - began >= 0.003
+    assert phases.end(None, "OK") is None  # an untimed call
