@@ -14,6 +14,7 @@ that is down loses spans, never calls. OpenTelemetry is imported only when an en
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -27,6 +28,23 @@ EXPORT_TIMEOUT = 5.0  # seconds, one export request
 SHUTDOWN_WAIT = 5.0  # seconds the daemon's stop waits for the last spans to be exported
 
 _log = log.get("tracing")
+_SDK_LEVELS = frozenset({"debug", "info", "warning", "error", "critical"})
+
+
+class _SdkLog(logging.Handler):
+    """The SDK reports failed exports through the logging module: as shimd's JSON lines, like all others."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(logging.WARNING)
+        self._log = log.get("tracing", endpoint=endpoint)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = record.levelname.lower()
+            getattr(self._log, level if level in _SDK_LEVELS else "warning")(
+                f"opentelemetry: {record.getMessage()}", sdk_logger=record.name)
+        except Exception:
+            self.handleError(record)
 
 
 class Tracing:
@@ -49,6 +67,9 @@ class Tracing:
         self._propagator = TraceContextTextMapPropagator()
         self._server, self._error = SpanKind.SERVER, StatusCode.ERROR
         self.endpoint = cfg.endpoint
+        sdk_log = logging.getLogger("opentelemetry")
+        sdk_log.handlers = [_SdkLog(cfg.endpoint)]
+        sdk_log.propagate = False  # else Python's last-resort handler prints them as plain text too
 
     def call_ended(self, method: str, status: str, started_ns: int, ended_ns: int,
                    headers: Mapping[str, str] | None, timed: phases.Phases | None) -> None:

@@ -7,6 +7,7 @@ with its traceback and answered INTERNAL, so no request can take the daemon down
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import time
 from collections.abc import Awaitable, Callable
@@ -55,6 +56,14 @@ def set_tracer(fn: CallTracer | None) -> None:
     """Every RPC that ends from now on is handed to fn (None: to nothing)."""
     global _tracer
     _tracer = fn
+
+
+def _trace(tracer: CallTracer, logger: Any, method: str, outcome: str, started_ns: int, ended_ns: int,
+           headers: dict[str, str] | None, timed: phases.Phases | None) -> None:
+    try:
+        tracer(method, outcome, started_ns, ended_ns, headers, timed)
+    except Exception as e:  # a trace is never worth more than the daemon's log line about it
+        logger.warning("tracing the call failed", error=repr(e))
 
 
 def _trace_headers(stream: Any) -> dict[str, str] | None:
@@ -133,10 +142,10 @@ def _wrap(path: str, func: Callable[[grpclib.server.Stream], Awaitable[None]],
             for obs in _observers:
                 obs(method, outcome, elapsed)
             if _tracer is not None and started_ns:
-                try:
-                    _tracer(full_method, outcome, started_ns, time.time_ns(), _trace_headers(stream), timed)
-                except Exception as e:  # a trace is never worth a call's answer
-                    logger.warning("tracing the call failed", error=repr(e))
+                # On the loop's next turn: the unary fast path sends the answer after this returns, and the
+                # spans' cost must not be the caller's wait.
+                asyncio.get_running_loop().call_soon(_trace, _tracer, logger, full_method, outcome, started_ns,
+                                                     time.time_ns(), _trace_headers(stream), timed)
 
     handler.reads_request_body = True  # type: ignore[attr-defined]  # unary.py may serve it: see _checked_decoding
     handler.starts_in_place = method in _IN_PLACE  # type: ignore[attr-defined]

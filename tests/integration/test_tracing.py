@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import secrets
 import threading
 import time
@@ -164,9 +165,12 @@ def test_cri_calls_are_spans_under_the_clients_trace_with_phase_children(traced:
 
 
 def test_a_collector_that_is_down_costs_no_call(shimd_factory: Callable[..., ShimdProcess],
-                                                 busybox_registry: tuple[str, str], cni_loopback_dir: Path) -> None:
-    """Spans go out from the exporter's thread: calls answer while nothing listens at the endpoint, and the
-    daemon stops in time with spans it could not deliver."""
+                                                 busybox_registry: tuple[str, str], cni_loopback_dir: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spans go out from the exporter's thread: calls answer while nothing listens at the endpoint, the
+    failed exports are reported in shimd's own JSON log lines, and the daemon stops in time with spans it
+    could not deliver."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
     with contextlib.closing(__import__("socket").socket()) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, never listening: connections are refused
@@ -182,3 +186,7 @@ def test_a_collector_that_is_down_costs_no_call(shimd_factory: Callable[..., Shi
             assert proc is not None
             rt.proc.stop()  # SIGTERM, then SIGKILL after 5 s
             assert proc.returncode == 0, rt.proc.log_tail()
+    lines = rt.proc.log_path.read_text().splitlines()
+    assert all(line.startswith("{") for line in lines), [line for line in lines if not line.startswith("{")][:5]
+    reports = [json.loads(line) for line in lines if '"opentelemetry: ' in line]
+    assert reports and all(r["endpoint"] == f"http://127.0.0.1:{port}" for r in reports), reports
