@@ -18,6 +18,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -42,6 +43,7 @@ from tests.support.kubelet import (
     remove_kubelet_iptables,
 )
 from tests.support.network import CNI_BIN_DIRS, CniNetwork
+from tests.support.otlp import Collector, attributes
 from tests.support.procs import alive, procs_for_pod
 from tests.support.registry import Registry, start_registry
 from tests.support.runtime import kill_strays
@@ -88,6 +90,7 @@ class Scenario:
     registry: Registry
     net: CniNetwork
     cgroup_root: str
+    spans: Collector  # shimd's traces: [tracing] points here
     started_after: dict[str, float] = field(default_factory=dict)  # pod -> seconds from manifest to running
     sandboxes_seen: set[str] = field(default_factory=set)
 
@@ -206,13 +209,21 @@ def scenario() -> Iterator[Scenario]:
         name, tag = IMAGE.split(":")
         registry.client().push_image(f"library/{name}", tag, img.busybox_image())
         (base / "shimd").mkdir()
-        shimd = ShimdProcess(base / "shimd", _shimd_config(registry, net))
-        kubelet = Kubelet(binary, base / "kubelet", shimd.socket, cgroup_root)
+        spans = Collector()
+        undo.callback(spans.close)
+        # kubelet traces too, as a node with tracing on does: its own spans go to a port that refuses them
+        # (bound, never listening), the context it sends with each CRI call is what shimd's spans join.
+        refusing = undo.enter_context(contextlib.closing(socket.socket()))
+        refusing.bind(("127.0.0.1", 0))
+        shimd = ShimdProcess(base / "shimd", _shimd_config(registry, net)
+                             + f'[tracing]\nendpoint = "http://127.0.0.1:{spans.port}"\n')
+        kubelet = Kubelet(binary, base / "kubelet", shimd.socket, cgroup_root,
+                          tracing_endpoint=f"127.0.0.1:{refusing.getsockname()[1]}")
         undo.callback(remove_kubelet_iptables, kubelet_iptables_chains())
         undo.callback(_remove_links, kubelet.pod_logs)
         undo.callback(remove_cgroup_root, cgroup_root)
         undo.callback(release_base_dir, shimd.state / "ns")
-        s = Scenario(kubelet, shimd, registry, net, cgroup_root)
+        s = Scenario(kubelet, shimd, registry, net, cgroup_root, spans)
         undo.callback(_stop_pods, s)
         make_cgroup_root(cgroup_root)
         shimd.start()
@@ -250,6 +261,21 @@ def test_static_pods_start_and_log(scenario: Scenario) -> None:
     # The CRI log format, written by the shim: timestamp, stream, tag, text.
     first = _read_all(log.parent).splitlines()[0]
     assert re.fullmatch(r"\S+Z stdout [FP] seq \d+", first), first
+
+
+def test_kubelets_trace_context_reaches_shimds_spans(scenario: Scenario) -> None:
+    """kubelet (tracing on) sends a W3C traceparent with its CRI calls: shimd's spans of them are children
+    of kubelet's spans, which shimd never made itself."""
+    s = scenario
+    pods = {p.id for p in s.sandboxes()}
+    runs = s.spans.until(lambda sp: sp.name == "runtime.v1.RuntimeService/RunPodSandbox"
+                         and attributes(sp).get("shimd.pod_id") in pods, "of kubelet's RunPodSandbox", timeout=30)
+    for run in runs:
+        assert run.parent_span_id, "RunPodSandbox from kubelet has no parent span"
+        assert not s.spans.find(lambda sp, run=run: sp.span_id == run.parent_span_id), "the parent is shimd's own"
+    started = s.spans.until(lambda sp: sp.name == "runtime.v1.RuntimeService/StartContainer", "of StartContainer",
+                            timeout=30)
+    assert all(sp.parent_span_id for sp in started)
 
 
 def test_crash_is_restarted_with_back_off(scenario: Scenario) -> None:

@@ -7,78 +7,21 @@ OpenTelemetry's own protobuf definitions."""
 from __future__ import annotations
 
 import contextlib
-import http.server
 import json
 import secrets
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from tests.support.daemon import ShimdProcess
+from tests.support.otlp import Collector, attributes
 from tests.support.runtime import Runtime, started_runtime
 
 RUNTIME = "runtime.v1.RuntimeService"
-
-
-class Collector:
-    """Receives OTLP/HTTP protobuf exports on 127.0.0.1 and keeps every span with its resource."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[dict[str, Any], Any]] = []
-        self.paths: set[str] = set()
-        self._lock = threading.Lock()
-        collector = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                req = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
-                with collector._lock:
-                    collector.paths.add(self.path)
-                    for rs in req.resource_spans:
-                        resource = {a.key: a.value.string_value for a in rs.resource.attributes}
-                        for ss in rs.scope_spans:
-                            collector.spans.extend((resource, span) for span in ss.spans)
-                reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
-
-    def find(self, match: Callable[[Any], bool]) -> list[Any]:
-        with self._lock:
-            return [span for _, span in self.spans if match(span)]
-
-    def until(self, match: Callable[[Any], bool], what: str, timeout: float = 15.0) -> list[Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.find(match)
-            if found:
-                return found
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no span {what} reached the collector")
-            time.sleep(0.05)
 
 
 @pytest.fixture
@@ -93,14 +36,6 @@ def traced(shimd_factory: Callable[..., ShimdProcess], busybox_registry: tuple[s
             yield runtime, collector
     finally:
         collector.close()
-
-
-def _attrs(span: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for a in span.attributes:
-        kind = a.value.WhichOneof("value")
-        out[a.key] = getattr(a.value, kind) if kind else None
-    return out
 
 
 def _traceparent(trace_id: str, span_id: str, sampled: bool = True) -> tuple[tuple[str, str], ...]:
@@ -129,7 +64,7 @@ def test_cri_calls_are_spans_under_the_clients_trace_with_phase_children(traced:
     assert run.trace_id.hex() == trace_id and run.parent_span_id.hex() == parent_id
     assert run.kind == trace_pb2.Span.SPAN_KIND_SERVER
     assert run.status.code != trace_pb2.Status.STATUS_CODE_ERROR
-    attrs = _attrs(run)
+    attrs = attributes(run)
     assert attrs["rpc.system"] == "grpc" and attrs["rpc.service"] == RUNTIME
     assert attrs["rpc.method"] == "RunPodSandbox" and attrs["rpc.grpc.status_code"] == 0
     assert attrs["shimd.pod_id"] == pod_id
@@ -142,18 +77,18 @@ def test_cri_calls_are_spans_under_the_clients_trace_with_phase_children(traced:
     assert all(run.start_time_unix_nano <= c.start_time_unix_nano <= c.end_time_unix_nano <= run.end_time_unix_nano
                for c in children)
     by_name = {c.name: c for c in children}
-    assert _attrs(by_name["cni_add:loopback"]).get("shimd.overlapped") is True
-    assert "shimd.overlapped" not in _attrs(by_name["shim_launch"])
+    assert attributes(by_name["cni_add:loopback"]).get("shimd.overlapped") is True
+    assert "shimd.overlapped" not in attributes(by_name["shim_launch"])
     assert phases
 
     (create,) = collector.until(lambda s: s.name == f"{RUNTIME}/CreateContainer", "for CreateContainer")
     assert create.trace_id.hex() != trace_id and not create.parent_span_id
-    assert _attrs(create)["shimd.container_id"] == cid
+    assert attributes(create)["shimd.container_id"] == cid
 
     (failed,) = collector.until(lambda s: s.trace_id.hex() == missing_trace, "for the failed call")
     assert failed.name == f"{RUNTIME}/PodSandboxStatus"
     assert failed.status.code == trace_pb2.Status.STATUS_CODE_ERROR and failed.status.message == "NOT_FOUND"
-    assert _attrs(failed)["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert attributes(failed)["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
 
     # The client decided not to sample: nothing is exported for that trace.
     collector.until(lambda s: s.name == f"{RUNTIME}/StartContainer", "for StartContainer")

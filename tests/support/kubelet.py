@@ -134,7 +134,9 @@ class Kubelet:
     """One kubelet process; start() and stop() can be called repeatedly (a kubelet restart)."""
 
     def __init__(self, binary: Path, base: Path, runtime_socket: str, cgroup_root: str,
-                 node_name: str = "shimd-kubelet-node") -> None:
+                 node_name: str = "shimd-kubelet-node", tracing_endpoint: str = "") -> None:
+        """tracing_endpoint: host:port of an OTLP/gRPC collector; kubelet then traces every pod sync and
+        CRI call (all sampled) and sends the trace context along with its CRI requests."""
         self.binary, self.base, self.node_name = binary, base, node_name
         self.root_dir = base / "root"
         self.cert_dir = base / "certs"
@@ -178,6 +180,8 @@ class Kubelet:
             "imageGCLowThresholdPercent": 99,
             "registerNode": False,
         }
+        if tracing_endpoint:
+            self.config["tracing"] = {"endpoint": tracing_endpoint, "samplingRatePerMillion": 1000000}
         self.config_path.write_text(json.dumps(self.config, indent=2))
         for rel, value in KERNEL_TUNABLES.items():
             (self.tunables / rel.replace("/", "_")).write_text(f"{value}\n")
