@@ -574,11 +574,6 @@ class PodService:
         with contextlib.suppress(errors.ShimdError):
             drv = self.shims.runtimes.configured(pod.handler)
             await drv.cleanup_after_dead_shim(ids, bundles)
-        if pod.sandbox_task and not pod.owns_cgroup_parent:
-            # A pause task the runc shim forked itself is unknown to runc, whose delete removed the others'
-            # cgroups; under a parent shimd owns, the pod's whole tree goes at removal anyway.
-            pause_cgroup = cgroups.container_path(self.cgroup_driver, pod.cgroup_parent, pause_id(pod.id))
-            await cgroups.remove(cgroups.relative_path(self.cgroup_driver, pause_cgroup))
 
     # --- shim death --------------------------------------------------------------------------
     async def shim_died(self, pod_id: str) -> None:

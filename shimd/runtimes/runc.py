@@ -19,11 +19,12 @@ from typing import Any
 
 import betterproto.lib.google.protobuf as pb
 
-from shimd import errors, subproc
+from shimd import cgroups, errors, subproc
 from shimd.api.containerd.runc import v1 as runc_options
 from shimd.mounts import is_mount_sync, unmount
 from shimd.runtimes.base import NAMESPACE, RuntimeBase, Sampler
 from shimd.shimmgr.launcher import DirectLaunch, spawn_serving
+from shimproto.messages import CONTAINER_TYPE_ANNOTATION as SANDBOX_TYPE_ANNOTATION
 from shimproto.messages import RUNC_OPTIONS_TYPE_URL
 from shimproto.paths import LISTEN_FD_ENV, socket_path
 
@@ -164,10 +165,19 @@ class RuncRuntime(RuntimeBase):
         return [*argv, "--systemd-cgroup"] if self.systemd_cgroup else argv
 
     async def cleanup_after_dead_shim(self, container_ids: list[str], bundles: list[Path]) -> None:
-        """Force-delete the containers of a dead shim and unmount their rootfs (no shell)."""
+        """Force-delete the containers of a dead shim, unmount their rootfs (no shell), and remove the
+        cgroups of its pause task: the runc shim forks that one itself (shims/runc/pause.py), so runc never
+        knew it and its delete removed nothing of it (for one runc ran, there is nothing left to remove)."""
         for cid in container_ids:
             await self._force_delete(cid)
         await unmount_rootfs(bundles, self.log)
+        for bundle in bundles:
+            cgroups_path = await asyncio.to_thread(_sandbox_cgroups_path, bundle / "config.json")
+            if cgroups_path:
+                driver = "systemd" if self.systemd_cgroup else "cgroupfs"
+                left = await cgroups.remove(cgroups.relative_path(driver, cgroups_path))
+                if left:
+                    self.log.warning("the dead shim's pause task left cgroups", cgroups=left)
 
     async def _force_delete(self, cid: str) -> None:
         lg = self.log.bind(container_id=cid)
@@ -183,6 +193,18 @@ class RuncRuntime(RuntimeBase):
         text = done.stderr.decode(errors="replace").strip()
         if done.returncode != 0 and "not exist" not in text:
             lg.warning(f"{name} delete failed", error=text[:500])
+
+
+def _sandbox_cgroups_path(config: Path) -> str:
+    """linux.cgroupsPath of a pod's sandbox (pause) task bundle's spec; "" for any other or none."""
+    try:
+        spec = json.loads(config.read_text())
+        if spec.get("annotations", {}).get(SANDBOX_TYPE_ANNOTATION) != "sandbox":
+            return ""
+        path = spec.get("linux", {}).get("cgroupsPath", "")
+        return path if isinstance(path, str) else ""
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def kernel_at_least(version: tuple[int, int], release: str | None = None) -> bool:
