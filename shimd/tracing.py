@@ -56,7 +56,7 @@ class Tracing:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-        from opentelemetry.trace import SpanKind, StatusCode
+        from opentelemetry.trace import SpanKind, StatusCode, set_span_in_context
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self._provider = TracerProvider(resource=Resource.create({"service.name": cfg.service_name}),
@@ -65,7 +65,7 @@ class Tracing:
         self._provider.add_span_processor(BatchSpanProcessor(exporter, export_timeout_millis=EXPORT_TIMEOUT * 1000))
         self._tracer = self._provider.get_tracer("shimd.cri")
         self._propagator = TraceContextTextMapPropagator()
-        self._server, self._error = SpanKind.SERVER, StatusCode.ERROR
+        self._server, self._error, self._within = SpanKind.SERVER, StatusCode.ERROR, set_span_in_context
         self.endpoint = cfg.endpoint
         sdk_log = logging.getLogger("opentelemetry")
         sdk_log.handlers = [_SdkLog(cfg.endpoint)]
@@ -90,9 +90,7 @@ class Tracing:
         span.end(end_time=ended_ns)
 
     def _phase_spans(self, call_span: Any, timed: phases.Phases, started_ns: int) -> None:
-        from opentelemetry.trace import set_span_in_context
-
-        within = set_span_in_context(call_span)
+        within = self._within(call_span)
         for name, began, ended, overlapped in timed.intervals or ():
             attributes = {"shimd.overlapped": True} if overlapped else None
             child = self._tracer.start_span(name, context=within, attributes=attributes,
