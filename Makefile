@@ -6,9 +6,18 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test deps deb-deps py-deps tools proto lint bench soak clean
+.PHONY: run test deps deb-deps py-deps native tools proto lint bench soak clean
 
-deps: deb-deps py-deps
+deps: deb-deps py-deps native
+
+# The compiled runc shim (shims/native), from crates.io at the versions in its Cargo.lock; without cargo,
+# runc pods run under the Python shim (handlers' shim = "auto").
+# rustup installs cargo in ~/.cargo/bin, which a non-login shell's PATH may lack.
+CARGO ?= $(shell command -v cargo 2>/dev/null || echo $$HOME/.cargo/bin/cargo)
+native:
+	@if [ -x "$(CARGO)" ]; then \
+		"$(CARGO)" build -q --release --locked --manifest-path shims/native/Cargo.toml; \
+	else echo "native: cargo not found; runc pods will run under the Python shim" >&2; fi
 
 deb-deps:
 	@bash deploy/deps.sh
@@ -35,9 +44,11 @@ run: deps
 		echo "installed shimd's default CNI network in $(CNI_DIR)/10-shimd.conflist"; fi
 	@$(VENV)/bin/shimd serve $(SHIMD_ARGS)
 
-# Lint and tests both always run; either failing fails the target.
+# Lint and tests (the compiled shim's own, then pytest) always run; any failing fails the target.
 test: deps tools
-	@rc=0; $(PY) -m ruff check shimd shims shimproto tests || rc=1; $(PY) -m pytest $(PYTEST_ARGS) || rc=1; exit $$rc
+	@rc=0; $(PY) -m ruff check shimd shims shimproto tests || rc=1; \
+	if [ -x "$(CARGO)" ]; then "$(CARGO)" test -q --release --locked --manifest-path shims/native/Cargo.toml || rc=1; fi; \
+	$(PY) -m pytest $(PYTEST_ARGS) || rc=1; exit $$rc
 
 proto: py-deps
 	@$(PY) shimd/api/generate.py
@@ -57,4 +68,4 @@ soak: deps
 	@$(PY) -m tests.bench.bench_soak --minutes $(SOAK_MINUTES)
 
 clean:
-	rm -rf $(VENV) .tools tests/.generated .pytest_cache .ruff_cache
+	rm -rf $(VENV) .tools tests/.generated .pytest_cache .ruff_cache shims/native/target

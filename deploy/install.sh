@@ -62,6 +62,15 @@ pip_args=(-q --disable-pip-version-check)
 [ -n "$WHEELS" ] && pip_args+=(--no-index --find-links "$WHEELS")
 "$PREFIX/venv/bin/python" -m pip install "${pip_args[@]}" --upgrade "$SRC"
 ln -sf "$PREFIX/venv/bin/shimd" /usr/local/bin/shimd
+# The compiled per-pod shim for runc handlers (shimd finds it in PATH); without cargo they use the Python one.
+cargo=$(command -v cargo || echo "${HOME:-/root}/.cargo/bin/cargo")
+if [ -x "$cargo" ]; then
+    say "building the compiled shim (shims/native)"
+    CARGO_TARGET_DIR="$PREFIX/build" "$cargo" build -q --release --locked --manifest-path "$SRC/shims/native/Cargo.toml"
+    install -m 0755 "$PREFIX/build/release/shimd-runc-shim" /usr/local/bin/shimd-runc-shim
+else
+    say "cargo not found: runc pods will run under the Python shim (install Rust, then run this again)"
+fi
 install -d -m 0755 /usr/local/share/doc/shimd
 install -m 0644 "$SRC/README.md" "$SRC"/docs/*.md /usr/local/share/doc/shimd/ 2>/dev/null || true
 

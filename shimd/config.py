@@ -16,6 +16,9 @@ from typing import Any
 DEFAULT_CONFIG_PATH = Path("/etc/shimd/config.toml")
 
 DRIVERS = ("runc", "runsc", "shimv2")
+# Which shim runs a runc handler's pods: the compiled one (shims/native), the Python one (shims/runc), or
+# the compiled one when it is installed and the Python one otherwise.
+SHIMS = ("auto", "native", "python")
 CGROUP_DRIVERS = ("cgroupfs", "systemd")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 RUNSC_PLATFORMS = ("systrap", "ptrace", "kvm")
@@ -69,6 +72,8 @@ class HandlerConfig:
     config_path: str = ""
     # Containers of a pod under this handler must be told apart by these annotations.
     pod_annotations: list[str] = field(default_factory=list)
+    # runc only: which shim runs its pods (SHIMS).
+    shim: str = "auto"
 
 
 @dataclass
@@ -154,6 +159,7 @@ driver = "runc"                        # runc (runc/crun CLI) | runsc (gVisor) |
 binary = "runc"                        # OCI runtime binary, looked up in PATH unless absolute
 root = "/run/shimd/runc"               # the runtime's --root (state of its containers); one per handler
 extra_args = []                        # extra global flags for every runtime command, e.g. ["--debug"]
+shim = "auto"                          # native (compiled, ~0.5 MiB per pod) | python | auto (native if installed)
 
 [handlers.runsc]
 driver = "runsc"                       # gVisor: a user-space kernel per pod
@@ -279,8 +285,12 @@ def _handler(source: str, name: str, raw: Any, state: str) -> HandlerConfig:
         runtime_type=r.take("runtime_type", str, ""),
         config_path=_abs_path(source, f"handlers.{name}.config_path", r.take("config_path", str, "")),
         pod_annotations=r.take_list("pod_annotations", []),
+        shim=r.take("shim", str, "auto", SHIMS),
     )
     r.done()
+    if cfg.shim == "native" and driver != "runc":
+        raise ConfigError(source, f"handlers.{name}.shim",
+                          f"the native shim runs runc handlers only, not driver {driver!r}")
     if not cfg.binary:
         raise ConfigError(source, f"handlers.{name}.binary", f"driver {driver!r} needs a binary")
     return cfg

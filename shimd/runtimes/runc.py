@@ -33,6 +33,18 @@ VERSION_TIMEOUT = 10.0
 RRO_MIN_KERNEL = (5, 12)
 PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 _STAMP: list[str] = []
+NATIVE_SHIM_NAME = "shimd-runc-shim"
+# Where `make` builds it in a source tree; deploy/install.sh installs it on PATH.
+NATIVE_SHIM_BUILT = os.path.join(PROJECT_ROOT, "shims", "native", "target", "release", NATIVE_SHIM_NAME)
+
+
+def find_native_shim() -> str | None:
+    """The compiled runc shim: $SHIMD_NATIVE_SHIM, else the source tree's build, else PATH; None if none."""
+    explicit = os.environ.get("SHIMD_NATIVE_SHIM", "")
+    for path in ([explicit] if explicit else [NATIVE_SHIM_BUILT, shutil.which(NATIVE_SHIM_NAME) or ""]):
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
 
 
 def _code_stamp() -> str:
@@ -64,7 +76,23 @@ class RuncRuntime(RuntimeBase):
     def stats_sampler(self) -> Sampler | None:
         return None
 
+    _native: tuple[str | None] | None = None
+
+    @property
+    def native_shim(self) -> str | None:
+        """The compiled shim this handler's pods run under; None: the Python shim (looked up once)."""
+        if self._native is None:
+            path = find_native_shim() if self.handler.shim != "python" and self.handler.driver == "runc" else None
+            if path is None and self.handler.shim == "auto" and self.handler.driver == "runc":
+                self.log.warning("native shim not found; pods run under the Python shim (build it with `make`)",
+                                 looked_in=[NATIVE_SHIM_BUILT, "PATH"])
+            self._native = (path,)
+        return self._native[0]
+
     def _probe(self) -> tuple[bool, str]:
+        if self.handler.shim == "native" and self.native_shim is None:
+            return False, (f"handler {self.handler.name!r} asks for the native shim and {NATIVE_SHIM_NAME} is not "
+                           f"installed (not at {NATIVE_SHIM_BUILT} nor in PATH): build it with `make`")
         binary = shutil.which(self.handler.binary)
         if binary is None:
             return False, f"runtime binary {self.handler.binary!r} not found"
@@ -114,6 +142,13 @@ class RuncRuntime(RuntimeBase):
 
     async def launch(self, pod_id: str, bundle: Path) -> str:
         # shimd's own shims skip the shim v2 `start` step: shimd binds their socket itself.
+        native = self.native_shim
+        if native is not None:
+            # A compiled binary starts in about a millisecond: no zygote to fork it from.
+            argv = [native, "-namespace", NAMESPACE, "-address", self.shimd_address, "-id", pod_id, "serve"]
+            launch = DirectLaunch(argv=argv, env=self.shim_env(), listen_fd_env=LISTEN_FD_ENV, flags={},
+                                  socket_path=socket_path(self.shim_dir, NAMESPACE, pod_id))
+            return await spawn_serving(launch, bundle=bundle, timeout=self.runtime_timeout)
         zygote = self.zygote.get(*self.zygote_argv()) if self.zygote is not None else None
         return await spawn_serving(self.direct_launch(NAMESPACE, pod_id, self.shimd_address, self.shim_dir),
                                    bundle=bundle, timeout=self.runtime_timeout, zygote=zygote)

@@ -87,7 +87,9 @@ def _plan(spec: Any, bundle: str, opts: RuncOptions) -> PausePlan | None:
             or set(proc) - {"terminal", "user", "args", "cwd", "env", "noNewPrivileges", "capabilities"}):
         return None
     user = proc["user"]
-    if set(user) - {"uid", "gid", "additionalGids"} or not isinstance(user["uid"], int) or user["uid"] == 0:
+    # -1 would mean "unchanged" to setresuid/setresgid (the task would keep root): such ids go to runc.
+    if set(user) - {"uid", "gid", "additionalGids"} or not all(
+            isinstance(user.get(k), int) and 0 <= user[k] < 0xFFFFFFFF for k in ("uid", "gid")) or user["uid"] == 0:
         return None
     args = proc["args"]
     if not args or not all(isinstance(a, str) for a in args) or not args[0].startswith("/") or proc.get("cwd") != "/":
@@ -108,7 +110,10 @@ def _plan(spec: Any, bundle: str, opts: RuncOptions) -> PausePlan | None:
         else:
             return None  # a user or cgroup namespace, or a PID namespace to join: runc's work
     cgroups_path = linux.get("cgroupsPath", "")
-    if own != {"pid", "mount"} or not cgroups_path.startswith("/") or ".." in cgroups_path.split("/"):
+    # A path naming no cgroup of its own ("/") would put the task in the hierarchy's root, and Delete would
+    # remove the empty cgroups under it.
+    if own != {"pid", "mount"} or not cgroups_path.startswith("/") or ".." in cgroups_path.split("/") \
+            or not cgroups_path.strip("/.") or "." in cgroups_path.split("/"):
         return None
     rootfs = root["path"] if root["path"].startswith("/") else os.path.join(bundle, root["path"])
     groups = [int(g) for g in user.get("additionalGids") or []]
@@ -180,12 +185,14 @@ def _read_host() -> tuple[int, list[tuple[str, bool]]]:
         return int(f.read()), _cgroup_mounts()
 
 
-def _child(p: PausePlan, libc: _Libc, stdio: tuple[int, int, int], lifeline: int, report: int,
+def _child(p: PausePlan, libc: _Libc, stdio: tuple[int, int, int], lifeline: int, lifeline_w: int, report: int,
            leaves: list[tuple[str, bool]], last_cap: int) -> None:
     """In the forked child, PID 1 of the new PID namespace: becomes the pause process or reports why not."""
     step = "start"
     try:
         signal.set_wakeup_fd(-1)  # the shim's loop pipe: a signal here must not wake the shim
+        # Our copy of the write end would keep the lifeline from ever reading EOF (the check below).
+        os.close(lifeline_w)
         # Until its exec (after Create has answered) it would show as the shim in ps and top.
         libc.prctl(PR_SET_NAME, ctypes.addressof(_NAME), 0, 0, 0)
         step = "cgroups"
@@ -258,7 +265,7 @@ def _child(p: PausePlan, libc: _Libc, stdio: tuple[int, int, int], lifeline: int
         os._exit(127)
 
 
-def _fork(p: PausePlan, libc: _Libc, stdio: tuple[int, int, int], lifeline: int, report: int,
+def _fork(p: PausePlan, libc: _Libc, stdio: tuple[int, int, int], lifeline: int, lifeline_w: int, report: int,
           leaves: list[tuple[str, bool]], last_cap: int) -> int:
     """fork() into a new PID namespace: the shim's next child is PID 1 of it, the shim's own namespace
     is restored for every later child (the setting is per thread, and this runs on the loop thread)."""
@@ -268,7 +275,7 @@ def _fork(p: PausePlan, libc: _Libc, stdio: tuple[int, int, int], lifeline: int,
         try:
             pid = os.fork()
             if pid == 0:
-                _child(p, libc, stdio, lifeline, report, leaves, last_cap)
+                _child(p, libc, stdio, lifeline, lifeline_w, report, leaves, last_cap)
         finally:
             libc.check(libc.setns(own_pid_ns, CLONE_NEWPID), "restore the shim's PID namespace for children")
     finally:
@@ -321,7 +328,7 @@ class PauseRuntime(Runc):
         life_r, life_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         report_r, report_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            pid = _fork(self.plan, _libc, stdio, life_r, report_w, leaves, last_cap)
+            pid = _fork(self.plan, _libc, stdio, life_r, life_w, report_w, leaves, last_cap)
         except BaseException:
             for fd in (life_r, life_w, report_r, report_w):
                 os.close(fd)

@@ -1,4 +1,5 @@
-"""Memory of one shim holding one sleeping container: shimd's runc shim vs containerd-shim-runc-v2.
+"""Memory of one shim holding one sleeping container: shimd's runc shims (the compiled one and the Python
+one) vs containerd-shim-runc-v2.
 
 Both are launched the same way (shimd's launcher) and driven with the same TaskClient; after the
 container has run for a moment, RSS (VmRSS) and PSS/private memory (/proc/PID/smaps_rollup) of the
@@ -24,6 +25,7 @@ import betterproto.lib.google.protobuf as pb
 from shimd.api.containerd import types as ctypes
 from shimd.api.containerd.runc import v1 as runc_v1
 from shimd.api.containerd.task import v2 as task
+from shimd.runtimes.runc import find_native_shim
 from shimd.shimmgr.launcher import start_shim
 from shimd.shimmgr.task_client import TaskClient
 from tests.support.shim_env import ShimEnv, busybox_rootfs
@@ -39,9 +41,11 @@ def memory_kb(pid: int) -> dict[str, int]:
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
             key = line.split(":", 1)[0]
-            if key in ("Pss", "Private_Clean", "Private_Dirty", "Shared_Clean"):
+            if key in ("Pss", "Private_Clean", "Private_Dirty", "Shared_Clean", "Anonymous"):
                 out[key] = int(line.split()[1])
-    out["Private"] = out.pop("Private_Clean", 0) + out.pop("Private_Dirty", 0)
+    # Private_Dirty is what a shim costs however many run: its clean private pages are the binary's,
+    # shared once a second shim maps them.
+    out["Private"] = out.pop("Private_Clean", 0) + out["Private_Dirty"]
     return out
 
 
@@ -90,15 +94,17 @@ async def main() -> None:
     args = ap.parse_args()
     env = make_env()
     try:
+        native_bin = find_native_shim()
+        native = await measure(env, "native", [native_bin], args.settle) if native_bin else {}
         ours = await measure(env, "ours", [sys.executable, "-m", "shims.runc.shim"], args.settle)
         real_bin = shutil.which("containerd-shim-runc-v2")
         theirs = await measure(env, "containerd", [real_bin], args.settle) if real_bin else {}
     finally:
         env.cleanup()
-    keys = ["VmRSS", "Pss", "Private", "Shared_Clean", "VmHWM", "Threads"]
-    print(f"{'kB':<14}{'shimd runc shim':>18}{'containerd-shim-runc-v2':>26}")
+    keys = ["VmRSS", "Pss", "Private", "Private_Dirty", "Anonymous", "Shared_Clean", "VmHWM", "Threads"]
+    print(f"{'kB':<14}{'native shim':>14}{'Python shim':>14}{'containerd-shim-runc-v2':>26}")
     for k in keys:
-        print(f"{k:<14}{ours.get(k, 0):>18}{theirs.get(k, 0):>26}")
+        print(f"{k:<14}{native.get(k, 0):>14}{ours.get(k, 0):>14}{theirs.get(k, 0):>26}")
 
 
 if __name__ == "__main__":

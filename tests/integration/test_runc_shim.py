@@ -1,5 +1,6 @@
 """The runc shim end to end: launched like a shim v2 binary, driven over ttrpc by TaskClient,
-running real runc containers on an overlay of a busybox tree."""
+running real runc containers on an overlay of a busybox tree. Every test runs against both shims: the
+Python one (shims/runc) and the compiled one (shims/native), which must behave the same."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from shimd.api.containerd import types as ctypes
 from shimd.api.containerd.runc import v1 as runc_v1
 from shimd.api.containerd.task import v2 as task
 from shimd.api.containerd.v1.types import Status
+from shimd.runtimes.runc import find_native_shim
 from shimd.shimmgr.launcher import start_shim
 from shimd.shimmgr.task_client import TaskClient
 from shimproto.messages import START_ON_CREATE_ANNOTATION
@@ -32,7 +34,7 @@ from shims.runc.mounts import is_mountpoint
 from tests.support.procs import alive
 from tests.support.shim_env import ShimEnv, process_spec
 
-SHIM = [sys.executable, "-m", "shims.runc.shim"]
+PYTHON_SHIM = [sys.executable, "-m", "shims.runc.shim"]
 CRI_LINE = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z (stdout|stderr) (F|P) (.*)$")
 T = 30.0
 REPO = Path(__file__).resolve().parents[2]
@@ -51,9 +53,19 @@ async def wait_gone(pid: int, timeout: float = 10.0) -> bool:
     return False
 
 
+@pytest.fixture(params=["python", "native"])
+def shim_argv(request: pytest.FixtureRequest) -> list[str]:
+    """The shim binary's argv (before its flags)."""
+    if request.param == "python":
+        return PYTHON_SHIM
+    path = find_native_shim()
+    assert path, "the native shim is not built: `make native` (needs cargo)"
+    return [path]
+
+
 class Shim:
-    def __init__(self, env: ShimEnv, address: str, client: TaskClient, pid: int) -> None:
-        self.env, self.address, self.c, self.pid = env, address, client, pid
+    def __init__(self, env: ShimEnv, address: str, client: TaskClient, pid: int, argv: list[str]) -> None:
+        self.env, self.address, self.c, self.pid, self.argv = env, address, client, pid, argv
 
     async def create(self, name: str, args: list[str], stdout: str = "", stderr: str = "", stdin: str = "",
                      terminal: bool = False) -> tuple[Path, int]:
@@ -66,13 +78,13 @@ class Shim:
 
 
 @pytest_asyncio.fixture(loop_scope="function")
-async def shim(shim_env: ShimEnv) -> AsyncIterator[Shim]:
+async def shim(shim_env: ShimEnv, shim_argv: list[str]) -> AsyncIterator[Shim]:
     pod = shim_env.pod_bundle()
-    address = await start_shim(SHIM, namespace="shimdtest", pod_id="pod1", shimd_address=shim_env.shimd_address,
+    address = await start_shim(shim_argv, namespace="shimdtest", pod_id="pod1", shimd_address=shim_env.shimd_address,
                                bundle=pod, env=shim_env.env, timeout=T)
     client = await TaskClient.connect(address, timeout=10)
     pid = (await client.connect(task.ConnectRequest(id="pod1"), timeout=5)).shim_pid
-    s = Shim(shim_env, address, client, pid)
+    s = Shim(shim_env, address, client, pid, shim_argv)
     try:
         yield s
     finally:
@@ -265,12 +277,13 @@ asyncio.run(main(json.loads(sys.argv[1])))
 """
 
 
-async def test_shim_outlives_its_launcher_reconnect_reopen_and_shutdown(shim_env: ShimEnv) -> None:
+async def test_shim_outlives_its_launcher_reconnect_reopen_and_shutdown(shim_env: ShimEnv,
+                                                                          shim_argv: list[str]) -> None:
     env = shim_env
     pod = env.pod_bundle("pod2")
     log = env.base / "l1.log"
     bundle = env.bundle("l1", ["sh", "-c", "i=0; while true; do echo line$i; i=$((i+1)); sleep 0.05; done"])
-    args = {"shim": SHIM, "shimd": env.shimd_address, "pod": str(pod), "env": env.env, "root": str(env.runc_root),
+    args = {"shim": shim_argv, "shimd": env.shimd_address, "pod": str(pod), "env": env.env, "root": str(env.runc_root),
             "bundle": str(bundle), "mounts": env.overlay("l1"), "log": str(log)}
     launcher = await asyncio.create_subprocess_exec(sys.executable, "-c", LAUNCHER, json.dumps(args), cwd=REPO,
                                                     stdout=asyncio.subprocess.PIPE)
@@ -302,7 +315,7 @@ async def test_shim_outlives_its_launcher_reconnect_reopen_and_shutdown(shim_env
         with pytest.raises(errors.NotFound):
             await c.reopen_log("missing", timeout=T)
         # a second `start` finds the running shim instead of starting another
-        again = await start_shim(SHIM, namespace="shimdtest", pod_id="pod2", shimd_address=env.shimd_address,
+        again = await start_shim(shim_argv, namespace="shimdtest", pod_id="pod2", shimd_address=env.shimd_address,
                                  bundle=pod, env=env.env, timeout=T)
         assert again == address
         # Shutdown without now keeps a shim that still has containers
@@ -372,7 +385,7 @@ async def test_shim_delete_command_cleans_up_after_a_dead_shim(shim: Shim) -> No
     await shim.c.start(task.StartRequest(id="dd1"), timeout=T)
     os.kill(shim.pid, signal.SIGKILL)
     assert await wait_gone(shim.pid)
-    resp = await delete_shim(SHIM, namespace="shimdtest", task_id="dd1", shimd_address=shim.env.shimd_address,
+    resp = await delete_shim(shim.argv, namespace="shimdtest", task_id="dd1", shimd_address=shim.env.shimd_address,
                              bundle=bundle, env=shim.env.env, timeout=T)
     assert resp.exit_status == 137
     assert "dd1" not in shim.env.runc_containers()

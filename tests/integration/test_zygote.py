@@ -1,13 +1,27 @@
-"""The shim zygote: pods get shims forked from it, and pods still start when it is gone."""
+"""The shim zygote: pods get Python shims forked from it, and pods still start when it is gone."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import pytest
+
+from tests.support.daemon import ShimdProcess
 from tests.support.procs import shim_pids
-from tests.support.runtime import Runtime
+from tests.support.runtime import Runtime, started_runtime
+
+
+@pytest.fixture
+def rt(shimd_factory: Callable[..., ShimdProcess], busybox_registry: tuple[str, str],
+       cni_loopback_dir: Path) -> Iterator[Runtime]:
+    """Pods under the Python shim: the compiled one is exec'd, never forked from the zygote."""
+    with started_runtime(shimd_factory, busybox_registry, cni_loopback_dir,
+                         '[handlers.runc]\nshim = "python"\n') as runtime:
+        yield runtime
 
 
 def _zygotes(rt: Runtime) -> list[int]:

@@ -63,6 +63,6 @@ def shim_pids(pod_id: str) -> list[int]:
             cmdline, comm = _read(str(pid), "cmdline"), _read(str(pid), "comm").strip()
         except OSError:
             continue
-        if comm.startswith(b"shim-") or b"shims.runc.shim" in cmdline:
+        if comm.startswith(b"shim-") or b"shims.runc.shim" in cmdline or b"shimd-runc-shim" in cmdline:
             out.append(pid)
     return out

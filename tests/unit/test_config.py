@@ -41,6 +41,8 @@ def test_tracing_parses() -> None:
         ({"handlers": {"x": {"driver": "docker"}}}, "handlers.x.driver", "must be one of"),
         ({"handlers": {"x": {"driver": "shimv2"}}}, "handlers.x.binary", "needs a binary"),
         ({"handlers": {"x": {"platfrom": "kvm"}}}, "handlers.x.platfrom", "unknown key"),
+        ({"handlers": {"x": {"shim": "go"}}}, "handlers.x.shim", "must be one of"),
+        ({"handlers": {"x": {"driver": "runsc", "shim": "native"}}}, "handlers.x.shim", "runc handlers only"),
         ({"registries": {"hosts": {"r.io": {"mirrors": ["ftp://m"]}}}}, 'registries.hosts."r.io".mirrors', "http"),
         ({"registries": {"max_concurrent_downloads": 0}}, "registries.max_concurrent_downloads", "at least 1"),
         ({"cni": {"bin_dirs": [1]}}, "cni.bin_dirs", "list of strings"),
@@ -78,6 +80,7 @@ def test_handlers_and_registries_parse(tmp_path: Path) -> None:
         '[registries.hosts."docker.io"]\nmirrors = ["http://127.0.0.1:5000"]\ninsecure = true\n'
     )
     cfg = config.load(p)
+    assert cfg.handlers["runc"].shim == "auto"
     assert cfg.handlers["kata"].driver == "shimv2"
     assert cfg.handlers["kata"].root == "/run/shimd/kata"
     assert cfg.registries.hosts["docker.io"].mirrors == ["http://127.0.0.1:5000"]

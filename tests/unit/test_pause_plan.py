@@ -56,6 +56,9 @@ def _changed(path: str, value: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize(("path", "value"), [
     ("process.user.uid", 0),  # root: runc's business, never a forked process
+    ("process.user.uid", -1),  # "unchanged" to setresuid: the task would keep root
+    ("process.user.gid", -1),
+    ("process.user.uid", 1 << 32),
     ("process.noNewPrivileges", False),
     ("process.capabilities", {"bounding": ["CAP_SYS_ADMIN"], "effective": [], "permitted": []}),
     ("process.terminal", True),
@@ -68,6 +71,8 @@ def _changed(path: str, value: Any) -> dict[str, Any]:
     ("linux.seccomp", {"defaultAction": "SCMP_ACT_ERRNO"}),
     ("linux.cgroupsPath", "system.slice:shimd:abc"),  # systemd driver
     ("linux.cgroupsPath", "/shimd/../../etc"),
+    ("linux.cgroupsPath", "/"),  # the hierarchy's root: Delete would remove every empty cgroup under it
+    ("linux.cgroupsPath", "/./"),
     ("linux.resources", {"memory": {"limit": 1 << 20}}),
     ("linux.namespaces", [{"type": "mount"}, {"type": "pid"}, {"type": "user", "path": "/run/ns/user"}]),
     ("linux.namespaces", [{"type": "mount"}, {"type": "pid", "path": "/proc/1/ns/pid"}]),
