@@ -1,5 +1,6 @@
-"""The runc runtime (handlers with driver = "runc", runc or crun): shimd's own shim (shims/runc), spawned on a
-socket shimd binds, forked by the shim zygote when it answers.
+"""The runc runtime (handlers with driver = "runc", runc or crun): shimd's own shim, spawned on a socket shimd
+binds: the compiled one (shims/native) exec'd directly, or the Python one (shims/runc) forked by the shim
+zygote when it answers (handler setting `shim`).
 
 Runs inside shimd (so it may use betterproto); the shim process itself never imports this.
 """

@@ -789,8 +789,14 @@ impl TaskService {
             e.io.close();
         }
         p.io.close();
-        if c.flags.lock().unwrap().rootfs_mounted {
-            if let Err(e) = mounts::unmount(&format!("{}/rootfs", c.bundle)) {
+        let mounted = c.flags.lock().unwrap().rootfs_mounted;
+        if mounted {
+            // An overlay's unmount takes milliseconds: off the loop, as the shim's other calls go on.
+            let rootfs = format!("{}/rootfs", c.bundle);
+            let done = tokio::task::spawn_blocking(move || mounts::unmount(&rootfs))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            if let Err(e) = done {
                 return Err(self.io_fail("delete", &c.id, e));
             }
         }
