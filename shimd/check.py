@@ -21,6 +21,7 @@ from pathlib import Path
 
 from shimd import cgroups, config, mounts, state_fs
 from shimd.network import cni
+from shimd.runtimes.runc import NATIVE_SHIM_NAME, find_native_shim
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 KUBELET_CONFIG = Path("/var/lib/kubelet/config.yaml")
@@ -155,11 +156,27 @@ async def check_handler(cfg: config.Config, h: config.HandlerConfig) -> list[Fin
     if code != 0:
         return [_fail(area, f"{binary} does not work: `list` exited {code}: {text[:200]}",
                       "check the runtime's installation and kernel support")]
-    out = [_ok(area, f"{version} ({binary})")]
+    out = [_ok(area, f"{version} ({binary})"), *_shim_findings(area, h)]
     if h.driver == "runsc" and h.network == "sandbox":
         out.append(_warn(area, "runsc network 'sandbox' needs netstack support on this host; 'host' is the "
                                "tested choice", f'set handlers.{h.name}.network = "host"'))
     return out
+
+
+def _shim_findings(area: str, h: config.HandlerConfig) -> list[Finding]:
+    """Which shim a runc handler's pods run under (handlers.<name>.shim)."""
+    if h.driver != "runc":
+        return []
+    if h.shim == "python":
+        return [_ok(area, f"pods run under the Python shim (handlers.{h.name}.shim = \"python\")")]
+    native = find_native_shim()
+    if native is not None:
+        return [_ok(area, f"pods run under the compiled shim {native}")]
+    why = f"the compiled shim {NATIVE_SHIM_NAME} is not installed"
+    fix = "build it with `make native` (needs cargo) or install it in PATH"
+    if h.shim == "native":
+        return [_fail(area, why, fix)]
+    return [_warn(area, f"{why}: pods run under the Python shim (~3 MiB more memory per pod)", fix)]
 
 
 def check_pause() -> list[Finding]:

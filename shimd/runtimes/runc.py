@@ -146,9 +146,10 @@ class RuncRuntime(RuntimeBase):
         native = self.native_shim
         if native is not None:
             # A compiled binary starts in about a millisecond: no zygote to fork it from.
-            argv = [native, "-namespace", NAMESPACE, "-address", self.shimd_address, "-id", pod_id, "serve"]
+            argv = [native, "-namespace", NAMESPACE, "-address", self.shimd_address, "-id", pod_id, "-detach",
+                    "serve"]
             launch = DirectLaunch(argv=argv, env=self.shim_env(), listen_fd_env=LISTEN_FD_ENV, flags={},
-                                  socket_path=socket_path(self.shim_dir, NAMESPACE, pod_id))
+                                  socket_path=socket_path(self.shim_dir, NAMESPACE, pod_id), detaches_itself=True)
             return await spawn_serving(launch, bundle=bundle, timeout=self.runtime_timeout)
         zygote = self.zygote.get(*self.zygote_argv()) if self.zygote is not None else None
         return await spawn_serving(self.direct_launch(NAMESPACE, pod_id, self.shimd_address, self.shim_dir),

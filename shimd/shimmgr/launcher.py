@@ -12,12 +12,13 @@ import contextlib
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from shimd import errors, log
+from shimd import errors, log, subproc
 from shimd.api.containerd.task import v2 as task
 from shimd.fsutil import write_atomic_sync
 from shimd.shimmgr.zygote import Zygote
@@ -116,6 +117,10 @@ class DirectLaunch:
     socket_path: str
     listen_fd_env: str  # names the variable that tells the shim which descriptor is its listening socket
     flags: dict[str, str]  # the shim's command-line flags, for a zygote that forks it instead
+    # The shim forks itself off and its first process exits at once (the compiled shim's `-detach`): it is
+    # spawned with vfork instead of through `setsid -f` (measured here from a 60 MiB uvloop process:
+    # 5.5 ms of CPU and wall per launch through setsid, 0.85 ms with a vfork spawn and a pidfd).
+    detaches_itself: bool = False
 
 
 async def spawn_serving(launch: DirectLaunch, *, bundle: Path, timeout: float, zygote: Zygote | None = None) -> str:
@@ -164,6 +169,14 @@ async def spawn_serving(launch: DirectLaunch, *, bundle: Path, timeout: float, z
     try:
         errlog = await asyncio.to_thread(os.open, str(bundle / "shim.stderr.log"),
                                          os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        if launch.detaches_itself:
+            try:
+                await _spawn_detaching(argv, bundle, {**os.environ, **env, listen_fd_env: str(sock.fileno()),
+                                                      "SHIMD_SHIM_SOCKET": socket_path}, sock.fileno(), errlog,
+                                       timeout)
+            finally:
+                os.close(errlog)
+            return socket_path
         try:
             proc = await asyncio.create_subprocess_exec(
                 SETSID, "-f", *argv, cwd=str(bundle), stdin=asyncio.subprocess.DEVNULL,
@@ -189,6 +202,30 @@ async def spawn_serving(launch: DirectLaunch, *, bundle: Path, timeout: float, z
     finally:
         sock.close()  # the shim holds its own copy
     return socket_path
+
+
+async def _spawn_detaching(argv: list[str], bundle: Path, env: dict[str, str], listen_fd: int, errlog: int,
+                           timeout: float) -> None:
+    """Spawn a shim that forks itself off (in a session of its own) and wait for its first process's exit."""
+    try:
+        # Popen vforks and returns once the child has exec'd; the exit is seen through a pidfd.
+        proc = subprocess.Popen(argv, cwd=str(bundle), env=env, stdin=subprocess.DEVNULL,  # noqa: ASYNC220
+                                stdout=subprocess.DEVNULL, stderr=errlog, pass_fds=(listen_fd,),
+                                start_new_session=True)
+    except OSError as e:
+        raise errors.FailedPrecondition(f"launching the shim: cannot run {argv[0]!r}: {e.strerror or e}") from None
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        if not await subproc.wait_exit(pidfd, timeout):
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await subproc.wait_exit(pidfd, subproc.KILL_GRACE)
+            raise errors.DeadlineExceeded(f"launching the shim ({argv[0]}) timed out after {timeout:g}s")
+    finally:
+        proc.poll()
+        os.close(pidfd)
+    if proc.returncode != 0:
+        raise errors.ShimdError(f"launching the shim failed: {argv[0]} exited {proc.returncode}")
 
 
 def _write_address_file(bundle: Path, address: str) -> None:

@@ -70,6 +70,25 @@ def test_check_passes_on_a_working_node(shimd_factory: Callable[..., ShimdProces
     found = json.loads(out.stdout)
     assert {f["area"] for f in found} >= {"config", "host", "cgroups", "handler runc", "cni", "socket", "daemon"}
     assert not [f for f in found if f["level"] == "fail"]
+    assert any(f["area"] == "handler runc" and "compiled shim" in f["message"] and f["level"] == "ok" for f in found)
+
+
+def test_check_says_which_shim_runs_a_handlers_pods(tmp_base: Path) -> None:
+    cfg = tmp_base / "c.toml"
+    base = (f'[daemon]\nsocket = "{tmp_base}/none.sock"\nstate = "{tmp_base}/run"\nroot = "{tmp_base}/root"\n'
+            '[handlers.runc]\ndriver = "runc"\n')
+    cfg.write_text(base + 'shim = "python"\n')
+    out = _check("--config", str(cfg), "--no-daemon", "--json")
+    runc = [f for f in json.loads(out.stdout) if f["area"] == "handler runc"]
+    assert any("Python shim" in f["message"] and f["level"] == "ok" for f in runc), runc
+    # No compiled shim where shimd looks: a warning for "auto", a failure for "native".
+    for shim, level in (("auto", "warn"), ("native", "fail")):
+        cfg.write_text(base + f'shim = "{shim}"\n')
+        out = subprocess.run([sys.executable, "-m", "shimd", "check", "--config", str(cfg), "--no-daemon", "--json"],
+                             capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
+                             env={**os.environ, "SHIMD_NATIVE_SHIM": str(tmp_base / "missing")})
+        runc = [f for f in json.loads(out.stdout) if f["area"] == "handler runc"]
+        assert any("is not installed" in f["message"] and f["level"] == level for f in runc), (shim, runc)
 
 
 def test_check_names_what_is_wrong(tmp_base: Path) -> None:

@@ -2,6 +2,7 @@
 still leave the pod's teardown a way to reach and stop that shim), and removes it when no shim came."""
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +49,38 @@ def test_address_removed_when_no_shim_starts(tmp_path: Path) -> None:
     assert zygote.seen_address.startswith("unix://")
     assert not (bundle / "address").exists()
     assert not (tmp_path / "s" / "shim.sock").exists()
+
+
+def test_a_shim_that_detaches_itself_is_waited_for_only_until_its_first_process_exits(tmp_path: Path) -> None:
+    """detaches_itself: the first process exits at once, the shim runs on (here: a child of a shell that
+    records its session and the socket it got); a failing first process fails the launch and leaves no
+    address."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    out = tmp_path / "out"
+    # The session id of the process left running (field 6 of its stat) is the first process's pid ($$).
+    script = (f'(sleep 0.2; echo "$(cut -d" " -f6 /proc/self/stat) $$ $LISTEN_FD $SHIMD_SHIM_SOCKET" > {out}.tmp; '
+              f'mv {out}.tmp {out}) & exit 0')
+    launch = DirectLaunch(argv=["sh", "-c", script], env={}, socket_path=str(tmp_path / "s" / "shim.sock"),
+                          listen_fd_env="LISTEN_FD", flags={}, detaches_itself=True)
+    path = asyncio.run(spawn_serving(launch, bundle=bundle, timeout=10))
+    assert (bundle / "address").read_text() == f"unix://{path}"
+    assert _wait_for(out), "the detached process did not run on"
+    session, pid, fd, sock = out.read_text().split()
+    assert session == pid, "a session of its own"
+    assert fd.isdigit() and sock == path
+    failing = DirectLaunch(argv=["sh", "-c", "exit 3"], env={}, socket_path=str(tmp_path / "s2" / "shim.sock"),
+                           listen_fd_env="LISTEN_FD", flags={}, detaches_itself=True)
+    bundle2 = tmp_path / "bundle2"
+    bundle2.mkdir()
+    with pytest.raises(errors.ShimdError, match="exited 3"):
+        asyncio.run(spawn_serving(failing, bundle=bundle2, timeout=10))
+    assert not (bundle2 / "address").exists()
+
+
+def _wait_for(path: Path) -> bool:
+    for _ in range(100):
+        if path.exists():
+            return True
+        time.sleep(0.05)
+    return False

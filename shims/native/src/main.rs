@@ -47,7 +47,7 @@ fn parse_args(argv: &[String]) -> Result<(HashMap<String, String>, String), Stri
         if let Some((n, v)) = name.split_once('=') {
             value = v.to_string();
             name = n.to_string();
-        } else if name == "debug" || name == "v" {
+        } else if name == "debug" || name == "v" || name == "detach" {
             value = "true".into();
         } else {
             i += 1;
@@ -222,6 +222,19 @@ fn inherited_listener() -> Option<RawFd> {
 }
 
 fn cmd_serve(flags: HashMap<String, String>, path: String) -> i32 {
+    if flags.get("detach").map(|v| v == "true").unwrap_or(false) {
+        // Fork off and let the first process exit at once: the launcher (shimd) only waits for that exit,
+        // and the shim, orphaned, is nobody's child to reap. Still single-threaded here.
+        // SAFETY: fork before any thread exists; the parent only calls _exit.
+        match unsafe { libc::fork() } {
+            -1 => {
+                eprintln!("fork: {}", std::io::Error::last_os_error());
+                return 1;
+            }
+            0 => {}
+            _ => unsafe { libc::_exit(0) },
+        }
+    }
     let listen_fd = inherited_listener();
     // Descriptors our launcher leaked to us would pin its sockets open for our lifetime.
     close_fds_from(3, listen_fd);
