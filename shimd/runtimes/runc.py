@@ -8,6 +8,7 @@ Runs inside shimd (so it may use betterproto); the shim process itself never imp
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -77,18 +78,16 @@ class RuncRuntime(RuntimeBase):
     def stats_sampler(self) -> Sampler | None:
         return None
 
-    _native: tuple[str | None] | None = None
-
-    @property
+    @functools.cached_property
     def native_shim(self) -> str | None:
         """The compiled shim this handler's pods run under; None: the Python shim (looked up once)."""
-        if self._native is None:
-            path = find_native_shim() if self.handler.shim != "python" and self.handler.driver == "runc" else None
-            if path is None and self.handler.shim == "auto" and self.handler.driver == "runc":
-                self.log.warning("native shim not found; pods run under the Python shim (build it with `make`)",
-                                 looked_in=[NATIVE_SHIM_BUILT, "PATH"])
-            self._native = (path,)
-        return self._native[0]
+        if self.handler.shim == "python" or self.handler.driver != "runc":
+            return None
+        path = find_native_shim()
+        if path is None and self.handler.shim == "auto":
+            self.log.warning("native shim not found; pods run under the Python shim (build it with `make`)",
+                             looked_in=[NATIVE_SHIM_BUILT, "PATH"])
+        return path
 
     def _probe(self) -> tuple[bool, str]:
         if self.handler.shim == "native" and self.native_shim is None:

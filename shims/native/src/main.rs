@@ -13,6 +13,7 @@
 mod cgroup_kill;
 mod cgroup_lock;
 mod cgroupfs;
+mod fd;
 mod log;
 mod mounts;
 mod paths;
@@ -73,13 +74,6 @@ fn answers(path: &str) -> bool {
     UnixStream::connect(path).is_ok()
 }
 
-fn write_address(address: &str) -> std::io::Result<()> {
-    let mut f = std::fs::File::create("address.tmp")?;
-    f.write_all(address.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename("address.tmp", "address")
-}
-
 fn close_fds_from(first: u32, keep: Option<RawFd>) {
     // close_range(2) where the kernel has it (5.9), else one close per open descriptor.
     let keep = keep.filter(|k| *k >= first as RawFd);
@@ -111,7 +105,7 @@ fn cmd_start(flags: &HashMap<String, String>, raw: &[String]) -> i32 {
     let address = format!("unix://{path}");
     if std::path::Path::new(&path).exists() {
         if answers(&path) {
-            let _ = write_address(&address);
+            let _ = service::write_atomic("address", address.as_bytes(), true);
             println!("{address}");
             return 0;
         }
@@ -158,7 +152,7 @@ fn cmd_start(flags: &HashMap<String, String>, raw: &[String]) -> i32 {
             return 1;
         }
         if answers(&path) {
-            let _ = write_address(&address);
+            let _ = service::write_atomic("address", address.as_bytes(), true);
             println!("{address}");
             return 0;
         }

@@ -20,14 +20,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
-use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::oneshot;
 
-use crate::cgroupfs;
 use crate::log::Logger;
 use crate::reaper::{Exit, Reaper};
 use crate::runtime::{Caps, RtError, RtResult, RuncOptions, Runtime, Stdio};
+use crate::{cgroupfs, fd};
 
 const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
 /// The namespaces it joins by path (pinned by shimd), in the order they are joined.
@@ -733,16 +732,6 @@ unsafe fn reset_signals() {
 
 // ---- the shim's side -------------------------------------------------------------------------------
 
-fn pipe() -> RtResult<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-        return Err(os_failure(io::Error::last_os_error(), None));
-    }
-    // SAFETY: both are fresh descriptors we own.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
 fn os_failure(e: io::Error, path: Option<&str>) -> RtError {
     RtError::Failed(cgroupfs::os_error_text(&e, path))
 }
@@ -797,24 +786,6 @@ fn fork_pause(p: &Prepared, cgroup_fds: &mut [c_int], reaper: &Reaper) -> RtResu
     match exit {
         Some(exit) => Ok((pid, exit)),
         None => Err(os_failure(io::Error::from_raw_os_error(fork_errno), None)),
-    }
-}
-
-/// What a non-blocking pipe holds once it is readable; empty at its end.
-async fn read_some(fd: &AsyncFd<OwnedFd>) -> io::Result<Vec<u8>> {
-    loop {
-        let mut guard = fd.readable().await?;
-        let mut buf = [0u8; 4096];
-        // SAFETY: read into a stack buffer of its length.
-        let n = unsafe { libc::read(fd.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            return Ok(buf[..n as usize].to_vec());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::WouldBlock {
-            return Err(e);
-        }
-        guard.clear_ready();
     }
 }
 
@@ -930,6 +901,8 @@ impl PauseRuntime {
         self.state.lock().unwrap().leaves = leaves.iter().map(|l| l.path.clone()).collect();
         let mut prep = Prepared::new(&self.plan, stdio, &leaves, host)?;
         let mut cgroup_fds = vec![-1; prep.leaves.len()];
+        // Non-blocking: the child's read of the lifeline must answer at once (EAGAIN while the shim lives).
+        let pipe = || fd::pipe(libc::O_NONBLOCK).map_err(|e| os_failure(e, None));
         let (life_r, life_w) = pipe()?;
         let (report_r, report_w) = pipe()?;
         prep.lifeline_r = life_r.as_raw_fd();
@@ -1001,10 +974,8 @@ impl Runtime for PauseRuntime {
         };
         let (_, report_r) = self.spawn(stdio, host)?;
         let guard = KillOnDrop(self);
-        // SAFETY: the AsyncFd owns the descriptor until into_inner.
-        let report = unsafe { AsyncFd::register_with_interest(report_r, Interest::READABLE) }
-            .map_err(|e| os_failure(e.into_parts().1, None))?;
-        let first = match tokio::time::timeout(START_TIMEOUT, read_some(&report)).await {
+        let report = fd::async_fd(report_r, Interest::READABLE).map_err(|e| os_failure(e, None))?;
+        let first = match tokio::time::timeout(START_TIMEOUT, fd::read_ready(&report)).await {
             Ok(Ok(first)) => first,
             Ok(Err(e)) => return Err(os_failure(e, None)),
             Err(_) => {

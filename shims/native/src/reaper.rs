@@ -12,9 +12,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::oneshot;
+
+use crate::fd;
 
 const UNCLAIMED_MAX: usize = 1024;
 const OUTPUT_LIMIT: usize = 1 << 20;
@@ -204,77 +205,25 @@ pub struct Output {
     pub stderr: Vec<u8>,
 }
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both are fresh descriptors we own.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
 fn devnull(write: bool) -> io::Result<OwnedFd> {
     let f = std::fs::OpenOptions::new().read(!write).write(write).open("/dev/null")?;
     Ok(f.into())
 }
 
+/// Everything the pipe's read end gives until EOF; what is past `limit` is dropped.
 async fn read_all(fd: OwnedFd, limit: usize) -> Vec<u8> {
     let mut out = Vec::new();
-    // SAFETY: the AsyncFd owns fd and nothing else closes it while registered.
-    let afd = match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
-        Ok(a) => a,
-        Err(_) => return out,
-    };
-    let mut buf = [0u8; 16384];
-    loop {
-        let mut guard = match afd.readable().await {
-            Ok(g) => g,
-            Err(_) => return out,
-        };
-        // SAFETY: read into a stack buffer of its length.
-        let n = unsafe { libc::read(afd.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
-                guard.clear_ready();
-                continue;
-            }
-            return out;
-        }
-        if n == 0 {
-            return out;
-        }
-        let n = n as usize;
-        if out.len() < limit {
-            let take = n.min(limit - out.len());
-            out.extend_from_slice(&buf[..take]);
-        }
+    let Ok(afd) = fd::async_fd(fd, Interest::READABLE) else { return out };
+    while let Some(data) = fd::read_chunk(&afd).await {
+        out.extend_from_slice(&data[..data.len().min(limit.saturating_sub(out.len()))]);
     }
+    out
 }
 
-async fn write_all(fd: OwnedFd, data: Vec<u8>) {
-    // SAFETY: as in read_all.
-    let afd = match unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) } {
-        Ok(a) => a,
-        Err(_) => return,
-    };
-    let mut off = 0;
-    while off < data.len() {
-        let mut guard = match afd.writable().await {
-            Ok(g) => g,
-            Err(_) => return,
-        };
-        // SAFETY: write from a live slice.
-        let n = unsafe { libc::write(afd.get_ref().as_raw_fd(), data[off..].as_ptr().cast(), data.len() - off) };
-        if n < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
-                guard.clear_ready();
-                continue;
-            }
-            return; // the reader went away
-        }
-        off += n as usize;
+/// All of data to the pipe's write end, then closes it (a reader gone ends it early).
+async fn write_all(fd: OwnedFd, mut data: Vec<u8>) {
+    if let Ok(afd) = fd::async_fd(fd, Interest::WRITABLE) {
+        fd::write_all(&afd, &mut data).await;
     }
 }
 
@@ -299,13 +248,14 @@ pub async fn run(
         Some(fds) => reaper.spawn(argv, fds, false)?,
         None => {
             let (in_r, in_w) = if stdin_data.is_some() {
-                let (r, w) = pipe()?;
+                let (r, w) = fd::pipe(0)?;
                 (r, Some(w))
             } else {
                 (devnull(false)?, None)
             };
-            let (out_r, out_w) = pipe()?;
-            let (err_r, err_w) = pipe()?;
+            // Blocking pipes: runc gets blocking ends, ours are made non-blocking when read.
+            let (out_r, out_w) = fd::pipe(0)?;
+            let (err_r, err_w) = fd::pipe(0)?;
             let spawned = reaper.spawn(argv, [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()], false)?;
             readers.push(out_r);
             readers.push(err_r);

@@ -207,15 +207,19 @@ impl Runc {
     }
 }
 
-pub fn last_error_in(log_path: &str) -> String {
+/// The last `max` bytes of a file (a log); None when it cannot be read.
+fn read_tail(path: &Path, max: u64) -> Option<Vec<u8>> {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(log_path) else { return String::new() };
-    let Ok(end) = f.seek(SeekFrom::End(0)) else { return String::new() };
-    let _ = f.seek(SeekFrom::Start(end.saturating_sub(8192)));
+    let mut f = std::fs::File::open(path).ok()?;
+    let end = f.seek(SeekFrom::End(0)).ok()?;
+    f.seek(SeekFrom::Start(end.saturating_sub(max))).ok()?;
     let mut buf = Vec::new();
-    if f.read_to_end(&mut buf).is_err() {
-        return String::new();
-    }
+    f.read_to_end(&mut buf).ok()?;
+    Some(buf)
+}
+
+pub fn last_error_in(log_path: &str) -> String {
+    let Some(buf) = read_tail(Path::new(log_path), 8192) else { return String::new() };
     for line in buf.split(|b| *b == b'\n').rev() {
         if let Ok(rec) = serde_json::from_slice::<serde_json::Value>(line) {
             let level = rec.get("level").and_then(|v| v.as_str()).unwrap_or("");
@@ -242,21 +246,13 @@ pub fn criu_errors(text: &str, limit: usize) -> String {
 }
 
 fn with_criu_log(message: String, log_path: &Path) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    if let Ok(mut f) = std::fs::File::open(log_path) {
-        if let Ok(end) = f.seek(SeekFrom::End(0)) {
-            let _ = f.seek(SeekFrom::Start(end.saturating_sub(65536)));
-            let mut buf = Vec::new();
-            if f.read_to_end(&mut buf).is_ok() {
-                let found = criu_errors(&String::from_utf8_lossy(&buf), 3);
-                if !found.is_empty() {
-                    let name = log_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                    return format!("{message}; {name}: {found}");
-                }
-            }
-        }
+    let found =
+        read_tail(log_path, 65536).map(|buf| criu_errors(&String::from_utf8_lossy(&buf), 3)).unwrap_or_default();
+    if found.is_empty() {
+        return message;
     }
-    message
+    let name = log_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    format!("{message}; {name}: {found}")
 }
 
 #[async_trait]

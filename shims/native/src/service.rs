@@ -476,7 +476,7 @@ impl TaskService {
                 // containerd's runc shim keeps its options here too; `shim delete` reads them after a crash.
                 let opts_json = json!({"binary_name": opts.binary, "root": opts.root,
                     "systemd_cgroup": opts.systemd_cgroup});
-                write_atomic(&format!("{bundle}/options.json"), opts_json.to_string().as_bytes())
+                write_atomic(&format!("{bundle}/options.json"), opts_json.to_string().as_bytes(), false)
                     .map_err(|e| self.io_fail("create", &cid, e))?;
             }
             if !req.rootfs.is_empty() {
@@ -623,7 +623,7 @@ impl TaskService {
         }
         let spec_file = format!("{}/exec-{}.json", c.bundle, proc.exec_id);
         let pid_file = format!("{}/exec-{}.pid", c.bundle, proc.exec_id);
-        write_atomic(&spec_file, &proc.spec).map_err(|e| self.io_fail("start", &c.id, e))?;
+        write_atomic(&spec_file, &proc.spec, false).map_err(|e| self.io_fail("start", &c.id, e))?;
         let result =
             self.spawn_with_io(&proc, &c.runtime, &c.bundle, Launch::Exec { spec_file: &spec_file }, &pid_file).await;
         let _ = std::fs::remove_file(&spec_file);
@@ -1189,9 +1189,15 @@ fn encode_string_field(num: u32, value: &str) -> Vec<u8> {
     out
 }
 
-fn write_atomic(path: &str, data: &[u8]) -> std::io::Result<()> {
+/// data at path, whole or not at all (a rename); `durable`: on disk before the rename.
+pub fn write_atomic(path: &str, data: &[u8], durable: bool) -> std::io::Result<()> {
+    use std::io::Write;
     let tmp = format!("{path}.tmp");
-    std::fs::write(&tmp, data)?;
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    if durable {
+        f.sync_all()?;
+    }
     std::fs::rename(&tmp, path)
 }
 

@@ -9,7 +9,7 @@
 //! source is not read (back-pressure) instead of buffering without bound.
 
 use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -20,12 +20,11 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
+use crate::fd::{async_fd, open_fd, pipe, read_chunk, read_some, set_nonblocking, write_all};
 use crate::writer::FileWriter;
 
 /// Longest content of one CRI log record; longer lines are split into P records.
 pub const CRI_LINE_MAX: usize = 16 * 1024;
-/// Largest read of a copy, and so the most a copy holds.
-const CHUNK: usize = 32 * 1024;
 /// An attached client this far behind is disconnected (see AttachFanout).
 pub const ATTACH_BACKLOG_MAX: usize = 1 << 20;
 pub const ATTACH_STDOUT: u8 = 1;
@@ -61,102 +60,6 @@ impl Stream {
     }
     fn index(self) -> usize {
         self as usize
-    }
-}
-
-// -- descriptors ------------------------------------------------------------------------------------
-
-fn open_fd(path: &str, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
-    let c = std::ffi::CString::new(path).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
-    // SAFETY: a valid C string; the descriptor returned is ours.
-    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: just opened, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// (read end, write end), both close-on-exec and blocking.
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [-1; 2];
-    // SAFETY: pipe2 fills the array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both just created.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: fcntl on a descriptor we hold.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-/// Registers fd with the runtime (made non-blocking first).
-fn async_fd(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
-    set_nonblocking(fd.as_raw_fd())?;
-    // SAFETY: the AsyncFd owns the descriptor, so it stays open for as long as it is registered.
-    Ok(unsafe { AsyncFd::register_with_interest(fd, interest) }?)
-}
-
-/// One read of at most CHUNK bytes; Ok(empty) at EOF.
-fn read_some(fd: RawFd) -> io::Result<Vec<u8>> {
-    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
-    // SAFETY: reads into the vector's spare capacity, then sets the length to what was read.
-    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), CHUNK) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    unsafe { buf.set_len(n as usize) };
-    Ok(buf)
-}
-
-fn write_some(fd: RawFd, data: &[u8]) -> io::Result<usize> {
-    // SAFETY: writes from a valid slice.
-    let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
-}
-
-/// The next chunk; None at EOF, or on an error (EIO: the pty's other side is closed).
-async fn read_chunk(fd: &AsyncFd<OwnedFd>) -> Option<Vec<u8>> {
-    loop {
-        let mut guard = fd.readable().await.ok()?;
-        match guard.try_io(|inner| read_some(inner.get_ref().as_raw_fd())) {
-            Ok(Ok(data)) if data.is_empty() => return None,
-            Ok(Ok(data)) => return Some(data),
-            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Ok(Err(_)) => return None,
-            Err(_would_block) => continue,
-        }
-    }
-}
-
-/// Writes all of buf, removing what is written; an error drops the rest (a reader gone or a tty hung
-/// up must not stall the process).
-async fn write_all(fd: &AsyncFd<OwnedFd>, buf: &mut Vec<u8>) {
-    while !buf.is_empty() {
-        let Ok(mut guard) = fd.writable().await else {
-            buf.clear();
-            return;
-        };
-        match guard.try_io(|inner| write_some(inner.get_ref().as_raw_fd(), buf)) {
-            Ok(Ok(n)) => {
-                buf.drain(..n);
-            }
-            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-            Ok(Err(_)) => buf.clear(),
-            Err(_would_block) => {}
-        }
     }
 }
 
@@ -790,7 +693,7 @@ impl ProcessIo {
                     st.stdin_keeper =
                         Some(open_fd(path, libc::O_WRONLY | libc::O_NONBLOCK, 0).map_err(named("stdin", stdin))?);
                     if !terminal {
-                        let (r, w) = pipe()?;
+                        let (r, w) = pipe(0)?;
                         fds[0] = keep(st, r);
                         st.stdin_w = Some(w);
                     }
@@ -833,7 +736,7 @@ impl ProcessIo {
                 }
                 target => {
                     let sink = sink_plan(target).map_err(err)?;
-                    let (r, w) = pipe()?;
+                    let (r, w) = pipe(0)?;
                     fds[i] = keep(st, w);
                     st.outputs.push(OutPlan { src: Some(r), stream, sink });
                 }
@@ -1050,7 +953,9 @@ fn sink_plan(target: Target<'_>) -> io::Result<SinkPlan> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fd::{write_some, CHUNK};
     use std::ffi::CString;
+    use std::os::fd::FromRawFd;
     use tokio::io::AsyncReadExt;
 
     fn tmpdir(name: &str) -> String {
