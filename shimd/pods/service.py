@@ -350,11 +350,15 @@ class PodService:
             except OSError:  # another filesystem
                 shutil.copy2(PAUSE_BINARY, rootfs / "pause")
 
-        await asyncio.to_thread(prepare)
         ctx = pod_context(pod, self.state_dir)
         ctx.cgroups_path = cgroups.container_path(self.cgroup_driver, pod.cgroup_parent, pod.id)
-        spec = ocispec.pause_spec(ctx, str(rootfs), ["/pause", "-P"])
-        await fsutil.write_json(bundle / "config.json", spec, durable=False)  # daemon.state: no fsync
+        spec = fsutil.json_bytes(ocispec.pause_spec(ctx, str(rootfs), ["/pause", "-P"]))
+
+        def prepare_and_write() -> None:  # one thread hop for both
+            prepare()
+            fsutil.write_atomic_sync(bundle / "config.json", spec, durable=False)  # daemon.state: no fsync
+
+        await asyncio.to_thread(prepare_and_write)
         phase("sandbox_bundle")
         return bundle
 

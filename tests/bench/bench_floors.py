@@ -8,7 +8,9 @@
     .venv/bin/python -m tests.bench.bench_floors --runs 20
 
 Run it next to bench_pod_start's figures (same load): the CNI numbers are the plugins' own exec
-time, which both runtimes pay on RunPodSandbox and StopPodSandbox.
+time, which both runtimes pay on RunPodSandbox and StopPodSandbox. Beside each wall time, the machine's
+CPU time over the step (all processes, /proc/stat): the floor under bench_pod_start's "machine CPU per
+pod", which bounds how many pods start at once on two cores.
 """
 
 from __future__ import annotations
@@ -30,15 +32,26 @@ from tests.support.network import CNI_BIN_DIRS
 CATATONIT = "/usr/bin/catatonit"
 
 
-def timed(argv: list[str]) -> float:
-    t0 = time.perf_counter()
+# Wall and machine CPU seconds of one step.
+Sample = tuple[float, float]
+
+
+def machine_cpu_s() -> float:
+    """CPU time the whole machine has spent busy (user, nice, system, irq, softirq), in seconds."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:8]]
+    return (sum(fields[:3]) + sum(fields[5:7])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(argv: list[str]) -> Sample:
+    t0, c0 = time.perf_counter(), machine_cpu_s()
     # No pipes: the container's init inherits runc create's stdio and would hold them open.
     subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    timeout=60)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, machine_cpu_s() - c0
 
 
-def runc_floor(work: Path, runs: int) -> dict[str, list[float]]:
+def runc_floor(work: Path, runs: int) -> dict[str, list[Sample]]:
     bundle, root = work / "bundle", work / "runc-root"
     (bundle / "rootfs").mkdir(parents=True)
     root.mkdir()
@@ -50,7 +63,7 @@ def runc_floor(work: Path, runs: int) -> dict[str, list[float]]:
     spec["process"].update(args=["/catatonit", "-P"], terminal=False)
     spec["linux"]["cgroupsPath"] = f"/shimd-floor-{os.getpid()}"
     (bundle / "config.json").write_text(json.dumps(spec))
-    out: dict[str, list[float]] = {"runc create": [], "runc start": [], "runc create+start": [],
+    out: dict[str, list[Sample]] = {"runc create": [], "runc start": [], "runc create+start": [],
                                    "runc run --detach": [], "runc kill+delete": []}
     base = ["runc", "--root", str(root)]
     try:
@@ -64,7 +77,7 @@ def runc_floor(work: Path, runs: int) -> dict[str, list[float]]:
             kill_delete(base, cid)
             out["runc create"].append(c)
             out["runc start"].append(s)
-            out["runc create+start"].append(c + s)
+            out["runc create+start"].append((c[0] + s[0], c[1] + s[1]))
     finally:
         # Never leave a container (and its cgroup) behind a failed run.
         left = subprocess.run([*base, "list", "-q"], capture_output=True, text=True, timeout=30).stdout.split()
@@ -73,27 +86,30 @@ def runc_floor(work: Path, runs: int) -> dict[str, list[float]]:
     return out
 
 
-def kill_delete(base: list[str], cid: str) -> float:
-    t0 = time.perf_counter()
+def kill_delete(base: list[str], cid: str) -> Sample:
+    """Wall time from SIGKILL to deleted; CPU of `runc kill` and `runc delete` only (not the state polls)."""
+    t0, c0 = time.perf_counter(), machine_cpu_s()
     subprocess.run([*base, "kill", cid, "KILL"], check=True, capture_output=True, timeout=30)
+    cpu = machine_cpu_s() - c0
     deadline = t0 + 30
     while json.loads(subprocess.run([*base, "state", cid], capture_output=True, timeout=30,
                                     check=True).stdout)["status"] != "stopped":
         if time.perf_counter() > deadline:
             raise TimeoutError(f"{cid} still running 30 s after SIGKILL")
         time.sleep(0.001)
+    c1 = machine_cpu_s()
     subprocess.run([*base, "delete", cid], check=True, capture_output=True, timeout=30)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, cpu + machine_cpu_s() - c1
 
 
-def cni_floor(work: Path, runs: int) -> dict[str, list[float]]:
+def cni_floor(work: Path, runs: int) -> dict[str, list[Sample]]:
     net = private_network(work / "cni")
     conf = net.conflist()
     # The plugins that run for a pod without port mappings or bandwidth annotations.
     conf["plugins"] = [p for p in conf["plugins"] if p["type"] in ("bridge", "loopback")]
     pin_dir = work / "ns"
     pin_dir.mkdir()
-    out: dict[str, list[float]] = {}
+    out: dict[str, list[Sample]] = {}
     try:
         for i in range(runs):
             pin = pin_dir / f"n{i}"
@@ -110,10 +126,11 @@ def cni_floor(work: Path, runs: int) -> dict[str, list[float]]:
                            "CNI_IFNAME": "eth0", "CNI_PATH": ":".join(CNI_BIN_DIRS),
                            "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
                     path = next(Path(d) / p["type"] for d in CNI_BIN_DIRS if (Path(d) / p["type"]).exists())
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), machine_cpu_s()
                     r = subprocess.run([str(path)], input=json.dumps(stdin).encode(), env=env, capture_output=True,
                                        timeout=60)
-                    out.setdefault(f"cni {command} {p['type']}", []).append(time.perf_counter() - t0)
+                    out.setdefault(f"cni {command} {p['type']}", []).append((time.perf_counter() - t0,
+                                                                             machine_cpu_s() - c0))
                     if r.returncode != 0:
                         raise RuntimeError(f"{p['type']} {command}: {r.stdout!r} {r.stderr!r}")
                     if command == "ADD":
@@ -133,9 +150,11 @@ def main() -> None:
         rows = {**runc_floor(work, args.runs), **cni_floor(work, args.runs)}
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
-    print(f"\n{'floor (ms)':<24}{'p50':>8}{'mean':>8}   load {os.getloadavg()[0]:.1f}")
-    for name, values in rows.items():
-        print(f"{name:<24}{statistics.median(values) * 1000:>8.1f}{statistics.mean(values) * 1000:>8.1f}")
+    print(f"\n{'floor (ms)':<24}{'p50':>8}{'mean':>8}{'CPU mean':>10}   load {os.getloadavg()[0]:.1f}")
+    for name, samples in rows.items():
+        walls, cpus = [w for w, _ in samples], [c for _, c in samples]
+        print(f"{name:<24}{statistics.median(walls) * 1000:>8.1f}{statistics.mean(walls) * 1000:>8.1f}"
+              f"{statistics.mean(cpus) * 1000:>10.1f}")
 
 
 if __name__ == "__main__":

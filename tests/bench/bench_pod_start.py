@@ -15,7 +15,9 @@ from a local registry and the same CNI config (loopback-only or a private NAT'ed
     which keeps the machine's drift out of the ratio);
   * one pod's shim (with one running container): RSS and PSS (/proc/PID/smaps_rollup);
   * shimd only: per-phase time of the sequential pods' calls (start and teardown), from shimd's
-    shimd_phase_duration_seconds histogram: mean (exact) and p50 (interpolated within a bucket).
+    shimd_phase_duration_seconds histogram: mean (exact) and p50 (interpolated within a bucket);
+  * with --perf: the parallel phase's CPU per pod by kind of process (daemon, shims, runc, CNI plugins,
+    pause processes, ...), from `perf record -a` (tests/bench/cpu_by_process.py).
 
 containerd needs a sandbox (pause) image: one is built from the static /usr/bin/catatonit
 (entrypoint ["/catatonit", "-P"]) and pushed next to busybox. Everything runs under a private
@@ -53,6 +55,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from shimd.network import namespaces
+from tests.bench import cpu_by_process
 from tests.bench.containerd_peer import ContainerdPeer
 from tests.support import images as img
 from tests.support import procs as support_procs
@@ -197,6 +200,8 @@ class Results:
     list_pods_ms: list[float] = field(default_factory=list)  # ListPodSandbox with the sequential pods up
     seq_cpu: float = 0.0  # machine-wide CPU seconds per pod (daemon, shims, runc, CNI plugins and this client)
     par_cpu: float = 0.0
+    # --perf: the parallel phase's CPU seconds per pod by kind of process (cpu_by_process), one dict per round.
+    par_by_kind: list[dict[str, float]] = field(default_factory=list)
     rss_idle_kb: int = 0
     rss_pods_kb: int = 0
     # With the rss pods up: the PSS of their shims and of their pause processes, summed, and how many pods.
@@ -213,6 +218,7 @@ class Results:
             for k, v in theirs.items():
                 mine.setdefault(k, []).extend(v)
         self.par_walls += other.par_walls
+        self.par_by_kind += other.par_by_kind
         self.list_pods_ms += other.list_pods_ms
         for key, (n, total, buckets) in other.phases.items():
             n0, t0, b0 = self.phases.get(key, (0.0, 0.0, []))
@@ -528,14 +534,18 @@ def measure(rt: Runtime, image: str, pause: str, args: argparse.Namespace, work:
             for i in range(args.pods):
                 res.down["teardown-4"].append(b.teardown_four(*b.one_pod_ids(f"down-{i}")))
 
-            t0, cpu0 = time.perf_counter(), machine_cpu_s()
-            with ThreadPoolExecutor(PARALLEL_WORKERS) as pool:
-                for one in pool.map(lambda i: b.one_pod(f"par-{i}"), range(args.pods)):
-                    for k, v in one.items():
-                        res.par[k].append(v)
-            res.par_wall = time.perf_counter() - t0
+            profiling = cpu_by_process.record(work, rt.pid, os.getpid()) if args.perf else contextlib.nullcontext()
+            with profiling as profile:
+                t0, cpu0 = time.perf_counter(), machine_cpu_s()
+                with ThreadPoolExecutor(PARALLEL_WORKERS) as pool:
+                    for one in pool.map(lambda i: b.one_pod(f"par-{i}"), range(args.pods)):
+                        for k, v in one.items():
+                            res.par[k].append(v)
+                res.par_wall = time.perf_counter() - t0
+                res.par_cpu = (machine_cpu_s() - cpu0) / args.pods
             res.par_walls = [res.par_wall]
-            res.par_cpu = (machine_cpu_s() - cpu0) / args.pods
+            if profile is not None and profile.seconds:
+                res.par_by_kind = [{k: v / args.pods for k, v in profile.seconds.items()}]
             b.remove_all()
 
         if sizing:
@@ -597,6 +607,10 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b and a == a and b == b else "-"  # x == x is False for NaN
 
 
+def _mean_kind(r: Results, kind: str) -> float:
+    return statistics.mean(d.get(kind, 0.0) for d in r.par_by_kind) if r.par_by_kind else nan
+
+
 def report(results: dict[str, Results], args: argparse.Namespace) -> None:
     ours, theirs = results["shimd"], results["containerd"]
     print(f"\nnetwork={args.network} pid={args.pid} pods={args.pods} (times in ms; ratio = shimd / containerd)")
@@ -626,6 +640,15 @@ def report(results: dict[str, Results], args: argparse.Namespace) -> None:
     print(f"\n{'':<40}{'shimd':>12}{'containerd':>14}{'ratio':>8}")
     row("machine CPU per pod, sequential", ours.seq_cpu * 1000, theirs.seq_cpu * 1000, "ms")
     row("machine CPU per pod, parallel", ours.par_cpu * 1000, theirs.par_cpu * 1000, "ms")
+    if ours.par_by_kind or theirs.par_by_kind:
+        print(f"\n{args.pods} pods at once, CPU per pod by process (perf -a, mean of {len(ours.par_by_kind)}/"
+              f"{len(theirs.par_by_kind)} rounds)")
+        kinds = sorted({k for r in (ours, theirs) for d in r.par_by_kind for k in d},
+                       key=lambda k: -_mean_kind(ours, k) - _mean_kind(theirs, k))
+        for kind in kinds:
+            row(f"  {kind}", _mean_kind(ours, kind) * 1000, _mean_kind(theirs, kind) * 1000, "ms")
+        row("  all", sum(_mean_kind(ours, k) for k in kinds) * 1000, sum(_mean_kind(theirs, k) for k in kinds) * 1000,
+            "ms")
 
     print(f"\n{'':<40}{'shimd':>12}{'containerd':>14}{'ratio':>8}")
     row("daemon RSS idle", ours.rss_idle_kb / 1024, theirs.rss_idle_kb / 1024, "MiB")
@@ -675,6 +698,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure each runtime this many times, alternating which goes first; samples pooled")
     ap.add_argument("--json", default="", help="also write raw results here")
+    ap.add_argument("--perf", action="store_true",
+                    help="record the pods-at-once phase with `perf record -a` and report its CPU by process kind")
     args = ap.parse_args()
 
     results: dict[str, Results] = {}

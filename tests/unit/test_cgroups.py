@@ -49,3 +49,17 @@ def test_hugetlb_usable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         assert cgroups.hugetlb_usable() is usable, text
     (unified_root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
     assert cgroups.hugetlb_usable() is False
+
+
+def test_hierarchy_roots_are_read_again_after_their_ttl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n")
+    monkeypatch.setattr(cgroups, "MOUNTINFO", mountinfo)
+    clock = [1000.0]
+    monkeypatch.setattr(cgroups.time, "monotonic", lambda: clock[0])
+    assert cgroups.hierarchy_roots() == [Path("/sys/fs/cgroup/cpu")]
+    mountinfo.write_text(mountinfo.read_text() + "33 31 0:30 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n")
+    assert cgroups.hierarchy_roots() == [Path("/sys/fs/cgroup/cpu")]  # within the TTL: the cached list
+    cgroups.hierarchy_roots().append(Path("/elsewhere"))  # a caller's copy, not the cache
+    clock[0] += cgroups.ROOTS_TTL
+    assert cgroups.hierarchy_roots() == [Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/memory")]

@@ -84,3 +84,41 @@ def _wait_for(path: Path) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_a_launch_cancelled_while_its_socket_is_made_leaves_nothing(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The socket, the address file and the stderr log are made in one thread hop, which a cancellation cannot
+    stop: what it made is closed and removed once it ends."""
+    import os
+    import threading
+
+    from shimd.shimmgr import launcher
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    entered, release = threading.Event(), threading.Event()
+    real_write = launcher._write_address_file
+
+    def slow_write(b: Path, address: str) -> None:
+        entered.set()
+        release.wait(10)
+        real_write(b, address)
+
+    monkeypatch.setattr(launcher, "_write_address_file", slow_write)
+    fds_before = set(os.listdir("/proc/self/fd"))
+
+    async def main() -> None:
+        task = asyncio.ensure_future(spawn_serving(_launch(tmp_path, ["true"]), bundle=bundle, timeout=10))
+        assert await asyncio.to_thread(entered.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done(), "the launch waits for the thread before it gives up"
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert not (tmp_path / "s" / "shim.sock").exists()
+    assert not (bundle / "address").exists()
+    assert set(os.listdir("/proc/self/fd")) <= fds_before, "the socket and the log are closed"

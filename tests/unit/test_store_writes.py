@@ -149,3 +149,19 @@ async def test_only_the_states_an_rpc_ends_in_are_fsynced(tmp_path: Path, monkey
     await store.update_pod(POD, state=POD_STOPPED)
     assert fsyncs() == 2
     assert json.loads((tmp_path / "pods" / f"{POD}.json").read_text())["state"] == POD_STOPPED
+
+
+def test_record_dicts_are_what_dataclasses_asdict_gives() -> None:
+    """to_dict skips asdict's deep copy; the reference is asdict itself, on records with nested values."""
+    import dataclasses
+
+    config = {"metadata": {"name": "p", "attempt": 1}, "linux": {"securityContext": {"namespaceOptions": {
+        "pid": "POD"}}, "sysctls": {"net.core.somaxconn": "1024"}}, "portMappings": [{"hostPort": 8080}]}
+    pod = dataclasses.replace(_pod(), config=config, labels={"a": "b"}, namespaces={"network": "/run/x/net"},
+                              additional_ips=["fd00::2"], resources={"resources": {"cpuShares": 2}})
+    assert pod.to_dict() == {**dataclasses.asdict(pod), "initializing": True, "stopped": False}
+    ctr = dataclasses.replace(_ctr(), config=config, mounts=[{"container_path": "/d", "image_id": "sha256:y"}],
+                              user={"uid": 1, "gid": 2, "additionalGids": [3]})
+    assert ctr.to_dict() == dataclasses.asdict(ctr)
+    assert list(ctr.to_dict()) == [f.name for f in dataclasses.fields(ctr)]
+    assert json.dumps(ctr.to_dict(), sort_keys=True) == json.dumps(dataclasses.asdict(ctr), sort_keys=True)
