@@ -129,10 +129,14 @@ mod tests {
     }
 
     /// Sleepers killed and collected whatever the test's outcome (their cgroups thawed first: a frozen
-    /// task does not die of SIGKILL until thawed).
-    struct Sleepers(Vec<Child>, Vec<String>);
+    /// task does not die of SIGKILL until thawed). No other test's reaper runs meanwhile to take them.
+    struct Sleepers(Vec<Child>, Vec<String>, #[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
 
     impl Sleepers {
+        fn new() -> Self {
+            Sleepers(Vec::new(), Vec::new(), crate::reaper::one_reaper_at_a_time())
+        }
+
         fn start(&mut self, cgroup: Option<&str>) -> usize {
             let c = Command::new("sleep").arg("1000").spawn().unwrap();
             if let Some(cg) = cgroup {
@@ -143,7 +147,7 @@ mod tests {
             self.0.len() - 1
         }
 
-        /// The child's death signal, None while it lives; Some(0) when another test's reaper took it.
+        /// The child's death signal, None while it lives.
         fn wait_signal(&mut self, i: usize, timeout: Duration) -> Option<i32> {
             use std::os::unix::process::ExitStatusExt;
             let deadline = Instant::now() + timeout;
@@ -152,7 +156,7 @@ mod tests {
                     Ok(Some(st)) => return Some(st.signal().unwrap_or(-1)),
                     Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
                     Ok(None) => return None,
-                    Err(_) => return Some(0),
+                    Err(e) => panic!("waiting for the test's sleeper: {e}"),
                 }
             }
         }
@@ -175,7 +179,7 @@ mod tests {
         let Some(cg) = TestCgroup::new("freezer") else { return };
         let root = TempDir::new("cgroup-kill");
         std::fs::create_dir(format!("{}/sub", cg.0)).unwrap();
-        let mut s = Sleepers(Vec::new(), Vec::new());
+        let mut s = Sleepers::new();
         let a = s.start(Some(&cg.0));
         let b = s.start(Some(&format!("{}/sub", cg.0)));
         let outsider = s.start(None);
@@ -183,7 +187,7 @@ mod tests {
         assert_eq!(signal_all(&root.0, "c1", libc::SIGTERM), "");
         for i in [a, b] {
             let sig = s.wait_signal(i, Duration::from_secs(10));
-            assert!(sig == Some(libc::SIGTERM) || sig == Some(0), "{sig:?}");
+            assert_eq!(sig, Some(libc::SIGTERM));
         }
         assert_eq!(s.wait_signal(outsider, Duration::ZERO), None);
         assert_eq!(strip(&std::fs::read(format!("{}/freezer.state", cg.0)).unwrap()), b"THAWED");
@@ -193,7 +197,7 @@ mod tests {
     fn cgroup_kill_a_frozen_cgroup_is_left_to_runc_untouched() {
         let Some(cg) = TestCgroup::new("freezer") else { return };
         let root = TempDir::new("cgroup-kill");
-        let mut s = Sleepers(Vec::new(), Vec::new());
+        let mut s = Sleepers::new();
         let p = s.start(Some(&cg.0));
         let state = format!("{}/freezer.state", cg.0);
         std::fs::write(&state, "FROZEN").unwrap();

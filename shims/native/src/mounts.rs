@@ -449,10 +449,8 @@ mod tests {
     }
 
     /// A current-thread runtime with the shim's reaper answering SIGCHLD, as the shim runs.
-    /// Tests with a reaper run one at a time: each one's waitpid(-1) would take the others' children.
     fn with_reaper<F: std::future::Future>(f: impl FnOnce(Reaper) -> F) -> F::Output {
-        static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = reaper::one_reaper_at_a_time();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let reaper = Reaper::new();

@@ -1352,6 +1352,7 @@ mod tests {
             eprintln!("skipped: needs root, {CATATONIT} and the cgroup v1 hierarchies");
             return;
         }
+        let _one = crate::reaper::one_reaper_at_a_time();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(real_pause_task());
     }

@@ -210,6 +210,7 @@ mod tests {
         let state = json!({"cgroup_paths": {"pids": pids.0, "memory": mem.0}}).to_string();
         let d = write_state(&root, "c1", &state);
         // A process in the cgroup: without its own PID namespace it may outlive the init.
+        let _one = crate::reaper::one_reaper_at_a_time();
         let mut child = std::process::Command::new("sleep").arg("1000").spawn().unwrap();
         let joined = std::fs::write(format!("{}/cgroup.procs", pids.0), child.id().to_string());
         let why = remove(&root.0, "c1", false);

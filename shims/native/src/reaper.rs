@@ -314,3 +314,12 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// Test support: cargo runs tests as threads of one process, and a reaper's waitpid(-1) takes every child
+/// of that process, so two tests with reapers would collect each other's children (each then waits for an
+/// exit it never sees). Every test that starts a Reaper holds this for as long as the reaper runs.
+#[cfg(test)]
+pub fn one_reaper_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
+}
