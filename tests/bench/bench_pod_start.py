@@ -402,8 +402,9 @@ class Workspace:
 
 
 @contextlib.contextmanager
-def bench_workspace(prefix: str) -> Iterator[Workspace]:
-    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+def bench_workspace(prefix: str, parent: str = "/tmp") -> Iterator[Workspace]:
+    """Both runtimes' directories, the registry and the CNI state in one directory under parent."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     net = private_network(work / "cni")
     reg = start_registry(work / "registry")
     try:
@@ -700,10 +701,13 @@ def main() -> None:
     ap.add_argument("--json", default="", help="also write raw results here")
     ap.add_argument("--perf", action="store_true",
                     help="record the pods-at-once phase with `perf record -a` and report its CPU by process kind")
+    ap.add_argument("--workdir", default="/tmp",
+                    help="where both runtimes keep their state, records, logs and layers (a tmpfs there takes "
+                         "the disk out of the figures)")
     args = ap.parse_args()
 
     results: dict[str, Results] = {}
-    with bench_workspace("bench-pods-") as ws:
+    with bench_workspace("bench-pods-", args.workdir) as ws:
         work, net, reg, image, pause = ws.work, ws.net, ws.reg, ws.image, ws.pause
         conf = cni_conf(args.network, net)
         makers: list[tuple[str, Callable[[Path, Path], Runtime]]] = [
