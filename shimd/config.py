@@ -183,7 +183,8 @@ max_concurrent_downloads = 4           # layer downloads in flight across all pu
 
 # [registries.hosts."docker.io"]       # per-registry settings, keyed by host[:port]
 # mirrors = ["https://mirror.example.internal"]  # tried in order before the registry itself
-# insecure = false                     # allow plain HTTP / unverified TLS
+# insecure = false                     # allow plain HTTP / unverified TLS (a registry on this node,
+#                                      # localhost, 127.0.0.0/8 or ::1, without an entry: plain HTTP)
 
 [cni]
 conf_dir = "/etc/cni/net.d"            # first valid *.conflist/*.conf/*.json (by name) is the pod network

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import json
 import os
 import platform
@@ -69,6 +70,21 @@ class Endpoint:
     mirror: bool
 
 
+def loopback_registry(domain: str) -> bool:
+    """Whether a registry's host[:port] is this node itself: localhost, 127.0.0.0/8 or ::1."""
+    host = domain
+    if host.startswith("["):  # [v6]:port
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class _TryNext(Exception):
     """This endpoint cannot serve the request; the next one may."""
 
@@ -95,7 +111,10 @@ class Remote:
         out = [Endpoint(m.rstrip("/").removesuffix("/v2"), m.split("://", 1)[1].split("/", 1)[0], True)
                for m in (hc.mirrors if hc else [])]
         origin = "registry-1.docker.io" if ref.domain == DOCKER_HUB else ref.domain
-        scheme = "http" if hc and hc.insecure else "https"
+        # A registry on the node itself is reached over plain HTTP unless its own entry says otherwise,
+        # as containerd's CRI and Docker do: its traffic never leaves the host.
+        insecure = hc.insecure if hc else loopback_registry(ref.domain)
+        scheme = "http" if insecure else "https"
         out.append(Endpoint(f"{scheme}://{origin}", ref.domain, False))
         return out
 

@@ -205,3 +205,28 @@ def test_user_uid_and_stream_images(shimd: ShimdProcess, registry: Registry) -> 
     assert cl is not None
     streamed = [i.id for resp in cl.images.StreamImages(cl.pb.StreamImagesRequest(), timeout=10) for i in resp.images]
     assert sorted(streamed) == sorted(i.id for i in listed(shimd))
+
+
+def test_a_registry_on_the_node_needs_no_configuration(tmp_path: Path, registry: Registry,
+                                                        test_images: PushedImages) -> None:
+    """Plain HTTP to 127.0.0.1/localhost without a [registries.hosts] entry, as containerd and Docker do;
+    an entry of its own (insecure = false here) still decides."""
+    assert test_images.busybox.startswith("127.0.0.1:")
+    (tmp_path / "a").mkdir()
+    proc = ShimdProcess(tmp_path / "a", "")
+    try:
+        proc.start()
+        assert pull(proc, test_images.busybox) == test_images.manifests["busybox"].config_digest
+        as_localhost = test_images.busybox_docker.replace("127.0.0.1:", "localhost:", 1)
+        assert pull(proc, as_localhost) == test_images.manifests["busybox_docker"].config_digest
+    finally:
+        proc.stop()
+    (tmp_path / "b").mkdir()
+    proc = ShimdProcess(tmp_path / "b", f'[registries.hosts."{registry.host}"]\ninsecure = false\n')
+    try:
+        proc.start()
+        with pytest.raises(grpc.RpcError) as e:
+            pull(proc, test_images.layered)
+        assert f"https://{registry.host}" in (e.value.details() or "")
+    finally:
+        proc.stop()
