@@ -85,6 +85,21 @@ def loopback_registry(domain: str) -> bool:
         return False
 
 
+def registry_error_text(body: bytes) -> str:
+    """": CODE: message; ..." from a registry's error document (the distribution spec's {"errors": [...]}),
+    else "": whatever else answered (a local HTTP service named as a registry, say) is not echoed back."""
+    try:
+        doc = json.loads(body)
+    except ValueError:  # not JSON, or cut off by the read limit
+        return ""
+    found = doc.get("errors") if isinstance(doc, dict) else None
+    if not isinstance(found, list):
+        return ""
+    parts = [f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in found if isinstance(e, dict)]
+    text = "; ".join(p for p in parts if p)
+    return f": {text[:200]}" if text else ""
+
+
 class _TryNext(Exception):
     """This endpoint cannot serve the request; the next one may."""
 
@@ -154,16 +169,16 @@ class Remote:
             if resp.status == 200:
                 return resp
             status = resp.status
-            body = (await resp.content.read(512)).decode(errors="replace")
+            body = registry_error_text(await resp.content.read(512))
             resp.release()
             if status == 403:
                 err = errors.FailedPrecondition(f"{FIELD}: {ep.base} refused access to {ref.path}: permission denied")
             elif status == 404:
                 err = errors.NotFound(f"{FIELD}: {ref.path}/{path} not found on {ep.base}")
             elif status == 429 or status >= 500:
-                err = errors.Unavailable(f"{FIELD}: {ep.base} answered {status}: {body.strip()[:200]}")
+                err = errors.Unavailable(f"{FIELD}: {ep.base} answered {status}{body}")
             else:
-                err = errors.FailedPrecondition(f"{FIELD}: {ep.base} answered {status}: {body.strip()[:200]}")
+                err = errors.FailedPrecondition(f"{FIELD}: {ep.base} answered {status}{body}")
             raise _TryNext(err)
         raise errors.FailedPrecondition(f"{FIELD}: authentication to {ep.base} failed: permission denied")
 

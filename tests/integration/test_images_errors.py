@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,3 +117,35 @@ def test_arch_missing_from_index(shimd: ShimdProcess, own_registry: Registry) ->
     arm = img.make_image([img.make_layer([Entry("file", "ARCH", b"arm64\n")])], arch="arm64")
     ref = own_registry.client().push_image("armonly", "v1", img.make_index([arm]))
     expect(shimd, ref, grpc.StatusCode.NOT_FOUND, "linux/amd64")
+
+
+def test_a_local_service_named_as_a_registry_is_not_echoed(shimd: ShimdProcess) -> None:
+    """An image naming a plain HTTP service on the node (reached without configuration, as a registry on
+    127.0.0.1 is) gets its status in the error, never its body; a registry's own error document does."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            registry_like = self.path.startswith("/v2/registry-like/")
+            body = (b'{"errors": [{"code": "DENIED", "message": "quota reached"}]}' if registry_like
+                    else b"<html>internal page: secret-token</html>")
+            self.send_response(400)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        details = expect(shimd, f"127.0.0.1:{port}/app:v1", grpc.StatusCode.FAILED_PRECONDITION, "answered 400")
+        assert "secret-token" not in details and "internal page" not in details
+        expect(shimd, f"127.0.0.1:{port}/registry-like:v1", grpc.StatusCode.FAILED_PRECONDITION,
+               "answered 400: DENIED: quota reached")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -1,4 +1,5 @@
-"""Which scheme a registry is reached over: a registry on the node itself is plain HTTP by default."""
+"""How a registry is reached (a registry on the node itself is plain HTTP by default) and what of its
+answers goes back to the client."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from shimd import config
 from shimd.images import reference
-from shimd.images.remote import Remote, loopback_registry
+from shimd.images.remote import Remote, loopback_registry, registry_error_text
 
 
 @pytest.mark.parametrize(("domain", "expected"), [
@@ -40,3 +41,15 @@ def test_a_registry_on_the_node_is_plain_http_unless_its_own_entry_says_otherwis
     assert origin(entry, "127.0.0.1:5000/app:v1") == "https://127.0.0.1:5000"
     entry = '[registries.hosts."registry.example.com"]\ninsecure = true\n'
     assert origin(entry, "registry.example.com/app:v1") == "http://registry.example.com"
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (b'{"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown", "detail": {}}]}',
+     ": MANIFEST_UNKNOWN: manifest unknown"),
+    (b'{"errors": [{"code": "DENIED"}, {"message": "quota"}, 5]}', ": DENIED; quota"),
+    (b'{"errors": []}', ""), (b'{"errors": "x"}', ""), (b'{"a": 1}', ""), (b"[1]", ""),
+    (b"<html>internal page</html>", ""), (b'{"errors": [{"code": "X", "message": "', ""), (b"\xff\xfe", ""),
+    (b'{"errors": [{"code": "C", "message": "' + b"m" * 300 + b'"}]}', ": C: " + "m" * 197),
+])
+def test_only_a_registry_error_document_is_echoed(body: bytes, expected: str) -> None:
+    assert registry_error_text(body) == expected
