@@ -159,8 +159,7 @@ async def spawn_serving(launch: DirectLaunch, *, bundle: Path, timeout: float, z
             # teardown still finds (and stops) the shim through this file; a shim that never started
             # just refuses the connection.
             _write_address_file(bundle, address)
-            errlog = -1 if zygote is not None else os.open(
-                str(bundle / "shim.stderr.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            errlog = -1 if zygote is not None else _open_stderr_log(bundle)
         except BaseException:
             sock.close()
             _forget_socket(socket_path, bundle)
@@ -190,8 +189,7 @@ async def spawn_serving(launch: DirectLaunch, *, bundle: Path, timeout: float, z
             return socket_path
     try:
         if errlog < 0:  # the zygote failed: shimd spawns the shim itself
-            errlog = await asyncio.to_thread(os.open, str(bundle / "shim.stderr.log"),
-                                             os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            errlog = await asyncio.to_thread(_open_stderr_log, bundle)
         if launch.detaches_itself:
             try:
                 await _spawn_detaching(argv, bundle, {**os.environ, **env, listen_fd_env: str(sock.fileno()),
@@ -222,6 +220,11 @@ async def spawn_serving(launch: DirectLaunch, *, bundle: Path, timeout: float, z
     finally:
         sock.close()  # the shim holds its own copy
     return socket_path
+
+
+def _open_stderr_log(bundle: Path) -> int:
+    """The file the shim's stderr goes to, opened for appending."""
+    return os.open(str(bundle / "shim.stderr.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
 
 
 def _forget_socket(socket_path: str, bundle: Path) -> None:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.bench.bench_pod_start import private_network
+from tests.bench.bench_pod_start import machine_cpu_s, private_network
 from tests.support.network import CNI_BIN_DIRS
 
 CATATONIT = "/usr/bin/catatonit"
@@ -34,13 +34,6 @@ CATATONIT = "/usr/bin/catatonit"
 
 # Wall and machine CPU seconds of one step.
 Sample = tuple[float, float]
-
-
-def machine_cpu_s() -> float:
-    """CPU time the whole machine has spent busy (user, nice, system, irq, softirq), in seconds."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:8]]
-    return (sum(fields[:3]) + sum(fields[5:7])) / os.sysconf("SC_CLK_TCK")
 
 
 def timed(argv: list[str]) -> Sample:
