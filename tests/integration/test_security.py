@@ -85,6 +85,7 @@ def test_users_caps_nnp_seccomp_readonly(rt: Runtime) -> None:
     assert code != 0 and "Read-only file system" in out
     # Masked and read-only /proc paths.
     assert _sh(rt, tight, "wc -c < /proc/timer_list") == (0, "0\n")
+    assert _sh(rt, tight, "wc -c < /proc/interrupts") == (0, "0\n")
     code, _ = _sh(rt, tight, "echo 1 > /proc/sys/vm/drop_caches")
     assert code != 0
     # The default profile refuses new namespaces even where capabilities would not.
